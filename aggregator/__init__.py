@@ -1,0 +1,1 @@
+"""The regional aggregator service (rounds, streaming FedAvg, privacy ledger, releases)."""

@@ -1,0 +1,1 @@
+"""Many-device simulation and evaluation on real data."""
