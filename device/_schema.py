@@ -1,0 +1,125 @@
+"""The device store's SQLite schema, as sqlite-utils migrations.
+
+A migration is never edited once released; a change of schema is a new function appended here.
+``STORE_SCHEMA`` names the newest migration so that an older sottovoce refuses a newer file
+instead of misreading it.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from sottovoce.policy import DataClass
+
+MIGRATIONS = Migrations("sottovoce.device")
+
+COUNTER_COLUMNS = (
+    "plays", "completions", "skips", "early_skips", "ms_played", "likes", "dislikes",
+)  # fmt: skip
+
+
+@MIGRATIONS()
+def m001_initial(db: Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
+    # Users are referred to by a small integer everywhere; only this table holds the salted
+    # hash, so keys stay short (hot upserts are B-tree work) and erasure has one anchor.
+    db["users"].create(
+        {"user_ref": int, "user_hash": str, "created_ts": int, "age": int},
+        pk="user_ref",
+        not_null={"user_hash", "created_ts"},
+    )
+    db["users"].create_index(["user_hash"], unique=True)
+    db["events"].create(
+        {
+            "seq": int,  # arrival order
+            "event_id": str,
+            "user_ref": int,
+            "type": str,
+            "ts": int,  # epoch ms
+            "track_id": str,
+            "artist_id": str,
+            "body": str,  # canonical JSON of the event, without the user id
+        },
+        pk="seq",
+        not_null={"event_id", "user_ref", "type", "ts", "body"},
+    )
+    db["events"].create_index(["event_id"], unique=True)
+    db["events"].create_index(["user_ref", "ts"])
+    db["consent"].create(
+        {
+            "id": int,
+            "user_ref": int,
+            "purpose": str,
+            "granted": int,
+            "ts": int,
+            "policy_hash": str,
+            "region": str,
+        },
+        pk="id",
+        not_null={"user_ref", "purpose", "granted", "ts", "policy_hash", "region"},
+    )
+    db["consent"].create_index(["user_ref", "purpose"])
+    # Per-item statistics are clustered on their key (WITHOUT ROWID): one B-tree per upsert.
+    for table, key, extra in (
+        ("track_stats", "track_id", "artist_id TEXT, "),
+        ("artist_stats", "artist_id", ""),
+    ):
+        db.execute(
+            f"CREATE TABLE {table} (user_ref INTEGER NOT NULL, {key} TEXT NOT NULL, {extra}"
+            + "".join(f"{c} INTEGER NOT NULL DEFAULT 0, " for c in COUNTER_COLUMNS)
+            + "feedback INTEGER NOT NULL DEFAULT 0, feedback_ts INTEGER, feedback_seq INTEGER, "
+            f"last_played_ts INTEGER, last_event_ts INTEGER, PRIMARY KEY (user_ref, {key})"
+            ") WITHOUT ROWID"
+        )
+    db["sessions"].create(
+        {
+            "id": int,
+            "user_ref": int,
+            "start_ts": int,
+            "end_ts": int,
+            "events": int,
+            "plays": int,
+            "completions": int,
+            "skips": int,
+            "ms_played": int,
+        },
+        pk="id",
+        not_null={"user_ref", "start_ts", "end_ts"},
+    )
+    db["sessions"].create_index(["user_ref", "end_ts"])
+    db["taste"].create(
+        {"user_ref": int, "ref_ts": int, "weight": float, "total": bytes}, pk="user_ref"
+    )
+    db["context"].create(
+        {
+            "user_ref": int,
+            "ts": int,
+            "seq": int,
+            "device_type": str,
+            "network": str,
+            "local_time": str,
+        },
+        pk="user_ref",
+    )
+    db["catalog"].create(
+        {"track_id": str, "artist_id": str, "title": str, "vector": bytes},
+        pk="track_id",
+        not_null={"vector"},
+    )
+
+
+STORE_SCHEMA = "m001_initial"
+
+# Which tables hold each class of data, and the column that dates a row for retention.
+DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
+    DataClass.RAW_EVENTS: (("events", "ts"),),
+    DataClass.DERIVED_STATE: (
+        ("track_stats", "last_event_ts"),
+        ("artist_stats", "last_event_ts"),
+        ("sessions", "end_ts"),
+        ("taste", "ref_ts"),
+        ("context", "ts"),
+    ),
+}
+USER_TABLES = ("events", "track_stats", "artist_stats", "sessions", "taste", "context")

@@ -1,0 +1,714 @@
+"""The device's local store: events, consent and derived state in one SQLite file.
+
+Data flow position: the app hands events to :meth:`EventStore.append` / :meth:`append_many`;
+the store checks consent against the region's policy, writes the events and merges their
+derived state (:mod:`._derive`) in the same transaction, so a reader never sees events without
+their derived state or the other way round. Reranking and local training read from here; nothing
+in this file leaves the device.
+
+Guarantees: an append either stores every event of the batch or none (``InvalidEventBatch``,
+``EventConflict`` and policy refusals leave the file untouched); once ``append`` returns, the
+events survive a crash of the process (WAL; ``durability="full"`` also survives power loss);
+replaying an event id with the same content is a no-op reported as a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlite_utils import Database
+
+from sottovoce.device._derive import SESSION_GAP_MS, Derived, Fact, Run, Taste, Vector, derive
+from sottovoce.device._errors import CatalogError, EventConflict, InvalidEvent, InvalidEventBatch
+from sottovoce.device._errors import StoreError
+from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
+from sottovoce.device._schema import (
+    COUNTER_COLUMNS,
+    DATA_TABLES,
+    MIGRATIONS,
+    STORE_SCHEMA,
+    USER_TABLES,
+)
+from sottovoce.policy import (
+    PURPOSE_DATA,
+    ConsentState,
+    DataClass,
+    Policy,
+    Purpose,
+    PolicyViolation,
+    consent_refusal,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+Durability = Literal["normal", "full"]
+_CACHE_KIB = 8192  # page cache per connection; the hot upserts are B-tree work
+
+_INSERT_EVENT = (
+    "INSERT INTO events (seq, event_id, user_ref, type, ts, track_id, artist_id, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_NOT_STORED = frozenset({"user_id"})  # stored as a salted hash in its own column
+
+
+def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> str:
+    columns = ("user_ref", key, *extra, *COUNTER_COLUMNS, "feedback", "feedback_ts",
+               "feedback_seq", "last_played_ts", "last_event_ts")  # fmt: skip
+    sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTER_COLUMNS)
+    newer = (
+        "excluded.feedback_ts IS NOT NULL AND (feedback_ts IS NULL OR "
+        "(excluded.feedback_ts, excluded.feedback_seq) > (feedback_ts, feedback_seq))"
+    )
+    keep = ", ".join(f"{c} = coalesce({c}, excluded.{c})" for c in extra)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT (user_ref, {key}) DO UPDATE SET {sums}, "
+        + (f"{keep}, " if keep else "")
+        + f"feedback = CASE WHEN {newer} THEN excluded.feedback ELSE feedback END, "
+        f"feedback_seq = CASE WHEN {newer} THEN excluded.feedback_seq ELSE feedback_seq END, "
+        f"feedback_ts = CASE WHEN {newer} THEN excluded.feedback_ts ELSE feedback_ts END, "
+        "last_played_ts = coalesce(max(last_played_ts, excluded.last_played_ts), "
+        "last_played_ts, excluded.last_played_ts), "
+        "last_event_ts = max(last_event_ts, excluded.last_event_ts)"
+    )
+
+
+_UPSERT_TRACK = _upsert_counters("track_stats", "track_id", ("artist_id",))
+_UPSERT_ARTIST = _upsert_counters("artist_stats", "artist_id", ())
+
+
+def to_ms(ts: datetime) -> int:
+    """Epoch milliseconds of an aware datetime (exact, no float rounding)."""
+    return (ts - _EPOCH) // _MS
+
+
+def from_ms(ms: int) -> datetime:
+    return _EPOCH + ms * _MS
+
+
+class CatalogItem(BaseModel):
+    """Public metadata of one track, with its feature vector (no user data)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    track_id: str = Field(min_length=1, max_length=128)
+    artist_id: str | None = Field(default=None, min_length=1, max_length=128)
+    title: str | None = None
+    vector: tuple[float, ...] = Field(min_length=1, max_length=1024)
+
+    @field_validator("vector")
+    @classmethod
+    def _finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not np.all(np.isfinite(value)):
+            raise ValueError("vector values must be finite")
+        return value
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What an append did: how many events were new and which ids were replays."""
+
+    accepted: int
+    duplicate_ids: tuple[str, ...] = ()
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.duplicate_ids)
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """Rows deleted per table by a retention purge, a withdrawal or an erasure."""
+
+    deleted: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.deleted.values())
+
+
+class EventStore:
+    """One device's store. Open with :meth:`open`; use as a context manager to close it."""
+
+    def __init__(self, db: Database, *, path: Path, policy: Policy, region_id: str) -> None:
+        self._db = db
+        self._conn = db.conn
+        self.path = path
+        self.policy = policy
+        self.region = policy.region(region_id)
+        self._salt = bytes.fromhex(self._meta("salt"))
+        self._catalog: dict[str, tuple[str | None, Vector]] = {}
+        self._hashes: dict[str, str] = {}
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        policy: Policy,
+        region: str,
+        durability: Durability = "normal",
+    ) -> EventStore:
+        """Open (or create) the store at ``path`` for a device in ``region`` of ``policy``."""
+        region_obj = policy.region(region)  # raises UnknownRegion before touching the file
+        path = Path(path)
+        conn = sqlite3.connect(path, timeout=30.0)
+        try:
+            db = Database(conn, execute_plugins=False, recursive_triggers=False)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{path}: cannot use write-ahead logging (journal mode {mode})")
+            db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            _migrate(db, path)
+            with _immediate(conn):
+                stored = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
+                if stored.get("region", region_obj.id) != region_obj.id:
+                    raise StoreError(
+                        f"{path} belongs to region {stored['region']!r}, not {region_obj.id!r}; "
+                        "a device's data never moves between regions"
+                    )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    [("salt", secrets.token_hex(32)), ("region", region_obj.id),
+                     ("created_ts", str(to_ms(datetime.now(UTC))))],
+                )  # fmt: skip
+        except BaseException:
+            conn.close()
+            raise
+        return cls(db, path=path, policy=policy, region_id=region_obj.id)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def db(self) -> Database:
+        """The underlying sqlite-utils database, for reading (write through this class)."""
+        return self._db
+
+    # -- identity and consent --------------------------------------------------------------
+    def user_hash(self, user_id: str) -> str:
+        """The salted hash under which ``user_id`` is stored (the id itself never is)."""
+        cached = self._hashes.get(user_id)
+        if cached is None:
+            digest = hmac.new(self._salt, user_id.encode(), hashlib.sha256).hexdigest()
+            cached = self._hashes[user_id] = digest[:32]
+        return cached
+
+    def set_age(self, user_id: str, age: int) -> None:
+        """Record the user's declared age (age gating of every purpose depends on it)."""
+        if not 0 <= age <= 150:
+            raise ValueError(f"age must be between 0 and 150, got {age}")
+        with _immediate(self._conn):
+            ref = self._ref(user_id, create=True)
+            self._conn.execute("UPDATE users SET age = ? WHERE user_ref = ?", (age, ref))
+
+    def grant(self, user_id: str, purpose: Purpose, *, at: datetime | None = None) -> None:
+        """Record that the user consents to ``purpose``."""
+        self._record_consent(user_id, purpose, granted=True, at=at)
+
+    def withdraw(
+        self, user_id: str, purpose: Purpose, *, at: datetime | None = None
+    ) -> PurgeReport:
+        """Record a withdrawal and purge, in the same transaction, what ``purpose`` covered."""
+        return self._record_consent(user_id, purpose, granted=False, at=at)
+
+    def consent_state(self, user_id: str) -> ConsentState:
+        return self._consent_state(self._ref(user_id, create=False))
+
+    def refusal(self, user_id: str, purpose: Purpose) -> PolicyViolation | None:
+        """Why the region's policy forbids ``purpose`` for this user now, or ``None``."""
+        return consent_refusal(self.region, purpose, self.consent_state(user_id))
+
+    def allows(self, user_id: str, purpose: Purpose) -> bool:
+        return self.refusal(user_id, purpose) is None
+
+    # -- events ----------------------------------------------------------------------------
+    def append(self, event: Event | Mapping[str, Any]) -> AppendResult:
+        """Store one event (see :meth:`append_many`)."""
+        return self.append_many((event,))
+
+    def append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
+        """Store a batch of events in one transaction, all or nothing.
+
+        Raises ``InvalidEventBatch`` listing every invalid event, ``EventConflict`` for an id
+        stored with other content, or the policy's ``ConsentMissing``/``AgeRestricted`` when a
+        user's events may not be kept; in each case nothing of the batch is stored.
+        """
+        parsed = _validate(list(events))
+        if not parsed:
+            return AppendResult(0)
+        # Fields are read from __dict__: pydantic's __getattr__ is slow for absent ones.
+        rows = [
+            (
+                e.event_id,
+                e.user_id,
+                e.type,
+                to_ms(e.ts),
+                e.__dict__.get("track_id"),
+                e.__dict__.get("artist_id"),
+                e.model_dump_json(exclude=_NOT_STORED),
+            )
+            for e in parsed
+        ]
+        with _immediate(self._conn):
+            refs: dict[str, int] = {}
+            for user_id in {row[1] for row in rows}:
+                ref = self._ref(user_id, create=False)
+                refusal = consent_refusal(
+                    self.region, Purpose.PERSONALIZATION, self._consent_state(ref)
+                )
+                if refusal is not None:
+                    raise refusal
+                refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
+            rows = [(r[0], refs[r[1]], *r[2:]) for r in rows]
+            fresh, duplicates = self._dedupe(rows)
+            if not fresh:
+                return AppendResult(0, tuple(duplicates))
+            fresh = self._resolve_artists(fresh)
+            first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
+            stored = [(first[0] + i, *row) for i, (_, row) in enumerate(fresh)]
+            self._conn.executemany(_INSERT_EVENT, stored)
+            facts = [_fact(row, parsed[i]) for (i, _), row in zip(fresh, stored, strict=True)]
+            self._merge(derive(facts, self._vectors(f.track for f in facts)))
+        return AppendResult(len(fresh), tuple(duplicates))
+
+    def _dedupe(
+        self, rows: list[tuple[Any, ...]]
+    ) -> tuple[list[tuple[int, tuple[Any, ...]]], list[str]]:
+        ids = [row[0] for row in rows]
+        known: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT event_id, user_ref, body FROM events WHERE event_id IN ({marks})"
+            known.update((r[0], (r[1], r[2])) for r in self._conn.execute(sql, chunk))
+        fresh: list[tuple[int, tuple[Any, ...]]] = []
+        duplicates: list[str] = []
+        for index, row in enumerate(rows):
+            prior = known.get(row[0])
+            if prior is not None:
+                if prior != (row[1], row[6]):
+                    raise EventConflict(row[0], index=index)
+                duplicates.append(row[0])
+                continue
+            known[row[0]] = (row[1], row[6])
+            fresh.append((index, row))
+        return fresh, duplicates
+
+    def _resolve_artists(
+        self, fresh: list[tuple[int, tuple[Any, ...]]]
+    ) -> list[tuple[int, tuple[Any, ...]]]:
+        """Fill in artists the app left out from the local catalog."""
+        missing = [row[4] for _, row in fresh if row[4] is not None and row[5] is None]
+        if not missing:
+            return fresh
+        self._load_catalog(missing)
+        out = []
+        for index, row in fresh:
+            if row[4] is not None and row[5] is None and row[4] in self._catalog:
+                row = (*row[:5], self._catalog[row[4]][0], row[6])
+            out.append((index, row))
+        return out
+
+    # -- derived state ---------------------------------------------------------------------
+    def _merge(self, derived: Derived) -> None:
+        conn = self._conn
+        conn.executemany(
+            _UPSERT_TRACK,
+            [(u, t, c.artist, *_counter_values(c)) for (u, t), c in derived.tracks.items()],
+        )
+        conn.executemany(
+            _UPSERT_ARTIST, [(u, a, *_counter_values(c)) for (u, a), c in derived.artists.items()]
+        )
+        for user, runs in derived.runs.items():
+            self._merge_runs(user, runs)
+        for user, taste in derived.taste.items():
+            row = conn.execute(
+                "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (user,)
+            ).fetchone()
+            if row is not None:
+                stored = np.frombuffer(row[2], dtype=np.float64)
+                if stored.shape == taste.total.shape:
+                    taste = Taste(row[0], row[1], stored).merge(taste)
+            conn.execute(
+                "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) VALUES (?, ?, ?, ?)",
+                (user, taste.ref, taste.weight, taste.total.astype(np.float64).tobytes()),
+            )
+        conn.executemany(
+            "INSERT INTO context (user_ref, ts, seq, device_type, network, local_time) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_ref) DO UPDATE SET ts = excluded.ts, "
+            "seq = excluded.seq, device_type = excluded.device_type, network = excluded.network, "
+            "local_time = excluded.local_time WHERE (excluded.ts, excluded.seq) > (ts, seq)",
+            [(u, at[0], at[1], *ctx) for u, (at, ctx) in derived.context.items()],
+        )
+
+    def _merge_runs(self, user: int, runs: list[Run]) -> None:
+        low = min(r.start for r in runs) - SESSION_GAP_MS
+        high = max(r.end for r in runs) + SESSION_GAP_MS
+        stored = self._conn.execute(
+            "SELECT id, start_ts, end_ts, events, plays, completions, skips, ms_played "
+            "FROM sessions WHERE user_ref = ? AND end_ts >= ? AND start_ts <= ?",
+            (user, low, high),
+        ).fetchall()
+        pieces: list[tuple[int | None, Run]] = [(r[0], Run(*r[1:])) for r in stored]
+        pieces += [(None, r) for r in runs]
+        pieces.sort(key=lambda p: p[1].start)
+        groups: list[tuple[list[int | None], Run]] = []
+        for ident, run in pieces:
+            if groups and run.start - groups[-1][1].end <= SESSION_GAP_MS:
+                groups[-1][0].append(ident)
+                groups[-1][1].absorb(run)
+            else:
+                merged = Run(run.start, run.end)
+                merged.absorb(run)
+                groups.append(([ident], merged))
+        for idents, run in groups:
+            if len(idents) == 1 and idents[0] is not None:
+                continue  # a stored session nothing touched
+            old = [i for i in idents if i is not None]
+            self._conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in old])
+            self._conn.execute(
+                "INSERT INTO sessions (user_ref, start_ts, end_ts, events, plays, completions, "
+                "skips, ms_played) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (user, run.start, run.end, run.events, run.plays, run.completions, run.skips,
+                 run.ms_played),
+            )  # fmt: skip
+
+    def rebuild_derived(self) -> int:
+        """Recompute all derived state from the stored events; returns the events replayed.
+
+        Derived state outlives raw events when the policy keeps it longer, so a rebuild after a
+        retention purge keeps only what the remaining events support.
+        """
+        replayed = 0
+        with _immediate(self._conn):
+            for table in DATA_TABLES[DataClass.DERIVED_STATE]:
+                self._conn.execute(f"DELETE FROM {table[0]}")
+            users = [r[0] for r in self._conn.execute("SELECT DISTINCT user_ref FROM events")]
+            for user in users:
+                facts = [
+                    _fact(row, _revive(row[7]))
+                    for row in self._conn.execute(
+                        "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body "
+                        "FROM events WHERE user_ref = ? ORDER BY seq",
+                        (user,),
+                    )
+                ]
+                self._merge(derive(facts, self._vectors(f.track for f in facts)))
+                replayed += len(facts)
+        return replayed
+
+    def derived_state(self, user_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """All derived state (of one user, or everyone), as plain rows for export and checks."""
+        where, args = "", []
+        if user_id is not None:
+            where, args = "WHERE user_ref = ?", [self._ref(user_id, create=False)]
+        out: dict[str, list[dict[str, Any]]] = {}
+        for table, _ in DATA_TABLES[DataClass.DERIVED_STATE]:
+            rows = list(self._rows(f"SELECT * FROM {table} {where}", args))
+            for row in rows:
+                row.pop("id", None)
+                if table == "taste":
+                    taste = Taste(row["ref_ts"], row["weight"], np.frombuffer(row.pop("total")))
+                    mean = taste.mean()
+                    row["vector"] = None if mean is None else [float(x) for x in mean]
+            out[table] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+        return out
+
+    # -- catalog ---------------------------------------------------------------------------
+    def upsert_catalog(self, items: Iterable[CatalogItem | Mapping[str, Any]]) -> int:
+        """Add or replace public catalog items; every vector must have the same dimension."""
+        try:
+            parsed = [CatalogItem.model_validate(item) for item in items]
+        except ValidationError as error:
+            raise CatalogError(f"invalid catalog item: {error}") from None
+        if not parsed:
+            return 0
+        with _immediate(self._conn):
+            dim = self._meta("catalog_dim", default=None)
+            dims = {len(item.vector) for item in parsed} | ({int(dim)} if dim else set())
+            if len(dims) != 1:
+                raise CatalogError(
+                    f"catalog vectors must all have one dimension; got {sorted(dims)}"
+                )
+            self._db["catalog"].upsert_all(
+                (
+                    {"track_id": i.track_id, "artist_id": i.artist_id, "title": i.title,
+                     "vector": np.asarray(i.vector, dtype=np.float32).tobytes()}
+                    for i in parsed
+                ),
+                pk="track_id",
+            )  # fmt: skip
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('catalog_dim', ?)",
+                (str(dims.pop()),),
+            )
+        self._catalog.clear()
+        return len(parsed)
+
+    def _load_catalog(self, track_ids: Iterable[str]) -> None:
+        wanted = [t for t in set(track_ids) if t not in self._catalog]
+        for chunk in _chunks(wanted, 500):
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT track_id, artist_id, vector FROM catalog WHERE track_id IN ({marks})"
+            for track, artist, blob in self._conn.execute(sql, chunk):
+                vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
+                self._catalog[track] = (artist, vector)
+
+    def _vectors(self, track_ids: Iterable[str | None]) -> dict[str, Vector]:
+        tracks = {t for t in track_ids if t is not None}
+        self._load_catalog(tracks)
+        return {t: self._catalog[t][1] for t in tracks if t in self._catalog}
+
+    # -- retention and rights --------------------------------------------------------------
+    def purge_expired(self, *, now: datetime | None = None) -> PurgeReport:
+        """Delete what the region's retention rules no longer allow to keep."""
+        now_ms = to_ms(now or datetime.now(UTC))
+        deleted: dict[str, int] = {}
+        with _immediate(self._conn):
+            for data_class, tables in DATA_TABLES.items():
+                cutoff = now_ms - self.region.ttl(data_class) // _MS
+                for table, column in tables:
+                    cursor = self._conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
+                    deleted[table] = cursor.rowcount
+        return PurgeReport(deleted)
+
+    def erase_user(self, user_id: str) -> PurgeReport:
+        """Erase everything stored about the user: events, derived state, consent, profile."""
+        deleted: dict[str, int] = {}
+        with _immediate(self._conn):
+            ref = self._ref(user_id, create=False)
+            for table in (*USER_TABLES, "consent", "users"):
+                sql = f"DELETE FROM {table} WHERE user_ref = ?"
+                deleted[table] = self._conn.execute(sql, (ref,)).rowcount
+        return PurgeReport(deleted)
+
+    def export_user(self, user_id: str) -> dict[str, Any]:
+        """Everything stored for the user, as JSON-ready data (an access request)."""
+        with _snapshot(self._conn):
+            ref = self._ref(user_id, create=False)
+            profile = next(self._rows("SELECT * FROM users WHERE user_ref = ?", [ref]), None)
+            consent = [
+                {**row, "granted": bool(row["granted"]), "at": from_ms(row["ts"]).isoformat()}
+                for row in self._rows(
+                    "SELECT purpose, granted, ts, policy_hash, region FROM consent "
+                    "WHERE user_ref = ? ORDER BY id",
+                    [ref],
+                )
+            ]
+            events = [
+                {"seq": row["seq"], **json.loads(row["body"])}
+                for row in self._rows(
+                    "SELECT seq, body FROM events WHERE user_ref = ? ORDER BY seq", [ref]
+                )
+            ]
+            derived = self.derived_state(user_id)
+        return {
+            "format": "sottovoce.access-export/1",
+            "exported_at": datetime.now(UTC).isoformat(),
+            "user_id": user_id,
+            "user_hash": self.user_hash(user_id),
+            "region": self.region.id,
+            "policy_hash": self.policy.hash,
+            "profile": profile,
+            "consent": consent,
+            "events": events,
+            "derived": derived,
+        }
+
+    def count(self, table: str = "events") -> int:
+        return int(self._conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0])
+
+    # -- internals -------------------------------------------------------------------------
+    def _record_consent(
+        self, user_id: str, purpose: Purpose, *, granted: bool, at: datetime | None
+    ) -> PurgeReport:
+        purpose = Purpose(purpose)
+        deleted: dict[str, int] = {}
+        with _immediate(self._conn):
+            user = self._ref(user_id, create=True)
+            self._conn.execute(
+                "INSERT INTO consent (user_ref, purpose, granted, ts, policy_hash, region) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (user, purpose.value, int(granted), to_ms(at or datetime.now(UTC)),
+                 self.policy.hash, self.region.id),
+            )  # fmt: skip
+            if not granted:
+                for data_class in sorted(PURPOSE_DATA[purpose]):
+                    for table, _ in DATA_TABLES.get(data_class, ()):
+                        sql = f"DELETE FROM {table} WHERE user_ref = ?"
+                        deleted[table] = self._conn.execute(sql, (user,)).rowcount
+        return PurgeReport(deleted)
+
+    def _consent_state(self, ref: int | None) -> ConsentState:
+        if ref is None:
+            return ConsentState()
+        rows = self._conn.execute(
+            "SELECT purpose, granted FROM consent WHERE user_ref = ? ORDER BY id", (ref,)
+        ).fetchall()
+        age = self._conn.execute("SELECT age FROM users WHERE user_ref = ?", (ref,)).fetchone()
+        return ConsentState(
+            choices={Purpose(p): bool(g) for p, g in rows},
+            age=None if age is None else age[0],
+        )
+
+    @overload
+    def _ref(self, user_id: str, *, create: Literal[True]) -> int: ...
+    @overload
+    def _ref(self, user_id: str, *, create: bool) -> int | None: ...
+
+    def _ref(self, user_id: str, *, create: bool) -> int | None:
+        """The store's integer reference to a user (registering them when ``create``)."""
+        user = self.user_hash(user_id)
+        row = self._conn.execute("SELECT user_ref FROM users WHERE user_hash = ?", (user,))
+        found = row.fetchone()
+        if found is not None:
+            return int(found[0])
+        if not create:
+            return None
+        cursor = self._conn.execute(
+            "INSERT INTO users (user_hash, created_ts) VALUES (?, ?)",
+            (user, to_ms(datetime.now(UTC))),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _meta(self, key: str, default: str | None = "") -> str:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            if default == "":
+                raise StoreError(f"{self.path} has no {key!r}; it is not a sottovoce store")
+            return default or ""
+        return str(row[0])
+
+    def _rows(self, sql: str, args: Sequence[Any]) -> Iterator[dict[str, Any]]:
+        cursor = self._conn.execute(sql, args)
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
+
+
+def _validate(items: list[Any]) -> list[Event]:
+    try:
+        return EVENT_LIST_ADAPTER.validate_python(items)
+    except ValidationError as error:
+        raise InvalidEventBatch(_event_errors(error, items), size=len(items)) from None
+
+
+def _event_errors(error: ValidationError, items: list[Any]) -> list[InvalidEvent]:
+    out = []
+    for item in error.errors(include_url=False):
+        # A list item's location is (index, union tag, field...); the tag is not a field.
+        loc = item["loc"]
+        index = loc[0] if loc and isinstance(loc[0], int) else None
+        rule = item["type"]
+        if rule.startswith("union_tag"):
+            field = "type"
+        else:
+            field = ".".join(str(p) for p in loc[2:]) or "(event)"
+        out.append(
+            InvalidEvent(field=field, rule=rule, message=item["msg"], index=index,
+                         event_id=_item_id(items, index))
+        )  # fmt: skip
+    return out
+
+
+def _item_id(items: list[Any], index: int | None) -> str | None:
+    if index is None or not 0 <= index < len(items):
+        return None
+    item = items[index]
+    value = item.get("event_id") if isinstance(item, Mapping) else getattr(item, "event_id", None)
+    return value if isinstance(value, str) else None
+
+
+def _fact(row: Sequence[Any], event: Event) -> Fact:
+    """A derivation fact from a stored row (seq, id, user, type, ts, track, artist, body)."""
+    fields = event.__dict__
+    context = None
+    if event.type == "context":
+        context = (fields["device_type"], fields["network"], fields["local_time"].isoformat())
+    return Fact(
+        seq=row[0],
+        user=row[2],
+        type=row[3],
+        ts=row[4],
+        track=row[5],
+        artist=row[6],
+        ms_played=fields.get("ms_played", 0),
+        duration_ms=fields.get("duration_ms") or 0,
+        position_ms=fields.get("position_ms", 0),
+        context=context,
+    )
+
+
+def _revive(body: str) -> Event:
+    return EVENT_ADAPTER.validate_python({**json.loads(body), "user_id": "-"})
+
+
+def _counter_values(c: Any) -> tuple[Any, ...]:
+    fb_ts, fb_seq = c.feedback_at if c.feedback_at is not None else (None, None)
+    return (c.plays, c.completions, c.skips, c.early_skips, c.ms_played, c.likes,
+            c.dislikes, c.feedback, fb_ts, fb_seq, c.last_played_ts, c.last_event_ts)  # fmt: skip
+
+
+def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _migrate(db: Database, path: Path) -> None:
+    known = {m.name for m in MIGRATIONS._migrations}
+    newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in known]
+    if newer:
+        raise StoreError(
+            f"{path} was written by a newer sottovoce (schema {newer[-1]}; "
+            f"this one knows up to {STORE_SCHEMA})"
+        )
+    if MIGRATIONS.pending(db):
+        db.execute("BEGIN IMMEDIATE")  # one process migrates; others wait, then see it done
+        try:
+            MIGRATIONS.apply(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.conn.rollback()
+            raise
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the lock up front (no upgrade deadlocks)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """A read transaction: every query inside sees the same state."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
