@@ -187,7 +187,7 @@ class CompactRange:
             return EMPTY_ROOT
         root = self._nodes[-1]
         for node in reversed(self._nodes[:-1]):
-            root = node_hash(root, node)
+            root = node_hash(node, root)
         return root
 
 
