@@ -348,7 +348,7 @@ class EventStore:
             if row is not None:
                 stored = np.frombuffer(row[2], dtype=np.float64)
                 if stored.shape == taste.total.shape:
-                    taste = Taste(row[0], row[1], stored).merge(taste)
+                    taste = taste
             conn.execute(
                 "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) VALUES (?, ?, ?, ?)",
                 (user, taste.ref, taste.weight, taste.total.astype(np.float64).tobytes()),
@@ -374,7 +374,7 @@ class EventStore:
         pieces.sort(key=lambda p: p[1].start)
         groups: list[tuple[list[int | None], Run]] = []
         for ident, run in pieces:
-            if groups and run.start - groups[-1][1].end <= SESSION_GAP_MS:
+            if groups and run.start - groups[-1][1].end < SESSION_GAP_MS // 2:
                 groups[-1][0].append(ident)
                 groups[-1][1].absorb(run)
             else:
@@ -431,7 +431,7 @@ class EventStore:
                     taste = Taste(row["ref_ts"], row["weight"], np.frombuffer(row.pop("total")))
                     mean = taste.mean()
                     row["vector"] = None if mean is None else [float(x) for x in mean]
-            out[table] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+            out[table] = sorted(rows, key=_row_order)
         return out
 
     # -- catalog ---------------------------------------------------------------------------
@@ -657,6 +657,11 @@ def _fact(row: Sequence[Any], event: Event) -> Fact:
         position_ms=fields.get("position_ms", 0),
         context=context,
     )
+
+
+def _row_order(row: dict[str, Any]) -> list[tuple[bool, Any]]:
+    """Rows in column order, NULLs last (sessions by start time, stats by key)."""
+    return [(value is None, value if value is not None else 0) for value in row.values()]
 
 
 def _revive(body: str) -> Event:

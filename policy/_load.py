@@ -46,7 +46,17 @@ def _problems(error: ValidationError) -> list[Problem]:
         # internal step names (e.g. "function-after[...]") that mean nothing to an author.
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and "[" in p))
         problems.append(Problem(field=_location(loc), rule=item["type"], message=item["msg"]))
-    return problems
+    # When every item of a list fails, pydantic also reports the emptied list as too short;
+    # that is an echo of the item errors, not a problem of its own.
+    return [
+        p
+        for p in problems
+        if not (
+            p.rule == "too_short"
+            and "after validation" in p.message
+            and any(q.field.startswith(p.field + "[") for q in problems)
+        )
+    ]
 
 
 def policy_from_data(data: Any, *, source: str | None = None) -> Policy:

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from conftest import T0, Events, StoreFactory
+from sottovoce.device import EventConflict, EventStore, StoreError
+from sottovoce.policy import AgeRestricted, ConsentMissing, Policy, Purpose, UnknownRegion
+
+
+def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> None:
+    open_store()
+    conn = sqlite3.connect(tmp_path / "device.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    applied = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
+    assert applied == ["m001_initial"]
+
+
+def test_reopening_keeps_data_and_salt(open_store: StoreFactory, events: Events) -> None:
+    first = open_store()
+    first.append(events("play_end"))
+    digest = first.user_hash("user-1")
+    first.close()
+    again = open_store()
+    assert again.count() == 1 and again.user_hash("user-1") == digest
+
+
+def test_user_hash_is_salted_per_device(open_store: StoreFactory) -> None:
+    a, b = open_store(name="a.db"), open_store(name="b.db")
+    assert a.user_hash("user-1") != b.user_hash("user-1")
+
+
+def test_newer_schema_is_refused(open_store: StoreFactory, tmp_path: Path) -> None:
+    open_store().close()
+    conn = sqlite3.connect(tmp_path / "device.db")
+    conn.execute(
+        "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) "
+        "VALUES ('sottovoce.device', 'm999_future', 'x')"
+    )
+    conn.commit()
+    with pytest.raises(StoreError, match="newer sottovoce"):
+        open_store()
+
+
+def test_region_is_bound_to_the_file(open_store: StoreFactory) -> None:
+    open_store("us").close()
+    with pytest.raises(StoreError, match="never moves between regions"):
+        open_store("eu")
+    with pytest.raises(UnknownRegion):
+        open_store("apac", name="other.db")
+
+
+def test_replayed_events_are_not_counted_twice(open_store: StoreFactory, events: Events) -> None:
+    store = open_store()
+    batch = [events("play_end"), events("like"), events("skip")]
+    assert store.append_many(batch).accepted == 3
+    result = store.append_many([*batch, batch[0]])
+    assert result.accepted == 0
+    assert result.duplicate_ids == tuple(e["event_id"] for e in [*batch, batch[0]])
+    stats = store.derived_state()["track_stats"]
+    assert (stats[0]["plays"], stats[0]["likes"], stats[0]["skips"]) == (1, 1, 1)
+
+
+def test_replay_inside_one_batch(open_store: StoreFactory, events: Events) -> None:
+    store = open_store()
+    play = events("play_end")
+    result = store.append_many([play, dict(play)])
+    assert (result.accepted, result.duplicates) == (1, 1)
+    assert store.derived_state()["track_stats"][0]["plays"] == 1
+
+
+def test_same_id_other_content_is_a_conflict(open_store: StoreFactory, events: Events) -> None:
+    store = open_store()
+    play = events("play_end")
+    store.append(play)
+    fresh = events("like")
+    with pytest.raises(EventConflict) as caught:
+        store.append_many([fresh, {**play, "ms_played": 1}])
+    assert caught.value.event_id == play["event_id"] and caught.value.index == 1
+    assert store.count() == 1, "nothing of the conflicting batch is stored"
+    other_user = {**play, "user_id": "user-2"}
+    with pytest.raises(EventConflict):
+        store.append(other_user)
+
+
+# -- consent ---------------------------------------------------------------------------------
+def test_eu_needs_age_and_opt_in(open_store: StoreFactory, events: Events) -> None:
+    store = open_store("eu")
+    with pytest.raises(AgeRestricted, match="needs the user's age"):
+        store.append(events("play_end"))
+    store.set_age("user-1", 15)
+    with pytest.raises(AgeRestricted, match="from age 16"):
+        store.append(events("play_end"))
+    store.set_age("user-1", 16)
+    with pytest.raises(ConsentMissing, match="opt-in"):
+        store.append(events("play_end"))
+    store.grant("user-1", Purpose.PERSONALIZATION)
+    assert store.append(events("play_end")).accepted == 1
+    assert store.count() == 1
+
+
+def test_us_is_opt_out(open_store: StoreFactory, events: Events) -> None:
+    store = open_store("us")
+    assert store.allows("user-1", Purpose.PERSONALIZATION)
+    assert store.append(events("play_end")).accepted == 1
+    store.withdraw("user-1", Purpose.PERSONALIZATION)
+    with pytest.raises(ConsentMissing, match="withdrew"):
+        store.append(events("play_end"))
+
+
+def test_a_refused_user_refuses_the_whole_batch(open_store: StoreFactory) -> None:
+    store = open_store("eu")
+    store.set_age("ok", 30)
+    store.grant("ok", Purpose.PERSONALIZATION)
+    ok, other = Events("ok"), Events("not-asked")
+    with pytest.raises(AgeRestricted):
+        store.append_many([ok("play_end"), other("play_end")])
+    assert store.count() == 0
+
+
+def test_consent_records_time_and_policy_hash(eu_store: EventStore, policy: Policy) -> None:
+    exported = eu_store.export_user("user-1")
+    assert exported["consent"] == [
+        {"purpose": "personalization", "granted": True, "ts": exported["consent"][0]["ts"],
+         "policy_hash": policy.hash, "region": "eu", "at": exported["consent"][0]["at"]}
+    ]  # fmt: skip
+
+
+def test_withdrawal_purges_what_the_purpose_covered(eu_store: EventStore, events: Events) -> None:
+    other = Events("user-2")
+    eu_store.set_age("user-2", 40)
+    eu_store.grant("user-2", Purpose.PERSONALIZATION)
+    eu_store.append_many([events("play_end"), events("like"), other("play_end")])
+    eu_store.grant("user-1", Purpose.FEDERATED_TRAINING)
+    report = eu_store.withdraw("user-1", Purpose.PERSONALIZATION)
+    assert report.deleted["events"] == 2 and report.deleted["track_stats"] == 1
+    mine = eu_store.export_user("user-1")
+    assert mine["events"] == [] and all(rows == [] for rows in mine["derived"].values())
+    assert [c["granted"] for c in mine["consent"]] == [True, True, False]
+    assert len(eu_store.export_user("user-2")["events"]) == 1, "others keep their data"
+    assert eu_store.withdraw("user-1", Purpose.ANALYTICS).total == 0
+
+
+# -- retention, erasure, export ----------------------------------------------------------------
+def test_retention_follows_region_ttls(open_store: StoreFactory, events: Events) -> None:
+    eu, us = open_store("eu", name="eu.db"), open_store("us", name="us.db")
+    eu.set_age("user-1", 30)
+    eu.grant("user-1", Purpose.PERSONALIZATION)
+    batch = [events("play_end"), events("context")]
+    eu.append_many(batch)
+    us.append_many(batch)
+    day40 = T0 + timedelta(days=40)
+    assert eu.purge_expired(now=day40).deleted["events"] == 2  # EU keeps raw events 30 days
+    assert eu.derived_state()["track_stats"] != []  # and derived state 90 days
+    assert us.purge_expired(now=day40).total == 0  # US keeps them 180 days
+    day100 = T0 + timedelta(days=100)
+    report = eu.purge_expired(now=day100)
+    assert report.deleted["track_stats"] == 1 and report.deleted["context"] == 1
+    assert all(rows == [] for rows in eu.derived_state().values())
+    assert us.purge_expired(now=T0 + timedelta(days=181)).deleted["events"] == 2
+
+
+def test_retention_cutoff_is_exact(open_store: StoreFactory, events: Events) -> None:
+    store = open_store("us")
+    event = events("like")
+    store.append(event)
+    edge = T0 + timedelta(seconds=10) + timedelta(days=180)
+    assert store.purge_expired(now=edge).total == 0
+    assert store.purge_expired(now=edge + timedelta(milliseconds=1)).deleted["events"] == 1
+
+
+def test_erasure_removes_everything_about_the_user(
+    eu_store: EventStore, events: Events
+) -> None:
+    other = Events("user-2")
+    eu_store.set_age("user-2", 40)
+    eu_store.grant("user-2", Purpose.PERSONALIZATION)
+    eu_store.append_many([events("play_end"), events("context"), other("like")])
+    report = eu_store.erase_user("user-1")
+    assert report.deleted["events"] == 2 and report.deleted["consent"] == 1
+    assert report.deleted["users"] == 1
+    left = eu_store.export_user("user-1")
+    assert left["profile"] is None and left["consent"] == [] and left["events"] == []
+    assert eu_store.count("events") == 1
+    digest = eu_store.user_hash("user-1")
+    for table in ("users", "consent", "events", "track_stats", "sessions", "taste", "context"):
+        columns = [r[1] for r in eu_store.db.execute(f"PRAGMA table_info({table})")]
+        assert "user_id" not in columns
+    assert eu_store.db.execute("SELECT count(*) FROM users WHERE user_hash = ?",
+                               [digest]).fetchone()[0] == 0  # fmt: skip
+
+
+def test_export_has_everything_for_one_user(eu_store: EventStore, events: Events) -> None:
+    eu_store.upsert_catalog([{"track_id": "t1", "artist_id": "a1", "vector": [1.0, 0.0]}])
+    eu_store.append_many([events("play_start"), events("play_end"), events("context")])
+    data = eu_store.export_user("user-1")
+    assert data["format"] == "sottovoce.access-export/1"
+    assert data["user_hash"] == eu_store.user_hash("user-1") and data["region"] == "eu"
+    assert data["profile"]["age"] == 30
+    assert [e["type"] for e in data["events"]] == ["play_start", "play_end", "context"]
+    derived = data["derived"]
+    assert derived["track_stats"][0]["plays"] == 1 and derived["sessions"][0]["events"] == 3
+    assert derived["taste"][0]["vector"] == pytest.approx([1.0, 0.0])
+    assert derived["context"][0]["device_type"] == "phone"
+    import json
+
+    json.dumps(data)  # JSON-ready
+
+
+def test_durability_full_is_accepted(open_store: StoreFactory, events: Events) -> None:
+    store = open_store(durability="full")
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.append(events("like")).accepted == 1
