@@ -78,7 +78,7 @@ __all__ = [
     "Skip",
     "StoreError",
     "from_ms",
-    "to_ms",
     "is_completion",
     "is_play",
+    "to_ms",
 ]

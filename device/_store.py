@@ -31,8 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlite_utils import Database
 
 from sottovoce.device._derive import SESSION_GAP_MS, Derived, Fact, Run, Taste, Vector, derive
-from sottovoce.device._errors import CatalogError, EventConflict, InvalidEvent, InvalidEventBatch
-from sottovoce.device._errors import StoreError
+from sottovoce.device._errors import (
+    CatalogError,
+    EventConflict,
+    InvalidEvent,
+    InvalidEventBatch,
+    StoreError,
+)
 from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
 from sottovoce.device._schema import (
     COUNTER_COLUMNS,
@@ -46,8 +51,8 @@ from sottovoce.policy import (
     ConsentState,
     DataClass,
     Policy,
-    Purpose,
     PolicyViolation,
+    Purpose,
     consent_refusal,
 )
 
@@ -348,7 +353,7 @@ class EventStore:
             if row is not None:
                 stored = np.frombuffer(row[2], dtype=np.float64)
                 if stored.shape == taste.total.shape:
-                    taste = taste
+                    taste = Taste(row[0], row[1], stored).merge(taste)
             conn.execute(
                 "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) VALUES (?, ?, ?, ?)",
                 (user, taste.ref, taste.weight, taste.total.astype(np.float64).tobytes()),

@@ -75,7 +75,7 @@ def policy_from_data(data: Any, *, source: str | None = None) -> Policy:
 def parse_policy(text: str, *, format: Format = "yaml", source: str | None = None) -> Policy:
     """Parse and validate a policy document given as text (YAML is a superset of JSON)."""
     try:
-        data = json.loads(text) if format == "json" else yaml.load(text, Loader=_Loader)  # noqa: S506
+        data = json.loads(text) if format == "json" else yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise InvalidPolicy(
             [Problem("(document)", f"{format}_syntax", str(error).replace("\n", " "))],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import Events, StoreFactory
+
 from sottovoce.device import EventStore, is_completion, is_play
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import Events, StoreFactory
+
 from sottovoce.device import DeviceError, EventStore, InvalidEvent, InvalidEventBatch, PlayEnd
 
 

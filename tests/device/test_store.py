@@ -5,8 +5,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import T0, Events, StoreFactory
+
 from sottovoce.device import EventConflict, EventStore, StoreError
 from sottovoce.policy import AgeRestricted, ConsentMissing, Policy, Purpose, UnknownRegion
 

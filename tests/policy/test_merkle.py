@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from sottovoce.policy._errors import ConsistencyProofError, InclusionProofError, ProofError
 from sottovoce.policy._merkle import (
     EMPTY_ROOT,
