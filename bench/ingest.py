@@ -5,7 +5,9 @@ Prints one JSON object. ``events_per_s_batched`` is validation + consent check +
 ``raw_sqlite_events_per_s`` is ``sqlite3.executemany`` of the very rows the store wrote, into a
 table of the same schema and indexes, with the same journal and sync settings and batch size,
 measured in the same run. The workload is one device: two users (a shared device) whose
-listening follows a Zipf law over a 5,000-track catalog with 16-dimensional vectors. Usage: ``python bench/ingest.py [--events N] [--batch B]``.
+listening follows a Zipf law over a 5,000-track catalog with 16-dimensional vectors.
+
+Usage: ``python bench/ingest.py [--events N] [--batch B]``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def make_events(n: int, *, seed: int, prefix: str) -> list[dict[str, Any]]:
         else:
             events.append({"event_id": f"{prefix}{i}", "user_id": f"user-{user}",
                            "ts": clock[user].isoformat(), "type": "context",
-                           "device_type": "phone", "network": "wifi", "local_time": "08:30"})  # fmt: skip
+                           "device_type": "phone", "network": "wifi",
+                           "local_time": "08:30"})  # fmt: skip
     return events
 
 

@@ -1,4 +1,4 @@
-"""sottovoce: privacy-first, on-device personalization with federated, differentially-private learning.
+"""sottovoce: privacy-first, on-device personalization with federated, private learning.
 
 The parts install under this one import root:
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from sottovoce._errors import SottovoceError
 from sottovoce.device import EventStore
-from sottovoce.policy import Purpose, example_policy
+from sottovoce.policy import DataClass, Purpose, example_policy
 
 GENRES = ("ambient", "jazz", "techno", "folk", "metal", "soul", "classical", "hiphop")
 ARTISTS_PER_GENRE, TRACKS_PER_ARTIST, DIM = 5, 8, 16
@@ -138,15 +138,15 @@ def run_demo(*, workdir: Path, events: int, seed: int, console: Console) -> None
     export = stores["eu"].export_user(alice)
     path = workdir / f"{alice}-access-export.json"
     path.write_text(json.dumps(export, indent=2), encoding="utf-8")
-    console.print(f"\n[bold]access request[/bold]: {alice}'s data → {path} "
-                  f"({len(export['events'])} events, {len(export['consent'])} consent records)\n")  # fmt: skip
+    counts = f"{len(export['events'])} events, {len(export['consent'])} consent records"
+    console.print(f"\n[bold]access request[/bold]: {alice}'s data → {path} ({counts})\n")
     later = START + timedelta(days=75)
     console.print(f"[bold]retention[/bold] as of {later.date()} (events are from October):")
     for region_id, store in stores.items():
         report = store.purge_expired(now=later)
-        ttl = policy.region(region_id).retention
-        console.print(f"  {region_id}: raw events kept {ttl['raw_events'].days} days → purged "
-                      f"{report.deleted.get('events', 0)} events, "
+        days = policy.region(region_id).retention[DataClass.RAW_EVENTS].days
+        purged = report.deleted.get("events", 0)
+        console.print(f"  {region_id}: raw events kept {days} days → purged {purged} events, "
                       f"{store.count('events')} remain")  # fmt: skip
 
     erased = stores["eu"].erase_user(alice)
@@ -182,5 +182,5 @@ def _row(
         nearest = int(np.argmax(vectors @ np.array(taste)))
         genre = GENRES[tracks[nearest].genre]
     mode = store.region.consent[Purpose.PERSONALIZATION].value
-    return [f"{region_id}/{user}", mode.replace("_", "-"), str(store.count("events")),
-            str(len(state["sessions"])), str(plays), str(completions), str(early), top, genre]  # fmt: skip
+    numbers = (store.count("events"), len(state["sessions"]), plays, completions, early)
+    return [f"{region_id}/{user}", mode.replace("_", "-"), *map(str, numbers), top, genre]

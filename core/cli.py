@@ -61,9 +61,9 @@ def version() -> None:
 
 @app.command()
 def demo(
-    workdir: Annotated[
-        Path, typer.Option(help="Where the demo writes its device stores.")
-    ] = Path("out/demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its device stores.")] = Path(
+        "out/demo"
+    ),
     events: Annotated[int, typer.Option(help="Listening events per device.")] = 2_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
 ) -> None:
@@ -167,12 +167,12 @@ def device_ingest(
 
 
 @device_app.command("consent")
-def device_consent(
+def device_consent(  # noqa: PLR0917 - typer maps parameters to options
     store: StoreArg,
     user: UserOption,
     region: RegionOption,
     purpose: Annotated[str, typer.Argument(help="personalization|federated_training|analytics")],
-    withdraw: Annotated[bool, typer.Option("--withdraw", help="Withdraw instead of grant.")] = False,
+    withdraw: Annotated[bool, typer.Option(help="Withdraw instead of grant.")] = False,
     policy: PolicyOption = None,
 ) -> None:
     """Grant (or withdraw, purging what it covered) consent for a purpose."""

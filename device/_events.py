@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 _DAY_MS = 24 * 3600 * 1000
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\s]+$")]
@@ -104,17 +104,39 @@ class Context(_Event):
     """What the device is like right now; the latest one is session state for reranking."""
 
     type: Literal["context"] = "context"
-    device_type: Literal["phone", "tablet", "desktop", "web", "speaker", "car", "tv", "watch", "other"]
+    device_type: Literal[
+        "phone", "tablet", "desktop", "web", "speaker", "car", "tv", "watch", "other"
+    ]
     network: Literal["wifi", "cellular", "ethernet", "offline", "other"]
     local_time: time  # local time of day on the device
 
 
 Event = Annotated[
-    PlayStart | PlayEnd | Pause | Resume | Skip | Seek | Like | Dislike | Search | Navigate | Context,
+    PlayStart
+    | PlayEnd
+    | Pause
+    | Resume
+    | Skip
+    | Seek
+    | Like
+    | Dislike
+    | Search
+    | Navigate
+    | Context,
     Field(discriminator="type"),
 ]
 EVENT_TYPES: tuple[type[_Event], ...] = (
-    PlayStart, PlayEnd, Pause, Resume, Skip, Seek, Like, Dislike, Search, Navigate, Context,
+    PlayStart,
+    PlayEnd,
+    Pause,
+    Resume,
+    Skip,
+    Seek,
+    Like,
+    Dislike,
+    Search,
+    Navigate,
+    Context,
 )
 TRACK_EVENT_TYPES = frozenset(
     t.model_fields["type"].default for t in EVENT_TYPES if issubclass(t, _TrackEvent)

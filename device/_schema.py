@@ -21,16 +21,16 @@ COUNTER_COLUMNS = (
 
 @MIGRATIONS()
 def m001_initial(db: Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
+    db.table("meta").create({"key": str, "value": str}, pk="key", not_null={"value"})
     # Users are referred to by a small integer everywhere; only this table holds the salted
     # hash, so keys stay short (hot upserts are B-tree work) and erasure has one anchor.
-    db["users"].create(
+    db.table("users").create(
         {"user_ref": int, "user_hash": str, "created_ts": int, "age": int},
         pk="user_ref",
         not_null={"user_hash", "created_ts"},
     )
-    db["users"].create_index(["user_hash"], unique=True)
-    db["events"].create(
+    db.table("users").create_index(["user_hash"], unique=True)
+    db.table("events").create(
         {
             "seq": int,  # arrival order
             "event_id": str,
@@ -44,9 +44,9 @@ def m001_initial(db: Database) -> None:
         pk="seq",
         not_null={"event_id", "user_ref", "type", "ts", "body"},
     )
-    db["events"].create_index(["event_id"], unique=True)
-    db["events"].create_index(["user_ref", "ts"])
-    db["consent"].create(
+    db.table("events").create_index(["event_id"], unique=True)
+    db.table("events").create_index(["user_ref", "ts"])
+    db.table("consent").create(
         {
             "id": int,
             "user_ref": int,
@@ -59,7 +59,7 @@ def m001_initial(db: Database) -> None:
         pk="id",
         not_null={"user_ref", "purpose", "granted", "ts", "policy_hash", "region"},
     )
-    db["consent"].create_index(["user_ref", "purpose"])
+    db.table("consent").create_index(["user_ref", "purpose"])
     # Per-item statistics are clustered on their key (WITHOUT ROWID): one B-tree per upsert.
     for table, key, extra in (
         ("track_stats", "track_id", "artist_id TEXT, "),
@@ -72,7 +72,7 @@ def m001_initial(db: Database) -> None:
             f"last_played_ts INTEGER, last_event_ts INTEGER, PRIMARY KEY (user_ref, {key})"
             ") WITHOUT ROWID"
         )
-    db["sessions"].create(
+    db.table("sessions").create(
         {
             "id": int,
             "user_ref": int,
@@ -87,11 +87,11 @@ def m001_initial(db: Database) -> None:
         pk="id",
         not_null={"user_ref", "start_ts", "end_ts"},
     )
-    db["sessions"].create_index(["user_ref", "end_ts"])
-    db["taste"].create(
+    db.table("sessions").create_index(["user_ref", "end_ts"])
+    db.table("taste").create(
         {"user_ref": int, "ref_ts": int, "weight": float, "total": bytes}, pk="user_ref"
     )
-    db["context"].create(
+    db.table("context").create(
         {
             "user_ref": int,
             "ts": int,
@@ -102,7 +102,7 @@ def m001_initial(db: Database) -> None:
         },
         pk="user_ref",
     )
-    db["catalog"].create(
+    db.table("catalog").create(
         {"track_id": str, "artist_id": str, "title": str, "vector": bytes},
         pk="track_id",
         not_null={"vector"},

@@ -65,7 +65,7 @@ _INSERT_EVENT = (
     "INSERT INTO events (seq, event_id, user_ref, type, ts, track_id, artist_id, body) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_NOT_STORED = frozenset({"user_id"})  # stored as a salted hash in its own column
+_NOT_STORED: set[str] = {"user_id"}  # stored as a salted hash in its own column
 
 
 def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> str:
@@ -263,7 +263,7 @@ class EventStore:
         if not parsed:
             return AppendResult(0)
         # Fields are read from __dict__: pydantic's __getattr__ is slow for absent ones.
-        rows = [
+        rows: list[tuple[Any, ...]] = [
             (
                 e.event_id,
                 e.user_id,
@@ -329,9 +329,11 @@ class EventStore:
         self._load_catalog(missing)
         out = []
         for index, row in fresh:
-            if row[4] is not None and row[5] is None and row[4] in self._catalog:
-                row = (*row[:5], self._catalog[row[4]][0], row[6])
-            out.append((index, row))
+            track = row[4]
+            if track is not None and row[5] is None and track in self._catalog:
+                out.append((index, (*row[:5], self._catalog[track][0], row[6])))
+            else:
+                out.append((index, row))
         return out
 
     # -- derived state ---------------------------------------------------------------------
@@ -346,16 +348,18 @@ class EventStore:
         )
         for user, runs in derived.runs.items():
             self._merge_runs(user, runs)
-        for user, taste in derived.taste.items():
+        for user, new in derived.taste.items():
+            taste = new
             row = conn.execute(
                 "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (user,)
             ).fetchone()
             if row is not None:
                 stored = np.frombuffer(row[2], dtype=np.float64)
-                if stored.shape == taste.total.shape:
-                    taste = Taste(row[0], row[1], stored).merge(taste)
+                if stored.shape == new.total.shape:  # else the catalog changed dimension
+                    taste = Taste(row[0], row[1], stored).merge(new)
             conn.execute(
-                "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) "
+                "VALUES (?, ?, ?, ?)",
                 (user, taste.ref, taste.weight, taste.total.astype(np.float64).tobytes()),
             )
         conn.executemany(
@@ -379,7 +383,7 @@ class EventStore:
         pieces.sort(key=lambda p: p[1].start)
         groups: list[tuple[list[int | None], Run]] = []
         for ident, run in pieces:
-            if groups and run.start - groups[-1][1].end < SESSION_GAP_MS // 2:
+            if groups and run.start - groups[-1][1].end <= SESSION_GAP_MS:
                 groups[-1][0].append(ident)
                 groups[-1][1].absorb(run)
             else:
@@ -455,7 +459,7 @@ class EventStore:
                 raise CatalogError(
                     f"catalog vectors must all have one dimension; got {sorted(dims)}"
                 )
-            self._db["catalog"].upsert_all(
+            self._db.table("catalog").upsert_all(
                 (
                     {"track_id": i.track_id, "artist_id": i.artist_id, "title": i.title,
                      "vector": np.asarray(i.vector, dtype=np.float32).tobytes()}
@@ -493,8 +497,8 @@ class EventStore:
             for data_class, tables in DATA_TABLES.items():
                 cutoff = now_ms - self.region.ttl(data_class) // _MS
                 for table, column in tables:
-                    cursor = self._conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
-                    deleted[table] = cursor.rowcount
+                    sql = f"DELETE FROM {table} WHERE {column} < ?"
+                    deleted[table] = self._conn.execute(sql, (cutoff,)).rowcount
         return PurgeReport(deleted)
 
     def erase_user(self, user_id: str) -> PurgeReport:

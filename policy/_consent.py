@@ -21,7 +21,9 @@ class ConsentState:
     age: int | None = None
 
 
-def consent_refusal(region: Region, purpose: Purpose, state: ConsentState) -> PolicyViolation | None:
+def consent_refusal(
+    region: Region, purpose: Purpose, state: ConsentState
+) -> PolicyViolation | None:
     """Why ``purpose`` is not allowed for this user in ``region``, or ``None`` if it is."""
     gate = region.age
     if state.age is None and gate.unknown_age == "deny":

@@ -210,13 +210,15 @@ class Region(_Frozen):
         missing_purposes = sorted(set(Purpose) - set(self.consent))
         if missing_purposes:
             raise PydanticCustomError(
-                "all_purposes", "consent must set every purpose; missing: {missing}",
+                "all_purposes",
+                "consent must set every purpose; missing: {missing}",
                 {"missing": ", ".join(missing_purposes)},
             )
         missing_classes = sorted(set(DataClass) - set(self.retention))
         if missing_classes:
             raise PydanticCustomError(
-                "all_data_classes", "retention must bound every data class; missing: {missing}",
+                "all_data_classes",
+                "retention must bound every data class; missing: {missing}",
                 {"missing": ", ".join(missing_classes)},
             )
         return self

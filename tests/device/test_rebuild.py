@@ -7,6 +7,7 @@ with deriving everything at once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 from datetime import timedelta
@@ -86,7 +87,7 @@ def test_incremental_equals_rebuilt(
                 for i in range(5)
             )
             bounds = [0, *cuts, len(events)]
-            for start, end in zip(bounds, bounds[1:], strict=False):
+            for start, end in itertools.pairwise(bounds):
                 if start < end:
                     store.append_many(events[start:end])
             store.append_many([events[i] for i in replays if i < len(events)])
