@@ -172,9 +172,7 @@ def test_retention_cutoff_is_exact(open_store: StoreFactory, events: Events) -> 
     assert store.purge_expired(now=edge + timedelta(milliseconds=1)).deleted["events"] == 1
 
 
-def test_erasure_removes_everything_about_the_user(
-    eu_store: EventStore, events: Events
-) -> None:
+def test_erasure_removes_everything_about_the_user(eu_store: EventStore, events: Events) -> None:
     other = Events("user-2")
     eu_store.set_age("user-2", 40)
     eu_store.grant("user-2", Purpose.PERSONALIZATION)
