@@ -13,10 +13,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sottovoce import __version__
 from sottovoce._errors import SottovoceError
+from sottovoce.policy import Purpose
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -154,7 +156,9 @@ def device_ingest(
             try:
                 pending.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise typer.BadParameter(f"line {number} is not JSON: {error}") from None
+                err.print(f"[red]error[/red] line {number} of {events} is not JSON: {error}; "
+                          f"stored {accepted} events before it")  # fmt: skip
+                raise typer.Exit(2) from None
             if len(pending) == batch:
                 result = db.append_many(pending)
                 accepted, duplicates = accepted + result.accepted, duplicates + result.duplicates
@@ -171,19 +175,12 @@ def device_consent(  # noqa: PLR0917 - typer maps parameters to options
     store: StoreArg,
     user: UserOption,
     region: RegionOption,
-    purpose: Annotated[str, typer.Argument(help="personalization|federated_training|analytics")],
+    purpose: Annotated[Purpose, typer.Argument(help="The consent purpose.")],
     withdraw: Annotated[bool, typer.Option(help="Withdraw instead of grant.")] = False,
     policy: PolicyOption = None,
 ) -> None:
     """Grant (or withdraw, purging what it covered) consent for a purpose."""
-    from sottovoce.policy import Purpose
-
-    try:
-        chosen = Purpose(purpose)
-    except ValueError:
-        raise typer.BadParameter(
-            f"unknown purpose {purpose!r}; one of {', '.join(p.value for p in Purpose)}"
-        ) from None
+    chosen = Purpose(purpose)
     with _store(store, policy, region) as db:
         if withdraw:
             report = db.withdraw(user, chosen)
@@ -235,21 +232,9 @@ def device_purge(store: StoreArg, region: RegionOption, policy: PolicyOption = N
 
 
 def main() -> None:
-    """Entry point: run the app, turning sottovoce errors into one clear message."""
+    """Entry point: run the app, turning sottovoce errors into one clear message (exit 2)."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print themselves and exit 2
     except SottovoceError as error:
-        err.print(f"[red]error[/red] [{error.code}] {error}")
+        err.print(f"[red]error[/red] {escape(f'[{error.code}] {error}')}", soft_wrap=True)
         raise SystemExit(2) from None
-    except typer.Abort:
-        err.print("aborted")
-        raise SystemExit(1) from None
-    except typer.Exit as done:
-        raise SystemExit(done.exit_code) from None
-    except Exception as error:  # click usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            raise SystemExit(error.exit_code) from None
-        raise

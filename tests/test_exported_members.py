@@ -1,0 +1,55 @@
+"""Public API is declared once per package; this pins it (like httpx's test of the same name)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "sottovoce": ["SottovoceError", "__version__"],
+    "sottovoce.policy": [
+        "PURPOSE_DATA", "Accountant", "AgeGate", "AgeRestricted", "Aggregator", "AggregatorKey",
+        "BudgetExhausted", "ConsentMissing", "ConsentMode", "ConsentState", "DataClass",
+        "InvalidPolicy", "Policy", "PolicyError", "PolicyViolation", "PrivacyBudget",
+        "PrivacyMode", "Problem", "Purpose", "Region", "ResidencyViolation", "UnknownRegion",
+        "consent_allows", "consent_refusal", "example_policy", "example_policy_path",
+        "format_duration", "load_policy", "parse_policy", "policy_from_data",
+    ],
+    "sottovoce.device": [
+        "COMPLETION_FRACTION", "EARLY_SKIP_MS", "QUALIFIED_PLAY_MS", "SCHEMA_VERSION",
+        "SESSION_GAP_MS", "TASTE_HALF_LIFE_MS", "AppendResult", "CatalogError", "CatalogItem",
+        "Context", "DeviceError", "Dislike", "Durability", "Event", "EventConflict",
+        "EventStore", "InvalidEvent", "InvalidEventBatch", "Like", "Navigate", "Pause",
+        "PlayEnd", "PlayStart", "PurgeReport", "Resume", "Search", "Seek", "Skip",
+        "StoreError", "from_ms", "is_completion", "is_play", "to_ms",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC))
+def test_exported_members(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert sorted(module.__all__) == sorted(PUBLIC[module_name])
+    for name in module.__all__:
+        assert hasattr(module, name), name
+    public = {n for n in vars(module) if not n.startswith("_") and not _is_submodule(module, n)}
+    assert public <= set(module.__all__), "public names outside __all__"
+
+
+def _is_submodule(module: object, name: str) -> bool:
+    return type(getattr(module, name)).__name__ == "module"
+
+
+def test_every_error_has_a_code_and_one_root() -> None:
+    from sottovoce import SottovoceError, device, policy
+
+    errors = [
+        getattr(m, n) for m in (device, policy) for n in m.__all__
+        if isinstance(getattr(m, n), type) and issubclass(getattr(m, n), Exception)
+    ]  # fmt: skip
+    assert len(errors) >= 12
+    codes = [e.code for e in errors]
+    for error in errors:
+        assert issubclass(error, SottovoceError), error
+    assert "error" not in codes and len(set(codes)) == len(codes)
