@@ -7,10 +7,12 @@ instead of misreading it.
 
 from __future__ import annotations
 
+import secrets
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from sottovoce.policy import DataClass
+from sottovoce.policy import CheckpointSigner, DataClass, DecisionLog
 
 MIGRATIONS = Migrations("sottovoce.device")
 
@@ -109,7 +111,26 @@ def m001_initial(db: Database) -> None:
     )
 
 
-STORE_SCHEMA = "m001_initial"
+@MIGRATIONS()
+def m002_decision_log(db: Database) -> None:
+    """The device's own decision log, so an access request can show what was decided."""
+    suffix = secrets.token_hex(8)
+    DecisionLog.create(
+        db.conn,
+        origin=f"sottovoce.device/{suffix}",
+        signer=CheckpointSigner.generate(f"sottovoce-device-{suffix}"),
+        keep_key=True,
+    )
+    # Which decisions were about which user: a local index outside the Merkle log, so that
+    # erasure can unlink them (the log keeps only keyed digests, never a user reference).
+    db.table("decision_subjects").create(
+        {"idx": int, "user_ref": int}, pk="idx", not_null={"user_ref"}
+    )
+    db.table("decision_subjects").create_index(["user_ref"])
+    db.table("meta").insert({"key": "digest_key", "value": secrets.token_hex(32)})
+
+
+STORE_SCHEMA = "m002_decision_log"
 
 # Which tables hold each class of data, and the column that dates a row for retention.
 DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
@@ -122,4 +143,5 @@ DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
         ("context", "ts"),
     ),
 }
-USER_TABLES = ("events", "track_stats", "artist_stats", "sessions", "taste", "context")
+USER_TABLES = ("events", "track_stats", "artist_stats", "sessions", "taste", "context",
+               "decision_subjects")  # fmt: skip

@@ -19,8 +19,9 @@ import hmac
 import json
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +51,9 @@ from sottovoce.policy import (
     PURPOSE_DATA,
     ConsentState,
     DataClass,
+    Decision,
+    DecisionEngine,
+    DecisionLog,
     Policy,
     PolicyViolation,
     Purpose,
@@ -156,6 +160,12 @@ class EventStore:
         self._salt = bytes.fromhex(self._meta("salt"))
         self._catalog: dict[str, tuple[str | None, Vector]] = {}
         self._hashes: dict[str, str] = {}
+        self._engine = DecisionEngine(
+            policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key"))
+        )
+        self._decisions = DecisionLog(self._conn)
+        self._checkpointer = _Checkpointer(path)
+        self._checkpointer.start()
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -178,6 +188,9 @@ class EventStore:
                 raise StoreError(f"{path}: cannot use write-ahead logging (journal mode {mode})")
             db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            # WAL checkpoints (copying the log back into the file, with fsyncs) run on a
+            # background thread instead of inside whichever append crosses the threshold.
+            db.execute("PRAGMA wal_autocheckpoint=0")
             _migrate(db, path)
             with _immediate(conn):
                 stored = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
@@ -197,6 +210,7 @@ class EventStore:
         return cls(db, path=path, policy=policy, region_id=region_obj.id)
 
     def close(self) -> None:
+        self._checkpointer.stop()
         self._conn.close()
 
     def __enter__(self) -> EventStore:
@@ -275,26 +289,44 @@ class EventStore:
             )
             for e in parsed
         ]
+        refusal: PolicyViolation | None = None
+        result = AppendResult(0)
         with _immediate(self._conn):
             refs: dict[str, int] = {}
-            for user_id in {row[1] for row in rows}:
+            verdicts = []
+            for user_id in sorted({row[1] for row in rows}):
                 ref = self._ref(user_id, create=False)
-                refusal = consent_refusal(
-                    self.region, Purpose.PERSONALIZATION, self._consent_state(ref)
+                state = self._consent_state(ref)
+                ids = sorted(row[0] for row in rows if row[1] == user_id)
+                decision = self._engine.store_events(
+                    state, inputs=self._inputs("store_events", user_id, events=ids), count=len(ids)
                 )
-                if refusal is not None:
-                    raise refusal
-                refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
-            rows = [(r[0], refs[r[1]], *r[2:]) for r in rows]
-            fresh, duplicates = self._dedupe(rows)
-            if not fresh:
-                return AppendResult(0, tuple(duplicates))
-            fresh = self._resolve_artists(fresh)
-            first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
-            stored = [(first[0] + i, *row) for i, (_, row) in enumerate(fresh)]
-            self._conn.executemany(_INSERT_EVENT, stored)
-            facts = [_fact(row, parsed[i]) for (i, _), row in zip(fresh, stored, strict=True)]
-            self._merge(derive(facts, self._vectors(f.track for f in facts)))
+                verdicts.append((user_id, ref, state, decision))
+            denied = [v for v in verdicts if not v[3].allowed]
+            if denied:  # log the refusals, store nothing of the batch, raise after the commit
+                for _, ref, _, decision in denied:
+                    self._log(decision, ref)
+                refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, denied[0][2])
+            else:
+                for user_id, ref, _, decision in verdicts:
+                    refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
+                    self._log(decision, refs[user_id])
+                result = self._store([(r[0], refs[r[1]], *r[2:]) for r in rows], parsed)
+        if refusal is not None:
+            raise refusal
+        return result
+
+    def _store(self, rows: list[tuple[Any, ...]], parsed: list[Event]) -> AppendResult:
+        """Write the new events of an allowed batch and merge their derived state."""
+        fresh, duplicates = self._dedupe(rows)
+        if not fresh:
+            return AppendResult(0, tuple(duplicates))
+        fresh = self._resolve_artists(fresh)
+        first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
+        stored = [(first[0] + i, *row) for i, (_, row) in enumerate(fresh)]
+        self._conn.executemany(_INSERT_EVENT, stored)
+        facts = [_fact(row, parsed[i]) for (i, _), row in zip(fresh, stored, strict=True)]
+        self._merge(derive(facts, self._vectors(f.track for f in facts)))
         return AppendResult(len(fresh), tuple(duplicates))
 
     def _dedupe(
@@ -499,6 +531,9 @@ class EventStore:
                 for table, column in tables:
                     sql = f"DELETE FROM {table} WHERE {column} < ?"
                     deleted[table] = self._conn.execute(sql, (cutoff,)).rowcount
+            inputs = {"action": "purge_retention", "now": now_ms}
+            self._log(self._engine.purge(deleted=deleted, inputs=inputs), None)
+            self._decisions.checkpoint()  # routine maintenance is a good time to sign
         return PurgeReport(deleted)
 
     def erase_user(self, user_id: str) -> PurgeReport:
@@ -509,11 +544,14 @@ class EventStore:
             for table in (*USER_TABLES, "consent", "users"):
                 sql = f"DELETE FROM {table} WHERE user_ref = ?"
                 deleted[table] = self._conn.execute(sql, (ref,)).rowcount
+            # Logged without a link to the user: after erasure nothing ties the log to them.
+            decision = self._engine.erase(deleted=deleted, inputs=self._inputs("erase", user_id))
+            self._log(decision, None)
         return PurgeReport(deleted)
 
     def export_user(self, user_id: str) -> dict[str, Any]:
         """Everything stored for the user, as JSON-ready data (an access request)."""
-        with _snapshot(self._conn):
+        with _immediate(self._conn):  # a write: the export itself is a logged decision
             ref = self._ref(user_id, create=False)
             profile = next(self._rows("SELECT * FROM users WHERE user_ref = ?", [ref]), None)
             consent = [
@@ -531,6 +569,17 @@ class EventStore:
                 )
             ]
             derived = self.derived_state(user_id)
+            inputs = self._inputs("export", user_id)
+            decision = self._engine.export(inputs=inputs, count=len(events))
+            self._log(decision, ref)
+            decisions = [
+                {"index": index, **json.loads(entry)}
+                for index, entry in self._conn.execute(
+                    "SELECT l.idx, l.entry FROM decision_log l JOIN decision_subjects s "
+                    "ON s.idx = l.idx WHERE s.user_ref = ? ORDER BY l.idx",
+                    (ref,),
+                )
+            ]
         return {
             "format": "sottovoce.access-export/1",
             "exported_at": datetime.now(UTC).isoformat(),
@@ -542,6 +591,7 @@ class EventStore:
             "consent": consent,
             "events": events,
             "derived": derived,
+            "decisions": decisions,
         }
 
     def count(self, table: str = "events") -> int:
@@ -566,7 +616,28 @@ class EventStore:
                     for table, _ in DATA_TABLES.get(data_class, ()):
                         sql = f"DELETE FROM {table} WHERE user_ref = ?"
                         deleted[table] = self._conn.execute(sql, (user,)).rowcount
+            inputs = self._inputs("record_consent", user_id, purpose=purpose.value)
+            decision = self._engine.record_consent(
+                purpose, granted=granted, inputs=inputs, deleted=deleted
+            )
+            self._log(decision, user)
         return PurgeReport(deleted)
+
+    def _inputs(self, action: str, user_id: str, **details: Any) -> dict[str, Any]:
+        """What a decision is about; only its keyed digest enters the log."""
+        return {"action": action, "subject": self.user_hash(user_id), **details}
+
+    def _log(self, decision: Decision, ref: int | None) -> None:
+        index = self._decisions.append(decision)
+        if ref is not None:
+            self._conn.execute(
+                "INSERT INTO decision_subjects (idx, user_ref) VALUES (?, ?)", (index, ref)
+            )
+
+    @property
+    def decisions(self) -> DecisionLog:
+        """The device's decision log (verify it, prove entries, sign checkpoints)."""
+        return self._decisions
 
     def _consent_state(self, ref: int | None) -> ConsentState:
         if ref is None:
@@ -706,6 +777,37 @@ def _migrate(db: Database, path: Path) -> None:
             raise
 
 
+class _Checkpointer(threading.Thread):
+    """Copies the write-ahead log back into the database file every so often.
+
+    PASSIVE checkpoints never block the writer; sqlite releases the GIL while it works, so the
+    appending thread is not held up by the fsyncs. A crash at any point is safe: SQLite
+    recovers from the WAL on the next open.
+    """
+
+    def __init__(self, path: Path, *, interval_s: float = 0.2) -> None:
+        super().__init__(name=f"sottovoce-wal-{path.name}", daemon=True)
+        self._path = path
+        self._interval = interval_s
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self._path, timeout=0.05)
+        try:
+            while not self._stopped.wait(self._interval):
+                with suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a small file behind
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
 @contextmanager
 def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
     """A write transaction that takes the lock up front (no upgrade deadlocks)."""
@@ -716,13 +818,3 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
         conn.rollback()
         raise
     conn.execute("COMMIT")
-
-
-@contextmanager
-def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    """A read transaction: every query inside sees the same state."""
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        conn.execute("COMMIT")

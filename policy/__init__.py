@@ -1,19 +1,33 @@
-"""Policy documents: what every part of sottovoce enforces.
+"""Policy documents, decisions and the tamper-evident decision log.
 
 Load a policy with :func:`load_policy` (YAML or JSON); identify it by ``policy.hash``. Consent
 rules (:func:`consent_allows`) are pure functions of a region's policy and a user's recorded
-choices, so the device, sync and aggregator all decide the same way.
+choices, so the device, sync and aggregator all decide the same way. A :class:`DecisionEngine`
+turns each enforcement point into a :class:`Decision`; a :class:`DecisionLog` keeps them in an
+RFC 9162 Merkle log with signed C2SP checkpoints; :func:`verify_inclusion` and
+:func:`verify_consistency` check its proofs.
 """
 
+from sottovoce.policy._checkpoint import (
+    Checkpoint,
+    CheckpointSigner,
+    open_checkpoint,
+    parse_verifier_key,
+)
 from sottovoce.policy._consent import ConsentState, consent_allows, consent_refusal
+from sottovoce.policy._decision import REASONS, Action, Decision, DecisionEngine, Outcome
 from sottovoce.policy._errors import (
     AgeRestricted,
     BudgetExhausted,
+    CheckpointError,
     ConsentMissing,
+    ConsistencyProofError,
+    InclusionProofError,
     InvalidPolicy,
     PolicyError,
     PolicyViolation,
     Problem,
+    ProofError,
     ResidencyViolation,
     UnknownRegion,
 )
@@ -24,6 +38,8 @@ from sottovoce.policy._load import (
     parse_policy,
     policy_from_data,
 )
+from sottovoce.policy._log import DecisionLog, InclusionProof, LogError, VerifyReport
+from sottovoce.policy._merkle import leaf_hash, verify_consistency, verify_inclusion
 from sottovoce.policy._model import (
     PURPOSE_DATA,
     Accountant,
@@ -42,33 +58,53 @@ from sottovoce.policy._model import (
 
 __all__ = [
     "PURPOSE_DATA",
+    "REASONS",
     "Accountant",
+    "Action",
     "AgeGate",
     "AgeRestricted",
     "Aggregator",
     "AggregatorKey",
     "BudgetExhausted",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointSigner",
     "ConsentMissing",
     "ConsentMode",
     "ConsentState",
+    "ConsistencyProofError",
     "DataClass",
+    "Decision",
+    "DecisionEngine",
+    "DecisionLog",
+    "InclusionProof",
+    "InclusionProofError",
     "InvalidPolicy",
+    "LogError",
+    "Outcome",
     "Policy",
     "PolicyError",
     "PolicyViolation",
     "PrivacyBudget",
     "PrivacyMode",
     "Problem",
+    "ProofError",
     "Purpose",
     "Region",
     "ResidencyViolation",
     "UnknownRegion",
+    "VerifyReport",
     "consent_allows",
     "consent_refusal",
     "example_policy",
     "example_policy_path",
     "format_duration",
+    "leaf_hash",
     "load_policy",
+    "open_checkpoint",
     "parse_policy",
+    "parse_verifier_key",
     "policy_from_data",
+    "verify_consistency",
+    "verify_inclusion",
 ]

@@ -17,7 +17,6 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Literal, Self
 
-import rfc8785
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from sottovoce.policy._canonical import canonical_json
 from sottovoce.policy._errors import UnknownRegion
 
 
@@ -261,7 +261,7 @@ class Policy(_Frozen):
 
     def canonical_json(self) -> bytes:
         """RFC 8785 canonical JSON of the document: the bytes its hash is taken over."""
-        return bytes(rfc8785.dumps(self.model_dump(mode="json")))
+        return canonical_json(self.model_dump(mode="json"))
 
     @cached_property
     def hash(self) -> str:

@@ -9,12 +9,16 @@ import pytest
 PUBLIC = {
     "sottovoce": ["SottovoceError", "__version__"],
     "sottovoce.policy": [
-        "PURPOSE_DATA", "Accountant", "AgeGate", "AgeRestricted", "Aggregator", "AggregatorKey",
-        "BudgetExhausted", "ConsentMissing", "ConsentMode", "ConsentState", "DataClass",
-        "InvalidPolicy", "Policy", "PolicyError", "PolicyViolation", "PrivacyBudget",
-        "PrivacyMode", "Problem", "Purpose", "Region", "ResidencyViolation", "UnknownRegion",
-        "consent_allows", "consent_refusal", "example_policy", "example_policy_path",
-        "format_duration", "load_policy", "parse_policy", "policy_from_data",
+        "Accountant", "Action", "AgeGate", "AgeRestricted", "Aggregator", "AggregatorKey",
+        "BudgetExhausted", "Checkpoint", "CheckpointError", "CheckpointSigner", "ConsentMissing",
+        "ConsentMode", "ConsentState", "ConsistencyProofError", "DataClass", "Decision",
+        "DecisionEngine", "DecisionLog", "InclusionProof", "InclusionProofError", "InvalidPolicy",
+        "LogError", "Outcome", "PURPOSE_DATA", "Policy", "PolicyError", "PolicyViolation",
+        "PrivacyBudget", "PrivacyMode", "Problem", "ProofError", "Purpose", "REASONS", "Region",
+        "ResidencyViolation", "UnknownRegion", "VerifyReport", "consent_allows", "consent_refusal",
+        "example_policy", "example_policy_path", "format_duration", "leaf_hash", "load_policy",
+        "open_checkpoint", "parse_policy", "parse_verifier_key", "policy_from_data",
+        "verify_consistency", "verify_inclusion",
     ],
     "sottovoce.device": [
         "COMPLETION_FRACTION", "EARLY_SKIP_MS", "QUALIFIED_PLAY_MS", "SCHEMA_VERSION",

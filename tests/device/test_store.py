@@ -16,7 +16,29 @@ def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> N
     conn = sqlite3.connect(tmp_path / "device.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert applied == ["m001_initial"]
+    assert applied == ["m001_initial", "m002_decision_log"]
+
+
+def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> None:
+    from sqlite_utils import Database
+
+    from sottovoce.device._schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = Database(path)
+    MIGRATIONS.apply(db, stop_before="m002_decision_log")
+    db.table("meta").insert_all([{"key": "salt", "value": "00" * 32},
+                                 {"key": "region", "value": "us"}])  # fmt: skip
+    db.execute(
+        "INSERT INTO events (event_id, user_ref, type, ts, body) VALUES ('old', 1, 'like', 0, '{}')"
+    )
+    db.conn.commit()
+    db.close()
+    store = EventStore.open(path, policy=policy, region="us")
+    assert store.count() == 1 and store.decisions.size == 0
+    store.append(Events()("like"))
+    assert store.decisions.size == 1 and store.decisions.verify().ok
+    store.close()
 
 
 def test_reopening_keeps_data_and_salt(open_store: StoreFactory, events: Events) -> None:

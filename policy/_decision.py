@@ -1,0 +1,276 @@
+"""Policy decisions: what was decided, under which policy, for which region, and why.
+
+The device, sync and the aggregator ask a :class:`DecisionEngine` at every enforcement point
+(store events, personalize, contribute a delta, accept a delta, open a round, publish a release,
+purge for retention, erase, export, record consent). The engine only decides; callers do the I/O
+and append the returned :class:`Decision` to their :class:`~sottovoce.policy.DecisionLog`.
+
+A decision never carries personal data: no user, device or track ids, no event contents. What
+it was about is bound only by ``inputs_digest``, an HMAC-SHA256 of the canonical inputs under a
+key the log's owner holds, so whoever holds the inputs can show which decision was about them
+while the log alone reveals nothing (a plain hash of a user id could be reversed by guessing).
+``metrics`` holds only non-personal numbers (counts, epsilon, norms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from sottovoce.policy._canonical import canonical_json
+from sottovoce.policy._consent import ConsentState, consent_refusal
+from sottovoce.policy._model import Policy, Purpose, Region
+
+
+class Action(StrEnum):
+    STORE_EVENTS = "store_events"
+    PERSONALIZE = "personalize"
+    CONTRIBUTE_DELTA = "contribute_delta"
+    ACCEPT_DELTA = "accept_delta"
+    OPEN_ROUND = "open_round"
+    PUBLISH_RELEASE = "publish_release"
+    PURGE_RETENTION = "purge_retention"
+    ERASE = "erase"
+    EXPORT = "export"
+    RECORD_CONSENT = "record_consent"
+
+
+class Outcome(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+# Stable reason codes and the sentence each stands for. Codes are an interface: add, never
+# rename. Sentences may use {placeholders} filled from non-personal values only.
+REASONS: dict[str, str] = {
+    # allow
+    "consent_given": "the user opted in to {purpose}",
+    "opt_out_default": "{purpose} is opt-out in region {region} and the user has not opted out",
+    "within_policy": "the request is within the region's policy",
+    "within_budget": "the round fits the privacy budget: ε {spent:.4g} of {budget:.4g} after it",
+    "cohort_met": "the round closed with {cohort} contributions (minimum {min_cohort})",
+    "retention_ttl": "rows older than the region's retention were deleted",
+    "user_request": "the user asked for it",
+    "consent_recorded": "the user's choice about {purpose} was recorded",
+    # deny: consent and age
+    "consent_missing": "{purpose} needs consent the user has not given or has withdrawn",
+    "age_restricted": "the user is below the region's minimum age or has not declared an age",
+    # deny: protocol and aggregation
+    "wrong_region": "the request is for another region than {region}",
+    "not_enrolled": "the device is not enrolled, or its enrollment is invalid",
+    "bad_signature": "the signature does not verify",
+    "undecryptable": "the delta cannot be decrypted with the region's key",
+    "round_closed": "the round is closed or unknown",
+    "wrong_model_version": "the delta is for another model version",
+    "non_finite": "the delta has non-finite values",
+    "norm_exceeded": "the delta's norm is above the clipping bound",
+    "duplicate_contribution": "this pseudonym already contributed to the round",
+    "budget_exhausted": "the round would exceed the privacy budget of ε {budget:.4g}",
+    "spec_outside_policy": "the round spec does not match the region's policy ({detail})",
+    "cohort_not_met": "the round ended with {cohort} contributions (minimum {min_cohort})",
+}
+DENY_REASONS = frozenset(
+    code for code in REASONS if code not in {
+        "consent_given", "opt_out_default", "within_policy", "within_budget", "cohort_met",
+        "retention_ttl", "user_request", "consent_recorded",
+    }
+)  # fmt: skip
+
+Metric = int | float | str | bool
+
+
+class Decision(BaseModel):
+    """One decision, as it is logged (RFC 8785 canonical JSON of this model is the log entry)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    action: Action
+    outcome: Outcome
+    reason: Annotated[str, Field(pattern=r"^[a-z_]+$")]
+    sentence: str
+    policy_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    region: str
+    inputs_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    at: AwareDatetime
+    metrics: dict[str, Metric] = Field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+    def canonical(self) -> bytes:
+        """The entry's bytes in the log: RFC 8785 canonical JSON."""
+        return canonical_json(self.model_dump(mode="json"))
+
+
+def _now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class DecisionEngine:
+    """Decides by one region's policy. Pure: no I/O, the clock and digest key are given."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        region: str,
+        *,
+        digest_key: bytes,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        if len(digest_key) < 16:
+            raise ValueError("the digest key must be at least 16 bytes")
+        self.policy = policy
+        self.region: Region = policy.region(region)
+        self._key = digest_key
+        self._clock = clock
+
+    def digest(self, inputs: Mapping[str, Any]) -> str:
+        """Keyed digest of the canonical inputs (what binds a decision to what it was about)."""
+        canonical = canonical_json(dict(inputs))
+        return hmac.new(self._key, canonical, hashlib.sha256).hexdigest()
+
+    def decide(
+        self,
+        action: Action,
+        reason: str,
+        *,
+        inputs: Mapping[str, Any],
+        metrics: Mapping[str, Metric] | None = None,
+        **fill: Any,
+    ) -> Decision:
+        """A decision with a known reason code; ``fill`` completes its sentence."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason code {reason!r}")
+        sentence = REASONS[reason].format(region=self.region.id, **fill)
+        return Decision(
+            action=action,
+            outcome=Outcome.DENY if reason in DENY_REASONS else Outcome.ALLOW,
+            reason=reason,
+            sentence=sentence[0].upper() + sentence[1:] + ".",
+            policy_hash=self.policy.hash,
+            region=self.region.id,
+            inputs_digest=self.digest(inputs),
+            at=self._clock(),
+            metrics=dict(metrics or {}),
+        )
+
+    # -- consent-gated actions on the device --------------------------------------------------
+    def consent(
+        self,
+        action: Action,
+        purpose: Purpose,
+        state: ConsentState,
+        *,
+        inputs: Mapping[str, Any],
+        metrics: Mapping[str, Metric] | None = None,
+    ) -> Decision:
+        """May ``action`` go ahead for a user with this consent state? (store, personalize...)"""
+        refusal = consent_refusal(self.region, purpose, state)
+        if refusal is not None:
+            reason = refusal.code
+        elif state.choices.get(purpose) is True:
+            reason = "consent_given"
+        else:
+            reason = "opt_out_default"
+        return self.decide(action, reason, inputs=inputs, metrics=metrics, purpose=purpose.value)
+
+    def store_events(
+        self, state: ConsentState, *, inputs: Mapping[str, Any], count: int
+    ) -> Decision:
+        return self.consent(Action.STORE_EVENTS, Purpose.PERSONALIZATION, state, inputs=inputs,
+                            metrics={"events": count})  # fmt: skip
+
+    def personalize(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
+        return self.consent(Action.PERSONALIZE, Purpose.PERSONALIZATION, state, inputs=inputs)
+
+    def contribute_delta(
+        self, state: ConsentState, *, inputs: Mapping[str, Any], spec: Mapping[str, Any]
+    ) -> Decision:
+        """May the device contribute to a round? Consent first, then the spec against policy."""
+        first = self.consent(Action.CONTRIBUTE_DELTA, Purpose.FEDERATED_TRAINING, state,
+                             inputs=inputs)  # fmt: skip
+        if not first.allowed:
+            return first
+        detail = self.spec_mismatch(spec)
+        if detail is not None:
+            return self.decide(Action.CONTRIBUTE_DELTA, "spec_outside_policy", inputs=inputs,
+                               detail=detail)  # fmt: skip
+        if float(spec["epsilon_after"]) > self.region.privacy.epsilon:
+            return self.decide(Action.CONTRIBUTE_DELTA, "budget_exhausted", inputs=inputs,
+                               budget=self.region.privacy.epsilon)  # fmt: skip
+        return first
+
+    def spec_mismatch(self, spec: Mapping[str, Any]) -> str | None:
+        """What in a round spec departs from this region's policy, or ``None``."""
+        privacy = self.region.privacy
+        if spec.get("region") != self.region.id:
+            return f"region {spec.get('region')!r}"
+        if spec.get("mode") != privacy.mode.value:
+            return f"privacy mode {spec.get('mode')!r}, policy says {privacy.mode.value!r}"
+        if float(spec.get("clipping_norm", 0)) > privacy.clipping_norm:
+            return f"clipping norm above {privacy.clipping_norm:g}"
+        if int(spec.get("min_cohort", 0)) < privacy.min_cohort:
+            return f"minimum cohort below {privacy.min_cohort}"
+        return None
+
+    # -- the aggregator ----------------------------------------------------------------------
+    def accept_delta(
+        self, *, inputs: Mapping[str, Any], refusal: str | None = None, region: str | None = None
+    ) -> Decision:
+        """Record the verdict on an uploaded delta; ``refusal`` is the verifier's reason code."""
+        if region is not None and region != self.region.id:
+            refusal = "wrong_region"
+        if refusal is not None and refusal not in DENY_REASONS:
+            raise ValueError(f"{refusal!r} is not a refusal reason")
+        return self.decide(Action.ACCEPT_DELTA, refusal or "within_policy", inputs=inputs)
+
+    def open_round(
+        self, *, inputs: Mapping[str, Any], epsilon_spent: float, epsilon_after: float
+    ) -> Decision:
+        budget = self.region.privacy.epsilon
+        metrics = {"epsilon_spent": epsilon_spent, "epsilon_after": epsilon_after,
+                   "epsilon_budget": budget}  # fmt: skip
+        reason = "budget_exhausted" if epsilon_after > budget else "within_budget"
+        return self.decide(Action.OPEN_ROUND, reason, inputs=inputs, metrics=metrics,
+                           budget=budget, spent=epsilon_after)  # fmt: skip
+
+    def publish_release(
+        self, *, inputs: Mapping[str, Any], cohort: int, epsilon_spent: float
+    ) -> Decision:
+        need = self.region.privacy.min_cohort
+        reason = "cohort_met" if cohort >= need else "cohort_not_met"
+        metrics = {"cohort": cohort, "epsilon_spent": epsilon_spent,
+                   "epsilon_budget": self.region.privacy.epsilon}  # fmt: skip
+        return self.decide(Action.PUBLISH_RELEASE, reason, inputs=inputs, metrics=metrics,
+                           cohort=cohort, min_cohort=need)  # fmt: skip
+
+    # -- rights and retention ----------------------------------------------------------------
+    def purge(self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any]) -> Decision:
+        return self.decide(Action.PURGE_RETENTION, "retention_ttl", inputs=inputs,
+                           metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
+
+    def erase(self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any]) -> Decision:
+        return self.decide(Action.ERASE, "user_request", inputs=inputs,
+                           metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
+
+    def export(self, *, inputs: Mapping[str, Any], count: int) -> Decision:
+        return self.decide(Action.EXPORT, "user_request", inputs=inputs,
+                           metrics={"events": count})  # fmt: skip
+
+    def record_consent(
+        self, purpose: Purpose, *, granted: bool, inputs: Mapping[str, Any],
+        deleted: Mapping[str, int] | None = None,
+    ) -> Decision:  # fmt: skip
+        metrics: dict[str, Metric] = {"granted": granted}
+        metrics.update({f"deleted_{k}": v for k, v in (deleted or {}).items()})
+        return self.decide(Action.RECORD_CONSENT, "consent_recorded", inputs=inputs,
+                           metrics=metrics, purpose=purpose.value)  # fmt: skip
