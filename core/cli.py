@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sottovoce import __version__
+from sottovoce._cli_audit import audit_app
 from sottovoce._errors import SottovoceError
 from sottovoce.policy import Purpose
 
@@ -30,6 +31,7 @@ policy_app = typer.Typer(no_args_is_help=True, help="Check and inspect policy do
 device_app = typer.Typer(no_args_is_help=True, help="Work with a device's local event store.")
 app.add_typer(policy_app, name="policy")
 app.add_typer(device_app, name="device")
+app.add_typer(audit_app, name="audit")
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 err = Console(stderr=True, highlight=False)
@@ -131,6 +133,18 @@ def policy_show(
         "age gate", *[f">= {r.age.minimum_age} (unknown: {r.age.unknown_age})" for r in regions]
     )
     out.print(table)
+
+
+@policy_app.command("diff")
+def policy_diff(
+    old: Annotated[Path, typer.Argument(help="The policy in force.")],
+    new: Annotated[Path, typer.Argument(help="The proposed policy.")],
+) -> None:
+    """What changed between two policies, each change marked stricter, looser or neutral."""
+    from sottovoce.policy import diff_policies, format_diff
+
+    before, after = _policy(old), _policy(new)
+    out.print(escape(format_diff(diff_policies(before, after), before, after)))
 
 
 # -- device ---------------------------------------------------------------------------------

@@ -523,7 +523,8 @@ class EventStore:
     # -- retention and rights --------------------------------------------------------------
     def purge_expired(self, *, now: datetime | None = None) -> PurgeReport:
         """Delete what the region's retention rules no longer allow to keep."""
-        now_ms = to_ms(now or datetime.now(UTC))
+        moment = now or datetime.now(UTC)
+        now_ms = to_ms(moment)
         deleted: dict[str, int] = {}
         with _immediate(self._conn):
             for data_class, tables in DATA_TABLES.items():
@@ -531,6 +532,8 @@ class EventStore:
                 for table, column in tables:
                     sql = f"DELETE FROM {table} WHERE {column} < ?"
                     deleted[table] = self._conn.execute(sql, (cutoff,)).rowcount
+            audit_cutoff = moment - self.region.ttl(DataClass.AUDIT_LOG)
+            deleted["decision_log"] = self._decisions.prune(audit_cutoff)
             inputs = {"action": "purge_retention", "now": now_ms}
             self._log(self._engine.purge(deleted=deleted, inputs=inputs), None)
             self._decisions.checkpoint()  # routine maintenance is a good time to sign

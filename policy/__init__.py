@@ -16,6 +16,7 @@ from sottovoce.policy._checkpoint import (
 )
 from sottovoce.policy._consent import ConsentState, consent_allows, consent_refusal
 from sottovoce.policy._decision import REASONS, Action, Decision, DecisionEngine, Outcome
+from sottovoce.policy._diff import Change, diff_policies, format_diff
 from sottovoce.policy._errors import (
     AgeRestricted,
     BudgetExhausted,
@@ -55,6 +56,7 @@ from sottovoce.policy._model import (
     Region,
     format_duration,
 )
+from sottovoce.policy._report import render_report
 
 __all__ = [
     "PURPOSE_DATA",
@@ -66,6 +68,7 @@ __all__ = [
     "Aggregator",
     "AggregatorKey",
     "BudgetExhausted",
+    "Change",
     "Checkpoint",
     "CheckpointError",
     "CheckpointSigner",
@@ -96,8 +99,10 @@ __all__ = [
     "VerifyReport",
     "consent_allows",
     "consent_refusal",
+    "diff_policies",
     "example_policy",
     "example_policy_path",
+    "format_diff",
     "format_duration",
     "leaf_hash",
     "load_policy",
@@ -105,6 +110,7 @@ __all__ = [
     "parse_policy",
     "parse_verifier_key",
     "policy_from_data",
+    "render_report",
     "verify_consistency",
     "verify_inclusion",
 ]

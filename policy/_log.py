@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -54,6 +55,9 @@ CREATE TABLE IF NOT EXISTS decision_log_checkpoints (
 """
 
 
+_PRUNED = ""  # the text of an entry whose retention ran out
+
+
 class LogError(PolicyError):
     """The decision log cannot do what was asked (no signing key, index out of range...)."""
 
@@ -82,6 +86,7 @@ class VerifyReport:
     latest: Checkpoint | None = None
     kept: Checkpoint | None = None
     problems: list[str] = field(default_factory=list)
+    pruned: int = 0  # oldest entries whose text retention removed (their hashes remain)
 
     @property
     def ok(self) -> bool:
@@ -129,6 +134,21 @@ class DecisionLog:
         conn.executemany("INSERT OR IGNORE INTO decision_log_meta (key, value) VALUES (?, ?)", rows)
         return cls(conn, signer=signer)
 
+    def with_signer(self, signer: CheckpointSigner) -> DecisionLog:
+        """The same log, signing checkpoints with ``signer`` (it must match the log's key)."""
+        return DecisionLog(self._conn, signer=signer)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction for callers that own no other (e.g. the audit CLI)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
     @staticmethod
     def exists(conn: sqlite3.Connection) -> bool:
         found = conn.execute(
@@ -155,6 +175,26 @@ class DecisionLog:
             (_dump(tree),),
         )
         return index
+
+    def prune(self, before: datetime) -> int:
+        """Remove the text of entries decided before ``before`` (retention), keeping hashes.
+
+        Entries are pruned oldest first and only as a prefix, so verification can tell
+        retention from tampering; returns how many entries were pruned now.
+        """
+        pruned = 0
+        while True:
+            batch = self._conn.execute(
+                "SELECT idx, entry FROM decision_log WHERE entry != ? ORDER BY idx LIMIT 256",
+                (_PRUNED,),
+            ).fetchall()
+            old = [i for i, e in batch if Decision.model_validate_json(e).at < before]
+            self._conn.executemany(
+                "UPDATE decision_log SET entry = ? WHERE idx = ?", [(_PRUNED, i) for i in old]
+            )
+            pruned += len(old)
+            if len(old) < len(batch) or not batch:
+                return pruned
 
     def checkpoint(self) -> bytes:
         """Sign and store a checkpoint of the log as it is now; returns the signed note."""
@@ -220,6 +260,8 @@ class DecisionLog:
         if where:
             sql += " WHERE " + " AND ".join(where)
         for index, entry in self._conn.execute(sql + " ORDER BY idx", args):
+            if entry == _PRUNED:
+                continue
             decision = Decision.model_validate_json(entry)
             if since is not None and decision.at < since:
                 continue
@@ -274,11 +316,19 @@ class DecisionLog:
             if index != expected:
                 problems.append(f"entry {expected} is missing (next stored index is {index})")
                 expected = index
-            data = str(entry).encode()
-            leaf = leaf_hash(data)
-            if leaf != bytes(stored_leaf):
-                problems.append(f"entry {index} does not match its stored leaf hash")
-            problems.extend(_entry_problems(index, data))
+            if entry == _PRUNED:
+                # Retention removed the text and kept the hash: the tree still verifies, the
+                # content no longer can. Only the oldest entries may be pruned.
+                leaf = bytes(stored_leaf)
+                report.pruned += 1
+                if report.pruned != index + 1:
+                    problems.append(f"entry {index} was emptied but newer than kept entries")
+            else:
+                data = str(entry).encode()
+                leaf = leaf_hash(data)
+                if leaf != bytes(stored_leaf):
+                    problems.append(f"entry {index} does not match its stored leaf hash")
+                problems.extend(_entry_problems(index, data))
             tree.append(leaf)
             expected += 1
             if tree.size in wanted:

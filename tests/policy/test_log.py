@@ -231,3 +231,18 @@ def _restate(conn: sqlite3.Connection) -> None:
         tree.append(bytes(leaf))
     conn.execute("UPDATE decision_log_meta SET value = ? WHERE key = 'frontier'",
                  (json.dumps([tree.size, [h.hex() for h in tree.frontier]]),))  # fmt: skip
+
+
+def test_retention_prunes_old_entry_text_and_the_tree_still_verifies(
+    sealed: tuple[DecisionLog, bytes], conn: sqlite3.Connection
+) -> None:
+    log, kept = sealed
+    cutoff = log.decision(8).at
+    assert log.prune(cutoff) == 8 and log.prune(cutoff) == 0
+    report = log.verify(kept=kept)
+    assert report.ok, report.problems
+    assert report.pruned == 8 and report.size == 25
+    assert [i for i, _ in log.query()][:1] == [8]
+    # emptying a newer entry is not retention
+    conn.execute("UPDATE decision_log SET entry = '' WHERE idx = 12")
+    assert "emptied but newer than kept entries" in _problems(log)
