@@ -27,7 +27,6 @@ from sottovoce.policy import (
     Decision,
     DecisionLog,
     LogError,
-    leaf_hash,
     open_checkpoint,
     parse_verifier_key,
     verify_inclusion,
@@ -95,6 +94,8 @@ def verify(log: LogArg, key: KeyOption = None, checkpoint: KeptOption = None) ->
                   f"{report.unsigned} entries after it are not yet signed")  # fmt: skip
     else:
         out.print("  no valid signed checkpoint yet")
+    if report.pruned:
+        out.print(f"  {report.pruned} oldest entries were emptied by retention (hashes kept)")
     if report.kept is not None and report.ok:
         out.print(f"  consistent with your kept checkpoint at size {report.kept.size}")
     if key is None:
@@ -115,7 +116,8 @@ def show(
     decisions = _open(log)
     for index in indexes:
         entry = decisions.entry(index)
-        data = {"index": index, "leaf_hash": leaf_hash(entry).hex(), **json.loads(entry)}
+        body = json.loads(entry) if entry else {"pruned": "text removed by retention"}
+        data = {"index": index, "leaf_hash": decisions.leaf(index).hex(), **body}
         out.print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -197,7 +199,7 @@ def prove(
     out.print(json.dumps({
         "origin": decisions.origin, "index": proof.index, "tree_size": proof.size,
         "leaf_hash": _b64(proof.leaf_hash), "proof": [_b64(p) for p in proof.proof],
-        "root": _b64(proof.root), "entry": json.loads(decisions.entry(index)),
+        "root": _b64(proof.root), "entry": json.loads(decisions.entry(index) or "null"),
     }, indent=2, ensure_ascii=False))  # fmt: skip
 
 
@@ -214,7 +216,10 @@ def checkpoint_cmd(
     decisions = _open(log)
     if key_file is not None:
         name = parse_verifier_key(decisions.verifier_key)[0]
-        raw = bytes.fromhex(key_file.read_text().strip())
+        try:
+            raw = bytes.fromhex(key_file.read_text().strip())
+        except ValueError:
+            raise LogError(f"{key_file} does not hold a hex Ed25519 private key") from None
         decisions = decisions.with_signer(CheckpointSigner.from_private_bytes(name, raw))
     with decisions.transaction():
         note = decisions.checkpoint()

@@ -115,8 +115,9 @@ def run_demo(*, workdir: Path, events: int, seed: int, console: Console) -> None
     with Progress(console=console, transient=True) as bar:
         for region_id, (user, likes, age) in people.items():
             store = stores[region_id] = EventStore.open(
-                workdir / f"{region_id}-device.db", policy=policy, region=region_id
-            )
+                workdir / f"{region_id}-device.db", policy=policy, region=region_id,
+                clock=lambda: START + timedelta(days=30),  # the demo's own calendar
+            )  # fmt: skip
             store.upsert_catalog(catalog)
             stream = listen(rng, user, tracks, likes, events)
             _try_first(store, stream[0], console)

@@ -7,7 +7,9 @@ purpose are printed as one readable message with their reason code, exit status 
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +43,9 @@ PolicyOption = Annotated[
     typer.Option("--policy", "-p", help="Policy file (YAML or JSON). Default: the example policy."),
 ]
 StoreArg = Annotated[Path, typer.Argument(help="The device store (SQLite file).")]
+ExistingStoreArg = Annotated[
+    Path, typer.Argument(help="The device store (SQLite file).", exists=True, dir_okay=False)
+]
 RegionOption = Annotated[str, typer.Option("--region", "-r", help="The device's region id.")]
 UserOption = Annotated[str, typer.Option("--user", "-u", help="The app's user id.")]
 
@@ -151,7 +156,9 @@ def policy_diff(
 @device_app.command("ingest")
 def device_ingest(
     store: StoreArg,
-    events: Annotated[Path, typer.Argument(help="JSON Lines file of events ('-' for stdin).")],
+    events: Annotated[
+        Path, typer.Argument(help="JSON Lines file of events ('-' for stdin).", allow_dash=True)
+    ],
     region: RegionOption,
     policy: PolicyOption = None,
     batch: Annotated[int, typer.Option(min=1, help="Events per transaction.")] = 1_000,
@@ -160,28 +167,40 @@ def device_ingest(
     from rich.progress import Progress
 
     stream = sys.stdin if str(events) == "-" else events.open(encoding="utf-8")
-    accepted = duplicates = 0
+    counts = {"accepted": 0, "duplicates": 0, "expired": 0}
     with _store(store, policy, region) as db, Progress(console=err, transient=True) as bar:
         task = bar.add_task("ingesting", total=None)
-        pending: list[Any] = []
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                pending.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                err.print(f"[red]error[/red] line {number} of {events} is not JSON: {error}; "
-                          f"stored {accepted} events before it")  # fmt: skip
-                raise typer.Exit(2) from None
-            if len(pending) == batch:
-                result = db.append_many(pending)
-                accepted, duplicates = accepted + result.accepted, duplicates + result.duplicates
-                bar.advance(task, len(pending))
-                pending = []
-        if pending:
+        for pending in _batches(stream, batch, events, counts):
             result = db.append_many(pending)
-            accepted, duplicates = accepted + result.accepted, duplicates + result.duplicates
-    out.print(f"stored {accepted} new events ({duplicates} replays ignored)")
+            counts["accepted"] += result.accepted
+            counts["duplicates"] += len(result.duplicate_ids)
+            counts["expired"] += len(result.expired_ids)
+            bar.advance(task, len(pending))
+    out.print(f"stored {counts['accepted']} new events ({counts['duplicates']} replays ignored, "
+              f"{counts['expired']} past retention not kept)")  # fmt: skip
+
+
+def _batches(
+    lines: Iterable[str], size: int, source: Path, counts: dict[str, int]
+) -> Iterator[list[Any]]:
+    """JSON Lines in batches; a line that is not JSON stops the run (earlier batches stay)."""
+    pending: list[Any] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            pending.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if pending:
+                yield pending
+            err.print(f"[red]error[/red] line {number} of {source} is not JSON: {error}; "
+                      f"stored {counts['accepted']} events before it")  # fmt: skip
+            raise typer.Exit(2) from None
+        if len(pending) == size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
 @device_app.command("consent")
@@ -194,7 +213,7 @@ def device_consent(  # noqa: PLR0917 - typer maps parameters to options
     policy: PolicyOption = None,
 ) -> None:
     """Grant (or withdraw, purging what it covered) consent for a purpose."""
-    chosen = Purpose(purpose)
+    chosen = purpose
     with _store(store, policy, region) as db:
         if withdraw:
             report = db.withdraw(user, chosen)
@@ -220,7 +239,7 @@ def device_age(
 
 @device_app.command("export")
 def device_export(
-    store: StoreArg, user: UserOption, region: RegionOption, policy: PolicyOption = None
+    store: ExistingStoreArg, user: UserOption, region: RegionOption, policy: PolicyOption = None
 ) -> None:
     """Print everything stored for a user as JSON (an access request)."""
     with _store(store, policy, region) as db:
@@ -229,7 +248,7 @@ def device_export(
 
 @device_app.command("erase")
 def device_erase(
-    store: StoreArg, user: UserOption, region: RegionOption, policy: PolicyOption = None
+    store: ExistingStoreArg, user: UserOption, region: RegionOption, policy: PolicyOption = None
 ) -> None:
     """Erase everything stored about a user."""
     with _store(store, policy, region) as db:
@@ -238,7 +257,9 @@ def device_erase(
 
 
 @device_app.command("purge")
-def device_purge(store: StoreArg, region: RegionOption, policy: PolicyOption = None) -> None:
+def device_purge(
+    store: ExistingStoreArg, region: RegionOption, policy: PolicyOption = None
+) -> None:
     """Delete what the region's retention rules no longer allow to keep."""
     with _store(store, policy, region) as db:
         report = db.purge_expired()
@@ -251,4 +272,7 @@ def main() -> None:
         app()  # standalone: usage errors print themselves and exit 2
     except SottovoceError as error:
         err.print(f"[red]error[/red] {escape(f'[{error.code}] {error}')}", soft_wrap=True)
+        raise SystemExit(2) from None
+    except (OSError, sqlite3.Error, UnicodeDecodeError) as error:
+        err.print(f"[red]error[/red] {escape(f'[io_error] {error}')}", soft_wrap=True)
         raise SystemExit(2) from None

@@ -6,6 +6,7 @@
     ├── InvalidEvent        one event that does not fit the schema (names the field and rule)
     ├── InvalidEventBatch   a batch refused whole because of its invalid events (lists each)
     ├── EventConflict       an event id already stored with different content
+    ├── InvalidInput        an argument out of range (e.g. an age of -3)
     ├── CatalogError        catalog rows that do not fit the store (e.g. vector dimension)
     └── StoreError          a file that cannot be used as this store (newer schema, other region)
 
@@ -80,6 +81,10 @@ class EventConflict(DeviceError):
             f"event id {event_id!r} is already stored with different content; "
             "event ids must be unique per event"
         )
+
+
+class InvalidInput(DeviceError):
+    code = "invalid_input"
 
 
 class CatalogError(DeviceError):

@@ -130,7 +130,36 @@ def m002_decision_log(db: Database) -> None:
     db.table("meta").insert({"key": "digest_key", "value": secrets.token_hex(32)})
 
 
-STORE_SCHEMA = "m002_decision_log"
+@MIGRATIONS()
+def m003_ranker_and_erasure(db: Database) -> None:
+    """Ranker weights; per-user subject keys and objections that outlive erasure."""
+    # 'global' holds the last release (user_ref NULL); 'local:<ref>' a user's own training,
+    # which is derived from their events and goes with them on withdrawal or erasure.
+    db.table("model_state").create(
+        {
+            "slot": str,
+            "user_ref": int,
+            "model_id": str,
+            "version": int,
+            "weights": bytes,
+            "state": bytes,
+            "updated_ts": int,
+        },
+        pk="slot",
+        not_null={"model_id", "version", "weights", "updated_ts"},
+    )
+    # Decisions name their subject by a random key kept in the user's row, so erasing the
+    # row unlinks the log for good (a digest of the salted user hash could be recomputed).
+    db.execute("ALTER TABLE users ADD COLUMN subject TEXT")
+    db.execute("UPDATE users SET subject = lower(hex(randomblob(16)))")
+    # An objection (withdrawn consent) is the one thing erasure keeps, so that erasing an
+    # opted-out user cannot opt them back in; it holds the salted hash and the purpose only.
+    db.table("objections").create(
+        {"user_hash": str, "purpose": str, "ts": int}, pk=("user_hash", "purpose")
+    )
+
+
+STORE_SCHEMA = "m003_ranker_and_erasure"
 
 # Which tables hold each class of data, and the column that dates a row for retention.
 DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
@@ -141,7 +170,11 @@ DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
         ("sessions", "end_ts"),
         ("taste", "ref_ts"),
         ("context", "ts"),
+        ("model_state", "updated_ts"),
     ),
 }
-USER_TABLES = ("events", "track_stats", "artist_stats", "sessions", "taste", "context",
-               "decision_subjects")  # fmt: skip
+# Derived from events alone: what rebuild_derived() recomputes.
+EVENT_DERIVED = ("track_stats", "artist_stats", "sessions", "taste", "context")
+# Rows of these tables that retention may delete (the global model is nobody's data).
+RETENTION_FILTER = {"model_state": "user_ref IS NOT NULL"}
+USER_TABLES = ("events", *EVENT_DERIVED, "model_state", "decision_subjects")

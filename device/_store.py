@@ -20,7 +20,7 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,22 +28,36 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlite_utils import Database
 
-from sottovoce.device._derive import SESSION_GAP_MS, Derived, Fact, Run, Taste, Vector, derive
+from sottovoce.device._derive import (
+    SESSION_GAP_MS,
+    Derived,
+    Fact,
+    Run,
+    Taste,
+    Vector,
+    derive,
+    is_play,
+)
 from sottovoce.device._errors import (
     CatalogError,
     EventConflict,
     InvalidEvent,
     InvalidEventBatch,
+    InvalidInput,
     StoreError,
 )
 from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
+from sottovoce.device._features import History, Snapshot
 from sottovoce.device._schema import (
     COUNTER_COLUMNS,
     DATA_TABLES,
+    EVENT_DERIVED,
     MIGRATIONS,
+    RETENTION_FILTER,
     STORE_SCHEMA,
     USER_TABLES,
 )
@@ -61,6 +75,12 @@ from sottovoce.policy import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 _MS = timedelta(milliseconds=1)
 Durability = Literal["normal", "full"]
 _CACHE_KIB = 8192  # page cache per connection; the hot upserts are B-tree work
@@ -127,14 +147,28 @@ class CatalogItem(BaseModel):
 
 @dataclass(frozen=True)
 class AppendResult:
-    """What an append did: how many events were new and which ids were replays."""
+    """What an append did: how many events were new, which were replays, which too old.
+
+    ``expired_ids`` are events older than the region keeps raw events: not stored, not counted.
+    """
 
     accepted: int
     duplicate_ids: tuple[str, ...] = ()
+    expired_ids: tuple[str, ...] = ()
 
     @property
     def duplicates(self) -> int:
         return len(self.duplicate_ids)
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """Ranker weights kept in the store, for the model file ``model_id``."""
+
+    model_id: str
+    version: int
+    weights: npt.NDArray[np.float32]
+    state: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +185,15 @@ class PurgeReport:
 class EventStore:
     """One device's store. Open with :meth:`open`; use as a context manager to close it."""
 
-    def __init__(self, db: Database, *, path: Path, policy: Policy, region_id: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        path: Path,
+        policy: Policy,
+        region_id: str,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
         self._db = db
         self._conn = db.conn
         self.path = path
@@ -160,8 +202,11 @@ class EventStore:
         self._salt = bytes.fromhex(self._meta("salt"))
         self._catalog: dict[str, tuple[str | None, Vector]] = {}
         self._hashes: dict[str, str] = {}
+        self._catalog_complete = False
+        self._noted: dict[tuple[str, str], tuple[str, str]] = {}
+        self._clock = clock
         self._engine = DecisionEngine(
-            policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key"))
+            policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key")), clock=clock
         )
         self._decisions = DecisionLog(self._conn)
         self._checkpointer = _Checkpointer(path)
@@ -176,11 +221,20 @@ class EventStore:
         policy: Policy,
         region: str,
         durability: Durability = "normal",
+        clock: Callable[[], datetime] = _utcnow,
     ) -> EventStore:
-        """Open (or create) the store at ``path`` for a device in ``region`` of ``policy``."""
+        """Open (or create) the store at ``path`` for a device in ``region`` of ``policy``.
+
+        ``clock`` gives "now" for retention and consent times (tests and simulations pass
+        their own). Opening with a policy other than the one the store last followed is
+        allowed (policies get new versions) and logged as a decision.
+        """
         region_obj = policy.region(region)  # raises UnknownRegion before touching the file
         path = Path(path)
-        conn = sqlite3.connect(path, timeout=30.0)
+        try:
+            conn = sqlite3.connect(path, timeout=30.0)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open {path}: {error}") from None
         try:
             db = Database(conn, execute_plugins=False, recursive_triggers=False)
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -191,6 +245,7 @@ class EventStore:
             # WAL checkpoints (copying the log back into the file, with fsyncs) run on a
             # background thread instead of inside whichever append crosses the threshold.
             db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute("PRAGMA secure_delete=ON")  # erased rows do not linger in free pages
             _migrate(db, path)
             with _immediate(conn):
                 stored = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
@@ -202,12 +257,28 @@ class EventStore:
                 conn.executemany(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                     [("salt", secrets.token_hex(32)), ("region", region_obj.id),
-                     ("created_ts", str(to_ms(datetime.now(UTC))))],
+                     ("created_ts", str(to_ms(clock())))],
                 )  # fmt: skip
+        except sqlite3.DatabaseError as error:
+            conn.close()
+            raise StoreError(f"{path} is not a usable sottovoce store: {error}") from None
         except BaseException:
             conn.close()
             raise
-        return cls(db, path=path, policy=policy, region_id=region_obj.id)
+        store = cls(db, path=path, policy=policy, region_id=region_obj.id, clock=clock)
+        store._follow(policy, stored.get("policy_hash"))
+        return store
+
+    def _follow(self, policy: Policy, previous: str | None) -> None:
+        """Record which policy the store follows; a change of policy is a logged decision."""
+        if previous == policy.hash:
+            return
+        with _immediate(self._conn):
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_hash', ?)",
+                               (policy.hash,))  # fmt: skip
+            decision = self._engine.apply_policy(previous=previous,
+                                                 inputs={"previous": previous})  # fmt: skip
+            self._log(decision, None)
 
     def close(self) -> None:
         self._checkpointer.stop()
@@ -233,13 +304,26 @@ class EventStore:
             cached = self._hashes[user_id] = digest[:32]
         return cached
 
-    def set_age(self, user_id: str, age: int) -> None:
-        """Record the user's declared age (age gating of every purpose depends on it)."""
-        if not 0 <= age <= 150:
-            raise ValueError(f"age must be between 0 and 150, got {age}")
+    def set_age(self, user_id: str, age: int) -> PurgeReport:
+        """Record the user's declared age; age gating of every purpose depends on it.
+
+        An age below the region's minimum purges what personalization covered, as a
+        withdrawal would, and the decision is logged.
+        """
+        if isinstance(age, bool) or not isinstance(age, int) or not 0 <= age <= 150:
+            raise InvalidInput(f"age must be a whole number from 0 to 150, got {age!r}")
+        deleted: dict[str, int] = {}
         with _immediate(self._conn):
             ref = self._ref(user_id, create=True)
             self._conn.execute("UPDATE users SET age = ? WHERE user_ref = ?", (age, ref))
+            state = self._consent_state(ref, self.user_hash(user_id))
+            if consent_refusal(self.region, Purpose.PERSONALIZATION, state) is not None:
+                deleted = self._purge_purpose(ref, Purpose.PERSONALIZATION)
+            decision = self._engine.record_age(
+                state, inputs=self._inputs("record_age", ref), deleted=deleted
+            )
+            self._log(decision, ref)
+        return PurgeReport(deleted)
 
     def grant(self, user_id: str, purpose: Purpose, *, at: datetime | None = None) -> None:
         """Record that the user consents to ``purpose``."""
@@ -252,7 +336,7 @@ class EventStore:
         return self._record_consent(user_id, purpose, granted=False, at=at)
 
     def consent_state(self, user_id: str) -> ConsentState:
-        return self._consent_state(self._ref(user_id, create=False))
+        return self._consent_state(self._ref(user_id, create=False), self.user_hash(user_id))
 
     def refusal(self, user_id: str, purpose: Purpose) -> PolicyViolation | None:
         """Why the region's policy forbids ``purpose`` for this user now, or ``None``."""
@@ -291,43 +375,55 @@ class EventStore:
         ]
         refusal: PolicyViolation | None = None
         result = AppendResult(0)
+        noted: dict[tuple[str, str], tuple[str, str]] = {}
         with _immediate(self._conn):
             refs: dict[str, int] = {}
             verdicts = []
             for user_id in sorted({row[1] for row in rows}):
                 ref = self._ref(user_id, create=False)
-                state = self._consent_state(ref)
-                ids = sorted(row[0] for row in rows if row[1] == user_id)
-                decision = self._engine.store_events(
-                    state, inputs=self._inputs("store_events", user_id, events=ids), count=len(ids)
-                )
-                verdicts.append((user_id, ref, state, decision))
-            denied = [v for v in verdicts if not v[3].allowed]
-            if denied:  # log the refusals, store nothing of the batch, raise after the commit
-                for _, ref, _, decision in denied:
-                    self._log(decision, ref)
-                refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, denied[0][2])
+                state = self._consent_state(ref, self.user_hash(user_id))
+                refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, state)
+                if refusal is not None:  # refusals are always logged; nothing is stored
+                    inputs = self._inputs("store_events", ref)
+                    self._log(self._engine.store_events(state, inputs=inputs), ref)
+                    break
+                verdicts.append((user_id, ref, state))
             else:
-                for user_id, ref, _, decision in verdicts:
+                for user_id, ref, state in verdicts:
                     refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
-                    self._log(decision, refs[user_id])
-                result = self._store([(r[0], refs[r[1]], *r[2:]) for r in rows], parsed)
+                    decision = self._engine.store_events(
+                        state, inputs=self._inputs("store_events", refs[user_id])
+                    )
+                    key = ("store_events", self.user_hash(user_id))
+                    if self._changed(key, decision):
+                        self._log(decision, refs[user_id])
+                        noted[key] = (decision.reason, decision.policy_hash)
+                cutoff = to_ms(self._clock()) - self.region.ttl(DataClass.RAW_EVENTS) // _MS
+                # Events already past raw-event retention are not kept: storing them would
+                # break retention, and a replay of a purged event would count twice.
+                live = [i for i, r in enumerate(rows) if r[3] >= cutoff]
+                expired = tuple(r[0] for r in rows if r[3] < cutoff)
+                kept = [(rows[i][0], refs[rows[i][1]], *rows[i][2:]) for i in live]
+                result = self._store(kept, [parsed[i] for i in live], expired)
+        self._noted.update(noted)  # committed: these are in the log now
         if refusal is not None:
             raise refusal
         return result
 
-    def _store(self, rows: list[tuple[Any, ...]], parsed: list[Event]) -> AppendResult:
+    def _store(
+        self, rows: list[tuple[Any, ...]], parsed: list[Event], expired: tuple[str, ...]
+    ) -> AppendResult:
         """Write the new events of an allowed batch and merge their derived state."""
         fresh, duplicates = self._dedupe(rows)
         if not fresh:
-            return AppendResult(0, tuple(duplicates))
+            return AppendResult(0, tuple(duplicates), expired)
         fresh = self._resolve_artists(fresh)
         first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
         stored = [(first[0] + i, *row) for i, (_, row) in enumerate(fresh)]
         self._conn.executemany(_INSERT_EVENT, stored)
         facts = [_fact(row, parsed[i]) for (i, _), row in zip(fresh, stored, strict=True)]
         self._merge(derive(facts, self._vectors(f.track for f in facts)))
-        return AppendResult(len(fresh), tuple(duplicates))
+        return AppendResult(len(fresh), tuple(duplicates), expired)
 
     def _dedupe(
         self, rows: list[tuple[Any, ...]]
@@ -442,8 +538,8 @@ class EventStore:
         """
         replayed = 0
         with _immediate(self._conn):
-            for table in DATA_TABLES[DataClass.DERIVED_STATE]:
-                self._conn.execute(f"DELETE FROM {table[0]}")
+            for table in EVENT_DERIVED:
+                self._conn.execute(f"DELETE FROM {table}")
             users = [r[0] for r in self._conn.execute("SELECT DISTINCT user_ref FROM events")]
             for user in users:
                 facts = [
@@ -464,7 +560,7 @@ class EventStore:
         if user_id is not None:
             where, args = "WHERE user_ref = ?", [self._ref(user_id, create=False)]
         out: dict[str, list[dict[str, Any]]] = {}
-        for table, _ in DATA_TABLES[DataClass.DERIVED_STATE]:
+        for table in EVENT_DERIVED:
             rows = list(self._rows(f"SELECT * FROM {table} {where}", args))
             for row in rows:
                 row.pop("id", None)
@@ -504,6 +600,7 @@ class EventStore:
                 (str(dims.pop()),),
             )
         self._catalog.clear()
+        self._catalog_complete = False
         return len(parsed)
 
     def _load_catalog(self, track_ids: Iterable[str]) -> None:
@@ -523,33 +620,41 @@ class EventStore:
     # -- retention and rights --------------------------------------------------------------
     def purge_expired(self, *, now: datetime | None = None) -> PurgeReport:
         """Delete what the region's retention rules no longer allow to keep."""
-        moment = now or datetime.now(UTC)
+        moment = now or self._clock()
         now_ms = to_ms(moment)
         deleted: dict[str, int] = {}
         with _immediate(self._conn):
             for data_class, tables in DATA_TABLES.items():
                 cutoff = now_ms - self.region.ttl(data_class) // _MS
                 for table, column in tables:
-                    sql = f"DELETE FROM {table} WHERE {column} < ?"
+                    only = f" AND {RETENTION_FILTER[table]}" if table in RETENTION_FILTER else ""
+                    sql = f"DELETE FROM {table} WHERE {column} < ?{only}"
                     deleted[table] = self._conn.execute(sql, (cutoff,)).rowcount
             audit_cutoff = moment - self.region.ttl(DataClass.AUDIT_LOG)
             deleted["decision_log"] = self._decisions.prune(audit_cutoff)
+            pruned = self._decisions.pruned_total()
+            self._conn.execute("DELETE FROM decision_subjects WHERE idx < ?", (pruned,))
             inputs = {"action": "purge_retention", "now": now_ms}
-            self._log(self._engine.purge(deleted=deleted, inputs=inputs), None)
+            decision = self._engine.purge(deleted=deleted, inputs=inputs, log_pruned_total=pruned)
+            self._log(decision, None)
             self._decisions.checkpoint()  # routine maintenance is a good time to sign
         return PurgeReport(deleted)
 
     def erase_user(self, user_id: str) -> PurgeReport:
-        """Erase everything stored about the user: events, derived state, consent, profile."""
+        """Erase everything stored about the user: events, derived state, personal model,
+        consent history and profile, with the random key that tied decisions to them.
+
+        Kept: the user's objections (purposes they withdrew, under their salted hash), so that
+        erasing an opted-out user never opts them back in.
+        """
         deleted: dict[str, int] = {}
         with _immediate(self._conn):
             ref = self._ref(user_id, create=False)
+            inputs = self._inputs("erase", None)  # a one-off subject: nothing to link
             for table in (*USER_TABLES, "consent", "users"):
                 sql = f"DELETE FROM {table} WHERE user_ref = ?"
                 deleted[table] = self._conn.execute(sql, (ref,)).rowcount
-            # Logged without a link to the user: after erasure nothing ties the log to them.
-            decision = self._engine.erase(deleted=deleted, inputs=self._inputs("erase", user_id))
-            self._log(decision, None)
+            self._log(self._engine.erase(deleted=deleted, inputs=inputs), None)
         return PurgeReport(deleted)
 
     def export_user(self, user_id: str) -> dict[str, Any]:
@@ -572,20 +677,20 @@ class EventStore:
                 )
             ]
             derived = self.derived_state(user_id)
-            inputs = self._inputs("export", user_id)
+            inputs = self._inputs("export", ref)
             decision = self._engine.export(inputs=inputs, count=len(events))
             self._log(decision, ref)
             decisions = [
                 {"index": index, **json.loads(entry)}
                 for index, entry in self._conn.execute(
                     "SELECT l.idx, l.entry FROM decision_log l JOIN decision_subjects s "
-                    "ON s.idx = l.idx WHERE s.user_ref = ? ORDER BY l.idx",
+                    "ON s.idx = l.idx WHERE s.user_ref = ? AND l.entry != '' ORDER BY l.idx",
                     (ref,),
                 )
             ]
         return {
             "format": "sottovoce.access-export/1",
-            "exported_at": datetime.now(UTC).isoformat(),
+            "exported_at": self._clock().isoformat(),
             "user_id": user_id,
             "user_hash": self.user_hash(user_id),
             "region": self.region.id,
@@ -597,6 +702,145 @@ class EventStore:
             "decisions": decisions,
         }
 
+    # -- reading for the ranker -------------------------------------------------------------
+    def personalization(self, user_id: str) -> Decision:
+        """May the user's listening personalize what they see? Logged when the answer changes.
+
+        Reranking asks on every call; logging every call would grow the log with each screen
+        the app shows, so a decision is appended only when it differs from the last one this
+        store made for the user (and the first time).
+        """
+        user = self.user_hash(user_id)
+        ref = self._ref(user_id, create=False)
+        decision = self._engine.personalize(
+            self._consent_state(ref, user), inputs=self._inputs("personalize", ref)
+        )
+        key = ("personalize", user)
+        if self._changed(key, decision):
+            with _immediate(self._conn):
+                self._log(decision, ref)
+            self._noted[key] = (decision.reason, decision.policy_hash)
+        return decision
+
+    def facts(self, user_id: str) -> list[Fact]:
+        """The user's stored events as derivation facts, in arrival order (for training)."""
+        ref = self._ref(user_id, create=False)
+        rows = self._conn.execute(
+            "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body FROM events "
+            "WHERE user_ref = ? ORDER BY seq", (ref,)
+        )  # fmt: skip
+        return [_fact(row, _revive(row[7])) for row in rows]
+
+    def catalog(self) -> Mapping[str, tuple[str | None, Vector]]:
+        """The whole local catalog, track id -> (artist, vector), from the in-memory cache."""
+        if not self._catalog_complete:
+            self._load_catalog([r[0] for r in self._conn.execute("SELECT track_id FROM catalog")])
+            self._catalog_complete = True
+        return self._catalog
+
+    def snapshot(
+        self, user_id: str, tracks: Sequence[str], *, now: datetime | None = None
+    ) -> tuple[Snapshot, list[str | None], list[Vector | None]]:
+        """The user's state for ranking ``tracks``, with each track's artist and vector.
+
+        A fixed number of queries whatever the number of candidates: one per table, with the
+        candidates in an ``IN`` list; catalog vectors come from the in-memory cache.
+        """
+        now_ms = to_ms(now or self._clock())
+        self._load_catalog(tracks)
+        known = [self._catalog.get(t) for t in tracks]
+        artists = [k[0] if k else None for k in known]
+        vectors = [k[1] if k else None for k in known]
+        ref = self._ref(user_id, create=False)
+        snap = Snapshot(now=now_ms)
+        if ref is None:
+            return snap, artists, vectors
+        snap.tracks = self._histories("track_stats", "track_id", ref, tracks)
+        snap.artists = self._histories("artist_stats", "artist_id", ref,
+                                       sorted({a for a in artists if a}))  # fmt: skip
+        row = self._conn.execute(
+            "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (ref,)
+        ).fetchone()
+        if row is not None:
+            snap.taste = Taste(row[0], row[1], np.frombuffer(row[2])).mean()
+        session = self._conn.execute(
+            "SELECT start_ts, end_ts FROM sessions WHERE user_ref = ? ORDER BY end_ts DESC "
+            "LIMIT 1", (ref,)
+        ).fetchone()  # fmt: skip
+        if session is not None and now_ms - session[1] <= SESSION_GAP_MS:
+            self._session_state(snap, ref, session[0])
+        context = self._conn.execute(
+            "SELECT device_type, network, local_time, ts FROM context WHERE user_ref = ?", (ref,)
+        ).fetchone()
+        if context is not None:
+            hours, minutes = (int(p) for p in context[2].split(":")[:2])
+            elapsed_h = max(now_ms - context[3], 0) / 3_600_000
+            snap.device_type, snap.network = context[0], context[1]
+            snap.local_hour = (hours + minutes / 60 + elapsed_h) % 24
+        return snap, artists, vectors
+
+    def _histories(self, table: str, key: str, ref: int, ids: Sequence[str]) -> dict[str, History]:
+        out: dict[str, History] = {}
+        for chunk in _chunks(ids, 900):
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT {key}, plays, completions, skips, early_skips, feedback, "
+                f"coalesce(last_played_ts, -1) FROM {table} "
+                f"WHERE user_ref = ? AND {key} IN ({marks})",
+                (ref, *chunk),
+            )
+            out.update((r[0], History(*r[1:])) for r in rows)
+        return out
+
+    def _session_state(self, snap: Snapshot, ref: int, start: int) -> None:
+        """Plays and skips so far in the current session, overall and per artist."""
+        skips: dict[str, int] = {}
+        plays: dict[str, int] = {}
+        for kind, artist, body in self._conn.execute(
+            "SELECT type, artist_id, body FROM events WHERE user_ref = ? AND ts >= ? "
+            "AND type IN ('skip', 'play_end')", (ref, start)
+        ):  # fmt: skip
+            if kind == "skip":
+                snap.session_skips += 1
+                if artist:
+                    skips[artist] = skips.get(artist, 0) + 1
+            else:
+                event = json.loads(body)
+                if is_play(event["ms_played"], event["duration_ms"]):
+                    snap.session_plays += 1
+                    if artist:
+                        plays[artist] = plays.get(artist, 0) + 1
+        snap.session_artist_skips, snap.session_artist_plays = skips, plays
+
+    # -- model weights ---------------------------------------------------------------------
+    def save_model(
+        self, slot: str, *, model_id: str, version: int, weights: npt.NDArray[np.floating[Any]],
+        state: npt.NDArray[np.floating[Any]] | None = None, user_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """Store ranker weights (and optimizer state) in one write: readers see old or new.
+
+        A model trained on a user's history (``user_id`` given) is their data: withdrawal,
+        erasure and retention treat it like the rest of their derived state.
+        """
+        with _immediate(self._conn):
+            ref = None if user_id is None else self._ref(user_id, create=True)
+            self._conn.execute(
+                "INSERT OR REPLACE INTO model_state (slot, user_ref, model_id, version, weights, "
+                "state, updated_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (slot, ref, model_id, version, np.asarray(weights, dtype=np.float32).tobytes(),
+                 None if state is None else np.asarray(state, dtype=np.float32).tobytes(),
+                 to_ms(self._clock())),
+            )  # fmt: skip
+
+    def load_model(self, slot: str) -> ModelWeights | None:
+        row = self._conn.execute(
+            "SELECT model_id, version, weights, state FROM model_state WHERE slot = ?", (slot,)
+        ).fetchone()
+        if row is None:
+            return None
+        state = None if row[3] is None else np.frombuffer(row[3], dtype=np.float32)
+        return ModelWeights(row[0], row[1], np.frombuffer(row[2], dtype=np.float32), state)
+
     def count(self, table: str = "events") -> int:
         return int(self._conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0])
 
@@ -606,29 +850,51 @@ class EventStore:
     ) -> PurgeReport:
         purpose = Purpose(purpose)
         deleted: dict[str, int] = {}
+        at_ms = to_ms(at or self._clock())
         with _immediate(self._conn):
             user = self._ref(user_id, create=True)
             self._conn.execute(
                 "INSERT INTO consent (user_ref, purpose, granted, ts, policy_hash, region) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (user, purpose.value, int(granted), to_ms(at or datetime.now(UTC)),
-                 self.policy.hash, self.region.id),
-            )  # fmt: skip
-            if not granted:
-                for data_class in sorted(PURPOSE_DATA[purpose]):
-                    for table, _ in DATA_TABLES.get(data_class, ()):
-                        sql = f"DELETE FROM {table} WHERE user_ref = ?"
-                        deleted[table] = self._conn.execute(sql, (user,)).rowcount
-            inputs = self._inputs("record_consent", user_id, purpose=purpose.value)
+                (user, purpose.value, int(granted), at_ms, self.policy.hash, self.region.id),
+            )
+            if granted:
+                self._conn.execute("DELETE FROM objections WHERE user_hash = ? AND purpose = ?",
+                                   (self.user_hash(user_id), purpose.value))  # fmt: skip
+            else:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO objections (user_hash, purpose, ts) VALUES (?, ?, ?)",
+                    (self.user_hash(user_id), purpose.value, at_ms),
+                )
+                deleted = self._purge_purpose(user, purpose)
+            inputs = self._inputs("record_consent", user, purpose=purpose.value)
             decision = self._engine.record_consent(
                 purpose, granted=granted, inputs=inputs, deleted=deleted
             )
             self._log(decision, user)
         return PurgeReport(deleted)
 
-    def _inputs(self, action: str, user_id: str, **details: Any) -> dict[str, Any]:
-        """What a decision is about; only its keyed digest enters the log."""
-        return {"action": action, "subject": self.user_hash(user_id), **details}
+    def _inputs(self, action: str, ref: int | None, **details: Any) -> dict[str, Any]:
+        """What a decision is about; only its keyed digest enters the log.
+
+        The subject is the user's random key from their row (erasure deletes it, and with it
+        any way to tie the log to them); an unregistered user gets a one-off key.
+        """
+        subject = None
+        if ref is not None:
+            row = self._conn.execute("SELECT subject FROM users WHERE user_ref = ?", (ref,))
+            subject = row.fetchone()[0]
+        return {"action": action, "subject": subject or secrets.token_hex(16), **details}
+
+    def _changed(self, key: tuple[str, str], decision: Decision) -> bool:
+        """Whether ``decision`` differs from the last routine one logged under ``key``.
+
+        Logging every append or rerank would turn the log into a listening timeline kept for
+        years: routine decisions are logged when their reason or policy changes (and once per
+        open store); refusals to store events are logged every time. The caller records what
+        it logged with :meth:`_noted_after_commit` once its transaction has committed.
+        """
+        return self._noted.get(key) != (decision.reason, decision.policy_hash)
 
     def _log(self, decision: Decision, ref: int | None) -> None:
         index = self._decisions.append(decision)
@@ -642,17 +908,29 @@ class EventStore:
         """The device's decision log (verify it, prove entries, sign checkpoints)."""
         return self._decisions
 
-    def _consent_state(self, ref: int | None) -> ConsentState:
+    def _purge_purpose(self, ref: int, purpose: Purpose) -> dict[str, int]:
+        """Delete the user's data that ``purpose`` covered (on withdrawal or age gating)."""
+        deleted: dict[str, int] = {}
+        for data_class in sorted(PURPOSE_DATA[purpose]):
+            for table, _ in DATA_TABLES.get(data_class, ()):
+                sql = f"DELETE FROM {table} WHERE user_ref = ?"
+                deleted[table] = self._conn.execute(sql, (ref,)).rowcount
+        return deleted
+
+    def _consent_state(self, ref: int | None, user_hash: str) -> ConsentState:
+        """The user's choices (objections kept through erasure first, then their history)."""
+        objections = self._conn.execute(
+            "SELECT purpose FROM objections WHERE user_hash = ?", (user_hash,)
+        ).fetchall()
+        choices = {Purpose(p): False for (p,) in objections}
         if ref is None:
-            return ConsentState()
+            return ConsentState(choices=choices)
         rows = self._conn.execute(
             "SELECT purpose, granted FROM consent WHERE user_ref = ? ORDER BY id", (ref,)
         ).fetchall()
+        choices.update((Purpose(p), bool(g)) for p, g in rows)
         age = self._conn.execute("SELECT age FROM users WHERE user_ref = ?", (ref,)).fetchone()
-        return ConsentState(
-            choices={Purpose(p): bool(g) for p, g in rows},
-            age=None if age is None else age[0],
-        )
+        return ConsentState(choices=choices, age=None if age is None else age[0])
 
     @overload
     def _ref(self, user_id: str, *, create: Literal[True]) -> int: ...
@@ -669,8 +947,8 @@ class EventStore:
         if not create:
             return None
         cursor = self._conn.execute(
-            "INSERT INTO users (user_hash, created_ts) VALUES (?, ?)",
-            (user, to_ms(datetime.now(UTC))),
+            "INSERT INTO users (user_hash, created_ts, subject) VALUES (?, ?, ?)",
+            (user, to_ms(self._clock()), secrets.token_hex(16)),
         )
         return int(cursor.lastrowid or 0)
 

@@ -39,6 +39,7 @@ class Action(StrEnum):
     ERASE = "erase"
     EXPORT = "export"
     RECORD_CONSENT = "record_consent"
+    APPLY_POLICY = "apply_policy"
 
 
 class Outcome(StrEnum):
@@ -58,6 +59,8 @@ REASONS: dict[str, str] = {
     "retention_ttl": "rows older than the region's retention were deleted",
     "user_request": "the user asked for it",
     "consent_recorded": "the user's choice about {purpose} was recorded",
+    "policy_applied": "policy {policy} now applies (before: {previous})",
+    "age_recorded": "the user's declared age was recorded",
     # deny: consent and age
     "consent_missing": "{purpose} needs consent the user has not given or has withdrawn",
     "age_restricted": "the user is below the region's minimum age or has not declared an age",
@@ -78,7 +81,7 @@ REASONS: dict[str, str] = {
 DENY_REASONS = frozenset(
     code for code in REASONS if code not in {
         "consent_given", "opt_out_default", "within_policy", "within_budget", "cohort_met",
-        "retention_ttl", "user_request", "consent_recorded",
+        "retention_ttl", "user_request", "consent_recorded", "policy_applied", "age_recorded",
     }
 )  # fmt: skip
 
@@ -183,11 +186,8 @@ class DecisionEngine:
             reason = "opt_out_default"
         return self.decide(action, reason, inputs=inputs, metrics=metrics, purpose=purpose.value)
 
-    def store_events(
-        self, state: ConsentState, *, inputs: Mapping[str, Any], count: int
-    ) -> Decision:
-        return self.consent(Action.STORE_EVENTS, Purpose.PERSONALIZATION, state, inputs=inputs,
-                            metrics={"events": count})  # fmt: skip
+    def store_events(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
+        return self.consent(Action.STORE_EVENTS, Purpose.PERSONALIZATION, state, inputs=inputs)
 
     def personalize(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
         return self.consent(Action.PERSONALIZE, Purpose.PERSONALIZATION, state, inputs=inputs)
@@ -254,9 +254,15 @@ class DecisionEngine:
                            cohort=cohort, min_cohort=need)  # fmt: skip
 
     # -- rights and retention ----------------------------------------------------------------
-    def purge(self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any]) -> Decision:
+    def purge(
+        self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any], log_pruned_total: int = 0
+    ) -> Decision:
+        """A retention purge. ``log_pruned_total`` is how many of the oldest log entries have
+        had their text removed by retention so far: verification accepts no more than that."""
+        metrics: dict[str, Metric] = {f"deleted_{k}": v for k, v in deleted.items()}
+        metrics["log_pruned_total"] = log_pruned_total
         return self.decide(Action.PURGE_RETENTION, "retention_ttl", inputs=inputs,
-                           metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
+                           metrics=metrics)  # fmt: skip
 
     def erase(self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any]) -> Decision:
         return self.decide(Action.ERASE, "user_request", inputs=inputs,
@@ -265,6 +271,22 @@ class DecisionEngine:
     def export(self, *, inputs: Mapping[str, Any], count: int) -> Decision:
         return self.decide(Action.EXPORT, "user_request", inputs=inputs,
                            metrics={"events": count})  # fmt: skip
+
+    def record_age(
+        self, state: ConsentState, *, inputs: Mapping[str, Any], deleted: Mapping[str, int]
+    ) -> Decision:
+        """A declared age; below the region's minimum it purged what personalization held."""
+        refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, state)
+        reason = "age_restricted" if refusal is not None and refusal.code == "age_restricted" \
+            else "age_recorded"  # fmt: skip
+        return self.decide(Action.RECORD_CONSENT, reason, inputs=inputs,
+                           metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
+
+    def apply_policy(self, *, previous: str | None, inputs: Mapping[str, Any]) -> Decision:
+        """The store or service now enforces this engine's policy (first time, or a change)."""
+        before = (previous or "none")[:16]
+        return self.decide(Action.APPLY_POLICY, "policy_applied", inputs=inputs,
+                           policy=self.policy.hash[:16], previous=before)  # fmt: skip
 
     def record_consent(
         self, purpose: Purpose, *, granted: bool, inputs: Mapping[str, Any],

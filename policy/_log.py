@@ -196,6 +196,11 @@ class DecisionLog:
             if len(old) < len(batch) or not batch:
                 return pruned
 
+    def pruned_total(self) -> int:
+        """How many of the oldest entries retention has emptied."""
+        row = self._conn.execute("SELECT count(*) FROM decision_log WHERE entry = ?", (_PRUNED,))
+        return int(row.fetchone()[0])
+
     def checkpoint(self) -> bytes:
         """Sign and store a checkpoint of the log as it is now; returns the signed note."""
         if self._signer is None:
@@ -229,6 +234,14 @@ class DecisionLog:
         if found is None:
             raise LogError(f"no entry {index}; the log has {self.size}")
         return str(found[0]).encode()
+
+    def leaf(self, index: int) -> bytes:
+        """The stored leaf hash of entry ``index`` (kept even when retention emptied it)."""
+        row = self._conn.execute("SELECT leaf FROM decision_log WHERE idx = ?", (index,))
+        found = row.fetchone()
+        if found is None:
+            raise LogError(f"no entry {index}; the log has {self.size}")
+        return bytes(found[0])
 
     def decision(self, index: int) -> Decision:
         return Decision.model_validate_json(self.entry(index))
@@ -301,27 +314,42 @@ class DecisionLog:
         """
         vkey = verifier_key or self.verifier_key
         report = VerifyReport()
+        kept_point = None
+        if kept is not None:
+            kept_point = self._open(kept, vkey, "the kept checkpoint", report.problems)
+        rows = self._conn.execute("SELECT size FROM decision_log_checkpoints")
+        sizes = {int(r[0]) for r in rows}
+        if kept_point is not None:
+            sizes.add(kept_point.size)
+        roots = self._replay(report, sizes)
+        try:
+            stored = self._tree()
+            if (stored.size, stored.root()) != (report.size, report.root):
+                report.problems.append("the stored tree state does not match the entries")
+        except (ValueError, TypeError):
+            report.problems.append("the stored tree state is unreadable")
+        self._check_checkpoints(report, vkey, roots)
+        if kept_point is not None:
+            report.kept = kept_point
+            report.problems.extend(self._check_kept(kept_point, report, roots))
+        return report
+
+    def _replay(self, report: VerifyReport, sizes: set[int]) -> dict[int, bytes]:
+        """Rebuild the tree from the entries; returns its root at each size in ``sizes``."""
         problems = report.problems
         roots: dict[int, bytes] = {0: CompactRange().root()}
-        sizes = self._conn.execute("SELECT size FROM decision_log_checkpoints")
-        wanted = {int(r[0]) for r in sizes}
-        kept_point = self._open(kept, vkey, "the kept checkpoint", problems) if kept else None
-        if kept_point is not None:
-            wanted.add(kept_point.size)
         tree = CompactRange()
-        expected = 0
-        for index, entry, stored_leaf in self._conn.execute(
-            "SELECT idx, entry, leaf FROM decision_log ORDER BY idx"
-        ):
-            if index != expected:
-                problems.append(f"entry {expected} is missing (next stored index is {index})")
-                expected = index
+        justified = 0  # emptied entries that logged retention purges account for
+        rows = self._conn.execute("SELECT idx, entry, leaf FROM decision_log ORDER BY idx")
+        for index, entry, stored_leaf in rows:
+            if index != tree.size:
+                problems.append(f"entry {tree.size} is missing (next stored index is {index})")
             if entry == _PRUNED:
                 # Retention removed the text and kept the hash: the tree still verifies, the
                 # content no longer can. Only the oldest entries may be pruned.
                 leaf = bytes(stored_leaf)
                 report.pruned += 1
-                if report.pruned != index + 1:
+                if report.pruned != tree.size + 1:
                     problems.append(f"entry {index} was emptied but newer than kept entries")
             else:
                 data = str(entry).encode()
@@ -329,14 +357,21 @@ class DecisionLog:
                 if leaf != bytes(stored_leaf):
                     problems.append(f"entry {index} does not match its stored leaf hash")
                 problems.extend(_entry_problems(index, data))
+                justified = max(justified, _pruned_claim(data))
+            if len(leaf) != len(leaf_hash(b"")):
+                problems.append(f"entry {index} has a malformed stored hash")
+                leaf = leaf_hash(b"")
             tree.append(leaf)
-            expected += 1
-            if tree.size in wanted:
+            if tree.size in sizes:
                 roots[tree.size] = tree.root()
         report.size, report.root = tree.size, tree.root()
-        stored = self._tree()
-        if (stored.size, stored.root()) != (tree.size, tree.root()):
-            problems.append("the stored tree state does not match the entries")
+        if report.pruned > justified:
+            problems.append(f"{report.pruned} entries are emptied but logged retention purges "
+                            f"account for {justified}")  # fmt: skip
+        return roots
+
+    def _check_checkpoints(self, report: VerifyReport, vkey: str, roots: dict[int, bytes]) -> None:
+        problems = report.problems
         for size, note in self._conn.execute(
             "SELECT size, note FROM decision_log_checkpoints ORDER BY size"
         ):
@@ -346,19 +381,15 @@ class DecisionLog:
             report.checkpoints += 1
             if point.size != size:
                 problems.append(f"checkpoint stored at size {size} says size {point.size}")
-            elif point.size > tree.size:
+            elif point.size > report.size:
                 problems.append(f"a signed checkpoint covers {point.size} entries; "
-                                f"only {tree.size} remain (entries were removed)")  # fmt: skip
+                                f"only {report.size} remain (entries were removed)")  # fmt: skip
             elif roots.get(point.size) != point.root:
                 problems.append(f"entries 0..{point.size - 1} no longer match the signed "
                                 f"checkpoint at size {point.size} (altered, inserted, removed "
                                 "or reordered)")  # fmt: skip
             else:
                 report.latest = point
-        if kept_point is not None:
-            report.kept = kept_point
-            problems.extend(self._check_kept(kept_point, report, roots))
-        return report
 
     def _check_kept(
         self, kept: Checkpoint, report: VerifyReport, roots: dict[int, bytes]
@@ -395,6 +426,18 @@ def _entry_problems(index: int, data: bytes) -> list[str]:
     if decision.canonical() != data:
         return [f"entry {index} is not in canonical form"]
     return []
+
+
+def _pruned_claim(data: bytes) -> int:
+    """The prune count a retention-purge entry vouches for (0 for other entries)."""
+    try:
+        decision = Decision.model_validate_json(data)
+    except ValueError:
+        return 0
+    if decision.action != "purge_retention":
+        return 0
+    claim = decision.metrics.get("log_pruned_total", 0)
+    return claim if isinstance(claim, int) and not isinstance(claim, bool) else 0
 
 
 def _dump(tree: CompactRange) -> str:

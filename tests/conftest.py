@@ -14,6 +14,7 @@ from sottovoce.device import EventStore
 from sottovoce.policy import Policy, Purpose, example_policy
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+NOW = T0 + timedelta(days=1)  # the stores' clock: tests never depend on the wall clock
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +68,7 @@ def open_store(tmp_path: Path, policy: Policy) -> Iterator[StoreFactory]:
     opened: list[EventStore] = []
 
     def factory(region: str = "us", name: str = "device.db", **kwargs: Any) -> EventStore:
+        kwargs.setdefault("clock", lambda: NOW)
         store = EventStore.open(tmp_path / name, policy=policy, region=region, **kwargs)
         opened.append(store)
         return store

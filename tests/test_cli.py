@@ -61,7 +61,7 @@ def test_device_commands_end_to_end(tmp_path: Path) -> None:
     assert granted.returncode == 0, granted.stderr
     ingested = run("device", "ingest", store, "-", "--region", "eu", stdin=lines + lines)
     assert ingested.returncode == 0, ingested.stderr
-    assert "stored 3 new events (3 replays ignored)" in ingested.stdout
+    assert "stored 3 new events (3 replays ignored, 0 past retention not kept)" in ingested.stdout
     exported = json.loads(run("device", "export", store, "-u", "ann", "-r", "eu").stdout)
     assert len(exported["events"]) == 3 and exported["derived"]["track_stats"][0]["plays"] == 3
     assert run("device", "purge", store, "-r", "eu").returncode == 0

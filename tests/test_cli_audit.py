@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import T0, Events
+from conftest import NOW, T0, Events
 
 from sottovoce.device import EventStore
 from sottovoce.policy import (
@@ -34,7 +34,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def store_path(tmp_path: Path, policy: Policy) -> Path:
     """An EU device store with a refusal, consent, events, an export, a purge (checkpoint)."""
     path = tmp_path / "eu.db"
-    store = EventStore.open(path, policy=policy, region="eu")
+    store = EventStore.open(path, policy=policy, region="eu", clock=lambda: NOW)
     events = Events("ann")
     with pytest.raises(Exception, match="age"):
         store.append(events("like"))
@@ -51,18 +51,18 @@ def store_path(tmp_path: Path, policy: Policy) -> Path:
 def test_verify_ok_then_tampered(store_path: Path, tmp_path: Path) -> None:
     result = run("audit", "verify", str(store_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verified" in result.stdout and "6 entries" in result.stdout
-    assert "1 entries after it are not yet signed" in result.stdout
+    assert "verified" in result.stdout and "7 entries" in result.stdout
+    assert "0 entries after it are not yet signed" in result.stdout
     kept = tmp_path / "kept.note"
     signed = run("audit", "checkpoint", str(store_path), "-o", str(kept))
     assert signed.returncode == 0 and kept.read_bytes().startswith(b"sottovoce.device/")
     conn = sqlite3.connect(store_path)
-    conn.execute("UPDATE decision_log SET entry = replace(entry, 'deny', 'allo') WHERE idx = 0")
+    conn.execute("UPDATE decision_log SET entry = replace(entry, 'deny', 'allo') WHERE idx = 1")
     conn.commit()
     conn.close()
     bad = run("audit", "verify", str(store_path), "--checkpoint", str(kept))
     assert bad.returncode == 1 and "NOT verified" in bad.stdout
-    assert "entry 0 does not match its stored leaf hash" in bad.stdout
+    assert "entry 1 does not match its stored leaf hash" in bad.stdout
 
 
 def test_verify_with_a_pinned_key(store_path: Path) -> None:
@@ -84,11 +84,11 @@ def test_query_formats(store_path: Path) -> None:
     )
     lines = run("audit", "query", str(store_path), "--format", "jsonl").stdout.splitlines()
     actions = [json.loads(line)["action"] for line in lines]
-    assert actions == ["store_events", "record_consent", "store_events", "export",
-                       "purge_retention", "store_events"]  # fmt: skip
+    assert actions == ["apply_policy", "store_events", "record_consent", "record_consent",
+                       "store_events", "export", "purge_retention"]  # fmt: skip
     rows = list(csv.DictReader(io.StringIO(run("audit", "query", str(store_path), "-f", "csv",
                                                "--action", "store_events").stdout)))  # fmt: skip
-    assert [r["outcome"] for r in rows] == ["deny", "allow", "allow"]
+    assert [r["outcome"] for r in rows] == ["deny", "allow"]
     late = run("audit", "query", str(store_path), "--since", "2100-01-01", "-f", "jsonl")
     assert late.stdout.strip() == ""
 
@@ -96,16 +96,16 @@ def test_query_formats(store_path: Path) -> None:
 def test_prove_against_a_kept_checkpoint(store_path: Path, tmp_path: Path) -> None:
     kept = tmp_path / "kept.note"
     run("audit", "checkpoint", str(store_path), "-o", str(kept))
-    result = run("audit", "prove", str(store_path), "2", "--checkpoint", str(kept))
+    result = run("audit", "prove", str(store_path), "4", "--checkpoint", str(kept))
     assert result.returncode == 0, result.stderr
     proof = json.loads(result.stdout)
     conn = sqlite3.connect(store_path)
     vkey = conn.execute("SELECT value FROM decision_log_meta WHERE key = 'verifier_key'").fetchone()
     point = open_checkpoint(kept.read_bytes(), vkey[0])
-    verify_inclusion(base64.b64decode(proof["leaf_hash"]), 2, point.size,
+    verify_inclusion(base64.b64decode(proof["leaf_hash"]), 4, point.size,
                      [base64.b64decode(p) for p in proof["proof"]], point.root)  # fmt: skip
     assert proof["entry"]["action"] == "store_events"
-    shown = run("audit", "show", str(store_path), "2")
+    shown = run("audit", "show", str(store_path), "4")
     assert json.loads(shown.stdout)["leaf_hash"] == base64.b64decode(proof["leaf_hash"]).hex()
 
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from conftest import T0, Events, StoreFactory
 
+from sottovoce.device import EventConflict
 from sottovoce.policy import ConsentMissing, Purpose
 
 CANARIES = ("canary-user-7f3a", "canary-device-91bc", "canary-track-55d0", "canary-artist-0e1f",
@@ -36,7 +37,9 @@ def test_every_enforcement_point_is_logged(open_store: StoreFactory, events: Eve
     log = store.decisions
     got = [(d.action.value, d.outcome.value, d.reason) for _, d in log.query()]
     assert got == [
+        ("apply_policy", "allow", "policy_applied"),
         ("store_events", "deny", "age_restricted"),
+        ("record_consent", "allow", "age_recorded"),
         ("record_consent", "allow", "consent_recorded"),
         ("store_events", "allow", "consent_given"),
         ("export", "allow", "user_request"),
@@ -48,10 +51,10 @@ def test_every_enforcement_point_is_logged(open_store: StoreFactory, events: Eve
     for _, decision in log.query():
         assert decision.policy_hash == store.policy.hash and decision.region == "eu"
         assert decision.sentence.endswith(".")
-    assert log.decision(4).metrics == {"granted": False, "deleted_events": 2,
+    assert log.decision(6).metrics == {"granted": False, "deleted_events": 2,
                                        "deleted_track_stats": 1, "deleted_artist_stats": 1,
                                        "deleted_sessions": 1, "deleted_taste": 0,
-                                       "deleted_context": 0}  # fmt: skip
+                                       "deleted_context": 0, "deleted_model_state": 0}  # fmt: skip
     report = log.verify()
     assert report.ok and report.checkpoints == 1 and report.unsigned == 1
 
@@ -63,7 +66,7 @@ def test_a_refused_batch_is_logged_but_stores_nothing(
     with pytest.raises(Exception, match="age"):
         store.append_many([events("like"), events("skip")])
     assert store.count() == 0 and store.count("users") == 0
-    assert store.decisions.size == 1 and not store.decisions.decision(0).allowed
+    assert store.decisions.size == 2 and not store.decisions.decision(1).allowed
 
 
 def test_no_personal_data_in_the_log(open_store: StoreFactory) -> None:
@@ -97,9 +100,9 @@ def test_access_request_shows_decisions_about_the_user_and_erasure_unlinks_them(
     store.append(bob("like"))
     store.append(ann("skip"))
     mine = store.export_user("ann")["decisions"]
-    assert [d["action"] for d in mine] == ["store_events", "store_events", "export"]
-    assert all(d["reason"] == "opt_out_default" for d in mine[:2])
-    assert [d["index"] for d in mine] == [0, 2, 3]
+    assert [d["action"] for d in mine] == ["store_events", "export"]
+    assert mine[0]["reason"] == "opt_out_default"
+    assert [d["index"] for d in mine] == [1, 3]
     store.erase_user("ann")
     assert store.export_user("ann")["decisions"] == []
     links = store.db.execute("SELECT count(*) FROM decision_subjects").fetchone()[0]
@@ -113,8 +116,89 @@ def test_decisions_are_in_the_same_transaction_as_the_action(
     store = open_store("us")
     good, bad = events("like"), events("like")
     store.append(good)
-    with pytest.raises(Exception, match="different content"):
+    store.grant("user-1", Purpose.PERSONALIZATION)  # a change of reason: logged on next append
+    size = store.decisions.size
+    with pytest.raises(EventConflict):
         store.append_many([events("skip"), {**good, "track_id": "other"}])
-    assert store.decisions.size == 1, "a rolled-back append leaves no decision behind"
-    store.append(bad)
-    assert store.decisions.size == 2 and store.decisions.verify().ok
+    assert store.decisions.size == size, "a rolled-back append leaves no decision behind"
+    store.append(bad)  # the decision the rolled-back append could not log is logged now
+    assert store.decisions.size == size + 1 and store.decisions.verify().ok
+    assert store.decisions.decision(size).reason == "consent_given"
+
+
+def test_erasure_keeps_an_opt_out(open_store: StoreFactory, events: Events) -> None:
+    store = open_store("us")
+    store.append(events("like"))
+    store.withdraw("user-1", Purpose.PERSONALIZATION)
+    store.erase_user("user-1")
+    with pytest.raises(ConsentMissing, match="withdrew"):
+        store.append(events("like"))
+    assert store.count() == 0
+    store.grant("user-1", Purpose.PERSONALIZATION)  # opting in again lifts the objection
+    assert store.append(events("like")).accepted == 1
+
+
+def test_erasure_deletes_the_key_that_tied_decisions_to_the_user(
+    open_store: StoreFactory, events: Events
+) -> None:
+    store = open_store("us")
+    store.grant("user-1", Purpose.ANALYTICS)
+    (subject,) = store.db.execute("SELECT subject FROM users").fetchone()
+    logged = store.decisions.decision(store.decisions.size - 1)
+    inputs = {"action": "record_consent", "subject": subject, "purpose": "analytics"}
+    assert store._engine.digest(inputs) == logged.inputs_digest  # the link, while it exists
+    store.erase_user("user-1")
+    rows = store.db.execute("SELECT count(*) FROM users WHERE subject = ?", [subject])
+    assert rows.fetchone()[0] == 0
+
+
+def test_a_replay_after_retention_is_not_counted_again(policy: object, tmp_path: object) -> None:
+    from datetime import timedelta as td
+    from pathlib import Path
+
+    from sottovoce.device import EventStore
+
+    now = [T0 + td(days=1)]
+    store = EventStore.open(Path(str(tmp_path)) / "r.db", policy=policy, region="eu",  # type: ignore[arg-type]
+                            clock=lambda: now[0])  # fmt: skip
+    store.set_age("user-1", 30)
+    store.grant("user-1", Purpose.PERSONALIZATION)
+    play = Events()("play_end")
+    store.append(play)
+    now[0] = T0 + td(days=40)
+    assert store.purge_expired().deleted["events"] == 1
+    result = store.append(play)  # an offline device uploads it again
+    assert result.accepted == 0 and result.expired_ids == (play["event_id"],)
+    assert store.derived_state()["track_stats"][0]["plays"] == 1
+    store.close()
+
+
+def test_an_age_below_the_minimum_purges_personal_data(eu_store: object, events: Events) -> None:
+    from sottovoce.device import EventStore
+
+    assert isinstance(eu_store, EventStore)
+    eu_store.append(events("play_end"))
+    report = eu_store.set_age("user-1", 12)
+    assert report.deleted["events"] == 1 and eu_store.count() == 0
+    last = eu_store.decisions.decision(eu_store.decisions.size - 1)
+    assert (last.reason, last.metrics["deleted_events"]) == ("age_restricted", 1)
+
+
+def test_a_policy_change_is_logged(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sottovoce.device import EventStore
+    from sottovoce.policy import example_policy, policy_from_data
+
+    path = Path(str(tmp_path)) / "p.db"
+    first = example_policy()
+    EventStore.open(path, policy=first, region="us", clock=lambda: T0).close()
+    EventStore.open(path, policy=first, region="us", clock=lambda: T0).close()  # same: quiet
+    data = first.model_dump(mode="json")
+    data["version"] = "2026.12.1"
+    second = policy_from_data(data)
+    store = EventStore.open(path, policy=second, region="us", clock=lambda: T0)
+    applied = [d for _, d in store.decisions.query(action="apply_policy")]
+    assert [d.policy_hash for d in applied] == [first.hash, second.hash]
+    assert first.hash[:16] in applied[1].sentence
+    store.close()

@@ -16,7 +16,7 @@ def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> N
     conn = sqlite3.connect(tmp_path / "device.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert applied == ["m001_initial", "m002_decision_log"]
+    assert applied == ["m001_initial", "m002_decision_log", "m003_ranker_and_erasure"]
 
 
 def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> None:
@@ -35,9 +35,10 @@ def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> 
     db.conn.commit()
     db.close()
     store = EventStore.open(path, policy=policy, region="us")
-    assert store.count() == 1 and store.decisions.size == 0
+    assert store.count() == 1
+    assert [d.action.value for _, d in store.decisions.query()] == ["apply_policy"]
     store.append(Events()("like"))
-    assert store.decisions.size == 1 and store.decisions.verify().ok
+    assert store.decisions.size == 2 and store.decisions.verify().ok
     store.close()
 
 

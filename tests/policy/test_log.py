@@ -53,7 +53,7 @@ def _fill(
     engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32, clock=Clock())
     for i in range(n):
         state = State(choices={Purpose.PERSONALIZATION: i % 3 != 0}, age=30)
-        log.append(engine.store_events(state, inputs={"i": i}, count=i))
+        log.append(engine.store_events(state, inputs={"i": i}))
     return log
 
 
@@ -170,7 +170,7 @@ def test_rewritten_history_under_a_fresh_checkpoint_is_caught_by_a_kept_one(
     # the insider holds the log's key: rewrites entry 4, recomputes everything, re-signs
     engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32)
     forged = engine.store_events(State(choices={Purpose.PERSONALIZATION: True}, age=30),
-                                 inputs={"i": "forged"}, count=0).canonical()  # fmt: skip
+                                 inputs={"i": "forged"}).canonical()  # fmt: skip
     conn.execute("UPDATE decision_log SET entry = ?, leaf = ? WHERE idx = 4",
                  (forged.decode(), leaf_hash(forged)))  # fmt: skip
     conn.execute("DELETE FROM decision_log_checkpoints")
@@ -234,15 +234,21 @@ def _restate(conn: sqlite3.Connection) -> None:
 
 
 def test_retention_prunes_old_entry_text_and_the_tree_still_verifies(
-    sealed: tuple[DecisionLog, bytes], conn: sqlite3.Connection
+    sealed: tuple[DecisionLog, bytes], conn: sqlite3.Connection, policy: Policy
 ) -> None:
     log, kept = sealed
     cutoff = log.decision(8).at
     assert log.prune(cutoff) == 8 and log.prune(cutoff) == 0
+    assert "8 entries are emptied but logged retention purges account for 0" in _problems(log)
+    engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32)
+    log.append(engine.purge(deleted={}, inputs={}, log_pruned_total=log.pruned_total()))
     report = log.verify(kept=kept)
     assert report.ok, report.problems
-    assert report.pruned == 8 and report.size == 25
+    assert report.pruned == 8 and report.size == 26
     assert [i for i, _ in log.query()][:1] == [8]
     # emptying a newer entry is not retention
     conn.execute("UPDATE decision_log SET entry = '' WHERE idx = 12")
     assert "emptied but newer than kept entries" in _problems(log)
+    # nor is wiping the log from the start, purge decisions included
+    conn.execute("UPDATE decision_log SET entry = ''")
+    assert "26 entries are emptied but logged retention purges account for 0" in _problems(log)

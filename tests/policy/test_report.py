@@ -54,9 +54,9 @@ def decided(policy: Policy) -> Decided:
     eu, us = _engine(policy, "eu", clock), _engine(policy, "us", clock)
     adult, opted_in = ConsentState(age=30), ConsentState({Purpose.PERSONALIZATION: True}, 30)
     days: list[list[Callable[[], Decision]]] = [
-        [lambda: eu.store_events(ConsentState(), inputs={"n": 1}, count=3),  # age_restricted
-         lambda: eu.store_events(adult, inputs={"n": 2}, count=3),  # consent_missing
-         lambda: eu.store_events(opted_in, inputs={"n": 3}, count=3),
+        [lambda: eu.store_events(ConsentState(), inputs={"n": 1}),  # age_restricted
+         lambda: eu.store_events(adult, inputs={"n": 2}),  # consent_missing
+         lambda: eu.store_events(opted_in, inputs={"n": 3}),
          lambda: eu.open_round(inputs={"r": 1}, epsilon_spent=0.0, epsilon_after=1.0)],
         [lambda: us.accept_delta(inputs={"d": 1}, refusal="norm_exceeded"),
          lambda: us.accept_delta(inputs={"d": 2}, refusal="norm_exceeded"),

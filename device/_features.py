@@ -1,0 +1,143 @@
+"""Feature rows for the ranker: one row of ``FEATURES`` floats per candidate track.
+
+Data flow position: :mod:`._rerank` loads a :class:`Snapshot` of the user's state from the store
+(a fixed number of queries, whatever the number of candidates) and local training builds
+snapshots by replaying events; both turn a snapshot and candidates into a matrix with
+:func:`assemble`, vectorized with numpy, so serving and training see identical features.
+
+Layout (columns): item vector (16), short-term taste vector (16), their elementwise product
+(16), cosine, has-taste; the user's history with the track (8) and with its artist (8): log
+plays, completion rate, log skips, early-skip rate, liked, disliked, recency, never played;
+session: log skips and plays so far, log skips and plays of the candidate's artist in this
+session, list position; time of day (sin, cos); device type (6, one-hot); cellular; offline.
+The rest is zero, reserved. Catalog vectors longer than 16 are truncated, shorter ones padded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+FEATURES = 96
+ITEM_DIM = 16
+DEVICE_TYPES = ("phone", "tablet", "desktop", "speaker", "car", "other")
+_DEVICE_INDEX = {"phone": 0, "tablet": 1, "desktop": 2, "web": 2, "speaker": 3, "car": 4}
+RECENCY_DAYS = 30.0
+
+# column offsets
+ITEM, TASTE, PRODUCT, COSINE, HAS_TASTE = 0, 16, 32, 48, 49
+TRACK, ARTIST = 50, 58
+SESSION = 66  # skips, plays, artist skips, artist plays, position
+TIME_OF_DAY = 71
+DEVICE = 73
+CELLULAR, OFFLINE = 79, 80
+
+Matrix = npt.NDArray[np.float32]
+
+
+class History(NamedTuple):
+    """A user's statistics with one track or artist (the derived-state counters)."""
+
+    plays: int = 0
+    completions: int = 0
+    skips: int = 0
+    early_skips: int = 0
+    feedback: int = 0
+    last_played_ts: int = -1  # epoch ms; -1 when never played
+
+
+@dataclass
+class Snapshot:
+    """Everything about one user that features need, as of ``now`` (epoch ms)."""
+
+    now: int
+    tracks: Mapping[str, History] = field(default_factory=dict)
+    artists: Mapping[str, History] = field(default_factory=dict)
+    taste: npt.NDArray[np.float64] | None = None
+    session_skips: int = 0
+    session_plays: int = 0
+    session_artist_skips: Mapping[str, int] = field(default_factory=dict)
+    session_artist_plays: Mapping[str, int] = field(default_factory=dict)
+    local_hour: float | None = None  # 0..24, the device's local time of day
+    device_type: str | None = None
+    network: str | None = None
+
+
+def fit_vector(vector: npt.NDArray[np.float64] | None) -> npt.NDArray[np.float64]:
+    """A catalog or taste vector as ``ITEM_DIM`` unit-length floats (zeros when absent)."""
+    out = np.zeros(ITEM_DIM)
+    if vector is None:
+        return out
+    width = min(ITEM_DIM, vector.shape[0])
+    out[:width] = vector[:width]
+    norm = float(np.linalg.norm(out))
+    return out / norm if norm > 0 else out
+
+
+def assemble(
+    snapshot: Snapshot,
+    tracks: Sequence[str],
+    artists: Sequence[str | None],
+    vectors: Sequence[npt.NDArray[np.float64] | None],
+) -> Matrix:
+    """The feature matrix for candidates ``tracks`` (with their artists and catalog vectors)."""
+    n = len(tracks)
+    x = np.zeros((n, FEATURES), dtype=np.float32)
+    if n == 0:
+        return x
+    items = np.stack([fit_vector(v) for v in vectors])
+    x[:, ITEM : ITEM + ITEM_DIM] = items
+    if snapshot.taste is not None:
+        taste = fit_vector(snapshot.taste)
+        x[:, TASTE : TASTE + ITEM_DIM] = taste
+        x[:, PRODUCT : PRODUCT + ITEM_DIM] = items * taste
+        x[:, COSINE] = items @ taste
+        x[:, HAS_TASTE] = 1.0
+    x[:, TRACK : TRACK + 8] = _history([snapshot.tracks.get(t) for t in tracks], snapshot.now)
+    x[:, ARTIST : ARTIST + 8] = _history(
+        [snapshot.artists.get(a) if a else None for a in artists], snapshot.now
+    )
+    x[:, SESSION] = math.log1p(snapshot.session_skips)
+    x[:, SESSION + 1] = math.log1p(snapshot.session_plays)
+    x[:, SESSION + 2] = np.log1p([snapshot.session_artist_skips.get(a, 0) if a else 0
+                                  for a in artists])  # fmt: skip
+    x[:, SESSION + 3] = np.log1p([snapshot.session_artist_plays.get(a, 0) if a else 0
+                                  for a in artists])  # fmt: skip
+    x[:, SESSION + 4] = np.arange(n) / n
+    if snapshot.local_hour is not None:
+        angle = 2 * math.pi * snapshot.local_hour / 24
+        x[:, TIME_OF_DAY], x[:, TIME_OF_DAY + 1] = math.sin(angle), math.cos(angle)
+    if snapshot.device_type is not None:
+        x[:, DEVICE + _DEVICE_INDEX.get(snapshot.device_type, 5)] = 1.0
+    x[:, CELLULAR] = float(snapshot.network == "cellular")
+    x[:, OFFLINE] = float(snapshot.network == "offline")
+    return x
+
+
+def _history(rows: Sequence[History | None], now: int) -> npt.NDArray[np.float64]:
+    """Eight columns per row: log plays, completion rate, log skips, early-skip rate, liked,
+    disliked, recency, never played."""
+    out = np.zeros((len(rows), 8))
+    out[:, 7] = 1.0
+    known = [i for i, h in enumerate(rows) if h is not None]
+    if not known:
+        return out
+    stats = np.array([rows[i] for i in known], dtype=np.float64)
+    plays, completions, skips, early, feedback, last = stats.T
+    days = np.maximum(now - last, 0) / 86_400_000
+    out[known] = np.column_stack([
+        np.log1p(plays),
+        completions / np.maximum(plays, 1),
+        np.log1p(skips),
+        early / np.maximum(plays + skips, 1),
+        feedback > 0,
+        feedback < 0,
+        np.where(last >= 0, np.exp(-days / RECENCY_DAYS), 0.0),
+        (plays == 0) & (skips == 0),
+    ])  # fmt: skip
+    return out
