@@ -39,16 +39,21 @@ class Track:
     duration_ms: int
 
 
-def make_catalog(rng: random.Random) -> tuple[list[Track], list[dict[str, Any]]]:
+def make_catalog(
+    rng: random.Random,
+    *,
+    artists_per_genre: int = ARTISTS_PER_GENRE,
+    tracks_per_artist: int = TRACKS_PER_ARTIST,
+) -> tuple[list[Track], list[dict[str, Any]]]:
     """A public catalog: tracks of artists in genres; vectors cluster by genre."""
     nprng = np.random.default_rng(rng.randrange(2**32))
     centres = nprng.normal(size=(len(GENRES), DIM))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     tracks, rows = [], []
     for g, genre in enumerate(GENRES):
-        for a in range(ARTISTS_PER_GENRE):
+        for a in range(artists_per_genre):
             artist = f"{genre}-{a}"
-            for t in range(TRACKS_PER_ARTIST):
+            for t in range(tracks_per_artist):
                 track = Track(f"{artist}.{t}", artist, g, rng.randint(120_000, 360_000))
                 vector = centres[g] + 0.3 * nprng.normal(size=DIM)
                 tracks.append(track)

@@ -2,7 +2,9 @@
 
 Open an :class:`EventStore` for a region of a policy, record consent, append events; derived
 state (sessions, per-track and per-artist statistics, the short-term taste vector, the latest
-context) is kept up to date in the same transaction. Nothing here talks to a network.
+context) is kept up to date in the same transaction. A :class:`Personalizer` reranks candidates
+with the compact TFLite :class:`Ranker` and trains it on the user's own history. Nothing here
+talks to a network.
 """
 
 from sottovoce.device._derive import (
@@ -37,11 +39,29 @@ from sottovoce.device._events import (
     Seek,
     Skip,
 )
+from sottovoce.device._features import ITEM_DIM
+from sottovoce.device._personalize import (
+    Eligibility,
+    LocalRound,
+    NotEligible,
+    Personalizer,
+    RankedItem,
+    Ranking,
+    RerankOptions,
+)
+from sottovoce.device._ranker import (
+    FEATURES,
+    PARAMETER_COUNT,
+    Ranker,
+    RankerError,
+    check_builtin_only,
+)
 from sottovoce.device._store import (
     AppendResult,
     CatalogItem,
     Durability,
     EventStore,
+    ModelWeights,
     PurgeReport,
     from_ms,
     to_ms,
@@ -50,6 +70,9 @@ from sottovoce.device._store import (
 __all__ = [
     "COMPLETION_FRACTION",
     "EARLY_SKIP_MS",
+    "FEATURES",
+    "ITEM_DIM",
+    "PARAMETER_COUNT",
     "QUALIFIED_PLAY_MS",
     "SCHEMA_VERSION",
     "SESSION_GAP_MS",
@@ -61,22 +84,33 @@ __all__ = [
     "DeviceError",
     "Dislike",
     "Durability",
+    "Eligibility",
     "Event",
     "EventConflict",
     "EventStore",
     "InvalidEvent",
     "InvalidEventBatch",
     "Like",
+    "LocalRound",
+    "ModelWeights",
     "Navigate",
+    "NotEligible",
     "Pause",
+    "Personalizer",
     "PlayEnd",
     "PlayStart",
     "PurgeReport",
+    "RankedItem",
+    "Ranker",
+    "RankerError",
+    "Ranking",
+    "RerankOptions",
     "Resume",
     "Search",
     "Seek",
     "Skip",
     "StoreError",
+    "check_builtin_only",
     "from_ms",
     "is_completion",
     "is_play",

@@ -8,7 +8,12 @@
     ├── EventConflict       an event id already stored with different content
     ├── InvalidInput        an argument out of range (e.g. an age of -3)
     ├── CatalogError        catalog rows that do not fit the store (e.g. vector dimension)
-    └── StoreError          a file that cannot be used as this store (newer schema, other region)
+    ├── StoreError          a file that cannot be used as this store (newer schema, other region)
+    ├── RankerError         a model file that is not a usable ranker, or an input it cannot take
+    └── NotEligible         training asked for while the device is not charging/unmetered/idle
+
+(``RankerError`` lives in ``_ranker.py`` and ``NotEligible`` in ``_personalize.py``, next to
+the code that raises them.)
 
 Refusals by policy (no consent, below the minimum age) are ``sottovoce.policy.PolicyViolation``
 errors (``ConsentMissing``, ``AgeRestricted``), so every part of sottovoce reports them alike.

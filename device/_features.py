@@ -23,7 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-FEATURES = 96
+from sottovoce.device._ranker import FEATURES  # the model fixes the width
+
 ITEM_DIM = 16
 DEVICE_TYPES = ("phone", "tablet", "desktop", "speaker", "car", "other")
 _DEVICE_INDEX = {"phone": 0, "tablet": 1, "desktop": 2, "web": 2, "speaker": 3, "car": 4}
@@ -36,6 +37,7 @@ SESSION = 66  # skips, plays, artist skips, artist plays, position
 TIME_OF_DAY = 71
 DEVICE = 73
 CELLULAR, OFFLINE = 79, 80
+assert OFFLINE < FEATURES, "the feature layout must fit the ranker's input"
 
 Matrix = npt.NDArray[np.float32]
 
@@ -90,7 +92,7 @@ def assemble(
     x = np.zeros((n, FEATURES), dtype=np.float32)
     if n == 0:
         return x
-    items = np.stack([fit_vector(v) for v in vectors])
+    items = _fit_rows(vectors)
     x[:, ITEM : ITEM + ITEM_DIM] = items
     if snapshot.taste is not None:
         taste = fit_vector(snapshot.taste)
@@ -117,6 +119,19 @@ def assemble(
     x[:, CELLULAR] = float(snapshot.network == "cellular")
     x[:, OFFLINE] = float(snapshot.network == "offline")
     return x
+
+
+def _fit_rows(vectors: Sequence[npt.NDArray[np.float64] | None]) -> npt.NDArray[np.float64]:
+    """``fit_vector`` for many vectors at once (one stack, one normalization)."""
+    out = np.zeros((len(vectors), ITEM_DIM))
+    known = [i for i, v in enumerate(vectors) if v is not None]
+    if known:
+        stacked = np.stack([vectors[i] for i in known])  # type: ignore[misc]
+        width = min(ITEM_DIM, stacked.shape[1])
+        out[known, :width] = stacked[:, :width]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+    return out
 
 
 def _history(rows: Sequence[History | None], now: int) -> npt.NDArray[np.float64]:

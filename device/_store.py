@@ -780,7 +780,9 @@ class EventStore:
         return snap, artists, vectors
 
     def _histories(self, table: str, key: str, ref: int, ids: Sequence[str]) -> dict[str, History]:
-        out: dict[str, History] = {}
+        # Plain row tuples, already in History's field order: building a NamedTuple per row
+        # was a third of a 500-candidate rerank.
+        out: dict[str, Any] = {}
         for chunk in _chunks(ids, 900):
             marks = ",".join("?" * len(chunk))
             rows = self._conn.execute(
@@ -789,7 +791,7 @@ class EventStore:
                 f"WHERE user_ref = ? AND {key} IN ({marks})",
                 (ref, *chunk),
             )
-            out.update((r[0], History(*r[1:])) for r in rows)
+            out.update({r[0]: r[1:] for r in rows})
         return out
 
     def _session_state(self, snap: Snapshot, ref: int, start: int) -> None:

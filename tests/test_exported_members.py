@@ -22,12 +22,14 @@ PUBLIC = {
         "render_report", "verify_consistency", "verify_inclusion",
     ],
     "sottovoce.device": [
-        "COMPLETION_FRACTION", "EARLY_SKIP_MS", "QUALIFIED_PLAY_MS", "SCHEMA_VERSION",
-        "SESSION_GAP_MS", "TASTE_HALF_LIFE_MS", "AppendResult", "CatalogError", "CatalogItem",
-        "Context", "DeviceError", "Dislike", "Durability", "Event", "EventConflict",
-        "EventStore", "InvalidEvent", "InvalidEventBatch", "Like", "Navigate", "Pause",
-        "PlayEnd", "PlayStart", "PurgeReport", "Resume", "Search", "Seek", "Skip",
-        "StoreError", "from_ms", "is_completion", "is_play", "to_ms",
+        "AppendResult", "COMPLETION_FRACTION", "CatalogError", "CatalogItem", "Context",
+        "DeviceError", "Dislike", "Durability", "EARLY_SKIP_MS", "Eligibility", "Event",
+        "EventConflict", "EventStore", "FEATURES", "ITEM_DIM", "InvalidEvent", "InvalidEventBatch",
+        "Like", "LocalRound", "ModelWeights", "Navigate", "NotEligible", "PARAMETER_COUNT",
+        "Pause", "Personalizer", "PlayEnd", "PlayStart", "PurgeReport", "QUALIFIED_PLAY_MS",
+        "RankedItem", "Ranker", "RankerError", "Ranking", "RerankOptions", "Resume",
+        "SCHEMA_VERSION", "SESSION_GAP_MS", "Search", "Seek", "Skip", "StoreError",
+        "TASTE_HALF_LIFE_MS", "check_builtin_only", "from_ms", "is_completion", "is_play", "to_ms",
     ],
 }  # fmt: skip
 

@@ -1,0 +1,101 @@
+"""Rerank benchmark: 500 candidates, features from a real store on disk, the TFLite ranker.
+
+Prints one JSON object. ``rerank_*`` times the whole call (consent check, the store snapshot,
+feature assembly, inference, guards and reasons); ``infer_*`` times the model alone on the same
+feature rows, measured in the same run, so ``ratio_rerank_vs_infer`` (p50) is the cost of
+everything around the model. ``train_step_ms`` is one batch-32 step inside the model;
+``local_round_ms`` a whole local round on 1,000 examples (replaying the history into examples,
+one epoch of batch-32 steps, storing the weights). One thread. Usage: ``python bench/rerank.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from sottovoce._demo import START, listen, make_catalog
+from sottovoce.device import EventStore
+from sottovoce.device._features import assemble
+from sottovoce.device._personalize import Eligibility, Personalizer, RerankOptions
+from sottovoce.policy import Purpose, example_policy
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--history", type=int, default=4_000, help="events of listening")
+    args = parser.parse_args()
+    now = START + timedelta(days=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EventStore.open(Path(tmp) / "device.db", policy=example_policy(), region="us",
+                                clock=lambda: now)  # fmt: skip
+        rng = random.Random(7)
+        tracks, rows = make_catalog(rng, artists_per_genre=25, tracks_per_artist=8)
+        store.upsert_catalog(rows)
+        store.append_many(listen(rng, "ann", tracks, {0, 3}, args.history))
+        store.grant("ann", Purpose.FEDERATED_TRAINING)
+        personalizer = Personalizer(store)
+        candidates = [t.track_id for t in rng.sample(tracks, args.candidates)]
+        options = RerankOptions(seed=1)
+
+        rerank, infer = [], []
+        for _ in range(20):  # warm caches and the interpreter
+            personalizer.rerank("ann", candidates, now=now, options=options)
+        snapshot, artists, vectors = store.snapshot("ann", candidates, now=now)
+        x = assemble(snapshot, candidates, artists, vectors)
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            personalizer.rerank("ann", candidates, now=now, options=options)
+            rerank.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            personalizer.ranker.infer(x)
+            infer.append((time.perf_counter() - t) * 1000)
+
+        batch = np.asarray(x[:32], dtype=np.float32)
+        labels = np.asarray(np.arange(32) % 2, dtype=np.float32)
+        steps = []
+        for _ in range(200):
+            t = time.perf_counter()
+            personalizer.ranker.train_step(batch, labels)
+            steps.append((time.perf_counter() - t) * 1000)
+
+        t = time.perf_counter()
+        result = personalizer.local_round("ann", eligibility=Eligibility(True, True, True),
+                                          steps=1_000 // 32 + 1, examples=1_000)  # fmt: skip
+        local_round = (time.perf_counter() - t) * 1000
+        store.close()
+    print(json.dumps({
+        "candidates": args.candidates,
+        "rerank_p50_ms": round(statistics.median(rerank), 3),
+        "rerank_p99_ms": round(percentile(rerank, 0.99), 3),
+        "infer_p50_ms": round(statistics.median(infer), 3),
+        "infer_p99_ms": round(percentile(infer, 0.99), 3),
+        "ratio_rerank_vs_infer": round(statistics.median(rerank) / statistics.median(infer), 2),
+        "train_step_ms": round(statistics.median(steps), 4),
+        "local_round_ms": round(local_round, 1),
+        "local_round_examples": result.examples,
+        "history_events": args.history,
+        "catalog_tracks": len(tracks),
+        "threads": 1,
+        "python": sys.version.split()[0],
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Reranking and local training on the device: the store's state, scored by the TFLite ranker.
+
+Data flow position: the app hands :meth:`Personalizer.rerank` a candidate list (a cached
+playlist, a retrieval pool); the store gives a snapshot of the user's state (a fixed number of
+queries), :mod:`._features` turns it into rows, the ranker scores them, and the post-processing
+here applies guards no model may override: disliked tracks never in the top k, at most
+``max_per_artist`` of one artist there, an artist skipped in this session pushed down, and a
+bounded, seeded share of exploration. Each item comes back with a short reason.
+
+When the app reports the device eligible and the user consents to federated training,
+:meth:`Personalizer.local_round` trains the ranker on the user's own history (inside the TFLite
+model) and returns ``local weights - global weights``, the delta that sync will seal.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce.device._errors import DeviceError
+from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, assemble
+from sottovoce.device._ranker import Ranker
+from sottovoce.device._store import EventStore
+from sottovoce.device._training import Examples, build_examples
+from sottovoce.policy import Purpose
+
+MAX_EXPLORE_SHARE = 0.3
+MAX_STEPS = 2_000
+
+
+class NotEligible(DeviceError):
+    """The app did not report the device fit for training (charging, unmetered, idle)."""
+
+    code = "not_eligible"
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """What the app reports about the device right now."""
+
+    charging: bool
+    unmetered: bool
+    idle: bool
+
+    def missing(self) -> list[str]:
+        return [name for name in ("charging", "unmetered", "idle") if not getattr(self, name)]
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    top_k: int = 10
+    max_per_artist: int = 2
+    explore_share: float = 0.1  # of the top k, at most MAX_EXPLORE_SHARE
+    seed: int | None = None  # exploration is reproducible with a seed
+    session_skip_penalty: float = 1.5  # logit points per skip of the artist this session
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.max_per_artist < 1:
+            raise ValueError("top_k and max_per_artist must be at least 1")
+        if not 0 <= self.explore_share <= MAX_EXPLORE_SHARE:
+            raise ValueError(f"explore_share must be between 0 and {MAX_EXPLORE_SHARE}")
+
+
+class RankedItem(NamedTuple):
+    track_id: str
+    score: float
+    reason: str
+    explored: bool = False
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Items in order; ``personalized`` is False when the app's order came back untouched."""
+
+    items: tuple[RankedItem, ...]
+    personalized: bool
+    note: str = ""
+
+    @property
+    def track_ids(self) -> list[str]:
+        return [item.track_id for item in self.items]
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """The result of training on one user's history: the delta and how it was made."""
+
+    delta: npt.NDArray[np.float32]
+    base_version: int
+    examples: int
+    steps: int
+    loss_before: float
+    loss_after: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Personalizer:
+    """Reranks and trains for one device store with one ranker model."""
+
+    def __init__(self, store: EventStore, *, ranker: Ranker | None = None) -> None:
+        self.store = store
+        self.ranker = ranker or Ranker.load()
+        self._initial = self.ranker.get_weights()
+        self.version = 0
+        self.global_weights = self._initial
+        stored = store.load_model("global")
+        if stored is not None and stored.model_id == self.ranker.model_id:
+            self.version, self.global_weights = stored.version, stored.weights
+        self._slot: str | None = None  # whose weights the ranker holds now
+        self.ranker.set_weights(self.global_weights)
+
+    def _serve(self, user_id: str) -> None:
+        """Load the user's personal model if it was trained from the current global version."""
+        slot = _local_slot(self.store, user_id)
+        if slot == self._slot:
+            return
+        local = self.store.load_model(slot)
+        fresh = local is not None and local.model_id == self.ranker.model_id
+        if fresh and local is not None and local.version == self.version:
+            self.ranker.set_weights(local.weights)
+        else:
+            self.ranker.set_weights(self.global_weights)
+        self._slot = slot
+
+    def apply_release(self, weights: npt.NDArray[np.float32], version: int) -> None:
+        """Swap in a new global model atomically (in the store, then in memory)."""
+        weights = np.asarray(weights, dtype=np.float32)
+        if weights.shape != self._initial.shape or not np.all(np.isfinite(weights)):
+            raise DeviceError(f"a release must carry {self._initial.size} finite weights")
+        self.store.save_model("global", model_id=self.ranker.model_id, version=version,
+                              weights=weights)  # fmt: skip
+        self.version, self.global_weights = version, weights
+        self.ranker.set_weights(weights)
+        self._slot = None
+
+    # -- rerank ----------------------------------------------------------------------------
+    def rerank(
+        self,
+        user_id: str,
+        candidates: Sequence[str],
+        *,
+        now: datetime | None = None,
+        options: RerankOptions = RerankOptions(),
+    ) -> Ranking:
+        """Order ``candidates`` (track ids) for the user, each with a short reason."""
+        decision = self.store.personalization(user_id)
+        if not decision.allowed:
+            items = tuple(RankedItem(t, 0.0, "in the app's order") for t in candidates)
+            return Ranking(items, personalized=False,
+                           note=f"not personalized: {decision.sentence}")  # fmt: skip
+        if not candidates:
+            return Ranking((), personalized=True)
+        self._serve(user_id)
+        snapshot, artists, vectors = self.store.snapshot(user_id, candidates, now=now)
+        x = assemble(snapshot, candidates, artists, vectors)
+        scores = self.ranker.infer(x).astype(np.float64)
+        skipped = np.array([snapshot.session_artist_skips.get(a, 0) if a else 0 for a in artists])
+        scores -= options.session_skip_penalty * skipped
+        order = _arrange(scores, x, artists, options)
+        values, codes = scores.tolist(), _reasons(x)
+        items = tuple(
+            RankedItem(candidates[i], values[i], _REASONS[0 if explored else codes[i]], explored)
+            for i, explored in order
+        )
+        return Ranking(items, personalized=True)
+
+    # -- local training ----------------------------------------------------------------------
+    def local_round(
+        self,
+        user_id: str,
+        *,
+        eligibility: Eligibility,
+        steps: int = 200,
+        batch: int = 32,
+        lr: float = 3e-3,
+        seed: int = 0,
+        examples: int = 2_000,
+    ) -> LocalRound:
+        """Train on the user's own history; the result's ``delta`` is local - global."""
+        missing = eligibility.missing()
+        if missing:
+            raise NotEligible(f"the device is not eligible for training: not {', '.join(missing)}")
+        refusal = self.store.refusal(user_id, Purpose.FEDERATED_TRAINING)
+        if refusal is not None:
+            raise refusal
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}")
+        data = self.examples(user_id, seed=seed, limit=examples)
+        if len(data) == 0:
+            raise DeviceError("no training examples in the user's history yet")
+        self.ranker.set_state(_fresh_state(self.global_weights))
+        rng = np.random.default_rng(seed)
+        losses = []
+        for _ in range(steps):
+            pick = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+            losses.append(self.ranker.train_step(data.x[pick], data.y[pick],
+                                                 data.w[pick], lr=lr))  # fmt: skip
+        local = self.ranker.get_weights()
+        self._slot = None  # the ranker now holds training weights
+        self.store.save_model(_local_slot(self.store, user_id), model_id=self.ranker.model_id,
+                              version=self.version, weights=local,
+                              state=self.ranker.get_state(), user_id=user_id)  # fmt: skip
+        self._slot = None  # serve the new personal model from the next rerank on
+        head = float(np.mean(losses[: max(1, steps // 10)]))
+        tail = float(np.mean(losses[-max(1, steps // 10) :]))
+        return LocalRound(delta=local - self.global_weights, base_version=self.version,
+                          examples=len(data), steps=steps, loss_before=head,
+                          loss_after=tail)  # fmt: skip
+
+    def examples(self, user_id: str, *, seed: int = 0, limit: int = 2_000) -> Examples:
+        """Training examples from the user's history (the most recent ``limit``)."""
+        return build_examples(self.store.facts(user_id), self.store.catalog(), seed=seed,
+                              limit=limit)  # fmt: skip
+
+
+def _local_slot(store: EventStore, user_id: str) -> str:
+    return f"local:{store.user_hash(user_id)}"
+
+
+def _fresh_state(weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Weights with zeroed Adam moments and step counter."""
+    return np.concatenate([weights, np.zeros(2 * weights.size + 1, dtype=np.float32)])
+
+
+def _arrange(
+    scores: npt.NDArray[np.float64],
+    x: npt.NDArray[np.float32],
+    artists: Sequence[str | None],
+    options: RerankOptions,
+) -> list[tuple[int, bool]]:
+    """Final order as (candidate index, explored): guards first, then exploration."""
+    ranked = [int(i) for i in np.argsort(-scores, kind="stable")]
+    disliked = set(np.flatnonzero(x[:, TRACK + 5] > 0).tolist())
+    k = min(options.top_k, len(ranked) - len(disliked))
+    top: list[int] = []
+    per_artist: dict[str, int] = {}
+    rest: list[int] = []
+    for i in ranked:
+        if i in disliked:
+            continue
+        artist = artists[i]
+        if len(top) < k and (artist is None or per_artist.get(artist, 0) < options.max_per_artist):
+            top.append(i)
+            if artist is not None:
+                per_artist[artist] = per_artist.get(artist, 0) + 1
+        else:
+            rest.append(i)
+    if len(top) < k:  # too few artists to honour the cap: fill in score order
+        fill = rest[: k - len(top)]
+        top = sorted(top + fill, key=lambda i: -scores[i])
+        rest = rest[len(fill) :]
+    explored: set[int] = set()
+    slots = math.floor(options.explore_share * len(top))
+    if slots and rest:
+        rng = random.Random(options.seed)
+        picks = rng.sample(rest, min(slots, len(rest)))
+        # exploration never takes the first two places
+        places = rng.sample(range(min(2, len(top)), len(top)), len(picks))
+        for place, pick in zip(places, picks, strict=True):
+            rest.remove(pick)
+            rest.insert(0, top[place])
+            top[place] = pick
+            explored.add(pick)
+    rest.sort(key=lambda i: -scores[i])
+    tail = sorted(disliked, key=lambda i: -scores[i])
+    return [(i, i in explored) for i in top + rest + tail]
+
+
+_REASONS = (
+    "something new to explore",
+    "you disliked this",
+    "lower: you skipped this artist just now",
+    "you liked this",
+    "you often finish this track",
+    "you often finish this artist",
+    "close to what you've been playing",
+    "new to you",
+    "ranked by your listening",
+)
+
+
+def _reasons(x: npt.NDArray[np.float32]) -> list[int]:
+    """Index into ``_REASONS`` for every row: the first rule that holds (0 is exploration)."""
+    rules = [
+        x[:, TRACK + 5] > 0,  # disliked
+        x[:, SESSION + 2] > 0,  # artist skipped this session
+        x[:, TRACK + 4] > 0,  # liked
+        (x[:, TRACK] > 0) & (x[:, TRACK + 1] >= 0.7),
+        (x[:, ARTIST] >= math.log1p(3)) & (x[:, ARTIST + 1] >= 0.6),
+        x[:, COSINE] >= 0.5,
+        (x[:, TRACK + 7] > 0) & (x[:, ARTIST + 7] > 0),
+    ]
+    codes: list[int] = np.select(rules, list(range(1, 8)), default=8).tolist()
+    return codes

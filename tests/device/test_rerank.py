@@ -1,0 +1,164 @@
+"""Reranking with the real TFLite ranker over a real store: guards, reasons, session awareness."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import T0, Events, StoreFactory
+
+from sottovoce._demo import listen, make_catalog
+from sottovoce.device import EventStore
+from sottovoce.device._personalize import Personalizer, RerankOptions
+from sottovoce.policy import Purpose
+
+
+@pytest.fixture(scope="module")
+def catalog() -> tuple[list, list]:  # type: ignore[type-arg]
+    return make_catalog(random.Random(3))
+
+
+@pytest.fixture
+def listened(open_store: StoreFactory, catalog: tuple[list, list]) -> Personalizer:  # type: ignore[type-arg]
+    """A US device whose user has a month of listening, mostly ambient and jazz."""
+    tracks, rows = catalog
+    store = open_store("us")
+    store.upsert_catalog(rows)
+    store.append_many(listen(random.Random(5), "ann", tracks, {0, 1}, 1_500))
+    return Personalizer(store)
+
+
+def _now(store: EventStore) -> datetime:
+    last = store.db.execute("SELECT max(ts) FROM events").fetchone()[0]
+    return datetime.fromtimestamp(last / 1000, tz=T0.tzinfo) + timedelta(minutes=1)
+
+
+def test_without_consent_the_app_order_comes_back(open_store: StoreFactory) -> None:
+    store = open_store("eu")
+    personalizer = Personalizer(store)
+    ranking = personalizer.rerank("bob", ["t3", "t1", "t2"])
+    assert not ranking.personalized and ranking.track_ids == ["t3", "t1", "t2"]
+    assert "not personalized" in ranking.note and "age" in ranking.note
+    personalizer.rerank("bob", ["t1"])  # a second refusal is not logged again
+    reasons = [d.reason for _, d in store.decisions.query(action="personalize")]
+    assert reasons == ["age_restricted"]
+
+
+def test_disliked_tracks_never_reach_the_top_k(listened: Personalizer, catalog: tuple) -> None:  # type: ignore[type-arg]
+    tracks = [t.track_id for t in catalog[0]]
+    hated = tracks[:5]
+    events = Events("ann")
+    events.clock = _now(listened.store)
+    listened.store.append_many([events("dislike", track_id=t, artist_id=None) for t in hated])
+    for seed in range(5):
+        ranking = listened.rerank("ann", tracks[:60], options=RerankOptions(seed=seed,
+                                  explore_share=0.3))  # fmt: skip
+        top = ranking.track_ids[:10]
+        assert not set(top) & set(hated)
+        assert set(ranking.track_ids[-5:]) == set(hated)
+        assert all(i.reason == "you disliked this" for i in ranking.items[-5:])
+
+
+def test_at_most_n_per_artist_in_the_top_k(listened: Personalizer, catalog: tuple) -> None:  # type: ignore[type-arg]
+    tracks = catalog[0]
+    candidates = [t.track_id for t in tracks if t.genre == 0][:40]  # 5 artists x 8 tracks
+    options = RerankOptions(max_per_artist=2, explore_share=0)
+    ranking = listened.rerank("ann", candidates, options=options)
+    artist = {t.track_id: t.artist_id for t in tracks}
+    top = [artist[t] for t in ranking.track_ids[:10]]
+    assert max(top.count(a) for a in set(top)) <= 2
+    assert sorted(ranking.track_ids) == sorted(candidates)
+
+
+def test_exploration_is_bounded_and_reproducible(listened: Personalizer, catalog: tuple) -> None:  # type: ignore[type-arg]
+    candidates = [t.track_id for t in catalog[0][:200]]
+    options = RerankOptions(top_k=10, explore_share=0.2, seed=11)
+    first = listened.rerank("ann", candidates, options=options)
+    again = listened.rerank("ann", candidates, options=options)
+    assert first.track_ids == again.track_ids
+    explored = [i for i, item in enumerate(first.items) if item.explored]
+    assert len(explored) == 2 and all(2 <= i < 10 for i in explored)
+    assert all(first.items[i].reason == "something new to explore" for i in explored)
+    others = {tuple(listened.rerank("ann", candidates, options=RerankOptions(
+        explore_share=0.2, seed=s)).track_ids[:10]) for s in range(6)}  # fmt: skip
+    assert len(others) > 1
+    none = listened.rerank("ann", candidates, options=RerankOptions(explore_share=0))
+    assert not any(item.explored for item in none.items)
+    with pytest.raises(ValueError, match="explore_share"):
+        RerankOptions(explore_share=0.5)
+
+
+def test_skipping_an_artist_pushes_its_tracks_down_in_the_next_rerank(
+    listened: Personalizer,
+    catalog: tuple,  # type: ignore[type-arg]
+) -> None:
+    tracks = catalog[0]
+    artist = "ambient-0"
+    mine = [t.track_id for t in tracks if t.artist_id == artist]
+    candidates = mine[3:] + [t.track_id for t in tracks if t.genre in (0, 1) and
+                             t.artist_id != artist][:30]  # fmt: skip
+    now = _now(listened.store)
+    options = RerankOptions(explore_share=0, max_per_artist=10)
+    before = listened.rerank("ann", candidates, now=now, options=options).track_ids
+    events = Events("ann")
+    events.clock = now
+    listened.store.append_many([
+        events("skip", track_id=t, artist_id=artist, position_ms=4_000) for t in mine[:3]
+    ])  # fmt: skip
+    later = now + timedelta(minutes=1)
+    after = listened.rerank("ann", candidates, now=later, options=options)
+    rank_before = sum(before.index(t) for t in mine[3:]) / len(mine[3:])
+    rank_after = sum(after.track_ids.index(t) for t in mine[3:]) / len(mine[3:])
+    assert rank_after > rank_before + 5
+    moved = [i for i in after.items if i.track_id in mine[3:]]
+    assert all(i.reason == "lower: you skipped this artist just now" for i in moved)
+    # a new session (after the idle gap) forgets the session's skips
+    fresh = listened.rerank("ann", candidates, now=later + timedelta(hours=2), options=options)
+    assert not any(i.reason.startswith("lower") for i in fresh.items)
+
+
+def test_reasons_come_from_history(listened: Personalizer, catalog: tuple) -> None:  # type: ignore[type-arg]
+    track = catalog[0][200].track_id
+    events = Events("ann")
+    events.clock = _now(listened.store)
+    listened.store.append(events("like", track_id=track, artist_id=None))
+    ranking = listened.rerank("ann", [track, catalog[0][1].track_id])
+    reasons = {i.track_id: i.reason for i in ranking.items}
+    assert reasons[track] == "you liked this"
+
+
+def test_feature_assembly_is_not_a_query_per_candidate(
+    listened: Personalizer,
+    catalog: tuple,  # type: ignore[type-arg]
+) -> None:
+    tracks = [t.track_id for t in catalog[0]]
+    listened.rerank("ann", tracks[:300])  # logs the personalize decision, warms the catalog
+    statements: list[str] = []
+    listened.store.db.conn.set_trace_callback(statements.append)
+    counts = []
+    for n in (20, 300):
+        statements.clear()
+        listened.rerank("ann", tracks[:n])
+        counts.append(len(statements))
+    listened.store.db.conn.set_trace_callback(None)
+    assert counts[0] == counts[1] <= 12, statements
+
+
+def test_unknown_tracks_still_rank(listened: Personalizer) -> None:
+    ranking = listened.rerank("ann", ["not-in-catalog-1", "not-in-catalog-2"])
+    assert sorted(ranking.track_ids) == ["not-in-catalog-1", "not-in-catalog-2"]
+    assert listened.rerank("ann", []).items == ()
+
+
+def test_release_swaps_weights_atomically(listened: Personalizer, tmp_path: Path) -> None:
+    weights = listened.ranker.get_weights() * 0.5
+    listened.apply_release(weights, version=3)
+    again = Personalizer(listened.store)
+    assert again.version == 3
+    assert (again.ranker.get_weights() == weights).all()
+    with pytest.raises(Exception, match="finite"):
+        listened.apply_release(weights[:-1], version=4)
+    assert Personalizer(listened.store).version == 3
+    assert Purpose.PERSONALIZATION  # the store stays usable
