@@ -3,7 +3,9 @@
 Prints one JSON object. ``rerank_*`` times the whole call (consent check, the store snapshot,
 feature assembly, inference, guards and reasons); ``infer_*`` times the model alone on the same
 feature rows, measured in the same run, so ``ratio_rerank_vs_infer`` (p50) is the cost of
-everything around the model. ``train_step_ms`` is one batch-32 step inside the model;
+everything around the model. The store keeps the user's state in memory between writes;
+``rerank_after_event_*`` times the first rerank after an appended skip (a reload).
+``train_step_ms`` is one batch-32 step inside the model;
 ``local_round_ms`` a whole local round on 1,000 examples (replaying the history into examples,
 one epoch of batch-32 steps, storing the weights). One thread. Usage: ``python bench/rerank.py``.
 """
@@ -66,6 +68,18 @@ def main() -> None:
             personalizer.ranker.infer(x)
             infer.append((time.perf_counter() - t) * 1000)
 
+        # The store caches the user's state between writes; after an event (a skip) the next
+        # rerank reloads it. Measured separately: the cost of reacting to a skip.
+        after_event = []
+        for i in range(100):
+            event = {"type": "skip", "event_id": f"bench-skip-{i}", "user_id": "ann",
+                     "ts": (now - timedelta(seconds=100 - i)).isoformat(),
+                     "track_id": candidates[i], "position_ms": 3_000}  # fmt: skip
+            store.append(event)
+            t = time.perf_counter()
+            personalizer.rerank("ann", candidates, now=now, options=options)
+            after_event.append((time.perf_counter() - t) * 1000)
+
         batch = np.asarray(x[:32], dtype=np.float32)
         labels = np.asarray(np.arange(32) % 2, dtype=np.float32)
         steps = []
@@ -86,6 +100,8 @@ def main() -> None:
         "infer_p50_ms": round(statistics.median(infer), 3),
         "infer_p99_ms": round(percentile(infer, 0.99), 3),
         "ratio_rerank_vs_infer": round(statistics.median(rerank) / statistics.median(infer), 2),
+        "rerank_after_event_p50_ms": round(statistics.median(after_event), 3),
+        "rerank_after_event_p99_ms": round(percentile(after_event, 0.99), 3),
         "train_step_ms": round(statistics.median(steps), 4),
         "local_round_ms": round(local_round, 1),
         "local_round_examples": result.examples,

@@ -85,14 +85,18 @@ def assemble(
     snapshot: Snapshot,
     tracks: Sequence[str],
     artists: Sequence[str | None],
-    vectors: Sequence[npt.NDArray[np.float64] | None],
+    vectors: Sequence[npt.NDArray[np.float64] | None] | npt.NDArray[np.float32],
 ) -> Matrix:
-    """The feature matrix for candidates ``tracks`` (with their artists and catalog vectors)."""
+    """The feature matrix for candidates ``tracks`` (with their artists and catalog vectors).
+
+    ``vectors`` are raw catalog vectors (``None`` when unknown), or an already fitted matrix
+    of ``ITEM_DIM`` columns, as the store hands out for ranking.
+    """
     n = len(tracks)
     x = np.zeros((n, FEATURES), dtype=np.float32)
     if n == 0:
         return x
-    items = _fit_rows(vectors)
+    items = vectors if isinstance(vectors, np.ndarray) else fit_rows(vectors)
     x[:, ITEM : ITEM + ITEM_DIM] = items
     if snapshot.taste is not None:
         taste = fit_vector(snapshot.taste)
@@ -101,15 +105,20 @@ def assemble(
         x[:, COSINE] = items @ taste
         x[:, HAS_TASTE] = 1.0
     x[:, TRACK : TRACK + 8] = _history([snapshot.tracks.get(t) for t in tracks], snapshot.now)
-    x[:, ARTIST : ARTIST + 8] = _history(
-        [snapshot.artists.get(a) if a else None for a in artists], snapshot.now
-    )
+    # Candidates share artists: compute each artist's columns once, then index.
+    # Candidates share artists: compute each artist's columns once, then index (the extra
+    # last row, "never played", serves candidates without an artist).
+    unique = {a: i for i, a in enumerate(dict.fromkeys(a for a in artists if a))}
+    per_artist = _history([*(snapshot.artists.get(a) for a in unique), None], snapshot.now)
+    where = np.fromiter((unique[a] if a else -1 for a in artists), np.int64, n)
+    x[:, ARTIST : ARTIST + 8] = per_artist[where]
     x[:, SESSION] = math.log1p(snapshot.session_skips)
     x[:, SESSION + 1] = math.log1p(snapshot.session_plays)
-    x[:, SESSION + 2] = np.log1p([snapshot.session_artist_skips.get(a, 0) if a else 0
-                                  for a in artists])  # fmt: skip
-    x[:, SESSION + 3] = np.log1p([snapshot.session_artist_plays.get(a, 0) if a else 0
-                                  for a in artists])  # fmt: skip
+    for column, counts in ((SESSION + 2, snapshot.session_artist_skips),
+                           (SESSION + 3, snapshot.session_artist_plays)):  # fmt: skip
+        if counts:  # per unique artist, then indexed like the artist history above
+            per = np.log1p([*(counts.get(a, 0) for a in unique), 0])
+            x[:, column] = per[where]
     x[:, SESSION + 4] = np.arange(n) / n
     if snapshot.local_hour is not None:
         angle = 2 * math.pi * snapshot.local_hour / 24
@@ -121,7 +130,7 @@ def assemble(
     return x
 
 
-def _fit_rows(vectors: Sequence[npt.NDArray[np.float64] | None]) -> npt.NDArray[np.float64]:
+def fit_rows(vectors: Sequence[npt.NDArray[np.float64] | None]) -> npt.NDArray[np.float64]:
     """``fit_vector`` for many vectors at once (one stack, one normalization)."""
     out = np.zeros((len(vectors), ITEM_DIM))
     known = [i for i, v in enumerate(vectors) if v is not None]

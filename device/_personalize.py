@@ -236,40 +236,43 @@ def _arrange(
     options: RerankOptions,
 ) -> list[tuple[int, bool]]:
     """Final order as (candidate index, explored): guards first, then exploration."""
-    ranked = [int(i) for i in np.argsort(-scores, kind="stable")]
+    ranked: list[int] = np.argsort(-scores, kind="stable").tolist()
     disliked = set(np.flatnonzero(x[:, TRACK + 5] > 0).tolist())
     k = min(options.top_k, len(ranked) - len(disliked))
     top: list[int] = []
     per_artist: dict[str, int] = {}
-    rest: list[int] = []
-    for i in ranked:
-        if i in disliked:
-            continue
+    for i in ranked:  # the best k that respect the artist cap; stops once the top is full
+        if len(top) == k:
+            break
         artist = artists[i]
-        if len(top) < k and (artist is None or per_artist.get(artist, 0) < options.max_per_artist):
-            top.append(i)
-            if artist is not None:
-                per_artist[artist] = per_artist.get(artist, 0) + 1
-        else:
-            rest.append(i)
+        capped = artist is not None and per_artist.get(artist, 0) >= options.max_per_artist
+        if i in disliked or capped:
+            continue
+        top.append(i)
+        if artist is not None:
+            per_artist[artist] = per_artist.get(artist, 0) + 1
+    chosen = set(top) | disliked
+    rest = [i for i in ranked if i not in chosen]  # still in score order
     if len(top) < k:  # too few artists to honour the cap: fill in score order
-        fill = rest[: k - len(top)]
-        top = sorted(top + fill, key=lambda i: -scores[i])
-        rest = rest[len(fill) :]
+        top += rest[: k - len(top)]
+        top.sort(key=ranked.index)
+        chosen = set(top) | disliked
+        rest = [i for i in ranked if i not in chosen]
     explored: set[int] = set()
     slots = math.floor(options.explore_share * len(top))
     if slots and rest:
         rng = random.Random(options.seed)
         picks = rng.sample(rest, min(slots, len(rest)))
-        # exploration never takes the first two places
+        # exploration never takes the first two places; what it displaces leads the rest
         places = rng.sample(range(min(2, len(top)), len(top)), len(picks))
+        displaced = []
         for place, pick in zip(places, picks, strict=True):
-            rest.remove(pick)
-            rest.insert(0, top[place])
+            displaced.append(top[place])
             top[place] = pick
             explored.add(pick)
-    rest.sort(key=lambda i: -scores[i])
-    tail = sorted(disliked, key=lambda i: -scores[i])
+        gone = set(picks) | set(displaced)
+        rest = sorted(displaced, key=ranked.index) + [i for i in rest if i not in gone]
+    tail = [i for i in ranked if i in disliked]
     return [(i, i in explored) for i in top + rest + tail]
 
 

@@ -51,7 +51,7 @@ from sottovoce.device._errors import (
     StoreError,
 )
 from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
-from sottovoce.device._features import History, Snapshot
+from sottovoce.device._features import ITEM_DIM, History, Snapshot, fit_rows
 from sottovoce.device._schema import (
     COUNTER_COLUMNS,
     DATA_TABLES,
@@ -161,6 +161,19 @@ class AppendResult:
         return len(self.duplicate_ids)
 
 
+@dataclass
+class _UserState:
+    """What ranking reads about one user, cached until a write touches it."""
+
+    tracks: dict[str, History]
+    artists: dict[str, History]
+    taste: Vector | None = None
+    session: tuple[int, int] | None = None  # start, end of the latest session
+    session_totals: tuple[int, int] = (0, 0)  # skips, plays in it
+    session_artists: tuple[dict[str, int], dict[str, int]] = ({}, {})  # per artist
+    context: tuple[str, str, str, int] | None = None
+
+
 @dataclass(frozen=True)
 class ModelWeights:
     """Ranker weights kept in the store, for the model file ``model_id``."""
@@ -204,6 +217,10 @@ class EventStore:
         self._hashes: dict[str, str] = {}
         self._catalog_complete = False
         self._noted: dict[tuple[str, str], tuple[str, str]] = {}
+        self._states: dict[int, _UserState] = {}  # see snapshot()
+        self._fitted_rows: dict[str, int] = {}  # catalog track -> row of self._fitted
+        self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
+        self._data_version: int | None = None
         self._clock = clock
         self._engine = DecisionEngine(
             policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key")), clock=clock
@@ -273,7 +290,7 @@ class EventStore:
         """Record which policy the store follows; a change of policy is a logged decision."""
         if previous == policy.hash:
             return
-        with _immediate(self._conn):
+        with self._write():
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_hash', ?)",
                                (policy.hash,))  # fmt: skip
             decision = self._engine.apply_policy(previous=previous,
@@ -313,7 +330,7 @@ class EventStore:
         if isinstance(age, bool) or not isinstance(age, int) or not 0 <= age <= 150:
             raise InvalidInput(f"age must be a whole number from 0 to 150, got {age!r}")
         deleted: dict[str, int] = {}
-        with _immediate(self._conn):
+        with self._write():
             ref = self._ref(user_id, create=True)
             self._conn.execute("UPDATE users SET age = ? WHERE user_ref = ?", (age, ref))
             state = self._consent_state(ref, self.user_hash(user_id))
@@ -376,7 +393,7 @@ class EventStore:
         refusal: PolicyViolation | None = None
         result = AppendResult(0)
         noted: dict[tuple[str, str], tuple[str, str]] = {}
-        with _immediate(self._conn):
+        with self._write():
             refs: dict[str, int] = {}
             verdicts = []
             for user_id in sorted({row[1] for row in rows}):
@@ -537,7 +554,7 @@ class EventStore:
         retention purge keeps only what the remaining events support.
         """
         replayed = 0
-        with _immediate(self._conn):
+        with self._write():
             for table in EVENT_DERIVED:
                 self._conn.execute(f"DELETE FROM {table}")
             users = [r[0] for r in self._conn.execute("SELECT DISTINCT user_ref FROM events")]
@@ -580,7 +597,7 @@ class EventStore:
             raise CatalogError(f"invalid catalog item: {error}") from None
         if not parsed:
             return 0
-        with _immediate(self._conn):
+        with self._write():
             dim = self._meta("catalog_dim", default=None)
             dims = {len(item.vector) for item in parsed} | ({int(dim)} if dim else set())
             if len(dims) != 1:
@@ -600,6 +617,8 @@ class EventStore:
                 (str(dims.pop()),),
             )
         self._catalog.clear()
+        self._fitted_rows.clear()
+        self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
         self._catalog_complete = False
         return len(parsed)
 
@@ -608,9 +627,16 @@ class EventStore:
         for chunk in _chunks(wanted, 500):
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT track_id, artist_id, vector FROM catalog WHERE track_id IN ({marks})"
+            loaded = []
             for track, artist, blob in self._conn.execute(sql, chunk):
                 vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
                 self._catalog[track] = (artist, vector)
+                loaded.append((track, vector))
+            if loaded:  # feature-ready rows, so ranking indexes instead of stacking
+                start = len(self._fitted_rows)
+                self._fitted_rows.update((t, start + i) for i, (t, _) in enumerate(loaded))
+                fitted = fit_rows([v for _, v in loaded])
+                self._fitted = np.concatenate([self._fitted, fitted.astype(np.float32)])
 
     def _vectors(self, track_ids: Iterable[str | None]) -> dict[str, Vector]:
         tracks = {t for t in track_ids if t is not None}
@@ -623,7 +649,7 @@ class EventStore:
         moment = now or self._clock()
         now_ms = to_ms(moment)
         deleted: dict[str, int] = {}
-        with _immediate(self._conn):
+        with self._write():
             for data_class, tables in DATA_TABLES.items():
                 cutoff = now_ms - self.region.ttl(data_class) // _MS
                 for table, column in tables:
@@ -648,7 +674,7 @@ class EventStore:
         erasing an opted-out user never opts them back in.
         """
         deleted: dict[str, int] = {}
-        with _immediate(self._conn):
+        with self._write():
             ref = self._ref(user_id, create=False)
             inputs = self._inputs("erase", None)  # a one-off subject: nothing to link
             for table in (*USER_TABLES, "consent", "users"):
@@ -659,7 +685,7 @@ class EventStore:
 
     def export_user(self, user_id: str) -> dict[str, Any]:
         """Everything stored for the user, as JSON-ready data (an access request)."""
-        with _immediate(self._conn):  # a write: the export itself is a logged decision
+        with self._write():  # a write: the export itself is a logged decision
             ref = self._ref(user_id, create=False)
             profile = next(self._rows("SELECT * FROM users WHERE user_ref = ?", [ref]), None)
             consent = [
@@ -717,7 +743,7 @@ class EventStore:
         )
         key = ("personalize", user)
         if self._changed(key, decision):
-            with _immediate(self._conn):
+            with self._write():
                 self._log(decision, ref)
             self._noted[key] = (decision.reason, decision.policy_hash)
         return decision
@@ -740,79 +766,100 @@ class EventStore:
 
     def snapshot(
         self, user_id: str, tracks: Sequence[str], *, now: datetime | None = None
-    ) -> tuple[Snapshot, list[str | None], list[Vector | None]]:
-        """The user's state for ranking ``tracks``, with each track's artist and vector.
+    ) -> tuple[Snapshot, list[str | None], npt.NDArray[np.float32]]:
+        """The user's state for ranking ``tracks``, with each track's artist and its
+        feature-ready item vector (a row per track, zeros when not in the catalog).
 
-        A fixed number of queries whatever the number of candidates: one per table, with the
-        candidates in an ``IN`` list; catalog vectors come from the in-memory cache.
+        Served from an in-memory copy of the user's derived state, loaded with a handful of
+        queries the first time and dropped by any write that touches it (here, or by another
+        connection: ``PRAGMA data_version``), so reranking costs no query per candidate and
+        usually none at all.
         """
         now_ms = to_ms(now or self._clock())
         self._load_catalog(tracks)
         known = [self._catalog.get(t) for t in tracks]
         artists = [k[0] if k else None for k in known]
-        vectors = [k[1] if k else None for k in known]
+        rows = np.fromiter((self._fitted_rows.get(t, -1) for t in tracks), np.int64, len(tracks))
+        vectors = self._fitted[np.maximum(rows, 0)] if len(self._fitted) else (
+            np.zeros((len(tracks), ITEM_DIM), dtype=np.float32))  # fmt: skip
+        vectors[rows < 0] = 0.0
         ref = self._ref(user_id, create=False)
         snap = Snapshot(now=now_ms)
         if ref is None:
             return snap, artists, vectors
-        snap.tracks = self._histories("track_stats", "track_id", ref, tracks)
-        snap.artists = self._histories("artist_stats", "artist_id", ref,
-                                       sorted({a for a in artists if a}))  # fmt: skip
+        state = self._user_state(ref)
+        snap.tracks, snap.artists, snap.taste = state.tracks, state.artists, state.taste
+        if state.session is not None and now_ms - state.session[1] <= SESSION_GAP_MS:
+            snap.session_skips, snap.session_plays = state.session_totals
+            snap.session_artist_skips, snap.session_artist_plays = state.session_artists
+        if state.context is not None:
+            device_type, network, local_time, ts = state.context
+            hours, minutes = (int(p) for p in local_time.split(":")[:2])
+            elapsed_h = max(now_ms - ts, 0) / 3_600_000
+            snap.device_type, snap.network = device_type, network
+            snap.local_hour = (hours + minutes / 60 + elapsed_h) % 24
+        return snap, artists, vectors
+
+    def _user_state(self, ref: int) -> _UserState:
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:  # another connection wrote: nothing cached holds
+            self._states.clear()
+            self._data_version = version
+        state = self._states.get(ref)
+        if state is None:
+            state = self._states[ref] = self._load_user_state(ref)
+        return state
+
+    def _load_user_state(self, ref: int) -> _UserState:
+        state = _UserState(tracks=self._histories("track_stats", "track_id", ref),
+                           artists=self._histories("artist_stats", "artist_id", ref))  # fmt: skip
         row = self._conn.execute(
             "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (ref,)
         ).fetchone()
         if row is not None:
-            snap.taste = Taste(row[0], row[1], np.frombuffer(row[2])).mean()
+            state.taste = Taste(row[0], row[1], np.frombuffer(row[2])).mean()
         session = self._conn.execute(
             "SELECT start_ts, end_ts FROM sessions WHERE user_ref = ? ORDER BY end_ts DESC "
             "LIMIT 1", (ref,)
         ).fetchone()  # fmt: skip
-        if session is not None and now_ms - session[1] <= SESSION_GAP_MS:
-            self._session_state(snap, ref, session[0])
-        context = self._conn.execute(
+        if session is not None:
+            state.session = (session[0], session[1])
+            self._session_state(state, ref, session[0])
+        state.context = self._conn.execute(
             "SELECT device_type, network, local_time, ts FROM context WHERE user_ref = ?", (ref,)
         ).fetchone()
-        if context is not None:
-            hours, minutes = (int(p) for p in context[2].split(":")[:2])
-            elapsed_h = max(now_ms - context[3], 0) / 3_600_000
-            snap.device_type, snap.network = context[0], context[1]
-            snap.local_hour = (hours + minutes / 60 + elapsed_h) % 24
-        return snap, artists, vectors
+        return state
 
-    def _histories(self, table: str, key: str, ref: int, ids: Sequence[str]) -> dict[str, History]:
-        # Plain row tuples, already in History's field order: building a NamedTuple per row
-        # was a third of a 500-candidate rerank.
-        out: dict[str, Any] = {}
-        for chunk in _chunks(ids, 900):
-            marks = ",".join("?" * len(chunk))
-            rows = self._conn.execute(
-                f"SELECT {key}, plays, completions, skips, early_skips, feedback, "
-                f"coalesce(last_played_ts, -1) FROM {table} "
-                f"WHERE user_ref = ? AND {key} IN ({marks})",
-                (ref, *chunk),
-            )
-            out.update({r[0]: r[1:] for r in rows})
-        return out
+    def _histories(self, table: str, key: str, ref: int) -> dict[str, History]:
+        # Plain row tuples, already in History's field order (a NamedTuple per row costs).
+        rows = self._conn.execute(
+            f"SELECT {key}, plays, completions, skips, early_skips, feedback, "
+            f"coalesce(last_played_ts, -1) FROM {table} WHERE user_ref = ?",
+            (ref,),
+        )
+        return {r[0]: r[1:] for r in rows}
 
-    def _session_state(self, snap: Snapshot, ref: int, start: int) -> None:
-        """Plays and skips so far in the current session, overall and per artist."""
+    def _session_state(self, state: _UserState, ref: int, start: int) -> None:
+        """Plays and skips so far in the latest session, overall and per artist."""
         skips: dict[str, int] = {}
         plays: dict[str, int] = {}
+        total_skips = total_plays = 0
         for kind, artist, body in self._conn.execute(
             "SELECT type, artist_id, body FROM events WHERE user_ref = ? AND ts >= ? "
             "AND type IN ('skip', 'play_end')", (ref, start)
         ):  # fmt: skip
             if kind == "skip":
-                snap.session_skips += 1
+                total_skips += 1
                 if artist:
                     skips[artist] = skips.get(artist, 0) + 1
             else:
                 event = json.loads(body)
                 if is_play(event["ms_played"], event["duration_ms"]):
-                    snap.session_plays += 1
+                    total_plays += 1
                     if artist:
                         plays[artist] = plays.get(artist, 0) + 1
-        snap.session_artist_skips, snap.session_artist_plays = skips, plays
+        state.session_totals = (total_skips, total_plays)
+        state.session_artists = (skips, plays)
 
     # -- model weights ---------------------------------------------------------------------
     def save_model(
@@ -824,7 +871,7 @@ class EventStore:
         A model trained on a user's history (``user_id`` given) is their data: withdrawal,
         erasure and retention treat it like the rest of their derived state.
         """
-        with _immediate(self._conn):
+        with self._write():
             ref = None if user_id is None else self._ref(user_id, create=True)
             self._conn.execute(
                 "INSERT OR REPLACE INTO model_state (slot, user_ref, model_id, version, weights, "
@@ -853,7 +900,7 @@ class EventStore:
         purpose = Purpose(purpose)
         deleted: dict[str, int] = {}
         at_ms = to_ms(at or self._clock())
-        with _immediate(self._conn):
+        with self._write():
             user = self._ref(user_id, create=True)
             self._conn.execute(
                 "INSERT INTO consent (user_ref, purpose, granted, ts, policy_hash, region) "
@@ -887,6 +934,15 @@ class EventStore:
             row = self._conn.execute("SELECT subject FROM users WHERE user_ref = ?", (ref,))
             subject = row.fetchone()[0]
         return {"action": action, "subject": subject or secrets.token_hex(16), **details}
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction; whatever it changes, cached user state is stale after it."""
+        try:
+            with _immediate(self._conn):
+                yield
+        finally:
+            self._states.clear()
 
     def _changed(self, key: tuple[str, str], decision: Decision) -> bool:
         """Whether ``decision`` differs from the last routine one logged under ``key``.

@@ -162,3 +162,20 @@ def test_release_swaps_weights_atomically(listened: Personalizer, tmp_path: Path
         listened.apply_release(weights[:-1], version=4)
     assert Personalizer(listened.store).version == 3
     assert Purpose.PERSONALIZATION  # the store stays usable
+
+
+def test_a_write_by_another_connection_is_seen_at_once(
+    listened: Personalizer,
+    catalog: tuple,
+    tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    tracks = [t.track_id for t in catalog[0][:40]]
+    options = RerankOptions(explore_share=0)
+    first = listened.rerank("ann", tracks, options=options).track_ids[0]
+    other = EventStore.open(listened.store.path, policy=listened.store.policy, region="us",
+                            clock=lambda: _now(listened.store))  # fmt: skip
+    events = Events("ann")
+    events.clock = _now(listened.store)
+    other.append(events("dislike", track_id=first, artist_id=None))
+    other.close()
+    assert first not in listened.rerank("ann", tracks, options=options).track_ids[:10]
