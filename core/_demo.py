@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from sottovoce._errors import SottovoceError
-from sottovoce.device import EventStore
+from sottovoce.device import Eligibility, EventStore, Personalizer, RerankOptions
 from sottovoce.policy import DataClass, Purpose, example_policy
 
 GENRES = ("ambient", "jazz", "techno", "folk", "metal", "soul", "classical", "hiphop")
@@ -139,6 +139,7 @@ def run_demo(*, workdir: Path, events: int, seed: int, console: Console) -> None
             summary.add_row(*_row(store, user, region_id, tracks, catalog))
     console.print()
     console.print(summary)
+    _personalize(stores["us"], people["us"][0], tracks, rng, console)
 
     alice = people["eu"][0]
     export = stores["eu"].export_user(alice)
@@ -158,9 +159,58 @@ def run_demo(*, workdir: Path, events: int, seed: int, console: Console) -> None
     erased = stores["eu"].erase_user(alice)
     console.print(f"[bold]erasure[/bold]: {erased.total} rows about {alice} deleted; "
                   f"events left on the EU device: {stores['eu'].count('events')}")  # fmt: skip
+    _audit(stores["eu"], workdir, console)
     for store in stores.values():
         store.close()
     console.print(f"\nstores are in {workdir}/")
+
+
+def _audit(store: EventStore, workdir: Path, console: Console) -> None:
+    """Sign a checkpoint of the device's decision log, keep it, and verify against it."""
+    eu_log = store.decisions
+    with eu_log.transaction():
+        kept = eu_log.checkpoint()
+    (workdir / "eu-checkpoint.note").write_bytes(kept)
+    report = eu_log.verify(kept=kept)
+    verdict = "verified" if report.ok else "NOT verified: " + "; ".join(report.problems)
+    console.print(f"\n[bold]decision log[/bold] of the EU device: {report.size} decisions, "
+                  f"{verdict}; checkpoint kept in {workdir / 'eu-checkpoint.note'}")  # fmt: skip
+    console.print(f"  check it yourself: sottovoce audit verify {workdir / 'eu-device.db'} "
+                  f"--checkpoint {workdir / 'eu-checkpoint.note'}")  # fmt: skip
+
+
+def _personalize(
+    store: EventStore, user: str, tracks: list[Track], rng: random.Random, console: Console
+) -> None:
+    """Train on the user's history, rerank a playlist, react to skips with the next rerank."""
+    personalizer = Personalizer(store)
+    playlist = [t.track_id for t in rng.sample(tracks, 60)]
+    now = START + timedelta(days=29, hours=23)
+    options = RerankOptions(seed=1)
+    store.grant(user, Purpose.FEDERATED_TRAINING)
+    result = personalizer.local_round(user, eligibility=Eligibility(True, True, True))
+    norm = float(np.linalg.norm(result.delta))
+    console.print(f"\n[bold]local training[/bold] on {result.examples} examples, {result.steps} "
+                  f"steps inside the TFLite model: loss {result.loss_before:.3f} → "
+                  f"{result.loss_after:.3f}; delta to send: {result.delta.size} weights, "
+                  f"L2 norm {norm:.2f} (sync will clip, noise and seal it)")  # fmt: skip
+    ranking = personalizer.rerank(user, playlist, now=now, options=options)
+    console.print(f"[bold]rerank[/bold] of a 60-track playlist for {user} (top 5):")
+    for item in ranking.items[:5]:
+        console.print(f"  {item.track_id:<14} {item.score:+.2f}  {item.reason}")
+    artist = next(t.artist_id for t in tracks if t.track_id == ranking.items[0].track_id)
+    skipped = [t for t in tracks if t.artist_id == artist][:3]
+    store.append_many([
+        {"type": "skip", "event_id": f"demo-skip-{i}", "user_id": user, "track_id": t.track_id,
+         "artist_id": t.artist_id, "position_ms": 4_000,
+         "ts": (now + timedelta(seconds=10 * i)).isoformat()}
+        for i, t in enumerate(skipped)
+    ])  # fmt: skip
+    later = personalizer.rerank(user, playlist, now=now + timedelta(minutes=1), options=options)
+    moved = [i for i, item in enumerate(later.items) if item.track_id in playlist
+             and item.reason.startswith("lower")]  # fmt: skip
+    console.print(f"  after {user} skips 3 tracks by {artist}: its tracks move to places "
+                  f"{', '.join(str(i + 1) for i in moved) or '-'}")  # fmt: skip
 
 
 def _try_first(store: EventStore, event: dict[str, Any], console: Console) -> None:
