@@ -9,8 +9,10 @@ Layout (columns): item vector (16), short-term taste vector (16), their elementw
 (16), cosine, has-taste; the user's history with the track (8) and with its artist (8): log
 plays, completion rate, log skips, early-skip rate, liked, disliked, recency, never played;
 session: log skips and plays so far, log skips and plays of the candidate's artist in this
-session, list position; time of day (sin, cos); device type (6, one-hot); cellular; offline.
-The rest is zero, reserved. Catalog vectors longer than 16 are truncated, shorter ones padded.
+session; time of day (sin, cos); device type (6, one-hot); cellular; offline. The rest is zero,
+reserved. (The candidate's position in the app's list is deliberately not a feature: in
+training the labelled track always comes first, so position would teach the label.)
+Catalog vectors longer than 16 are truncated, shorter ones padded.
 """
 
 from __future__ import annotations
@@ -70,6 +72,19 @@ class Snapshot:
     network: str | None = None
 
 
+def apply_context(snapshot: Snapshot, context: tuple[str, str, str, int] | None) -> None:
+    """Fill time of day, device type and network from the latest context event
+    (device type, network, local time "HH:MM[:SS]", its epoch ms), advancing the local time
+    by what has passed since it was reported."""
+    if context is None:
+        return
+    device_type, network, local_time, ts = context
+    hours, minutes = (int(p) for p in local_time.split(":")[:2])
+    elapsed_h = max(snapshot.now - ts, 0) / 3_600_000
+    snapshot.device_type, snapshot.network = device_type, network
+    snapshot.local_hour = (hours + minutes / 60 + elapsed_h) % 24
+
+
 def fit_vector(vector: npt.NDArray[np.float64] | None) -> npt.NDArray[np.float64]:
     """A catalog or taste vector as ``ITEM_DIM`` unit-length floats (zeros when absent)."""
     out = np.zeros(ITEM_DIM)
@@ -105,7 +120,6 @@ def assemble(
         x[:, COSINE] = items @ taste
         x[:, HAS_TASTE] = 1.0
     x[:, TRACK : TRACK + 8] = _history([snapshot.tracks.get(t) for t in tracks], snapshot.now)
-    # Candidates share artists: compute each artist's columns once, then index.
     # Candidates share artists: compute each artist's columns once, then index (the extra
     # last row, "never played", serves candidates without an artist).
     unique = {a: i for i, a in enumerate(dict.fromkeys(a for a in artists if a))}
@@ -119,7 +133,6 @@ def assemble(
         if counts:  # per unique artist, then indexed like the artist history above
             per = np.log1p([*(counts.get(a, 0) for a in unique), 0])
             x[:, column] = per[where]
-    x[:, SESSION + 4] = np.arange(n) / n
     if snapshot.local_hour is not None:
         angle = 2 * math.pi * snapshot.local_hour / 24
         x[:, TIME_OF_DAY], x[:, TIME_OF_DAY + 1] = math.sin(angle), math.cos(angle)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
 from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, assemble
-from sottovoce.device._ranker import Ranker
+from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
 from sottovoce.device._store import EventStore
 from sottovoce.device._training import Examples, build_examples
 from sottovoce.policy import Purpose
@@ -98,7 +99,6 @@ class LocalRound:
     steps: int
     loss_before: float
     loss_after: float
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Personalizer:
@@ -107,38 +107,50 @@ class Personalizer:
     def __init__(self, store: EventStore, *, ranker: Ranker | None = None) -> None:
         self.store = store
         self.ranker = ranker or Ranker.load()
-        self._initial = self.ranker.get_weights()
         self.version = 0
-        self.global_weights = self._initial
+        self.global_weights = self.ranker.get_weights()
         stored = store.load_model("global")
         if stored is not None and stored.model_id == self.ranker.model_id:
             self.version, self.global_weights = stored.version, stored.weights
-        self._slot: str | None = None  # whose weights the ranker holds now
-        self.ranker.set_weights(self.global_weights)
+        self._serving: tuple[str, int] | None = None  # (slot, store generation) held now
+        self._trainer: Ranker | None = None  # training never touches the serving ranker
 
     def _serve(self, user_id: str) -> None:
-        """Load the user's personal model if it was trained from the current global version."""
-        slot = _local_slot(self.store, user_id)
-        if slot == self._slot:
+        """Load the user's personal model if it was trained from the current global version.
+
+        Checked against the store's generation, so a personal model that withdrawal, erasure,
+        retention or another process removed stops serving at once.
+        """
+        serving = (_local_slot(self.store, user_id), self.store.generation())
+        if serving == self._serving:
             return
-        local = self.store.load_model(slot)
+        local = self.store.load_model(serving[0])
         fresh = local is not None and local.model_id == self.ranker.model_id
         if fresh and local is not None and local.version == self.version:
             self.ranker.set_weights(local.weights)
         else:
             self.ranker.set_weights(self.global_weights)
-        self._slot = slot
+        self._serving = serving
 
-    def apply_release(self, weights: npt.NDArray[np.float32], version: int) -> None:
-        """Swap in a new global model atomically (in the store, then in memory)."""
+    def apply_release(
+        self, weights: npt.NDArray[np.float32], *, version: int, model_id: str
+    ) -> None:
+        """Swap in a new global model atomically (in the store, then in memory).
+
+        The release must be for this model file and newer than the model in use: a replayed
+        or older release is refused, never installed.
+        """
+        if model_id != self.ranker.model_id:
+            raise DeviceError(f"release is for model {model_id[:12]}…, this device runs "
+                              f"{self.ranker.model_id[:12]}…")  # fmt: skip
+        if version <= self.version:
+            raise DeviceError(f"release version {version} is not newer than {self.version}")
         weights = np.asarray(weights, dtype=np.float32)
-        if weights.shape != self._initial.shape or not np.all(np.isfinite(weights)):
-            raise DeviceError(f"a release must carry {self._initial.size} finite weights")
-        self.store.save_model("global", model_id=self.ranker.model_id, version=version,
-                              weights=weights)  # fmt: skip
+        if weights.shape != (PARAMETER_COUNT,) or not np.all(np.isfinite(weights)):
+            raise DeviceError(f"a release must carry {PARAMETER_COUNT} finite weights")
+        self.store.save_model("global", model_id=model_id, version=version, weights=weights)
         self.version, self.global_weights = version, weights
-        self.ranker.set_weights(weights)
-        self._slot = None
+        self._serving = None
 
     # -- rerank ----------------------------------------------------------------------------
     def rerank(
@@ -195,19 +207,19 @@ class Personalizer:
         data = self.examples(user_id, seed=seed, limit=examples)
         if len(data) == 0:
             raise DeviceError("no training examples in the user's history yet")
-        self.ranker.set_state(_fresh_state(self.global_weights))
+        # A second interpreter of the same file: reranks keep serving while this trains.
+        trainer = self._trainer = self._trainer or Ranker.load(Path(self.ranker.source))
+        trainer.set_weights(self.global_weights)
+        trainer.reset_optimizer()
         rng = np.random.default_rng(seed)
         losses = []
         for _ in range(steps):
             pick = rng.choice(len(data), size=min(batch, len(data)), replace=False)
-            losses.append(self.ranker.train_step(data.x[pick], data.y[pick],
-                                                 data.w[pick], lr=lr))  # fmt: skip
-        local = self.ranker.get_weights()
-        self._slot = None  # the ranker now holds training weights
+            losses.append(trainer.train_step(data.x[pick], data.y[pick], data.w[pick], lr=lr))
+        local = trainer.get_weights()
         self.store.save_model(_local_slot(self.store, user_id), model_id=self.ranker.model_id,
                               version=self.version, weights=local,
-                              state=self.ranker.get_state(), user_id=user_id)  # fmt: skip
-        self._slot = None  # serve the new personal model from the next rerank on
+                              state=trainer.get_state(), user_id=user_id)  # fmt: skip
         head = float(np.mean(losses[: max(1, steps // 10)]))
         tail = float(np.mean(losses[-max(1, steps // 10) :]))
         return LocalRound(delta=local - self.global_weights, base_version=self.version,
@@ -222,11 +234,6 @@ class Personalizer:
 
 def _local_slot(store: EventStore, user_id: str) -> str:
     return f"local:{store.user_hash(user_id)}"
-
-
-def _fresh_state(weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Weights with zeroed Adam moments and step counter."""
-    return np.concatenate([weights, np.zeros(2 * weights.size + 1, dtype=np.float32)])
 
 
 def _arrange(
@@ -258,22 +265,57 @@ def _arrange(
         top.sort(key=ranked.index)
         chosen = set(top) | disliked
         rest = [i for i in ranked if i not in chosen]
-    explored: set[int] = set()
-    slots = math.floor(options.explore_share * len(top))
-    if slots and rest:
-        rng = random.Random(options.seed)
-        picks = rng.sample(rest, min(slots, len(rest)))
-        # exploration never takes the first two places; what it displaces leads the rest
-        places = rng.sample(range(min(2, len(top)), len(top)), len(picks))
-        displaced = []
-        for place, pick in zip(places, picks, strict=True):
-            displaced.append(top[place])
-            top[place] = pick
-            explored.add(pick)
-        gone = set(picks) | set(displaced)
-        rest = sorted(displaced, key=ranked.index) + [i for i in rest if i not in gone]
+    explored = _explore(top, rest, x, artists, options)
+    if explored:  # what exploration displaced leads the rest, in score order
+        displaced = sorted((set(ranked) - set(top) - disliked) - set(rest), key=ranked.index)
+        rest = displaced + [i for i in rest if i not in explored]
     tail = [i for i in ranked if i in disliked]
     return [(i, i in explored) for i in top + rest + tail]
+
+
+def _explore(
+    top: list[int],
+    rest: list[int],
+    x: npt.NDArray[np.float32],
+    artists: Sequence[str | None],
+    options: RerankOptions,
+) -> set[int]:
+    """Swap a bounded, seeded share of the top k (never the first two places) for tracks the
+    user has never played, from artists not skipped this session, keeping the artist cap.
+    Changes ``top`` in place; returns the explored candidates."""
+    slots = math.floor(options.explore_share * len(top))
+    first = min(2, len(top))
+    if not slots or len(top) <= first:
+        return set()
+    new = ((x[:, TRACK + 7] > 0) & (x[:, SESSION + 2] == 0)).tolist()
+    pool = [i for i in rest if new[i]]
+    rng = random.Random(options.seed)
+    counts: dict[str, int] = {}
+
+    def bump(i: int, by: int) -> None:
+        artist = artists[i]
+        if artist is not None:
+            counts[artist] = counts.get(artist, 0) + by
+
+    def room(i: int) -> bool:
+        artist = artists[i]
+        return artist is None or counts.get(artist, 0) < options.max_per_artist
+
+    for i in top:
+        bump(i, 1)
+    explored: set[int] = set()
+    for place in rng.sample(range(first, len(top)), min(slots, len(top) - first)):
+        bump(top[place], -1)
+        fits = [i for i in pool if room(i)]
+        if not fits:
+            bump(top[place], 1)
+            continue
+        pick = rng.choice(fits)
+        pool.remove(pick)
+        top[place] = pick
+        explored.add(pick)
+        bump(pick, 1)
+    return explored
 
 
 _REASONS = (

@@ -51,7 +51,7 @@ from sottovoce.device._errors import (
     StoreError,
 )
 from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
-from sottovoce.device._features import ITEM_DIM, History, Snapshot, fit_rows
+from sottovoce.device._features import ITEM_DIM, History, Snapshot, apply_context, fit_rows
 from sottovoce.device._schema import (
     COUNTER_COLUMNS,
     DATA_TABLES,
@@ -221,6 +221,7 @@ class EventStore:
         self._fitted_rows: dict[str, int] = {}  # catalog track -> row of self._fitted
         self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
         self._data_version: int | None = None
+        self._generation = 0
         self._clock = clock
         self._engine = DecisionEngine(
             policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key")), clock=clock
@@ -703,6 +704,14 @@ class EventStore:
                 )
             ]
             derived = self.derived_state(user_id)
+            models = [
+                {"model_id": row["model_id"], "version": row["version"],
+                 "updated_at": from_ms(row["updated_ts"]).isoformat(),
+                 "parameters": len(row["weights"]) // 4}
+                for row in self._rows(
+                    "SELECT model_id, version, updated_ts, weights FROM model_state "
+                    "WHERE user_ref = ?", [ref])
+            ]  # fmt: skip
             inputs = self._inputs("export", ref)
             decision = self._engine.export(inputs=inputs, count=len(events))
             self._log(decision, ref)
@@ -725,6 +734,7 @@ class EventStore:
             "consent": consent,
             "events": events,
             "derived": derived,
+            "personal_models": models,  # trained on the user's events (weights not listed)
             "decisions": decisions,
         }
 
@@ -792,19 +802,21 @@ class EventStore:
         if state.session is not None and now_ms - state.session[1] <= SESSION_GAP_MS:
             snap.session_skips, snap.session_plays = state.session_totals
             snap.session_artist_skips, snap.session_artist_plays = state.session_artists
-        if state.context is not None:
-            device_type, network, local_time, ts = state.context
-            hours, minutes = (int(p) for p in local_time.split(":")[:2])
-            elapsed_h = max(now_ms - ts, 0) / 3_600_000
-            snap.device_type, snap.network = device_type, network
-            snap.local_hour = (hours + minutes / 60 + elapsed_h) % 24
+        apply_context(snap, state.context)
         return snap, artists, vectors
 
-    def _user_state(self, ref: int) -> _UserState:
+    def generation(self) -> int:
+        """A number that changes whenever the store's contents may have changed, by this
+        connection or another one: what anything cached from the store is checked against."""
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:  # another connection wrote: nothing cached holds
             self._states.clear()
             self._data_version = version
+            self._generation += 1
+        return self._generation
+
+    def _user_state(self, ref: int) -> _UserState:
+        self.generation()
         state = self._states.get(ref)
         if state is None:
             state = self._states[ref] = self._load_user_state(ref)
@@ -943,6 +955,7 @@ class EventStore:
                 yield
         finally:
             self._states.clear()
+            self._generation += 1
 
     def _changed(self, key: tuple[str, str], decision: Decision) -> bool:
         """Whether ``decision`` differs from the last routine one logged under ``key``.

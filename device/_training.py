@@ -3,8 +3,10 @@
 Each labelled event becomes a feature row built from the state *before* it happened (so a
 completed play does not teach "tracks already completed get completed"): completions and likes
 are positives, early skips, short plays and dislikes negatives, and every positive brings a few
-catalog tracks the user had not touched by then as sampled negatives. The replay reuses the
-store's own counters (:class:`._derive.Counters`) so training sees the features serving sees.
+catalog tracks sampled uniformly as negatives. (Sampling only tracks the user had never
+touched taught the model "unplayed means bad", a shortcut that hurt held-out ranking.) The
+replay reuses the store's own counters (:class:`._derive.Counters`) so training sees the
+features serving sees.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import numpy as np
 import numpy.typing as npt
 
 from sottovoce.device._derive import (
-    EARLY_SKIP_MS,
     OUTCOMES,
     SESSION_GAP_MS,
     Counters,
@@ -28,7 +29,7 @@ from sottovoce.device._derive import (
     is_completion,
     is_play,
 )
-from sottovoce.device._features import History, Snapshot, assemble
+from sottovoce.device._features import History, Snapshot, apply_context, assemble
 from sottovoce.device._ranker import FEATURES
 
 
@@ -43,15 +44,18 @@ class Examples:
 
 
 def label(fact: Fact) -> tuple[float, float] | None:
-    """(label, weight) of an event, or None when it says nothing about preference."""
+    """(label, weight) of an event, or None when it says nothing about preference.
+
+    A play is labelled once, by its ``play_end`` (an early skip ends in a short play); the
+    ``skip`` event of the same play is not labelled again, or the second example would see
+    the first one's outcome in its features.
+    """
     if fact.type == "play_end":
         if is_completion(fact.ms_played, fact.duration_ms):
             return 1.0, 1.0
         if not is_play(fact.ms_played, fact.duration_ms):
             return 0.0, 1.0
         return None  # a partial play: ambiguous
-    if fact.type == "skip" and fact.position_ms < EARLY_SKIP_MS:
-        return 0.0, 1.0
     if fact.type == "like":
         return 1.0, 2.0
     if fact.type == "dislike":
@@ -79,7 +83,10 @@ def build_examples(
     session_end = -(2**62)
     session: dict[str, dict[str, int]] = {"skips": {}, "plays": {}}
     totals = {"skips": 0, "plays": 0}
+    context: tuple[str, str, str, int] | None = None
     for fact in sorted(facts, key=lambda f: (f.ts, f.seq)):
+        if fact.context is not None:
+            context = (*fact.context, fact.ts)
         if fact.ts - session_end > SESSION_GAP_MS:
             session = {"skips": {}, "plays": {}}
             totals = {"skips": 0, "plays": 0}
@@ -96,11 +103,12 @@ def build_examples(
                 session_artist_skips=session["skips"],
                 session_artist_plays=session["plays"],
             )
+            apply_context(snap, context)  # as serving does
             chosen = [fact.track]
             if verdict[0] == 1.0 and pool:
-                untouched = [t for t in rng.sample(pool, min(len(pool), 4 * negatives + 4))
-                             if t not in tracks and t != fact.track]  # fmt: skip
-                chosen += untouched[:negatives]
+                others = [t for t in rng.sample(pool, min(len(pool), negatives + 1))
+                          if t != fact.track]  # fmt: skip
+                chosen += others[:negatives]
             info = [catalog.get(t) for t in chosen]
             artists_of = [fact.artist] + [i[0] if i else None for i in info[1:]]
             x = assemble(snap, chosen, artists_of, [i[1] if i else None for i in info])
