@@ -128,9 +128,6 @@ class Run:
         self.skips += other.skips
         self.ms_played += other.ms_played
 
-    def touches(self, other: Run) -> bool:
-        return other.start - self.end <= SESSION_GAP_MS and self.start - other.end <= SESSION_GAP_MS
-
 
 @dataclass(slots=True)
 class Taste:

@@ -125,22 +125,5 @@ Event = Annotated[
     | Context,
     Field(discriminator="type"),
 ]
-EVENT_TYPES: tuple[type[_Event], ...] = (
-    PlayStart,
-    PlayEnd,
-    Pause,
-    Resume,
-    Skip,
-    Seek,
-    Like,
-    Dislike,
-    Search,
-    Navigate,
-    Context,
-)
-TRACK_EVENT_TYPES = frozenset(
-    t.model_fields["type"].default for t in EVENT_TYPES if issubclass(t, _TrackEvent)
-)
-
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])

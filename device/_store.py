@@ -1112,7 +1112,8 @@ def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def _migrate(db: Database, path: Path) -> None:
-    known = {m.name for m in MIGRATIONS._migrations}
+    # Every migration this version knows is pending on an empty database.
+    known = {m.name for m in MIGRATIONS.pending(Database(memory=True))}
     newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in known]
     if newer:
         raise StoreError(

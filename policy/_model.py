@@ -12,10 +12,12 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Literal, Self
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +26,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
+    WrapSerializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -135,6 +139,10 @@ PublicKey = Annotated[str, AfterValidator(_check_key)]
 Country = Annotated[str, AfterValidator(_check_country)]
 
 
+def _as_dict(value: Mapping[Any, Any], handler: SerializerFunctionWrapHandler) -> Any:
+    return handler(dict(value))
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
@@ -198,8 +206,13 @@ class Region(_Frozen):
     name: Annotated[str, Field(min_length=1, max_length=120)]
     jurisdictions: Annotated[tuple[Country, ...], Field(min_length=1)]
     aggregator: Aggregator
-    consent: dict[Purpose, ConsentMode]
-    retention: dict[DataClass, Duration]
+    # Read-only mappings: a frozen model whose dicts could be edited would keep a stale hash.
+    consent: Annotated[
+        Mapping[Purpose, ConsentMode], AfterValidator(MappingProxyType), WrapSerializer(_as_dict)
+    ]
+    retention: Annotated[
+        Mapping[DataClass, Duration], AfterValidator(MappingProxyType), WrapSerializer(_as_dict)
+    ]
     privacy: PrivacyBudget
     age: AgeGate
 

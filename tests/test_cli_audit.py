@@ -17,6 +17,7 @@ from conftest import NOW, T0, Events
 
 from sottovoce.device import EventStore
 from sottovoce.policy import (
+    AgeRestricted,
     Policy,
     Purpose,
     example_policy_path,
@@ -36,7 +37,7 @@ def store_path(tmp_path: Path, policy: Policy) -> Path:
     path = tmp_path / "eu.db"
     store = EventStore.open(path, policy=policy, region="eu", clock=lambda: NOW)
     events = Events("ann")
-    with pytest.raises(Exception, match="age"):
+    with pytest.raises(AgeRestricted):
         store.append(events("like"))
     store.set_age("ann", 30)
     store.grant("ann", Purpose.PERSONALIZATION)

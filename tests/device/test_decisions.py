@@ -8,7 +8,7 @@ import pytest
 from conftest import T0, Events, StoreFactory
 
 from sottovoce.device import EventConflict
-from sottovoce.policy import ConsentMissing, Purpose
+from sottovoce.policy import AgeRestricted, ConsentMissing, Purpose
 
 CANARIES = ("canary-user-7f3a", "canary-device-91bc", "canary-track-55d0", "canary-artist-0e1f",
             "canary query text", "canary-event-id-c4")  # fmt: skip
@@ -23,7 +23,7 @@ def _log_bytes(store: object) -> str:
 
 def test_every_enforcement_point_is_logged(open_store: StoreFactory, events: Events) -> None:
     store = open_store("eu")
-    with pytest.raises(Exception, match="age"):
+    with pytest.raises(AgeRestricted):
         store.append(events("like"))  # refused: logged
     store.set_age("user-1", 30)
     store.grant("user-1", Purpose.PERSONALIZATION)
@@ -63,7 +63,7 @@ def test_a_refused_batch_is_logged_but_stores_nothing(
     open_store: StoreFactory, events: Events
 ) -> None:
     store = open_store("eu")
-    with pytest.raises(Exception, match="age"):
+    with pytest.raises(AgeRestricted):
         store.append_many([events("like"), events("skip")])
     assert store.count() == 0 and store.count("users") == 0
     assert store.decisions.size == 2 and not store.decisions.decision(1).allowed

@@ -172,3 +172,12 @@ def test_unknown_region_is_typed(policy: Policy) -> None:
         policy.region("apac")
     with pytest.raises(UnknownRegion):
         policy.region_for("JP")
+
+
+def test_nested_mappings_are_read_only_too(policy: Policy) -> None:
+    region = policy.region("eu")
+    with pytest.raises(TypeError):
+        region.consent[Purpose.PERSONALIZATION] = ConsentMode.OPT_OUT  # type: ignore[index]
+    with pytest.raises(TypeError):
+        region.retention[DataClass.RAW_EVENTS] = region.retention[DataClass.AUDIT_LOG]  # type: ignore[index]
+    assert policy_from_data(policy.model_dump(mode="json")).hash == policy.hash
