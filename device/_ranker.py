@@ -399,10 +399,10 @@ class Ranker:
             raise RankerError("x: a training batch needs at least one row")
         if not np.isfinite(rows).all():
             raise RankerError("x: feature rows must be finite (no NaN or infinity)")
-        labels = self._column(y, n, "y")
+        labels = self._vector(y, n, "y (one label per row)")
         if ((labels < 0) | (labels > 1)).any():
             raise RankerError("y: labels must lie in [0, 1]")
-        weights = np.ones(n, dtype=np.float32) if w is None else self._column(w, n, "w")
+        weights = np.ones(n, dtype=np.float32) if w is None else self._vector(w, n, "w (per row)")
         if (weights < 0).any() or not weights.any():
             raise RankerError("w: row weights must be >= 0 and not all zero")
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
@@ -464,20 +464,6 @@ class Ranker:
                 f"x: expected feature rows of shape [N, {FEATURES}], got {list(rows.shape)}"
             )
         return rows
-
-    @staticmethod
-    def _column(values: npt.ArrayLike, n: int, name: str) -> FloatArray:
-        try:
-            column = np.ascontiguousarray(values, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise RankerError(f"{name}: not an array of numbers: {error}") from None
-        if column.shape != (n,):
-            raise RankerError(
-                f"{name}: expected shape [{n}], one per row, got {list(column.shape)}"
-            )
-        if not np.isfinite(column).all():
-            raise RankerError(f"{name}: values must be finite (no NaN or infinity)")
-        return column
 
     @staticmethod
     def _vector(values: npt.ArrayLike, size: int, name: str) -> FloatArray:
