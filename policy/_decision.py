@@ -77,6 +77,8 @@ REASONS: dict[str, str] = {
     "budget_exhausted": "the round would exceed the privacy budget of ε {budget:.4g}",
     "spec_outside_policy": "the round spec does not match the region's policy ({detail})",
     "cohort_not_met": "the round ended with {cohort} contributions (minimum {min_cohort})",
+    "unsupported_protocol": "the message uses a protocol version this service does not speak",
+    "malformed": "the message is malformed",
 }
 DENY_REASONS = frozenset(
     code for code in REASONS if code not in {

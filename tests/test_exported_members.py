@@ -31,6 +31,15 @@ PUBLIC = {
         "SCHEMA_VERSION", "SESSION_GAP_MS", "Search", "Seek", "Skip", "StoreError",
         "TASTE_HALF_LIFE_MS", "check_builtin_only", "from_ms", "is_completion", "is_play", "to_ms",
     ],
+    "sottovoce.sync": [
+        "BadSignature", "Malformed", "ModelRelease", "NOISE_SLACK_SIGMAS", "NonFinite",
+        "NormExceeded", "OpenedDelta", "PROTOCOL_VERSION", "RoundClosed", "RoundSpec",
+        "SealedDelta", "SignedRoundSpec", "SpecRefused", "SyncError", "Undecryptable",
+        "UnsupportedProtocol", "WrongModelVersion", "WrongRegion", "add_noise", "check_spec",
+        "clip", "device_noise_std", "idempotency_key", "new_device_secret", "open_delta",
+        "period_label", "pseudonym", "sample_into_round", "seal_delta", "sign_release",
+        "sign_round_spec", "verify_release", "verify_round_spec",
+    ],
 }  # fmt: skip
 
 
@@ -49,14 +58,31 @@ def _is_submodule(module: object, name: str) -> bool:
 
 
 def test_every_error_has_a_code_and_one_root() -> None:
-    from sottovoce import SottovoceError, device, policy
+    from sottovoce import SottovoceError, device, policy, sync
 
     errors = [
-        getattr(m, n) for m in (device, policy) for n in m.__all__
+        getattr(m, n) for m in (device, policy, sync) for n in m.__all__
         if isinstance(getattr(m, n), type) and issubclass(getattr(m, n), Exception)
     ]  # fmt: skip
-    assert len(errors) >= 12
-    codes = [e.code for e in errors]
+    assert len(errors) >= 20
     for error in errors:
         assert issubclass(error, SottovoceError), error
-    assert "error" not in codes and len(set(codes)) == len(codes)
+        assert error.code != "error", error
+    for a in errors:
+        for b in errors:
+            # one code, one meaning: only a class refining another may share its code
+            if a is not b and a.code == b.code:
+                assert issubclass(a, b) or issubclass(b, a), (a, b)
+
+
+def test_every_refusal_sync_raises_is_a_logged_reason() -> None:
+    from sottovoce import sync
+    from sottovoce.policy import REASONS
+
+    codes = {
+        getattr(sync, n).code
+        for n in sync.__all__
+        if isinstance(getattr(sync, n), type) and issubclass(getattr(sync, n), Exception)
+    }
+    codes -= {"sync_error"}
+    assert codes <= set(REASONS), codes - set(REASONS)

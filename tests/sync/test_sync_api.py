@@ -1,0 +1,66 @@
+"""The public API of ``sottovoce.sync`` is pinned, and its errors are one documented tree."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sync_helpers import PROTOCOL_DOC
+
+import sottovoce.sync
+from sottovoce import SottovoceError
+from sottovoce.policy import REASONS
+from sottovoce.sync import SpecRefused, SyncError
+from sottovoce.sync import _errors as errors_module
+
+PUBLIC = [
+    "BadSignature", "Malformed", "ModelRelease", "NOISE_SLACK_SIGMAS", "NonFinite",
+    "NormExceeded", "OpenedDelta", "PROTOCOL_VERSION", "RoundClosed", "RoundSpec", "SealedDelta",
+    "SignedRoundSpec", "SpecRefused", "SyncError", "Undecryptable", "UnsupportedProtocol",
+    "WrongModelVersion", "WrongRegion", "add_noise", "check_spec", "clip", "device_noise_std",
+    "idempotency_key", "new_device_secret", "open_delta", "period_label", "pseudonym",
+    "sample_into_round", "seal_delta", "sign_release", "sign_round_spec", "verify_release",
+    "verify_round_spec",
+]  # fmt: skip
+
+ERRORS = [
+    getattr(sottovoce.sync, name)
+    for name in sottovoce.sync.__all__
+    if isinstance(getattr(sottovoce.sync, name), type)
+    and issubclass(getattr(sottovoce.sync, name), Exception)
+]
+
+
+def test_exported_members() -> None:
+    module = sottovoce.sync
+    assert sorted(module.__all__) == sorted(PUBLIC)
+    for name in module.__all__:
+        assert hasattr(module, name), name
+    public = {n for n, v in vars(module).items()
+              if not n.startswith("_") and type(v).__name__ != "module"}  # fmt: skip
+    assert public <= set(module.__all__), "public names outside __all__"
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: e.__name__)
+def test_every_error_has_its_own_code_under_one_root(error: type[SyncError]) -> None:
+    assert issubclass(error, SyncError) and issubclass(error, SottovoceError)
+    assert re.fullmatch(r"[a-z_]+", error.code)
+    assert [e.code for e in ERRORS].count(error.code) == 1
+    assert error.__name__ in (errors_module.__doc__ or ""), "the tree in _errors.py names it"
+
+
+def test_refusal_codes_are_decision_log_reasons() -> None:
+    codes = {e.code for e in ERRORS if e is not SyncError} | {"budget_exhausted"}
+    assert codes <= set(REASONS), codes - set(REASONS)
+
+
+def test_every_code_is_documented() -> None:
+    text = PROTOCOL_DOC.read_text(encoding="utf-8").split("\n## Errors\n", 1)[1]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", text, flags=re.MULTILINE))
+    assert documented == {e.code for e in ERRORS if e is not SyncError} | {"budget_exhausted"}
+
+
+def test_a_budget_refusal_keeps_the_class_but_not_the_code() -> None:
+    refusal = SpecRefused("over budget", rule="epsilon", code="budget_exhausted")
+    assert refusal.code == "budget_exhausted" and refusal.rule == "epsilon"
+    assert SpecRefused("x", rule="mode").code == "spec_outside_policy"
