@@ -14,6 +14,7 @@ model) and returns ``local weights - global weights``, the delta that sync will 
 
 from __future__ import annotations
 
+import base64
 import math
 import random
 from collections.abc import Sequence
@@ -28,9 +29,18 @@ import numpy.typing as npt
 from sottovoce.device._errors import DeviceError
 from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, assemble
 from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
-from sottovoce.device._store import EventStore
+from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
 from sottovoce.policy import Purpose
+from sottovoce.sync import (
+    RoundSpec,
+    SpecRefused,
+    check_spec,
+    idempotency_key,
+    period_label,
+    sample_into_round,
+    seal_delta,
+)
 
 MAX_EXPLORE_SHARE = 0.3
 MAX_STEPS = 2_000
@@ -195,7 +205,68 @@ class Personalizer:
         seed: int = 0,
         examples: int = 2_000,
     ) -> LocalRound:
-        """Train on the user's own history; the result's ``delta`` is local - global."""
+        """Train on the user's own history; the result's ``delta`` is local - global.
+
+        The personal model is stored (it serves this user's reranks); nothing is queued to
+        send (see :meth:`contribute`).
+        """
+        result, state = self._train(user_id, eligibility=eligibility, steps=steps, batch=batch,
+                                    lr=lr, seed=seed, examples=examples)  # fmt: skip
+        self.store.save_model(_local_slot(self.store, user_id), model_id=self.ranker.model_id,
+                              version=self.version, weights=result.delta + self.global_weights,
+                              state=state, user_id=user_id)  # fmt: skip
+        return result
+
+    def contribute(
+        self,
+        user_id: str,
+        *,
+        spec: RoundSpec,
+        eligibility: Eligibility,
+        steps: int = 200,
+        seed: int = 0,
+    ) -> str | None:
+        """Take part in a federated round; returns the queued delta's idempotency key, or
+        ``None`` when the device's coin (the spec's sampling rate) keeps it out of the round.
+
+        The spec is checked against the device's own copy of the policy first (``SpecRefused``
+        beyond it); then the user's consent decides (logged); then the device trains, seals the
+        delta (clip, noise in local mode, pseudonym, signature, HPKE to the region's key) and
+        records the round, the personal model and the outbox entry in one transaction.
+        """
+        check_spec(spec, self.store.region)
+        if spec.model_id != self.ranker.model_id or spec.model_version != self.version:
+            raise DeviceError(f"round {spec.round_id} is for model version "
+                              f"{spec.model_version} of {spec.model_id[:12]}…; this device has "
+                              f"version {self.version}")  # fmt: skip
+        secret = self.store.device_secret()
+        if not sample_into_round(spec, secret):
+            return None
+        period = period_label(spec)
+        key = idempotency_key(secret, spec=spec, period=period)
+        if self.store.in_outbox(key):
+            return key  # this round's delta is queued already (or was sent): once per round
+        decision = self.store.contribution(user_id, spec.model_dump(mode="json"))
+        if not decision.allowed:
+            refusal = self.store.refusal(user_id, Purpose.FEDERATED_TRAINING)
+            raise refusal or SpecRefused(decision.sentence, rule="policy", code=decision.reason)
+        result, state = self._train(user_id, eligibility=eligibility, steps=steps, batch=32,
+                                    lr=3e-3, seed=seed, examples=2_000)  # fmt: skip
+        hpke = base64.b64decode(self.store.region.key("hpke").key)
+        sealed = seal_delta(delta=result.delta, spec=spec, device_secret=secret,
+                            signing_key=self.store.signing_key(period), aggregator_hpke_key=hpke,
+                            rng=np.random.default_rng(), period=period,
+                            idempotency_key=key)  # fmt: skip
+        model = ModelWeights(self.ranker.model_id, self.version,
+                             result.delta + self.global_weights)  # fmt: skip
+        self.store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=model,
+                                state=state, decision=decision)  # fmt: skip
+        return sealed.idempotency_key
+
+    def _train(
+        self, user_id: str, *, eligibility: Eligibility, steps: int, batch: int, lr: float,
+        seed: int, examples: int,
+    ) -> tuple[LocalRound, npt.NDArray[np.float32]]:  # fmt: skip
         missing = eligibility.missing()
         if missing:
             raise NotEligible(f"the device is not eligible for training: not {', '.join(missing)}")
@@ -217,14 +288,12 @@ class Personalizer:
             pick = rng.choice(len(data), size=min(batch, len(data)), replace=False)
             losses.append(trainer.train_step(data.x[pick], data.y[pick], data.w[pick], lr=lr))
         local = trainer.get_weights()
-        self.store.save_model(_local_slot(self.store, user_id), model_id=self.ranker.model_id,
-                              version=self.version, weights=local,
-                              state=trainer.get_state(), user_id=user_id)  # fmt: skip
         head = float(np.mean(losses[: max(1, steps // 10)]))
         tail = float(np.mean(losses[-max(1, steps // 10) :]))
-        return LocalRound(delta=local - self.global_weights, base_version=self.version,
-                          examples=len(data), steps=steps, loss_before=head,
-                          loss_after=tail)  # fmt: skip
+        result = LocalRound(delta=local - self.global_weights, base_version=self.version,
+                            examples=len(data), steps=steps, loss_before=head,
+                            loss_after=tail)  # fmt: skip
+        return result, trainer.get_state()
 
     def examples(self, user_id: str, *, seed: int = 0, limit: int = 2_000) -> Examples:
         """Training examples from the user's history (the most recent ``limit``)."""

@@ -159,7 +159,34 @@ def m003_ranker_and_erasure(db: Database) -> None:
     )
 
 
-STORE_SCHEMA = "m003_ranker_and_erasure"
+@MIGRATIONS()
+def m004_outbox(db: Database) -> None:
+    """Sealed deltas waiting to be sent; the device secret and per-period signing keys."""
+    db.table("outbox").create(
+        {
+            "idempotency_key": str,
+            "user_ref": int,  # whose training produced it: withdrawal purges it
+            "region": str,
+            "round_id": str,
+            "deadline_ts": int,
+            "body": bytes,
+            "state": str,  # pending | acknowledged | dropped
+            "attempts": int,
+            "next_attempt_ts": int,
+            "created_ts": int,
+            "done_ts": int,
+            "reason": str,
+        },
+        pk="idempotency_key",
+        not_null={"region", "round_id", "deadline_ts", "body", "state", "attempts",
+                  "next_attempt_ts", "created_ts"},
+    )  # fmt: skip
+    db.table("outbox").create_index(["state", "next_attempt_ts"])
+    db.table("device_keys").create({"period": str, "signing_key": str}, pk="period")
+    db.table("meta").insert({"key": "device_secret", "value": secrets.token_hex(32)})
+
+
+STORE_SCHEMA = "m004_outbox"
 
 # Which tables hold each class of data, and the column that dates a row for retention.
 DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
@@ -172,9 +199,10 @@ DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {
         ("context", "ts"),
         ("model_state", "updated_ts"),
     ),
+    DataClass.OUTBOX: (("outbox", "created_ts"),),
 }
 # Derived from events alone: what rebuild_derived() recomputes.
 EVENT_DERIVED = ("track_stats", "artist_stats", "sessions", "taste", "context")
 # Rows of these tables that retention may delete (the global model is nobody's data).
 RETENTION_FILTER = {"model_state": "user_ref IS NOT NULL"}
-USER_TABLES = ("events", *EVENT_DERIVED, "model_state", "decision_subjects")
+USER_TABLES = ("events", *EVENT_DERIVED, "model_state", "decision_subjects", "outbox")

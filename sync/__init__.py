@@ -25,6 +25,17 @@ from sottovoce.sync._errors import (
     WrongModelVersion,
     WrongRegion,
 )
+from sottovoce.sync._outbox import (
+    Acknowledged,
+    DeltaState,
+    Drop,
+    Outbox,
+    OutboxItem,
+    Outcome,
+    RetryAt,
+    backoff,
+    decide,
+)
 from sottovoce.sync._participation import check_spec, sample_into_round
 from sottovoce.sync._seal import (
     NOISE_SLACK_SIGMAS,
@@ -56,12 +67,19 @@ from sottovoce.sync._wire import (
 __all__ = [
     "NOISE_SLACK_SIGMAS",
     "PROTOCOL_VERSION",
+    "Acknowledged",
     "BadSignature",
+    "DeltaState",
+    "Drop",
     "Malformed",
     "ModelRelease",
     "NonFinite",
     "NormExceeded",
     "OpenedDelta",
+    "Outbox",
+    "OutboxItem",
+    "Outcome",
+    "RetryAt",
     "RoundClosed",
     "RoundSpec",
     "SealedDelta",
@@ -73,8 +91,10 @@ __all__ = [
     "WrongModelVersion",
     "WrongRegion",
     "add_noise",
+    "backoff",
     "check_spec",
     "clip",
+    "decide",
     "device_noise_std",
     "idempotency_key",
     "new_device_secret",

@@ -32,13 +32,14 @@ PUBLIC = {
         "TASTE_HALF_LIFE_MS", "check_builtin_only", "from_ms", "is_completion", "is_play", "to_ms",
     ],
     "sottovoce.sync": [
-        "BadSignature", "Malformed", "ModelRelease", "NOISE_SLACK_SIGMAS", "NonFinite",
-        "NormExceeded", "OpenedDelta", "PROTOCOL_VERSION", "RoundClosed", "RoundSpec",
-        "SealedDelta", "SignedRoundSpec", "SpecRefused", "SyncError", "Undecryptable",
-        "UnsupportedProtocol", "WrongModelVersion", "WrongRegion", "add_noise", "check_spec",
-        "clip", "device_noise_std", "idempotency_key", "new_device_secret", "open_delta",
-        "period_label", "pseudonym", "sample_into_round", "seal_delta", "sign_release",
-        "sign_round_spec", "verify_release", "verify_round_spec",
+        "Acknowledged", "BadSignature", "DeltaState", "Drop", "Malformed", "ModelRelease",
+        "NOISE_SLACK_SIGMAS", "NonFinite", "NormExceeded", "OpenedDelta", "Outbox", "OutboxItem",
+        "Outcome", "PROTOCOL_VERSION", "RetryAt", "RoundClosed", "RoundSpec", "SealedDelta",
+        "SignedRoundSpec", "SpecRefused", "SyncError", "Undecryptable", "UnsupportedProtocol",
+        "WrongModelVersion", "WrongRegion", "add_noise", "backoff", "check_spec", "clip", "decide",
+        "device_noise_std", "idempotency_key", "new_device_secret", "open_delta", "period_label",
+        "pseudonym", "sample_into_round", "seal_delta", "sign_release", "sign_round_spec",
+        "verify_release", "verify_round_spec",
     ],
 }  # fmt: skip
 

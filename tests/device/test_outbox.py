@@ -1,0 +1,116 @@
+"""Taking part in a round: spec checks, sealing, and the transactional outbox in the store."""
+
+from __future__ import annotations
+
+import base64
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import NOW
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from sottovoce._demo import listen, make_catalog
+from sottovoce.device import Eligibility, EventStore, Personalizer
+from sottovoce.policy import ConsentMissing, Policy, Purpose, example_policy, policy_from_data
+from sottovoce.sync import RoundSpec, SealedDelta, SpecRefused, open_delta
+
+READY = Eligibility(charging=True, unmetered=True, idle=True)
+
+
+@pytest.fixture(scope="module")
+def aggregator() -> tuple[X25519PrivateKey, Policy]:
+    """The US aggregator's HPKE key, and a policy that publishes it."""
+    key = X25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    data = example_policy().model_dump(mode="json")
+    data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
+    return key, policy_from_data(data)
+
+
+@pytest.fixture
+def device(tmp_path: Path, aggregator: tuple[X25519PrivateKey, Policy]) -> Personalizer:
+    store = EventStore.open(tmp_path / "d.db", policy=aggregator[1], region="us",
+                            clock=lambda: NOW)  # fmt: skip
+    tracks, rows = make_catalog(random.Random(1))
+    store.upsert_catalog(rows)
+    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 600))
+    return Personalizer(store)
+
+
+def _spec(device: Personalizer, **overrides: object) -> RoundSpec:
+    fields: dict[str, object] = {
+        "round_id": "us-r1", "region": "us", "model_id": device.ranker.model_id,
+        "model_version": device.version, "mode": "central", "clipping_norm": 1.0,
+        "noise_multiplier": 1.1, "sampling_rate": 1.0, "min_cohort": 20,
+        "deadline": NOW + timedelta(days=1), "epsilon_spent": 1.0, "epsilon_after": 1.5,
+        "delta": 1e-5, "period_start": NOW - timedelta(days=1),
+    }  # fmt: skip
+    fields.update(overrides)
+    return RoundSpec.model_validate(fields)
+
+
+def test_a_round_is_sealed_and_queued_with_the_model_in_one_step(
+    device: Personalizer, aggregator: tuple[X25519PrivateKey, Policy]
+) -> None:
+    store = device.store
+    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    spec = _spec(device)
+    key = device.contribute("ann", spec=spec, eligibility=READY, steps=20)
+    assert key is not None
+    (item,) = store.due(now=NOW)
+    assert item.idempotency_key == key and item.round_id == "us-r1"
+    opened = open_delta(SealedDelta.from_wire(item.body), region="us", round_id="us-r1",
+                        model_version=spec.model_version, hpke_private_key=aggregator[0],
+                        clipping_norm=1.0)  # fmt: skip
+    assert float(np.linalg.norm(opened.delta)) <= 1.0 + 1e-5
+    assert store.load_model(f"local:{store.user_hash('ann')}") is not None
+    logged = [d.reason for _, d in store.decisions.query(action="contribute_delta")]
+    assert logged == ["consent_given"]
+    # asking again for the same round queues nothing new
+    assert device.contribute("ann", spec=spec, eligibility=READY, steps=20) == key
+    assert store.outbox_states() == {"pending": 1}
+
+
+def test_the_outbox_moves_forward_only(device: Personalizer) -> None:
+    store = device.store
+    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    key = device.contribute("ann", spec=_spec(device), eligibility=READY, steps=5)
+    assert key is not None
+    store.attempted(key, now=NOW, retry_at=NOW + timedelta(minutes=5))
+    assert store.due(now=NOW) == [] and len(store.due(now=NOW + timedelta(minutes=5))) == 1
+    store.acknowledge(key, now=NOW)
+    store.drop(key, reason="round_closed", now=NOW)  # too late: acknowledged stays
+    assert store.outbox_states() == {"acknowledged": 1}
+    assert store.due(now=NOW + timedelta(days=1)) == []
+
+
+def test_withdrawing_training_consent_purges_queued_deltas(device: Personalizer) -> None:
+    store = device.store
+    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    device.contribute("ann", spec=_spec(device), eligibility=READY, steps=5)
+    report = store.withdraw("ann", Purpose.FEDERATED_TRAINING)
+    assert report.deleted["outbox"] == 1 and store.outbox_states() == {}
+    with pytest.raises(ConsentMissing):
+        device.contribute("ann", spec=_spec(device, round_id="us-r2"), eligibility=READY)
+    assert store.outbox_states() == {}
+
+
+def test_a_spec_beyond_the_policy_is_refused_before_training(device: Personalizer) -> None:
+    store = device.store
+    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    for change in ({"epsilon_after": 9.0}, {"clipping_norm": 5.0}, {"min_cohort": 2},
+                   {"mode": "local"}, {"region": "eu"}):  # fmt: skip
+        with pytest.raises(SpecRefused):
+            device.contribute("ann", spec=_spec(device, **change), eligibility=READY)
+    assert store.outbox_states() == {}
+
+
+def test_the_sampling_rate_keeps_most_devices_out(device: Personalizer) -> None:
+    device.store.grant("ann", Purpose.FEDERATED_TRAINING)
+    taken = [device.contribute("ann", spec=_spec(device, round_id=f"r{i}", sampling_rate=0.02),
+                               eligibility=READY, steps=1) for i in range(40)]  # fmt: skip
+    assert sum(k is not None for k in taken) <= 5
