@@ -183,15 +183,13 @@ class Personalizer:
         snapshot, artists, vectors = self.store.snapshot(user_id, candidates, now=now)
         x = assemble(snapshot, candidates, artists, vectors)
         scores = self.ranker.infer(x).astype(np.float64)
-        skipped = np.array([snapshot.session_artist_skips.get(a, 0) if a else 0 for a in artists])
-        scores -= options.session_skip_penalty * skipped
+        # the session's skips of each candidate's artist, recovered from its log1p feature
+        scores -= options.session_skip_penalty * np.expm1(x[:, SESSION + 2]).round()
         order = _arrange(scores, x, artists, options)
         values, codes = scores.tolist(), _reasons(x)
-        items = tuple(
-            RankedItem(candidates[i], values[i], _REASONS[0 if explored else codes[i]], explored)
-            for i, explored in order
-        )
-        return Ranking(items, personalized=True)
+        rows = [(candidates[i], values[i], _REASONS[0 if explored else codes[i]], explored)
+                for i, explored in order]  # fmt: skip
+        return Ranking(tuple(map(RankedItem._make, rows)), personalized=True)
 
     # -- local training ----------------------------------------------------------------------
     def local_round(

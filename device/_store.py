@@ -224,6 +224,7 @@ class EventStore:
         self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
         self._data_version: int | None = None
         self._generation = 0
+        self._verdicts: dict[str, tuple[int, Decision]] = {}  # personalization, per user
         self._clock = clock
         self._engine = DecisionEngine(
             policy, region_id, digest_key=bytes.fromhex(self._meta("digest_key")), clock=clock
@@ -626,7 +627,7 @@ class EventStore:
         return len(parsed)
 
     def _load_catalog(self, track_ids: Iterable[str]) -> None:
-        wanted = [t for t in set(track_ids) if t not in self._catalog]
+        wanted = list(dict.fromkeys(t for t in track_ids if t not in self._catalog))
         for chunk in _chunks(wanted, 500):
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT track_id, artist_id, vector FROM catalog WHERE track_id IN ({marks})"
@@ -749,6 +750,9 @@ class EventStore:
         store made for the user (and the first time).
         """
         user = self.user_hash(user_id)
+        cached = self._verdicts.get(user)
+        if cached is not None and cached[0] == self.generation():
+            return cached[1]  # nothing was written since: the answer cannot have changed
         ref = self._ref(user_id, create=False)
         decision = self._engine.personalize(
             self._consent_state(ref, user), inputs=self._inputs("personalize", ref)
@@ -758,6 +762,7 @@ class EventStore:
             with self._write():
                 self._log(decision, ref)
             self._noted[key] = (decision.reason, decision.policy_hash)
+        self._verdicts[user] = (self.generation(), decision)
         return decision
 
     def facts(self, user_id: str) -> list[Fact]:
