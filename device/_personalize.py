@@ -33,6 +33,7 @@ from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
 from sottovoce.policy import Purpose
 from sottovoce.sync import (
+    ModelRelease,
     RoundSpec,
     SpecRefused,
     check_spec,
@@ -40,6 +41,7 @@ from sottovoce.sync import (
     period_label,
     sample_into_round,
     seal_delta,
+    verify_release,
 )
 
 MAX_EXPLORE_SHARE = 0.3
@@ -161,6 +163,13 @@ class Personalizer:
         self.store.save_model("global", model_id=model_id, version=version, weights=weights)
         self.version, self.global_weights = version, weights
         self._serving = None
+
+    def install_release(self, release: ModelRelease) -> None:
+        """Verify a downloaded release against the region's pinned signing key (from the
+        policy) and swap it in: same model file, newer version, finite weights, or refused."""
+        pinned = base64.b64decode(self.store.region.key("signing").key)
+        weights = verify_release(release, pinned)
+        self.apply_release(weights, version=release.version, model_id=release.model_id)
 
     # -- rerank ----------------------------------------------------------------------------
     def rerank(

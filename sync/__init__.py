@@ -13,7 +13,9 @@ error codes are shared with the aggregator, which opens deltas with :func:`open_
 """
 
 from sottovoce.sync._errors import (
+    AggregatorUnavailable,
     BadSignature,
+    EnrollmentRefused,
     Malformed,
     NonFinite,
     NormExceeded,
@@ -22,6 +24,7 @@ from sottovoce.sync._errors import (
     SyncError,
     Undecryptable,
     UnsupportedProtocol,
+    WrongModel,
     WrongModelVersion,
     WrongRegion,
 )
@@ -68,9 +71,11 @@ __all__ = [
     "NOISE_SLACK_SIGMAS",
     "PROTOCOL_VERSION",
     "Acknowledged",
+    "AggregatorUnavailable",
     "BadSignature",
     "DeltaState",
     "Drop",
+    "EnrollmentRefused",
     "Malformed",
     "ModelRelease",
     "NonFinite",
@@ -88,6 +93,7 @@ __all__ = [
     "SyncError",
     "Undecryptable",
     "UnsupportedProtocol",
+    "WrongModel",
     "WrongModelVersion",
     "WrongRegion",
     "add_noise",

@@ -15,8 +15,14 @@ Every class has one stable ``code``::
     ├── BadSignature           bad_signature         a signature that does not verify
     ├── NonFinite              non_finite            NaN or infinite values in a delta
     ├── NormExceeded           norm_exceeded         a delta above the clipping bound
-    └── SpecRefused            spec_outside_policy   a round spec beyond the device's policy
-                               | budget_exhausted    (``rule`` names the broken rule)
+    ├── SpecRefused            spec_outside_policy   a round spec beyond the device's policy
+    │                          | budget_exhausted    (``rule`` names the broken rule)
+    ├── WrongModel             wrong_model           a release for another model file
+    ├── EnrollmentRefused      not_enrolled          the aggregator refused the device's key
+    └── AggregatorUnavailable  aggregator_unavailable  no usable answer (offline, errors)
+
+The last three are met by the device's transport (:mod:`sottovoce.sync.transport`), not by the
+aggregator's checks.
 
 ``open_delta`` checks in the order of the tree, from ``UnsupportedProtocol`` to
 ``NormExceeded`` (cheap envelope checks first, then decryption, the plaintext's layout, the
@@ -103,3 +109,25 @@ class SpecRefused(SyncError):
     def __init__(self, message: str, *, rule: str, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.rule = rule
+
+
+class WrongModel(SyncError):
+    """A release for another model file than the one on the device."""
+
+    code = "wrong_model"
+
+
+class EnrollmentRefused(SyncError):
+    """The aggregator refused to enroll the device's key; ``reason`` is its code, if any."""
+
+    code = "not_enrolled"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AggregatorUnavailable(SyncError):
+    """No usable answer from the aggregator: offline, server errors, or an unexpected status."""
+
+    code = "aggregator_unavailable"

@@ -2,7 +2,7 @@
 
 Data flow position: a local round's sealed delta is written to the device's outbox in the same
 transaction that records the round (the device store implements :class:`Outbox`); the
-transport (:mod:`._transport`) takes what is due, sends it with its idempotency key, and turns
+transport (:mod:`.transport`) takes what is due, sends it with its idempotency key, and turns
 each response into an :class:`Outcome` with :func:`decide`. The states only move forward:
 
     pending ──send──▶ pending (attempts + 1, next attempt later) ──ack──▶ acknowledged

@@ -114,3 +114,37 @@ def test_the_sampling_rate_keeps_most_devices_out(device: Personalizer) -> None:
     taken = [device.contribute("ann", spec=_spec(device, round_id=f"r{i}", sampling_rate=0.02),
                                eligibility=READY, steps=1) for i in range(40)]  # fmt: skip
     assert sum(k is not None for k in taken) <= 5
+
+
+def test_a_release_is_installed_only_when_signed_by_the_pinned_key(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sottovoce.device import DeviceError
+    from sottovoce.sync import BadSignature, sign_release
+
+    signer = Ed25519PrivateKey.generate()
+    public = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    data = example_policy().model_dump(mode="json")
+    data["regions"][1]["aggregator"]["public_keys"][1]["key"] = base64.b64encode(public).decode()
+    store = EventStore.open(tmp_path / "r.db", policy=policy_from_data(data), region="us",
+                            clock=lambda: NOW)  # fmt: skip
+    device = Personalizer(store)
+    weights = device.global_weights * 0.5
+
+    def release(version: int, key: Ed25519PrivateKey = signer, model: str | None = None) -> object:
+        return sign_release(model_id=model or device.ranker.model_id, version=version,
+                            weights=weights, created=datetime(2026, 11, 2, tzinfo=UTC),
+                            signing_key=key, kid="us-sign-2026-11")  # fmt: skip
+
+    device.install_release(release(2))  # type: ignore[arg-type]
+    assert device.version == 2 and Personalizer(store).version == 2
+    with pytest.raises(BadSignature):
+        device.install_release(release(3, key=Ed25519PrivateKey.generate()))  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match="not newer"):
+        device.install_release(release(2))  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match="release is for model"):
+        device.install_release(release(4, model="ab" * 32))  # type: ignore[arg-type]
+    assert Personalizer(store).version == 2
+    store.close()

@@ -16,8 +16,12 @@ def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> N
     conn = sqlite3.connect(tmp_path / "device.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     applied = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert applied == ["m001_initial", "m002_decision_log", "m003_ranker_and_erasure",
-                       "m004_outbox"]
+    assert applied == [
+        "m001_initial",
+        "m002_decision_log",
+        "m003_ranker_and_erasure",
+        "m004_outbox",
+    ]
 
 
 def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> None:

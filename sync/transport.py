@@ -1,0 +1,309 @@
+"""HTTP transport of sync: the one module of sottovoce that does network I/O (with httpx).
+
+Data flow position: the device's outbox (:mod:`._outbox`) holds sealed deltas; an
+:class:`Uploader` posts what is due to the region's aggregator and records each outcome the pure
+:func:`~._outbox.decide` picks. :func:`fetch_release` downloads a signed model release
+conditionally (ETag) and checks it; :func:`enroll` registers the device's per-period key.
+``docs/protocol.md`` ("HTTP") documents the endpoints.
+
+Within one call, transient failures (no connection, timeouts, dropped or truncated responses,
+bodies that are not JSON, 5xx, 429) are retried a few times with exponential backoff and full
+jitter (tenacity), waiting as long as a short ``Retry-After`` asks. What is still failing after
+that is left to the outbox, which tries again later: nothing here waits for long.
+
+Errors beyond those of :mod:`._errors` (to move there when they are exported)::
+
+    SyncError
+    ├── WrongModel              wrong_model             a release for another model file
+    ├── EnrollmentRefused       not_enrolled            the aggregator refused the enrollment
+    └── AggregatorUnavailable   aggregator_unavailable  no usable answer after the retries
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import tenacity
+
+from sottovoce.policy._canonical import canonical_json
+from sottovoce.sync._errors import (
+    AggregatorUnavailable,
+    EnrollmentRefused,
+    WrongModel,
+    WrongModelVersion,
+)
+from sottovoce.sync._outbox import Acknowledged, Drop, Outbox, OutboxItem, RetryAt, decide
+from sottovoce.sync._sign import SigningPublicKey, signing_public_key, verify_release
+from sottovoce.sync._wire import PROTOCOL_VERSION, ModelRelease, b64encode
+
+Clock = Callable[[], datetime]
+Sleep = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one call tries before it leaves the rest to the outbox (seconds)."""
+
+    attempts: int = 4
+    initial: float = 0.5  # backoff before the second try; doubled each try, full jitter
+    maximum: float = 8.0
+    max_retry_after: float = 5.0  # a longer Retry-After ends the call (and an upload run)
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    """What one :meth:`Uploader.run_once` did with the due deltas."""
+
+    acknowledged: int = 0
+    retried: int = 0  # answered but not accepted yet (5xx, 429, truncated): pending, later
+    dropped: int = 0
+    offline: int = 0  # not reached (connection failed): pending, later
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A checked model release and the ETag to send next time."""
+
+    release: ModelRelease
+    etag: str | None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One exchange as the protocol sees it: ``status`` is ``None`` for no usable answer."""
+
+    status: int | None
+    body: dict[str, Any] | None = None
+    headers: httpx.Headers | None = None
+    retry_after: timedelta | None = None
+    unreachable: bool = False  # the connection itself failed
+
+    @property
+    def code(self) -> str | None:
+        code = (self.body or {}).get("code")
+        return code if isinstance(code, str) else None
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status >= 500 or self.status == 429
+
+    def waits_too_long(self, policy: RetryPolicy) -> bool:
+        limit = timedelta(seconds=policy.max_retry_after)
+        return self.retry_after is not None and self.retry_after > limit
+
+
+def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:
+    if response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return timedelta(seconds=int(value))
+    try:
+        return max(parsedate_to_datetime(value) - now, timedelta(0))
+    except (TypeError, ValueError):
+        return None
+
+
+def _exchange(send: Callable[[], httpx.Response]) -> _Reply:
+    """One try. Every answer with a body is a JSON object; anything else counts as none."""
+    try:
+        response = send()
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        return _Reply(status=None, unreachable=True)
+    except httpx.TransportError:  # read timeouts, dropped connections, truncated bodies
+        return _Reply(status=None)
+    retry_after = _retry_after(response, datetime.now(UTC))
+    body: Any = None
+    if response.content:
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):  # a proxy's page, or garbage: no answer from us
+            return _Reply(status=None, retry_after=retry_after)
+    return _Reply(response.status_code, body, response.headers, retry_after)
+
+
+def _with_retries(send: Callable[[], httpx.Response], policy: RetryPolicy, sleep: Sleep) -> _Reply:
+    """The last reply after retrying transient ones (waits honour a short Retry-After)."""
+    backoff = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.maximum)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        reply = state.outcome.result() if state.outcome is not None else None
+        if isinstance(reply, _Reply) and reply.retry_after is not None:
+            return reply.retry_after.total_seconds()
+        return backoff(state)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=wait,
+        retry=tenacity.retry_if_result(
+            lambda reply: reply.transient and not reply.waits_too_long(policy)
+        ),
+        sleep=sleep,
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+    )
+    reply: _Reply = retrying(_exchange, send)
+    return reply
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Uploader:
+    """Posts the outbox's due deltas to ``{base_url}/v1/rounds/{round_id}/deltas``."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        *,
+        base_url: str,
+        outbox: Outbox,
+        clock: Clock = _utcnow,
+        retry: RetryPolicy = RetryPolicy(),
+        sleep: Sleep = time.sleep,
+    ) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+        self._outbox = outbox
+        self._clock = clock
+        self._retry = retry
+        self._sleep = sleep
+
+    def run_once(self, limit: int = 100) -> UploadReport:
+        """Send up to ``limit`` due deltas and record every outcome in the outbox.
+
+        The run stops early when the aggregator cannot be reached, or asks to wait longer than
+        :attr:`RetryPolicy.max_retry_after`: the deltas not sent are put off as the one that
+        was, instead of failing one by one.
+        """
+        items = self._outbox.due(now=self._clock(), limit=limit)
+        counts = dict.fromkeys(("acknowledged", "retried", "dropped", "offline"), 0)
+        for index, item in enumerate(items):
+            reply = self._send(item)
+            counts[self._record(item, reply, code=reply.code)] += 1
+            if reply.unreachable or reply.waits_too_long(self._retry):
+                for rest in items[index + 1 :]:
+                    counts[self._record(rest, reply, code=None)] += 1
+                break
+        return UploadReport(**counts)
+
+    def _send(self, item: OutboxItem) -> _Reply:
+        def send() -> httpx.Response:
+            return self._client.post(
+                f"{self._base_url}/v1/rounds/{item.round_id}/deltas",
+                content=item.body,
+                headers={
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": item.idempotency_key,
+                },
+            )
+
+        return _with_retries(send, self._retry, self._sleep)
+
+    def _record(self, item: OutboxItem, reply: _Reply, *, code: str | None) -> str:
+        """Apply :func:`decide` to the outbox; returns the report field to count."""
+        now = self._clock()
+        outcome = decide(
+            item, now=now, status=reply.status, code=code, retry_after=reply.retry_after
+        )
+        match outcome:
+            case Acknowledged():
+                self._outbox.acknowledge(item.idempotency_key, now=now)
+                return "acknowledged"
+            case Drop(reason=reason):
+                self._outbox.drop(item.idempotency_key, reason=reason, now=now)
+                return "dropped"
+            case RetryAt(at=at):
+                self._outbox.attempted(item.idempotency_key, now=now, retry_at=at)
+                return "offline" if reply.unreachable else "retried"
+
+
+def _unavailable(what: str, reply: _Reply) -> AggregatorUnavailable:
+    if reply.unreachable:
+        return AggregatorUnavailable(f"{what}: the aggregator cannot be reached")
+    if reply.status is None:
+        return AggregatorUnavailable(f"{what}: no usable answer from the aggregator")
+    return AggregatorUnavailable(f"{what}: the aggregator answered HTTP {reply.status}")
+
+
+def fetch_release(
+    client: httpx.Client,
+    *,
+    base_url: str,
+    etag: str | None = None,
+    verify_key: SigningPublicKey,
+    model_id: str,
+    current_version: int,
+    retry: RetryPolicy = RetryPolicy(),
+    sleep: Sleep = time.sleep,
+) -> Fetched | None:
+    """The aggregator's newest release, checked; ``None`` if unchanged since ``etag``.
+
+    Raises what :func:`verify_release` raises (``BadSignature``, ``NonFinite``, ...),
+    :class:`WrongModel` for another model file, :class:`WrongModelVersion` for a release that
+    is not newer than ``current_version`` (no downgrade, no replay), and
+    :class:`AggregatorUnavailable` when there is no usable answer.
+    """
+    headers = {"Accept": "application/json"}
+    if etag is not None:
+        headers["If-None-Match"] = etag
+    url = f"{base_url.rstrip('/')}/v1/model/release"
+    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep)
+    if reply.status == 304:
+        return None
+    if reply.status != 200 or reply.body is None:
+        raise _unavailable("model release", reply)
+    release = ModelRelease.from_wire(reply.body)
+    verify_release(release, verify_key)
+    if release.model_id != model_id:
+        raise WrongModel(
+            f"release {release.version} is for model {release.model_id[:12]}, not the local "
+            f"model {model_id[:12]}"
+        )
+    if release.version <= current_version:
+        raise WrongModelVersion(
+            f"release {release.version} is not newer than the version in use ({current_version})"
+        )
+    return Fetched(release, reply.headers.get("ETag") if reply.headers else None)
+
+
+def enroll(
+    client: httpx.Client,
+    *,
+    base_url: str,
+    token: str,
+    device_public_key: SigningPublicKey,
+    period: str,
+    retry: RetryPolicy = RetryPolicy(),
+    sleep: Sleep = time.sleep,
+) -> None:
+    """Register the device's Ed25519 key for ``period`` with its region's aggregator.
+
+    ``token`` is the enrollment token the app obtained; enrolling the same key again is
+    harmless, so the call is retried like an upload. Raises :class:`EnrollmentRefused` when the
+    aggregator says no, :class:`AggregatorUnavailable` when it does not answer.
+    """
+    key = signing_public_key(device_public_key).public_bytes_raw()
+    body = canonical_json({"protocol": PROTOCOL_VERSION, "device_key": b64encode(key),
+                           "period": period})  # fmt: skip
+    url = f"{base_url.rstrip('/')}/v1/enroll"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    reply = _with_retries(lambda: client.post(url, content=body, headers=headers), retry, sleep)
+    if reply.status is not None and 200 <= reply.status < 300:
+        return
+    if reply.transient:
+        raise _unavailable("enrollment", reply)
+    raise EnrollmentRefused(
+        f"the aggregator refused to enroll the device key for period {period!r} "
+        f"(HTTP {reply.status}{', ' + reply.code if reply.code else ''})",
+        reason=reply.code,
+    )
