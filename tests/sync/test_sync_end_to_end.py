@@ -1,0 +1,123 @@
+"""A device store, its real SQLite outbox and the uploader against a faulty server on loopback.
+
+Every delta is acknowledged once and aggregated once, and no byte the device sends (bodies,
+headers, URLs) carries a user id, device id, track id, artist id or event content.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fault_server import FaultServer, random_plan
+
+from sottovoce._demo import listen, make_catalog
+from sottovoce.device import Eligibility, EventStore, Personalizer
+from sottovoce.policy import Purpose, example_policy, policy_from_data
+from sottovoce.sync import RoundSpec, SealedDelta, open_delta
+from sottovoce.sync.transport import RetryPolicy, Uploader
+
+CANARIES = ["canary-user-5c1e", "canary-device-77aa", "canary-track-0b9d", "canary-artist-e3f2",
+            "canary search words"]  # fmt: skip
+START = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START + timedelta(days=2)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
+    seed: int, tmp_path: Path
+) -> None:
+    user, device_id, track, artist, query = CANARIES
+    aggregator = X25519PrivateKey.generate()
+    public = aggregator.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    data = example_policy().model_dump(mode="json")
+    data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
+    clock = Clock()
+    store = EventStore.open(tmp_path / "d.db", policy=policy_from_data(data), region="us",
+                            clock=clock)  # fmt: skip
+    tracks, rows = make_catalog(random.Random(seed))
+    store.upsert_catalog([*rows, {"track_id": track, "artist_id": artist, "vector": [1.0] * 16}])
+    events = listen(random.Random(seed), user, tracks, {1, 3}, 400)
+    for event in events:
+        event["device_id"] = device_id
+    events.append(
+        {
+            "type": "play_end",
+            "event_id": "canary-event",
+            "user_id": user,
+            "device_id": device_id,
+            "track_id": track,
+            "artist_id": artist,
+            "ms_played": 200_000,
+            "duration_ms": 200_000,
+            "ts": events[-1]["ts"],
+        }
+    )
+    events.append({"type": "search", "event_id": "canary-search", "user_id": user,
+                   "query": query, "ts": events[-1]["ts"]})  # fmt: skip
+    store.append_many(events)
+    store.grant(user, Purpose.FEDERATED_TRAINING)
+    device = Personalizer(store)
+    keys = []
+    for r in range(3):
+        spec = RoundSpec.model_validate({
+            "round_id": f"us-{seed}-{r}", "region": "us", "model_id": device.ranker.model_id,
+            "model_version": 0, "mode": "central", "clipping_norm": 1.0,
+            "noise_multiplier": 1.1, "sampling_rate": 1.0, "min_cohort": 20,
+            "deadline": clock.now + timedelta(days=3), "epsilon_spent": 0.5 * r,
+            "epsilon_after": 0.5 * r + 0.5, "delta": 1e-5, "period_start": START,
+        })  # fmt: skip
+        keys.append(device.contribute(user, spec=spec, eligibility=Eligibility(True, True, True),
+                                      steps=10))  # fmt: skip
+
+    sent: list[bytes] = []
+
+    def record(request: httpx.Request) -> None:  # the transport seam: all the device sends
+        sent.append(str(request.url).encode() + b"\n" + b"".join(
+            k + b": " + v + b"\n" for k, v in request.headers.raw) + request.read())  # fmt: skip
+
+    server = FaultServer(plan=random_plan(seed, 30), delay=0.5).start()
+    try:
+        for _ in range(40):
+            with httpx.Client(timeout=0.25, event_hooks={"request": [record]}) as client:
+                Uploader(client, base_url=server.url, outbox=store, clock=clock,
+                         retry=RetryPolicy(attempts=3, initial=0.5, maximum=4.0,
+                                           max_retry_after=5.0),
+                         sleep=clock.sleep).run_once()  # fmt: skip
+            if store.outbox_states().get("acknowledged") == 3:
+                break
+            pending = store.db.execute(
+                "SELECT min(next_attempt_ts) FROM outbox WHERE state = 'pending'"
+            ).fetchone()[0]
+            if pending is not None:  # wait, as the app's scheduler would, until it is due
+                clock.now = max(clock.now, datetime.fromtimestamp(pending / 1000, tz=UTC))
+    finally:
+        server.stop()
+    assert store.outbox_states() == {"acknowledged": 3}
+    assert set(server.aggregated) == set(keys) and set(server.aggregated.values()) == {1}
+    for key in keys:  # what arrived is the sealed delta, openable by the region only
+        body = server.answers[key][0]
+        sealed = SealedDelta.from_wire(body)
+        open_delta(sealed, region="us", round_id=sealed.round_id, model_version=0,
+                   hpke_private_key=aggregator, clipping_norm=1.0)  # fmt: skip
+    wire = b"\n".join(sent)
+    assert wire, "nothing was sent"
+    for canary in [*CANARIES, store.user_hash(user), "canary-event", "canary-search"]:
+        assert canary.encode() not in wire, canary
+    store.close()
