@@ -87,29 +87,36 @@ def test_examples_use_state_before_each_event(open_store: StoreFactory) -> None:
     assert positives[1, TRACK] == pytest.approx(math.log1p(1))  # second: one play before
 
 
-def test_a_removed_personal_model_stops_serving_at_once(open_store: StoreFactory) -> None:
+@pytest.fixture
+def trainee(open_store: StoreFactory) -> tuple[EventStore, list[str]]:
+    """A US store where ann has listened a while and consents to training; her track ids."""
     tracks, rows = make_catalog(random.Random(1))
     store: EventStore = open_store("us")
     store.upsert_catalog(rows)
-    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 800))
+    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 600))
     store.grant("ann", Purpose.FEDERATED_TRAINING)
+    return store, [t.track_id for t in tracks]
+
+
+def test_a_removed_personal_model_stops_serving_at_once(
+    trainee: tuple[EventStore, list[str]],
+) -> None:
+    store, tracks = trainee
     personalizer = Personalizer(store)
     personalizer.local_round("ann", eligibility=READY, steps=50)
-    personalizer.rerank("ann", [tracks[0].track_id])
+    personalizer.rerank("ann", tracks[:1])
     assert not np.array_equal(personalizer.ranker.get_weights(), personalizer.global_weights)
     store.withdraw("ann", Purpose.PERSONALIZATION)  # deletes the personal model with the rest
     store.grant("ann", Purpose.PERSONALIZATION)
-    personalizer.rerank("ann", [tracks[0].track_id])
+    personalizer.rerank("ann", tracks[:1])
     assert np.array_equal(personalizer.ranker.get_weights(), personalizer.global_weights)
     assert store.load_model(f"local:{store.user_hash('ann')}") is None
 
 
-def test_the_personal_model_is_in_the_access_export(open_store: StoreFactory) -> None:
-    tracks, rows = make_catalog(random.Random(1))
-    store: EventStore = open_store("us")
-    store.upsert_catalog(rows)
-    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 400))
-    store.grant("ann", Purpose.FEDERATED_TRAINING)
+def test_the_personal_model_is_in_the_access_export(
+    trainee: tuple[EventStore, list[str]],
+) -> None:
+    store, _ = trainee
     assert store.export_user("ann")["personal_models"] == []
     Personalizer(store).local_round("ann", eligibility=READY, steps=5)
     (model,) = store.export_user("ann")["personal_models"]
