@@ -56,6 +56,7 @@ from sottovoce.device._ranker import (
     RankerError,
     check_builtin_only,
 )
+from sottovoce.device._rows import from_ms, to_ms
 from sottovoce.device._store import (
     AppendResult,
     CatalogItem,
@@ -63,8 +64,6 @@ from sottovoce.device._store import (
     EventStore,
     ModelWeights,
     PurgeReport,
-    from_ms,
-    to_ms,
 )
 
 __all__ = [
