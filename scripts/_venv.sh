@@ -14,12 +14,13 @@ fi
 # Reinstall whenever the project's metadata changed (or the venv is new). The install is a
 # non-editable link tree (setuptools "strict" editable mode) so that mypy can follow it.
 stamp="$VENV/.sottovoce-installed"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$(find device sync aggregator policy sim core -name '*.py' | sort | sha256sum | cut -c1-16)-${SOTTOVOCE_EXTRAS:-dev}"
+EXTRAS="${SOTTOVOCE_EXTRAS:-dev,aggregator}"  # tests cover the aggregator's ledger (torch, opacus)
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$(find device sync aggregator policy sim core -name '*.py' | sort | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "installing sottovoce[${SOTTOVOCE_EXTRAS:-dev}] into $VENV" >&2
+  echo "installing sottovoce[$EXTRAS] into $VENV" >&2
   log="$VENV/pip-install.log"
   if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
-      --config-settings editable_mode=strict -e ".[${SOTTOVOCE_EXTRAS:-dev}]" >"$log" 2>&1; then
+      --config-settings editable_mode=strict -e ".[$EXTRAS]" >"$log" 2>&1; then
     cat "$log" >&2
     echo "pip install failed (log: $log)" >&2
     exit 1

@@ -42,6 +42,10 @@ PUBLIC = {
         "sample_into_round", "seal_delta", "sign_release", "sign_round_spec", "verify_release",
         "verify_round_spec",
     ],
+    "sottovoce.aggregator": [
+        "AggregationError", "BudgetExceeded", "LedgerEntry", "PartialSum", "PrivacyLedger",
+        "central_noise", "epsilon_of",
+    ],
 }  # fmt: skip
 
 
@@ -60,10 +64,10 @@ def _is_submodule(module: object, name: str) -> bool:
 
 
 def test_every_error_has_a_code_and_one_root() -> None:
-    from sottovoce import SottovoceError, device, policy, sync
+    from sottovoce import SottovoceError, aggregator, device, policy, sync
 
     errors = [
-        getattr(m, n) for m in (device, policy, sync) for n in m.__all__
+        getattr(m, n) for m in (aggregator, device, policy, sync) for n in m.__all__
         if isinstance(getattr(m, n), type) and issubclass(getattr(m, n), Exception)
     ]  # fmt: skip
     assert len(errors) >= 20

@@ -1,0 +1,356 @@
+"""The per-region privacy ledger: what each period has spent, and whether a round may open.
+
+Step 6 of the data flow ends a round by stepping the privacy accountant; this module is that
+accountant's memory. Each aggregated round is one row (its noise multiplier, sampling rate and
+number of steps), kept in SQLite so a restarted aggregator sees the whole history. Epsilon is never
+summed from rows: it is recomputed by replaying the period's rounds into an opacus accountant (RDP,
+or PRV when the policy says so), so the bound stays tight and a change of the policy's delta or
+accountant applies to the rounds already run.
+
+Periods are fixed windows counted from the Unix epoch (1970-01-01T00:00:00Z) in steps of the
+policy's period, so a period cannot be stretched or restarted by choosing when it begins. A round is
+charged to the period it was opened in.
+
+In DP-FedAvg terms the sampling rate is the chance that a given device contributes to a round
+(expected cohort / eligible population) and the noise multiplier is the central noise's standard
+deviation divided by the clipping norm.
+
+opacus (and so torch) is imported only when an epsilon is computed, so the aggregator package
+imports without them.
+
+::
+
+    SottovoceError
+    └── BudgetExceeded   the round would take the period's epsilon above the policy's budget
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sottovoce.policy import Accountant, BudgetExhausted, Region
+
+__all__ = ["EPOCH", "RDP_ORDERS", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "epsilon_of"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+"""Where period number 0 starts; every period start is EPOCH + k * period."""
+
+# RDP orders to search when converting to (epsilon, delta). opacus' default grid stops at 63,
+# which is loose (and warns) when much noise is spent on few rounds; this is the grid that
+# dp-accounting uses, so the two agree on the same mechanism.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10 for x in range(1, 100)),
+    *range(11, 64),
+    128,
+    256,
+    512,
+    1024,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+    region TEXT NOT NULL,
+    period_start TEXT NOT NULL,
+    round_id TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sampling_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    epsilon_after REAL NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (region, round_id)
+);
+CREATE INDEX IF NOT EXISTS privacy_ledger_period ON privacy_ledger (region, period_start);
+"""
+
+
+class BudgetExceeded(BudgetExhausted):
+    """A round that would take the period's epsilon above the policy's budget (a policy
+    violation like any other, with the ledger's numbers attached)."""
+
+    code = "budget_exhausted"
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        period_start: datetime,
+        epsilon_after: float,
+        budget: float,
+        spent: float,
+    ) -> None:
+        self.region = region
+        self.period_start = period_start
+        self.epsilon_after = epsilon_after
+        self.budget = budget
+        self.spent = spent
+        super().__init__(
+            f"region {region}: this round would raise the privacy spent in the period starting "
+            f"{_iso(period_start)} from epsilon {spent:.4g} to {epsilon_after:.4g}, above the "
+            f"policy's budget of {budget:.4g}; wait for the next period or use more noise"
+        )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One recorded round: its mechanism, and the period's epsilon once it had run."""
+
+    round_id: str
+    period_start: datetime
+    noise_multiplier: float
+    sampling_rate: float
+    steps: int
+    epsilon_after: float
+    at: datetime
+
+
+Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
+
+
+class PrivacyLedger:
+    """The privacy spent by one region, period by period, in a SQLite table it creates.
+
+    ``ledger.can_open(sigma, q, period_start=p)`` before a round opens;
+    ``ledger.record_round(round_id, sigma, q, period_start=p, at=now)`` when it is aggregated.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, *, region: Region) -> None:
+        self._conn = conn
+        self._region = region
+        with self._write():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    @property
+    def region(self) -> Region:
+        return self._region
+
+    def period_start_for(self, at: datetime) -> datetime:
+        """The start of the fixed period that contains ``at`` (a timezone-aware time)."""
+        period = self._region.privacy.period
+        return EPOCH + ((_aware(at, "at") - EPOCH) // period) * period
+
+    def spent(self, period_start: datetime) -> float:
+        """The epsilon (at the policy's delta) spent by the rounds recorded in this period."""
+        return self._epsilon(self._history(self._check_start(period_start)))
+
+    def epsilon_if(
+        self,
+        noise_multiplier: float,
+        sampling_rate: float,
+        *,
+        period_start: datetime,
+        steps: int = 1,
+    ) -> float:
+        """The period's epsilon if one more round with these parameters ran."""
+        round_ = _mechanism(noise_multiplier, sampling_rate, steps)
+        return self._epsilon([*self._history(self._check_start(period_start)), round_])
+
+    def can_open(
+        self,
+        noise_multiplier: float,
+        sampling_rate: float,
+        *,
+        period_start: datetime,
+        steps: int = 1,
+    ) -> bool:
+        """Whether a round with these parameters stays within the period's budget."""
+        after = self.epsilon_if(
+            noise_multiplier, sampling_rate, period_start=period_start, steps=steps
+        )
+        return _within(after, self._region.privacy.epsilon)
+
+    def record_round(
+        self,
+        round_id: str,
+        noise_multiplier: float,
+        sampling_rate: float,
+        *,
+        period_start: datetime,
+        at: datetime,
+        steps: int = 1,
+    ) -> float:
+        """Charge an aggregated round to its period; returns the period's epsilon after it.
+
+        Raises :class:`BudgetExceeded` (and records nothing) when the round would take the
+        period above the policy's epsilon. Recording the same round again with the same
+        parameters (a retry after a crash) returns its epsilon and charges nothing more.
+        """
+        start = self._check_start(period_start)
+        at = _aware(at, "at")
+        if at < start:
+            raise ValueError(f"round {round_id!r} is recorded at {at}, before its period {start}")
+        round_ = _mechanism(noise_multiplier, sampling_rate, steps)
+        with self._write():
+            previous = self._recorded(round_id)
+            if previous is not None:
+                return _same_round(previous, round_, start)
+            history = self._history(start)
+            after = self._epsilon([*history, round_])
+            budget = self._region.privacy.epsilon
+            if not _within(after, budget):
+                spent = self._epsilon(history)
+                raise BudgetExceeded(
+                    region=self._region.id,
+                    period_start=start,
+                    epsilon_after=after,
+                    budget=budget,
+                    spent=spent,
+                )
+            self._conn.execute(
+                "INSERT INTO privacy_ledger (region, period_start, round_id, noise_multiplier,"
+                " sampling_rate, steps, epsilon_after, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (self._region.id, _iso(start), round_id, *round_, after, _iso(at)),
+            )
+        return after
+
+    def entries(self, period_start: datetime) -> list[LedgerEntry]:
+        """The rounds recorded in a period, oldest first."""
+        rows = self._conn.execute(
+            "SELECT round_id, period_start, noise_multiplier, sampling_rate, steps,"
+            " epsilon_after, at FROM privacy_ledger WHERE region = ? AND period_start = ?"
+            " ORDER BY at, rowid",
+            (self._region.id, _iso(self._check_start(period_start))),
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_start(self, period_start: datetime) -> datetime:
+        start = _aware(period_start, "period_start")
+        if self.period_start_for(start) != start:
+            raise ValueError(
+                f"{start.isoformat()} is not the start of a period; "
+                "use period_start_for() to find the period of a time"
+            )
+        return start
+
+    def _history(self, period_start: datetime) -> list[Mechanism]:
+        rows = self._conn.execute(
+            "SELECT noise_multiplier, sampling_rate, steps FROM privacy_ledger"
+            " WHERE region = ? AND period_start = ?",
+            (self._region.id, _iso(period_start)),
+        ).fetchall()
+        return [(float(s), float(q), int(n)) for s, q, n in rows]
+
+    def _recorded(self, round_id: str) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._conn.execute(
+            "SELECT round_id, period_start, noise_multiplier, sampling_rate, steps,"
+            " epsilon_after, at FROM privacy_ledger WHERE region = ? AND round_id = ?",
+            (self._region.id, round_id),
+        ).fetchone()
+        return row
+
+    def _epsilon(self, rounds: Sequence[Mechanism]) -> float:
+        return epsilon_of(
+            rounds, delta=self._region.privacy.delta, accountant=self._region.privacy.accountant
+        )
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        # Reading the history and inserting the round must be one write transaction, or two
+        # aggregators could both see room for one more round. Inside a caller's transaction
+        # (say, one that also publishes the release) nest as a savepoint and let it commit.
+        conn = self._conn
+        if conn.in_transaction:
+            conn.execute("SAVEPOINT privacy_ledger")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK TO privacy_ledger")
+                conn.execute("RELEASE privacy_ledger")
+                raise
+            conn.execute("RELEASE privacy_ledger")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+
+def epsilon_of(rounds: Sequence[Mechanism], *, delta: float, accountant: Accountant) -> float:
+    """The epsilon at ``delta`` of composing Poisson-subsampled Gaussian rounds.
+
+    ``rounds`` are (noise multiplier, sampling rate, steps); order does not matter.
+    """
+    grouped: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in rounds:
+        grouped[sigma, q] = grouped.get((sigma, q), 0) + steps
+    if not grouped:
+        return 0.0
+    # The accountants' history is exactly this list of (noise multiplier, sample rate, steps);
+    # setting it at once replays a long period without one step() call per round.
+    history = [(sigma, q, steps) for (sigma, q), steps in grouped.items()]
+    if accountant is Accountant.PRV:
+        from opacus.accountants import PRVAccountant
+
+        prv = PRVAccountant()
+        prv.history = history
+        return float(prv.get_epsilon(delta=delta))
+    from opacus.accountants import RDPAccountant
+
+    rdp = RDPAccountant()
+    rdp.history = history
+    return float(rdp.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+
+
+def _mechanism(noise_multiplier: float, sampling_rate: float, steps: int) -> Mechanism:
+    sigma, q = float(noise_multiplier), float(sampling_rate)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"the noise multiplier must be a positive number, got {sigma!r}")
+    if not (math.isfinite(q) and 0 < q <= 1):
+        raise ValueError(f"the sampling rate must be in (0, 1], got {q!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    return sigma, q, steps
+
+
+def _within(epsilon: float, budget: float) -> bool:
+    # Written so that NaN (an accountant that could not bound the loss) counts as over budget.
+    return epsilon <= budget
+
+
+def _same_round(row: tuple[Any, ...], round_: Mechanism, start: datetime) -> float:
+    entry = _entry(row)
+    if (entry.noise_multiplier, entry.sampling_rate, entry.steps) != round_ or (
+        entry.period_start != start
+    ):
+        raise ValueError(
+            f"round {entry.round_id!r} is already recorded with other parameters "
+            f"(noise multiplier {entry.noise_multiplier}, sampling rate {entry.sampling_rate}, "
+            f"{entry.steps} steps, period {_iso(entry.period_start)})"
+        )
+    return entry.epsilon_after
+
+
+def _entry(row: tuple[Any, ...]) -> LedgerEntry:
+    round_id, start, sigma, q, steps, epsilon, at = row
+    return LedgerEntry(
+        round_id=str(round_id),
+        period_start=datetime.fromisoformat(start),
+        noise_multiplier=float(sigma),
+        sampling_rate=float(q),
+        steps=int(steps),
+        epsilon_after=float(epsilon),
+        at=datetime.fromisoformat(at),
+    )
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (a naive time has no fixed period)")
+    return value.astimezone(UTC)
+
+
+def _iso(value: datetime) -> str:
+    # One fixed-width UTC spelling, so equal times are equal strings and text order is time order.
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
