@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sottovoce._sqlite import write_transaction
 from sottovoce.policy import Accountant, BudgetExhausted, Region
 
 __all__ = ["EPOCH", "RDP_ORDERS", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "epsilon_of"]
@@ -252,29 +253,11 @@ class PrivacyLedger:
             rounds, delta=self._region.privacy.delta, accountant=self._region.privacy.accountant
         )
 
-    @contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self) -> AbstractContextManager[None]:
         # Reading the history and inserting the round must be one write transaction, or two
         # aggregators could both see room for one more round. Inside a caller's transaction
-        # (say, one that also publishes the release) nest as a savepoint and let it commit.
-        conn = self._conn
-        if conn.in_transaction:
-            conn.execute("SAVEPOINT privacy_ledger")
-            try:
-                yield
-            except BaseException:
-                conn.execute("ROLLBACK TO privacy_ledger")
-                conn.execute("RELEASE privacy_ledger")
-                raise
-            conn.execute("RELEASE privacy_ledger")
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
+        # (say, one that also publishes the release) it nests as a savepoint.
+        return write_transaction(self._conn, name="privacy_ledger")
 
 
 def epsilon_of(rounds: Sequence[Mechanism], *, delta: float, accountant: Accountant) -> float:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from sqlite_utils import Database
 
+from sottovoce._sqlite import write_transaction
 from sottovoce.device._errors import StoreError
 from sottovoce.device._schema import MIGRATIONS, STORE_SCHEMA
 
@@ -64,13 +64,4 @@ class _Checkpointer(threading.Thread):
             self.join()
 
 
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the lock up front (no upgrade deadlocks)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.execute("COMMIT")
+_immediate = write_transaction  # the store's name for it

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sottovoce._sqlite import write_transaction
 from sottovoce.policy._checkpoint import (
     Checkpoint,
     CheckpointSigner,
@@ -138,16 +139,9 @@ class DecisionLog:
         """The same log, signing checkpoints with ``signer`` (it must match the log's key)."""
         return DecisionLog(self._conn, signer=signer)
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> AbstractContextManager[None]:
         """A write transaction for callers that own no other (e.g. the audit CLI)."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        return write_transaction(self._conn)
 
     @staticmethod
     def exists(conn: sqlite3.Connection) -> bool:
