@@ -44,7 +44,7 @@ PUBLIC = {
     ],
     "sottovoce.aggregator": [
         "AggregationError", "BudgetExceeded", "LedgerEntry", "PartialSum", "PrivacyLedger",
-        "central_noise", "epsilon_of",
+        "RegionAggregator", "RoundInfo", "RoundStillOpen", "central_noise", "epsilon_of",
     ],
 }  # fmt: skip
 
