@@ -5,11 +5,13 @@ number of devices) with DP-FedAvg's central noise; :class:`PrivacyLedger`, the p
 accountant (opacus RDP or PRV, persisted in SQLite) that refuses rounds beyond the policy's
 budget; and :class:`RegionAggregator`, the round logic over one SQLite file (enrollment, signed
 round specs, accepting sealed deltas with a logged decision for every verdict, closing at the
-minimum cohort into a signed release, abandoning at the deadline, retention). The HTTP service
-is still to come. Importing this package does not import torch; the ledger loads opacus when it
-first computes an epsilon.
+minimum cohort into a signed release, abandoning at the deadline, retention); ``create_app``
+puts it behind a thin FastAPI layer (the paths ``sottovoce.sync.transport`` speaks). The CLI,
+erasure endpoint and sweeper schedule are still to come. Importing this package does not
+import torch; the ledger loads opacus when it first computes an epsilon.
 """
 
+from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._ledger import (
     BudgetExceeded,
     LedgerEntry,
@@ -29,5 +31,6 @@ __all__ = [
     "RoundInfo",
     "RoundStillOpen",
     "central_noise",
+    "create_app",
     "epsilon_of",
 ]

@@ -44,7 +44,8 @@ PUBLIC = {
     ],
     "sottovoce.aggregator": [
         "AggregationError", "BudgetExceeded", "LedgerEntry", "PartialSum", "PrivacyLedger",
-        "RegionAggregator", "RoundInfo", "RoundStillOpen", "central_noise", "epsilon_of",
+        "RegionAggregator", "RoundInfo", "RoundStillOpen", "central_noise", "create_app",
+        "epsilon_of",
     ],
 }  # fmt: skip
 
