@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ _PLOT_W = _W - _L - _R
 _ALLOW, _DENY, _SPENT, _PURGE = "#2e7d32", "#c62828", "#1565c0", "#6d4c41"
 _HOUR, _DAY = timedelta(hours=1), timedelta(days=1)
 _SVG_NS = "http://www.w3.org/2000/svg"
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1000px;margin:2em auto;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
@@ -77,7 +79,8 @@ def render_report(
 
 # -- small text helpers ---------------------------------------------------------------------
 def _e(value: object) -> str:
-    return html.escape(str(value))
+    """Escaped, and with characters XML forbids replaced, so every SVG stays well formed."""
+    return _NOT_XML.sub("\ufffd", html.escape(str(value)))
 
 
 def _num(value: float) -> str:
@@ -191,12 +194,9 @@ def _floor(at: datetime, unit: timedelta) -> datetime:
 
 # -- SVG building blocks --------------------------------------------------------------------
 def _svg(title: str, height: float, parts: Sequence[str]) -> str:
-    return (
-        f'<svg xmlns="{_SVG_NS}" viewBox="0 0 {_W} {height:.0f}" width="{_W}" '
-        f'height="{height:.0f}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>'
-        + "".join(parts)
-        + "</svg>"
-    )
+    size, label = f'viewBox="0 0 {_W} {height:.0f}" width="{_W}" height="{height:.0f}"', _e(title)
+    return (f'<svg xmlns="{_SVG_NS}" {size} role="img" aria-label="{label}">'
+            f"<title>{label}</title>{''.join(parts)}</svg>")  # fmt: skip
 
 
 def _ticks(high: float, *, whole: bool) -> list[float]:
@@ -216,22 +216,15 @@ def _y(value: float, top: float) -> float:
 
 def _axes(ticks: Sequence[float], xticks: Sequence[tuple[float, str]], unit: str) -> str:
     """Grid lines with value labels, time ticks below, the two axis lines and the unit."""
-    parts, base, top = [], _H - _B, ticks[-1]
-    for tick in ticks:
-        y = _y(tick, top)
-        parts.append(
-            f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{_W - _R}" y2="{y:.1f}"/>'
-            f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(tick)}</text>'
-        )
-    for x, label in xticks:
-        parts.append(
-            f'<line class="axis" x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}"/>'
-            f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{_e(label)}</text>'
-        )
-    parts.append(
-        f'<path class="axis" d="M{_L},{_T}V{base}H{_W - _R}" fill="none"/>'
-        f'<text x="{_W - _R}" y="{_H - 6}" text-anchor="end">{_e(unit)}</text>'
-    )
+    base, top, right = _H - _B, ticks[-1], _W - _R
+    parts = [f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>'
+             f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>'
+             for t, y in ((t, _y(t, top)) for t in ticks)]  # fmt: skip
+    parts += [f'<line class="axis" x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}"/>'
+              f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{_e(label)}</text>'
+              for x, label in xticks]  # fmt: skip
+    parts.append(f'<path class="axis" d="M{_L},{_T}V{base}H{right}" fill="none"/>'
+                 f'<text x="{right}" y="{_H - 6}" text-anchor="end">{_e(unit)}</text>')  # fmt: skip
     return "".join(parts)
 
 
@@ -341,10 +334,10 @@ def _epsilon_chart(region: str, rounds: Sequence[tuple[Decision, float]], line: 
         parts.append(f'<path d="{_steps(spent, ticks[-1], _W - _R)}" fill="none" '
                      f'stroke="{_SPENT}" stroke-width="2"/>')  # fmt: skip
     for x, value in refused:
-        parts.append(
-            f'<circle cx="{x:.1f}" cy="{_y(value, ticks[-1]):.1f}" r="4" fill="{_DENY}">'
-            f"<title>refused round: would reach ε {_num(value)}</title></circle>"
-        )
+        y = _y(value, ticks[-1])
+        tip = f"refused round: would reach ε {_num(value)}"
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{_DENY}">'
+                     f"<title>{tip}</title></circle>")  # fmt: skip
     legend = [(f"{region}: ε spent", _SPENT), ("budget (dashed)", _DENY), ("refused round", _DENY)]
     parts.append(_legend(legend))
     return _svg(f"Privacy budget spent in region {region}", _H, parts)
