@@ -241,7 +241,11 @@ class Personalizer:
         delta (clip, noise in local mode, pseudonym, signature, HPKE to the region's key) and
         records the round, the personal model and the outbox entry in one transaction.
         """
-        check_spec(spec, self.store.region)
+        try:
+            check_spec(spec, self.store.region)
+        except SpecRefused as refused:
+            self.store.contribution(user_id, spec.round_id, refused=refused)  # logged
+            raise
         if spec.model_id != self.ranker.model_id or spec.model_version != self.version:
             raise DeviceError(f"round {spec.round_id} is for model version "
                               f"{spec.model_version} of {spec.model_id[:12]}…; this device has "
@@ -253,10 +257,12 @@ class Personalizer:
         key = idempotency_key(secret, spec=spec, period=period)
         if self.store.in_outbox(key):
             return key  # this round's delta is queued already (or was sent): once per round
-        decision = self.store.contribution(user_id, spec.model_dump(mode="json"))
+        decision = self.store.contribution(user_id, spec.round_id)
         if not decision.allowed:
             refusal = self.store.refusal(user_id, Purpose.FEDERATED_TRAINING)
-            raise refusal or SpecRefused(decision.sentence, rule="policy", code=decision.reason)
+            if refusal is not None:
+                raise refusal
+            raise DeviceError(decision.sentence)  # the consent rules and the engine disagree
         result, state = self._train(user_id, eligibility=eligibility, steps=steps, batch=32,
                                     lr=3e-3, seed=seed, examples=2_000)  # fmt: skip
         hpke = base64.b64decode(self.store.region.key("hpke").key)

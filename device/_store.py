@@ -245,13 +245,13 @@ class EventStore(RankingReads, OutboxPart):
             else:
                 for user_id, ref, state in verdicts:
                     refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
-                    decision = self._engine.store_events(
-                        state, inputs=self._inputs("store_events", refs[user_id])
-                    )
                     key = ("store_events", self.user_hash(user_id))
-                    if self._changed(key, decision):
-                        self._log(decision, refs[user_id])
-                        noted[key] = (decision.reason, decision.policy_hash)
+                    seen = (self._engine.consent_reason(Purpose.PERSONALIZATION, state),
+                            self.policy.hash)  # fmt: skip
+                    if self._noted.get(key) != seen:  # routine: built and logged on change only
+                        inputs = self._inputs("store_events", refs[user_id])
+                        self._log(self._engine.store_events(state, inputs=inputs), refs[user_id])
+                        noted[key] = seen
                 cutoff = to_ms(self._clock()) - self.region.ttl(DataClass.RAW_EVENTS) // _MS
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.

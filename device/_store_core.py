@@ -139,6 +139,9 @@ class StoreCore:
         self._catalog: dict[str, tuple[str | None, Vector]] = {}
         self._hashes: dict[str, str] = {}
         self._catalog_complete = False
+        # Routine decisions (allowed appends, personalization) are logged only when their
+        # reason or policy changes, or the log would become a listening timeline kept for
+        # years; this remembers, per (action, user), the (reason, policy hash) last logged.
         self._noted: dict[tuple[str, str], tuple[str, str]] = {}
         self._states: dict[int, _UserState] = {}  # see snapshot()
         self._fitted_rows: dict[str, int] = {}  # catalog track -> row of self._fitted
@@ -272,16 +275,6 @@ class StoreCore:
         finally:
             self._states.clear()
             self._generation += 1
-
-    def _changed(self, key: tuple[str, str], decision: Decision) -> bool:
-        """Whether ``decision`` differs from the last routine one logged under ``key``.
-
-        Logging every append or rerank would turn the log into a listening timeline kept for
-        years: routine decisions are logged when their reason or policy changes (and once per
-        open store); refusals to store events are logged every time. The caller records what
-        it logged with :meth:`_noted_after_commit` once its transaction has committed.
-        """
-        return self._noted.get(key) != (decision.reason, decision.policy_hash)
 
     def _log(self, decision: Decision, ref: int | None) -> None:
         index = self._decisions.append(decision)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +19,7 @@ from sottovoce.device._store_core import ModelWeights, StoreCore
 from sottovoce.policy import (
     Decision,
 )
-from sottovoce.sync import OutboxItem, SealedDelta
+from sottovoce.sync import OutboxItem, SealedDelta, SpecRefused
 
 
 class OutboxPart(StoreCore):
@@ -54,13 +53,19 @@ class OutboxPart(StoreCore):
         state = None if row[3] is None else np.frombuffer(row[3], dtype=np.float32)
         return ModelWeights(row[0], row[1], np.frombuffer(row[2], dtype=np.float32), state)
 
-    def contribution(self, user_id: str, spec: Mapping[str, Any]) -> Decision:
-        """May the user's training go into this round? A refusal is logged here; an allowance
-        is logged with the round it allowed (:meth:`record_round`)."""
+    def contribution(
+        self, user_id: str, round_id: str, *, refused: SpecRefused | None = None
+    ) -> Decision:
+        """May the user's training go into this round? ``refused`` is the device's own
+        refusal of the round spec. A refusal is logged here; an allowance is logged with the
+        round it allowed (:meth:`record_round`)."""
         ref = self._ref(user_id, create=False)
-        state = self._consent_state(ref, self.user_hash(user_id))
-        inputs = self._inputs("contribute_delta", ref, round=spec.get("round_id"))
-        decision = self._engine.contribute_delta(state, inputs=inputs, spec=spec)
+        inputs = self._inputs("contribute_delta", ref, round=round_id)
+        if refused is not None:
+            decision = self._engine.spec_refused(refused.code, inputs=inputs, detail=str(refused))
+        else:
+            state = self._consent_state(ref, self.user_hash(user_id))
+            decision = self._engine.contribute_delta(state, inputs=inputs)
         if not decision.allowed:
             with self._write():
                 self._log(decision, ref)

@@ -45,11 +45,11 @@ class RankingReads(StoreCore):
         decision = self._engine.personalize(
             self._consent_state(ref, user), inputs=self._inputs("personalize", ref)
         )
-        key = ("personalize", user)
-        if self._changed(key, decision):
+        key, seen = ("personalize", user), (decision.reason, decision.policy_hash)
+        if self._noted.get(key) != seen:
             with self._write():
                 self._log(decision, ref)
-            self._noted[key] = (decision.reason, decision.policy_hash)
+            self._noted[key] = seen
         self._verdicts[user] = (self.generation(), decision)
         return decision
 

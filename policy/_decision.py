@@ -179,14 +179,16 @@ class DecisionEngine:
         metrics: Mapping[str, Metric] | None = None,
     ) -> Decision:
         """May ``action`` go ahead for a user with this consent state? (store, personalize...)"""
+        reason = self.consent_reason(purpose, state)
+        return self.decide(action, reason, inputs=inputs, metrics=metrics, purpose=purpose.value)
+
+    def consent_reason(self, purpose: Purpose, state: ConsentState) -> str:
+        """The reason code :meth:`consent` would give, without building a decision (callers
+        that log only changes check it first)."""
         refusal = consent_refusal(self.region, purpose, state)
         if refusal is not None:
-            reason = refusal.code
-        elif state.choices.get(purpose) is True:
-            reason = "consent_given"
-        else:
-            reason = "opt_out_default"
-        return self.decide(action, reason, inputs=inputs, metrics=metrics, purpose=purpose.value)
+            return refusal.code
+        return "consent_given" if state.choices.get(purpose) is True else "opt_out_default"
 
     def store_events(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
         return self.consent(Action.STORE_EVENTS, Purpose.PERSONALIZATION, state, inputs=inputs)
@@ -194,35 +196,17 @@ class DecisionEngine:
     def personalize(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
         return self.consent(Action.PERSONALIZE, Purpose.PERSONALIZATION, state, inputs=inputs)
 
-    def contribute_delta(
-        self, state: ConsentState, *, inputs: Mapping[str, Any], spec: Mapping[str, Any]
-    ) -> Decision:
-        """May the device contribute to a round? Consent first, then the spec against policy."""
-        first = self.consent(Action.CONTRIBUTE_DELTA, Purpose.FEDERATED_TRAINING, state,
-                             inputs=inputs)  # fmt: skip
-        if not first.allowed:
-            return first
-        detail = self.spec_mismatch(spec)
-        if detail is not None:
-            return self.decide(Action.CONTRIBUTE_DELTA, "spec_outside_policy", inputs=inputs,
-                               detail=detail)  # fmt: skip
-        if float(spec["epsilon_after"]) > self.region.privacy.epsilon:
-            return self.decide(Action.CONTRIBUTE_DELTA, "budget_exhausted", inputs=inputs,
-                               budget=self.region.privacy.epsilon)  # fmt: skip
-        return first
+    def contribute_delta(self, state: ConsentState, *, inputs: Mapping[str, Any]) -> Decision:
+        """May the user's training go into a round? (The spec itself is checked by
+        ``sottovoce.sync.check_spec``; its refusals are logged with :meth:`spec_refused`.)"""
+        return self.consent(Action.CONTRIBUTE_DELTA, Purpose.FEDERATED_TRAINING, state,
+                            inputs=inputs)  # fmt: skip
 
-    def spec_mismatch(self, spec: Mapping[str, Any]) -> str | None:
-        """What in a round spec departs from this region's policy, or ``None``."""
-        privacy = self.region.privacy
-        if spec.get("region") != self.region.id:
-            return f"region {spec.get('region')!r}"
-        if spec.get("mode") != privacy.mode.value:
-            return f"privacy mode {spec.get('mode')!r}, policy says {privacy.mode.value!r}"
-        if float(spec.get("clipping_norm", 0)) > privacy.clipping_norm:
-            return f"clipping norm above {privacy.clipping_norm:g}"
-        if int(spec.get("min_cohort", 0)) < privacy.min_cohort:
-            return f"minimum cohort below {privacy.min_cohort}"
-        return None
+    def spec_refused(self, code: str, *, inputs: Mapping[str, Any], detail: str) -> Decision:
+        """The device refused a round spec beyond its copy of the policy (``code`` is
+        ``spec_outside_policy`` or ``budget_exhausted``)."""
+        return self.decide(Action.CONTRIBUTE_DELTA, code, inputs=inputs, detail=detail,
+                           budget=self.region.privacy.epsilon)  # fmt: skip
 
     # -- the aggregator ----------------------------------------------------------------------
     def accept_delta(

@@ -12,18 +12,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from aggregator_helpers import COHORT, DIM, T0, Clock, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.policy import Policy, example_policy, policy_from_data
 from sottovoce.sync import (
     DeltaState,
     EnrollmentRefused,
@@ -34,7 +32,6 @@ from sottovoce.sync import (
     seal_delta,
     verify_round_spec,
 )
-from sottovoce.sync._wire import b64encode
 from sottovoce.sync.transport import RetryPolicy, Uploader, enroll, fetch_release
 
 pytest.importorskip("fastapi")
@@ -44,35 +41,9 @@ pytest.importorskip("opacus")
 from sottovoce.aggregator._app import create_app  # noqa: E402
 from sottovoce.aggregator._rounds import RegionAggregator  # noqa: E402
 
-T0 = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
-DIM = 8
 MODEL_ID = "cd" * 32
-COHORT = 3
 TOKEN = "app-enrollment-token"
 RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.05)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class Keys:
-    signing: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
-    hpke: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-
-    def policy(self) -> Policy:
-        data = example_policy().model_dump(mode="json")
-        eu = data["regions"][0]
-        for key in eu["aggregator"]["public_keys"]:
-            public = (self.hpke if key["use"] == "hpke" else self.signing).public_key()
-            key["key"] = b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
-        eu["privacy"]["min_cohort"] = COHORT
-        return policy_from_data(data)
 
 
 @dataclass

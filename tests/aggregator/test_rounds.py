@@ -6,20 +6,21 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aggregator_helpers import COHORT, DIM, T0, Clock, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce.aggregator import BudgetExceeded
 from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen
-from sottovoce.policy import Policy, example_policy, policy_from_data
+from sottovoce.policy import Policy
 from sottovoce.sync import (
     RoundSpec,
     SealedDelta,
@@ -34,35 +35,8 @@ from sottovoce.sync._wire import X25519_ENC_BYTES, b64encode
 
 pytest.importorskip("opacus")
 
-T0 = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
-DIM = 8
 MODEL_ID = "ab" * 32
-COHORT = 3
 SIGMA, Q = 1.0, 0.01  # a round costs well under the budget of 4
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class Keys:
-    signing: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
-    hpke: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-
-    def policy(self, **privacy: Any) -> Policy:
-        data = example_policy().model_dump(mode="json")
-        eu = data["regions"][0]
-        assert eu["id"] == "eu"
-        for key in eu["aggregator"]["public_keys"]:
-            public = (self.hpke if key["use"] == "hpke" else self.signing).public_key()
-            key["key"] = b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
-        eu["privacy"].update({"min_cohort": COHORT, **privacy})
-        return policy_from_data(data)
 
 
 @dataclass

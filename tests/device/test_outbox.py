@@ -107,6 +107,8 @@ def test_a_spec_beyond_the_policy_is_refused_before_training(device: Personalize
         with pytest.raises(SpecRefused):
             device.contribute("ann", spec=_spec(device, **change), eligibility=READY)
     assert store.outbox_states() == {}
+    logged = [d.reason for _, d in store.decisions.query(action="contribute_delta")]
+    assert logged == ["budget_exhausted"] + ["spec_outside_policy"] * 4
 
 
 def test_the_sampling_rate_keeps_most_devices_out(device: Personalizer) -> None:
