@@ -5,10 +5,12 @@ number of devices) with DP-FedAvg's central noise; :class:`PrivacyLedger`, the p
 accountant (opacus RDP or PRV, persisted in SQLite) that refuses rounds beyond the policy's
 budget; and :class:`RegionAggregator`, the round logic over one SQLite file (enrollment, signed
 round specs, accepting sealed deltas with a logged decision for every verdict, closing at the
-minimum cohort into a signed release, abandoning at the deadline, retention); ``create_app``
-puts it behind a thin FastAPI layer (the paths ``sottovoce.sync.transport`` speaks). The CLI,
-erasure endpoint and sweeper schedule are still to come. Importing this package does not
-import torch; the ledger loads opacus when it first computes an epsilon.
+minimum cohort into a signed release, abandoning at the deadline, erasure of pending deltas,
+retention); ``create_app`` puts it behind a thin FastAPI layer (the paths
+``sottovoce.sync.transport`` speaks); :func:`build_app` adds what a deployment needs (keys from
+files, the round schedule and retention sweeps, JSON logs), run by ``sottovoce aggregator
+serve``. Importing this package does not import torch; the ledger loads opacus when it first
+computes an epsilon.
 """
 
 from sottovoce.aggregator._app import create_app
@@ -20,6 +22,15 @@ from sottovoce.aggregator._ledger import (
 )
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_noise
 from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen
+from sottovoce.aggregator._service import (
+    RegionKeys,
+    RoundScheduler,
+    ServiceConfig,
+    ServiceConfigError,
+    build_app,
+    generate_keys,
+    load_keys,
+)
 
 __all__ = [
     "AggregationError",
@@ -28,9 +39,16 @@ __all__ = [
     "PartialSum",
     "PrivacyLedger",
     "RegionAggregator",
+    "RegionKeys",
     "RoundInfo",
+    "RoundScheduler",
     "RoundStillOpen",
+    "ServiceConfig",
+    "ServiceConfigError",
+    "build_app",
     "central_noise",
     "create_app",
     "epsilon_of",
+    "generate_keys",
+    "load_keys",
 ]

@@ -18,11 +18,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any, Final, TypeVar
 
 from fastapi import FastAPI, Header, Request, Response
@@ -38,6 +40,7 @@ from sottovoce.sync._wire import PROTOCOL_VERSION
 __all__ = ["create_app"]
 
 T = TypeVar("T")
+log = logging.getLogger("sottovoce.aggregator")
 
 # A sentence a person understands, for every code an answer can carry.
 MESSAGES: Final[dict[str, str]] = {
@@ -52,6 +55,9 @@ MESSAGES: Final[dict[str, str]] = {
     "wrong_model_version": "The delta was trained on another model version than the round's.",
     "non_finite": "The delta holds values that are not finite numbers.",
     "norm_exceeded": "The delta's norm is above the round's clipping bound.",
+    "too_large": "The request body is larger than this service accepts.",
+    "erased": "The device took this delta back (erasure); it is not counted.",
+    "nothing_pending": "No pending delta matches: it was never accepted, or its round closed.",
     "no_open_round": "No round is open at the moment.",
     "no_release": "No model release has been published yet.",
     "not_found": "There is no such endpoint.",
@@ -116,6 +122,7 @@ class _Metrics:
         self.refused: Counter[str] = Counter()
         self.published = 0
         self.enrolled = 0
+        self.erased = 0
 
     def count(self, **increments: int) -> None:
         with self._lock:
@@ -138,6 +145,9 @@ class _Metrics:
                 ("sottovoce_rounds_published_total",
                  "Rounds closed into a signed model release.",
                  [("", self.published)]),
+                ("sottovoce_deltas_erased_total",
+                 "Pending deltas their devices took back before the round closed.",
+                 [("", self.erased)]),
                 ("sottovoce_enrollments_total",
                  "Device keys enrolled (again, for a repeated enrollment).",
                  [("", self.enrolled)]),
@@ -173,25 +183,58 @@ def _token_ok(authorization: str | None, tokens: frozenset[str]) -> bool | None:
 
 
 def create_app(
-    aggregator_factory: Callable[[], RegionAggregator], *, enrollment_tokens: set[str]
+    aggregator_factory: Callable[[], RegionAggregator],
+    *,
+    enrollment_tokens: set[str],
+    scheduler: Callable[[RegionAggregator], object] | None = None,
+    tick_seconds: float = 60.0,
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
-    """The service of one region's aggregator; ``aggregator_factory`` runs once per start."""
+    """The service of one region's aggregator; ``aggregator_factory`` runs once per start.
+
+    ``scheduler`` (e.g. :meth:`RoundScheduler.tick`) runs on the aggregator's thread when the
+    app starts and every ``tick_seconds`` after; uploads above ``max_body_bytes`` are refused
+    (413 ``too_large``) without being read.
+    """
     worker = _Worker(aggregator_factory)
     metrics = _Metrics()
     tokens = frozenset(enrollment_tokens)
 
+    async def schedule() -> None:
+        assert scheduler is not None
+        while True:
+            try:
+                await worker.run(scheduler)
+            except Exception:  # a failed pass is logged and retried; the service stays up
+                log.exception("schedule_failed")
+            await asyncio.sleep(tick_seconds)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await worker.start()
+        task = None if scheduler is None else asyncio.create_task(schedule())
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             worker.stop()
 
     app = FastAPI(title="sottovoce regional aggregator", version="1", lifespan=lifespan)
 
     _error_handlers(app)
+    _request_log(app)
+    _device_routes(app, worker, metrics, tokens)
+    _upload_routes(app, worker, metrics, max_body_bytes)
+    _operator_routes(app, worker, metrics)
+    return app
 
+
+def _device_routes(
+    app: FastAPI, worker: _Worker, metrics: _Metrics, tokens: frozenset[str]
+) -> None:
     @app.get("/v1/round", summary="The open round's signed spec")
     async def current_round() -> Response:
         signed = await worker.run(lambda agg: agg.current_round())
@@ -218,6 +261,20 @@ def create_app(
         metrics.count(enrolled=1)
         return JSONResponse({"status": "enrolled"})
 
+    @app.get("/v1/model/release", summary="The latest signed model release (ETag)")
+    async def release(if_none_match: Annotated[str | None, Header()] = None) -> Response:
+        latest = await worker.run(lambda agg: agg.latest_release())
+        if latest is None:
+            return _problem(404, "no_release")
+        body = latest.to_wire()
+        etag = _etag(body)
+        if _matches(if_none_match, etag):
+            return Response(status_code=304, headers={"ETag": etag})
+        return Response(body, media_type=_JSON, headers={"ETag": etag})
+
+
+def _upload_routes(app: FastAPI, worker: _Worker, metrics: _Metrics, max_body_bytes: int) -> None:
+
     @app.post(
         "/v1/rounds/{round_id}/deltas",
         summary="Upload a sealed delta",
@@ -233,7 +290,13 @@ def create_app(
         request: Request,
         idempotency_key: Annotated[str | None, Header()] = None,
     ) -> Response:
-        body = await request.body()
+        body = await _read_limited(request, max_body_bytes)
+        if body is None:
+            size = _declared_length(request)
+            key = idempotency_key or ""
+            status, code = await worker.run(lambda agg: agg.refuse_too_large(key, size))
+            metrics.refuse(code)
+            return _problem(status, code)
         if _other_round(body, round_id):
             return _problem(400, "malformed", "The delta is for another round than the path's.")
 
@@ -258,17 +321,32 @@ def create_app(
             return _problem(status, code, "The Idempotency-Key header is required.")
         return _problem(status, code)
 
-    @app.get("/v1/model/release", summary="The latest signed model release (ETag)")
-    async def release(if_none_match: Annotated[str | None, Header()] = None) -> Response:
-        latest = await worker.run(lambda agg: agg.latest_release())
-        if latest is None:
-            return _problem(404, "no_release")
-        body = latest.to_wire()
-        etag = _etag(body)
-        if _matches(if_none_match, etag):
-            return Response(status_code=304, headers={"ETag": etag})
-        return Response(body, media_type=_JSON, headers={"ETag": etag})
+    @app.post(
+        "/v1/pseudonyms/{pseudonym}/erasure",
+        summary="Erase a pseudonym's pending delta (the body is the sealed delta to take back)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {_JSON: {"schema": SealedDelta.model_json_schema()}},
+            }
+        },
+    )
+    async def erase(pseudonym: str, request: Request) -> Response:
+        body = await _read_limited(request, max_body_bytes)
+        if body is None:
+            return _problem(413, "too_large")
+        if _pseudonym_of(body) not in (None, pseudonym):
+            return _problem(
+                400, "malformed", "The delta belongs to another pseudonym than the path's."
+            )
+        status, code = await worker.run(lambda agg: agg.erase(body))
+        if status == 200:
+            metrics.count(erased=1)
+            return JSONResponse({"status": "erased", "code": code})
+        return _problem(status, code)
 
+
+def _operator_routes(app: FastAPI, worker: _Worker, metrics: _Metrics) -> None:
     @app.get("/v1/health", summary="Whether the service and its database answer")
     async def health() -> dict[str, Any]:
         signed = await worker.run(lambda agg: agg.current_round())
@@ -277,8 +355,6 @@ def create_app(
     @app.get("/v1/metrics", summary="Prometheus counters", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type=_PROMETHEUS)
-
-    return app
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -296,6 +372,53 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def failed(_: Request, error: Exception) -> JSONResponse:
         return _problem(500, "internal")
+
+
+def _request_log(app: FastAPI) -> None:
+    """One JSON log line per request, with the route's template (never the raw path: a path
+    can hold a pseudonym) and the answer's code."""
+
+    @app.middleware("http")
+    async def access(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        fields = {
+            "method": request.method,
+            "route": getattr(route, "path", "unmatched"),
+            "status": response.status_code,
+            "ms": round((time.perf_counter() - start) * 1000, 2),
+        }
+        log.info("request", extra={"fields": fields})
+        return response
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request's body, or ``None`` (without reading further) once it exceeds ``limit``."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _declared_length(request: Request) -> int | None:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _pseudonym_of(body: bytes) -> str | None:
+    try:
+        return SealedDelta.from_wire(body).pseudonym
+    except (SyncError, ValueError, json.JSONDecodeError):
+        return None
 
 
 def _other_round(body: bytes, round_id: str) -> bool:

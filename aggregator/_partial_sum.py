@@ -120,6 +120,24 @@ class PartialSum:
             total += self.total
         return PartialSum._trusted(total, self.weight + w, self.count + 1, self.dim)
 
+    def remove(self, delta: npt.ArrayLike, weight: Weight = 1.0) -> PartialSum:
+        """This sum without a delta that :meth:`add` put in (erasure of a pending delta).
+
+        The caller vouches that ``delta`` was added with ``weight``; the result equals the sum
+        built without it up to rounding. Removing from an empty sum is refused.
+        """
+        if self.count == 0:
+            raise AggregationError("the partial sum has no deltas to remove")
+        w = _positive_weight(weight)
+        values = _as_vector(delta, self.dim, what="delta")
+        with np.errstate(over="ignore"):
+            total = np.multiply(values, -w, dtype=np.float64)
+            total += self.total
+        if self.count == 1:  # exactly empty again, not a residue of rounding
+            total[:] = 0.0
+        weight_left = 0.0 if self.count == 1 else max(self.weight - w, 0.0)
+        return PartialSum._trusted(total, weight_left, self.count - 1, self.dim)
+
     def merge(self, other: PartialSum) -> PartialSum:
         """The sum of both sums' deltas (associative and commutative; ``empty`` is the identity)."""
         if not isinstance(other, PartialSum):

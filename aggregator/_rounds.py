@@ -33,197 +33,38 @@ Tables (created if missing, next to the privacy ledger and the decision log)::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
-import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
 
 import numpy as np
-import numpy.typing as npt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
-from sottovoce.aggregator._ledger import BudgetExceeded, PrivacyLedger
+from sottovoce.aggregator._ledger import BudgetExceeded
 from sottovoce.aggregator._partial_sum import PartialSum, central_noise
+from sottovoce.aggregator._round_state import _PERIOD, STATUS, RoundInfo, RoundStillOpen, _iso
+from sottovoce.aggregator._uploads import UploadsPart
 from sottovoce.policy import (
     Action,
-    CheckpointSigner,
     DataClass,
-    DecisionEngine,
-    DecisionLog,
-    Policy,
     PrivacyMode,
 )
 from sottovoce.sync import (
-    ModelRelease,
     RoundSpec,
-    SealedDelta,
     SignedRoundSpec,
-    SyncError,
-    open_delta,
     sign_release,
     sign_round_spec,
 )
-from sottovoce.sync._seal import device_noise_std
-from sottovoce.sync._wire import b64decode, b64encode
+from sottovoce.sync._wire import b64decode
 
 __all__ = ["STATUS", "RegionAggregator", "RoundInfo", "RoundStillOpen"]
 
-# HTTP status of every answer ``accept`` can give, by reason code.
-STATUS: Final[dict[str, int]] = {
-    "within_policy": 200,
-    "unsupported_protocol": 400,
-    "malformed": 400,
-    "undecryptable": 400,
-    "bad_signature": 400,
-    "not_enrolled": 403,
-    "wrong_region": 403,
-    "duplicate_contribution": 409,
-    "round_closed": 410,
-    "wrong_model_version": 422,
-    "non_finite": 422,
-    "norm_exceeded": 422,
-}
 
-_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-_PERIOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,31}$")
-_DIGEST_TAG: Final = b"sottovoce/aggregator/decision-digest/v1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS enrollments (
-    device_key TEXT PRIMARY KEY,
-    period TEXT NOT NULL,
-    enrolled_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round_id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('open', 'published', 'abandoned')),
-    partial BLOB,
-    count INTEGER NOT NULL DEFAULT 0,
-    opened_at TEXT NOT NULL,
-    closed_at TEXT
-);
-CREATE TABLE IF NOT EXISTS contributions (
-    idempotency_key TEXT PRIMARY KEY,
-    round_id TEXT,
-    pseudonym TEXT,
-    body_sha256 TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    at TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS contributions_once
-    ON contributions (round_id, pseudonym) WHERE status = 200;
-CREATE TABLE IF NOT EXISTS releases (
-    version INTEGER PRIMARY KEY,
-    model_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created TEXT NOT NULL
-);
-"""
-
-
-class RoundStillOpen(SottovoceError):
-    """A round cannot open while another is open: each round trains the latest release."""
-
-    code = "round_open"
-
-
-@dataclass(frozen=True)
-class RoundInfo:
-    """What is known about a round (never its running sum)."""
-
-    round_id: str
-    signed_spec: SignedRoundSpec
-    state: str
-    count: int
-    opened_at: datetime
-    closed_at: datetime | None
-
-    @property
-    def spec(self) -> RoundSpec:
-        return self.signed_spec.spec
-
-
-class _Refusal(Exception):
-    """Internal: an upload refused with ``code``, before anything was counted."""
-
-    def __init__(self, code: str, *, round_id: str | None = None, pseudonym: str | None = None):
-        super().__init__(code)
-        self.code = code
-        self.round_id = round_id
-        self.pseudonym = pseudonym
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-class RegionAggregator:
+class RegionAggregator(UploadsPart):
     """Rounds, uploads and releases of one region, stored in ``conn``'s database.
 
     ``base_weights`` are the model's weights before any release (version 0); ``rng`` draws the
     central noise (default: a generator seeded from the OS). The signing and HPKE keys must be
     the region's keys in ``policy``, since devices check and seal against those.
     """
-
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        policy: Policy,
-        region: str,
-        signing_key: Ed25519PrivateKey,
-        hpke_key: X25519PrivateKey,
-        model_id: str,
-        dim: int,
-        base_weights: npt.ArrayLike | None = None,
-        clock: Callable[[], datetime] = _utc_now,
-        rng: np.random.Generator | None = None,
-    ) -> None:
-        self._conn = conn
-        self._region = policy.region(region)
-        self._signing_key = signing_key
-        self._hpke_key = hpke_key
-        self._model_id = model_id
-        self._dim = dim
-        base = np.zeros(dim) if base_weights is None else np.asarray(base_weights, np.float64)
-        if base.shape != (dim,) or not np.all(np.isfinite(base)):
-            raise ValueError(f"base_weights must be {dim} finite numbers")
-        self._base = base
-        self._clock = clock
-        self._rng = rng if rng is not None else np.random.default_rng()
-        self._kid = self._matching_kid()
-        raw = signing_key.private_bytes_raw()
-        digest_key = hmac.new(raw, _DIGEST_TAG, hashlib.sha256).digest()
-        self._engine = DecisionEngine(policy, region, digest_key=digest_key, clock=clock)
-        origin = f"sottovoce.aggregator/{region}"
-        signer = CheckpointSigner.from_private_bytes(origin, raw)
-        with write_transaction(conn, name="rounds_schema"):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            if DecisionLog.exists(conn):
-                self._log = DecisionLog(conn, signer=signer)
-            else:
-                self._log = DecisionLog.create(conn, origin=origin, signer=signer, keep_key=False)
-        self._ledger = PrivacyLedger(conn, region=self._region)
-
-    @property
-    def log(self) -> DecisionLog:
-        return self._log
-
-    @property
-    def ledger(self) -> PrivacyLedger:
-        return self._ledger
 
     # -- enrollment and rounds ---------------------------------------------------------------
 
@@ -336,168 +177,6 @@ class RegionAggregator:
         )
         return signed
 
-    def current_round(self) -> SignedRoundSpec | None:
-        """The open round's signed spec, if a round is open."""
-        row = self._conn.execute("SELECT spec FROM rounds WHERE state = 'open'").fetchone()
-        return None if row is None else SignedRoundSpec.from_wire(row[0])
-
-    def round(self, round_id: str) -> RoundInfo | None:
-        row = self._conn.execute(
-            "SELECT round_id, spec, state, count, opened_at, closed_at FROM rounds"
-            " WHERE round_id = ?",
-            (round_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        rid, spec, state, count, opened, closed = row
-        return RoundInfo(
-            round_id=rid,
-            signed_spec=SignedRoundSpec.from_wire(spec),
-            state=state,
-            count=int(count),
-            opened_at=datetime.fromisoformat(opened),
-            closed_at=None if closed is None else datetime.fromisoformat(closed),
-        )
-
-    def latest_release(self) -> ModelRelease | None:
-        row = self._conn.execute(
-            "SELECT body FROM releases ORDER BY version DESC LIMIT 1"
-        ).fetchone()
-        return None if row is None else ModelRelease.from_wire(row[0])
-
-    # -- uploads -----------------------------------------------------------------------------
-
-    def accept(self, body: bytes, idempotency_key: str) -> tuple[int, str]:
-        """Decide on one uploaded sealed delta; returns (HTTP status, reason code)."""
-        digest = hashlib.sha256(body).hexdigest()
-        prior = self._prior(idempotency_key, digest)
-        if prior is not None:
-            return prior
-        try:
-            sealed, spec = self._precheck(body, idempotency_key)
-            opened = open_delta(
-                sealed,
-                region=self._region.id,
-                round_id=spec.round_id,
-                model_version=spec.model_version,
-                hpke_private_key=self._hpke_key,
-                clipping_norm=spec.clipping_norm,
-                noise_std=device_noise_std(spec),
-                dim=self._dim,
-            )
-        except _Refusal as refusal:
-            return self._refuse(idempotency_key, digest, refusal)
-        except SyncError as error:
-            failed = _Refusal(error.code, round_id=sealed.round_id, pseudonym=sealed.pseudonym)
-            return self._refuse(idempotency_key, digest, failed)
-        now = self._clock()
-        with write_transaction(self._conn, name="accept"):
-            # Checked again under the write lock: a concurrent upload or sweep may have won.
-            prior = self._prior(idempotency_key, digest)
-            if prior is not None:
-                return prior
-            try:
-                partial = self._open_partial(spec, sealed.pseudonym, now)
-            except _Refusal as refusal:
-                return self._refuse(idempotency_key, digest, refusal)
-            partial = partial.add(opened.delta)
-            self._conn.execute(
-                "INSERT INTO contributions (idempotency_key, round_id, pseudonym, body_sha256,"
-                " status, code, at) VALUES (?, ?, ?, ?, 200, 'within_policy', ?)",
-                (idempotency_key, spec.round_id, sealed.pseudonym, digest, _iso(now)),
-            )
-            self._conn.execute(
-                "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
-                (partial.to_bytes(), partial.count, spec.round_id),
-            )
-            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
-            self._log.append(self._engine.accept_delta(inputs=inputs))
-            if partial.count >= spec.min_cohort:
-                self._close(spec, partial, now)
-        return 200, "within_policy"
-
-    def _prior(self, idempotency_key: str, digest: str) -> tuple[int, str] | None:
-        row = self._conn.execute(
-            "SELECT body_sha256, status, code FROM contributions WHERE idempotency_key = ?",
-            (idempotency_key,),
-        ).fetchone()
-        if row is None:
-            return None
-        if row[0] != digest:
-            # Not recorded: the key stays bound to its first body.
-            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
-            with write_transaction(self._conn, name="accept_conflict"):
-                self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
-            return 409, "malformed"
-        return int(row[1]), str(row[2])
-
-    def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
-        """The envelope checks before decryption; raises ``_Refusal``."""
-        if not _IDEMPOTENCY_KEY.match(idempotency_key):
-            raise _Refusal("malformed")
-        try:
-            sealed = SealedDelta.from_wire(body)
-        except SyncError as error:
-            raise _Refusal(error.code) from None
-        refuse = {"round_id": sealed.round_id, "pseudonym": sealed.pseudonym}
-        if sealed.idempotency_key != idempotency_key:
-            raise _Refusal("malformed", **refuse)
-        # Residency first: another region's device is never enrolled here, and saying so
-        # would hide the real reason.
-        if sealed.region != self._region.id:
-            raise _Refusal("wrong_region", **refuse)
-        enrolled = self._conn.execute(
-            "SELECT 1 FROM enrollments WHERE device_key = ? AND period = ?",
-            (sealed.device_key, sealed.period),
-        ).fetchone()
-        if enrolled is None:
-            raise _Refusal("not_enrolled", **refuse)
-        info = self.round(sealed.round_id)
-        if info is None or info.state != "open" or self._clock() >= info.spec.deadline:
-            raise _Refusal("round_closed", **refuse)
-        self._check_duplicate(sealed.round_id, sealed.pseudonym)
-        return sealed, info.spec
-
-    def _check_duplicate(self, round_id: str, pseudonym: str) -> None:
-        taken = self._conn.execute(
-            "SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200",
-            (round_id, pseudonym),
-        ).fetchone()
-        if taken is not None:
-            raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
-
-    def _open_partial(self, spec: RoundSpec, pseudonym: str, now: datetime) -> PartialSum:
-        """The round's running sum, if it still takes this pseudonym (inside the write)."""
-        row = self._conn.execute(
-            "SELECT state, partial FROM rounds WHERE round_id = ?", (spec.round_id,)
-        ).fetchone()
-        if row is None or row[0] != "open" or now >= spec.deadline:
-            raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=pseudonym)
-        self._check_duplicate(spec.round_id, pseudonym)
-        return PartialSum.from_bytes(row[1])
-
-    def _refuse(self, idempotency_key: str, digest: str, refusal: _Refusal) -> tuple[int, str]:
-        status = STATUS[refusal.code]
-        inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
-        with write_transaction(self._conn, name="refuse"):
-            if _IDEMPOTENCY_KEY.match(idempotency_key):
-                # Kept so a retry of the same upload gets the same answer.
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO contributions (idempotency_key, round_id, pseudonym,"
-                    " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        idempotency_key,
-                        refusal.round_id,
-                        refusal.pseudonym,
-                        digest,
-                        status,
-                        refusal.code,
-                        _iso(self._clock()),
-                    ),
-                )
-            self._log.append(self._engine.accept_delta(inputs=inputs, refusal=refusal.code))
-        return status, refusal.code
-
     # -- closing -----------------------------------------------------------------------------
 
     def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> None:
@@ -558,12 +237,6 @@ class RegionAggregator:
         )
         self._log.checkpoint()
 
-    def _end(self, round_id: str, state: str, now: datetime) -> None:
-        self._conn.execute(
-            "UPDATE rounds SET state = ?, partial = NULL, closed_at = ? WHERE round_id = ?",
-            (state, _iso(now), round_id),
-        )
-
     # -- retention ---------------------------------------------------------------------------
 
     def sweep(self, now: datetime | None = None) -> list[str]:
@@ -621,23 +294,3 @@ class RegionAggregator:
             self._log.append(decision)
             abandoned.append(round_id)
         return abandoned
-
-    # -- keys --------------------------------------------------------------------------------
-
-    def _matching_kid(self) -> str:
-        """The policy's kid for our signing key; both keys must be the region's published ones."""
-        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        signing = b64encode(self._signing_key.public_key().public_bytes(*raw))
-        hpke = b64encode(self._hpke_key.public_key().public_bytes(*raw))
-        keys = self._region.aggregator.public_keys
-        if not any(k.use == "hpke" and k.key == hpke for k in keys):
-            raise ValueError(f"the HPKE key is not one of region {self._region.id}'s keys")
-        for key in keys:
-            if key.use == "signing" and key.key == signing:
-                return key.kid
-        raise ValueError(f"the signing key is not one of region {self._region.id}'s keys")
-
-
-def _iso(value: datetime) -> str:
-    # One fixed-width UTC spelling, so text order is time order (as in the ledger).
-    return value.astimezone(UTC).isoformat(timespec="microseconds")

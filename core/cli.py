@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sottovoce import __version__
+from sottovoce._cli_aggregator import aggregator_app
 from sottovoce._cli_audit import audit_app
 from sottovoce._errors import SottovoceError
 from sottovoce.policy import Purpose
@@ -34,6 +35,7 @@ device_app = typer.Typer(no_args_is_help=True, help="Work with a device's local 
 app.add_typer(policy_app, name="policy")
 app.add_typer(device_app, name="device")
 app.add_typer(audit_app, name="audit")
+app.add_typer(aggregator_app, name="aggregator")
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 err = Console(stderr=True, highlight=False)

@@ -79,6 +79,8 @@ REASONS: dict[str, str] = {
     "cohort_not_met": "the round ended with {cohort} contributions (minimum {min_cohort})",
     "unsupported_protocol": "the message uses a protocol version this service does not speak",
     "malformed": "the message is malformed",
+    "too_large": "the message is larger than the service accepts",
+    "nothing_pending": "there is no pending delta to erase: none was accepted, or its round closed",
 }
 DENY_REASONS = frozenset(
     code for code in REASONS if code not in {
@@ -250,7 +252,14 @@ class DecisionEngine:
         return self.decide(Action.PURGE_RETENTION, "retention_ttl", inputs=inputs,
                            metrics=metrics)  # fmt: skip
 
-    def erase(self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any]) -> Decision:
+    def erase(
+        self, *, deleted: Mapping[str, int], inputs: Mapping[str, Any], refusal: str | None = None
+    ) -> Decision:
+        """An erasure (on the device: a user's data; at the aggregator: a pending delta)."""
+        if refusal is not None:
+            if refusal not in DENY_REASONS:
+                raise ValueError(f"{refusal!r} is not a refusal reason")
+            return self.decide(Action.ERASE, refusal, inputs=inputs)
         return self.decide(Action.ERASE, "user_request", inputs=inputs,
                            metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
 

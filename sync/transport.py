@@ -41,7 +41,7 @@ from sottovoce.sync._errors import (
 )
 from sottovoce.sync._outbox import Acknowledged, Drop, Outbox, OutboxItem, RetryAt, decide
 from sottovoce.sync._sign import SigningPublicKey, signing_public_key, verify_release
-from sottovoce.sync._wire import PROTOCOL_VERSION, ModelRelease, b64encode
+from sottovoce.sync._wire import PROTOCOL_VERSION, ModelRelease, SealedDelta, b64encode
 
 Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
@@ -306,4 +306,34 @@ def enroll(
         f"the aggregator refused to enroll the device key for period {period!r} "
         f"(HTTP {reply.status}{', ' + reply.code if reply.code else ''})",
         reason=reply.code,
+    )
+
+
+def retract(
+    client: httpx.Client,
+    *,
+    base_url: str,
+    sealed: SealedDelta,
+    retry: RetryPolicy = RetryPolicy(),
+    sleep: Sleep = time.sleep,
+) -> bool:
+    """Take an uploaded delta back while its round is still open (erasure at the aggregator).
+
+    The device presents the sealed delta it uploaded; the aggregator subtracts it from the
+    round's running sum. Returns ``True`` when it was taken out, ``False`` when nothing was
+    pending (never accepted, or the round closed: a published round's deltas are part of its
+    release). Raises :class:`AggregatorUnavailable` when the aggregator does not answer.
+    """
+    url = f"{base_url.rstrip('/')}/v1/pseudonyms/{sealed.pseudonym}/erasure"
+    body, headers = sealed.to_wire(), {"Content-Type": "application/json"}
+    reply = _with_retries(lambda: client.post(url, content=body, headers=headers), retry, sleep)
+    if reply.status == 200:
+        return True
+    if reply.status == 404 and reply.code == "nothing_pending":
+        return False
+    if reply.transient:
+        raise _unavailable("erasure", reply)
+    raise AggregatorUnavailable(
+        f"erasure: the aggregator refused it (HTTP {reply.status}"
+        f"{', ' + reply.code if reply.code else ''})"
     )

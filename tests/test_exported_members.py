@@ -44,8 +44,9 @@ PUBLIC = {
     ],
     "sottovoce.aggregator": [
         "AggregationError", "BudgetExceeded", "LedgerEntry", "PartialSum", "PrivacyLedger",
-        "RegionAggregator", "RoundInfo", "RoundStillOpen", "central_noise", "create_app",
-        "epsilon_of",
+        "RegionAggregator", "RegionKeys", "RoundInfo", "RoundScheduler", "RoundStillOpen",
+        "ServiceConfig", "ServiceConfigError", "build_app", "central_noise", "create_app",
+        "epsilon_of", "generate_keys", "load_keys",
     ],
 }  # fmt: skip
 

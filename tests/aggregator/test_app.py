@@ -302,6 +302,7 @@ def test_health_metrics_and_openapi(service: Service) -> None:
         "/v1/round",
         "/v1/enroll",
         "/v1/rounds/{round_id}/deltas",
+        "/v1/pseudonyms/{pseudonym}/erasure",
         "/v1/model/release",
         "/v1/health",
         "/v1/metrics",

@@ -82,6 +82,30 @@ def test_merge_is_commutative_and_empty_is_its_identity(
     assert x.merge(PartialSum.empty(DIM)) == x == PartialSum.empty(DIM).merge(x)
 
 
+@given(weighted, st.data())
+def test_removing_an_added_delta_equals_never_adding_it(
+    items: list[tuple[np.ndarray, float]], data: st.DataObject
+) -> None:
+    gone = data.draw(st.integers(0, len(items) - 1))
+    without = items[:gone] + items[gone + 1 :]
+    removed = add_all(items).remove(*items[gone])
+    assert removed.count == len(without)
+    if without:
+        assert_close(removed, add_all(without))
+    else:
+        assert removed == PartialSum.empty(DIM)  # exactly empty, no rounding residue
+
+
+def test_removing_from_an_empty_sum_or_a_bad_delta_is_refused() -> None:
+    with pytest.raises(AggregationError, match="no deltas"):
+        PartialSum.empty(DIM).remove(np.ones(DIM))
+    one = PartialSum.empty(DIM).add(np.ones(DIM))
+    with pytest.raises(AggregationError):
+        one.remove(np.ones(DIM + 1))
+    with pytest.raises(AggregationError):
+        one.remove(np.full(DIM, np.nan))
+
+
 def test_values_are_immutable_and_never_keep_the_delta() -> None:
     delta = np.array([1.0, 2.0])
     empty = PartialSum.empty(2)

@@ -1,0 +1,254 @@
+"""What every part of :class:`~sottovoce.aggregator.RegionAggregator` shares: its SQLite
+tables, keys, decision engine and log, and the read side of rounds and releases.
+
+The aggregator is assembled from parts (like the device's ``EventStore``): this base,
+:mod:`._uploads` (deciding on uploads and erasures) and :mod:`._rounds` (enrollment, opening,
+closing and sweeping rounds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from sottovoce._errors import SottovoceError
+from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._ledger import PrivacyLedger
+from sottovoce.aggregator._partial_sum import PartialSum
+from sottovoce.policy import (
+    CheckpointSigner,
+    DecisionEngine,
+    DecisionLog,
+    Policy,
+)
+from sottovoce.sync import (
+    ModelRelease,
+    RoundSpec,
+    SignedRoundSpec,
+)
+from sottovoce.sync._wire import b64encode
+
+# HTTP status of every answer ``accept`` can give, by reason code.
+STATUS: Final[dict[str, int]] = {
+    "within_policy": 200,
+    "unsupported_protocol": 400,
+    "malformed": 400,
+    "undecryptable": 400,
+    "bad_signature": 400,
+    "not_enrolled": 403,
+    "wrong_region": 403,
+    "duplicate_contribution": 409,
+    "round_closed": 410,
+    "wrong_model_version": 422,
+    "non_finite": 422,
+    "norm_exceeded": 422,
+    "too_large": 413,
+    "erased": 410,  # the stored answer to an upload its device took back (erasure)
+}
+
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_PERIOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,31}$")
+_DIGEST_TAG: Final = b"sottovoce/aggregator/decision-digest/v1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS enrollments (
+    device_key TEXT PRIMARY KEY,
+    period TEXT NOT NULL,
+    enrolled_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'published', 'abandoned')),
+    partial BLOB,
+    count INTEGER NOT NULL DEFAULT 0,
+    opened_at TEXT NOT NULL,
+    closed_at TEXT
+);
+CREATE TABLE IF NOT EXISTS contributions (
+    idempotency_key TEXT PRIMARY KEY,
+    round_id TEXT,
+    pseudonym TEXT,
+    body_sha256 TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS contributions_once
+    ON contributions (round_id, pseudonym) WHERE status = 200;
+CREATE TABLE IF NOT EXISTS releases (
+    version INTEGER PRIMARY KEY,
+    model_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+"""
+
+
+class RoundStillOpen(SottovoceError):
+    """A round cannot open while another is open: each round trains the latest release."""
+
+    code = "round_open"
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What is known about a round (never its running sum)."""
+
+    round_id: str
+    signed_spec: SignedRoundSpec
+    state: str
+    count: int
+    opened_at: datetime
+    closed_at: datetime | None
+
+    @property
+    def spec(self) -> RoundSpec:
+        return self.signed_spec.spec
+
+
+class _Refusal(Exception):
+    """Internal: an upload refused with ``code``, before anything was counted."""
+
+    def __init__(self, code: str, *, round_id: str | None = None, pseudonym: str | None = None):
+        super().__init__(code)
+        self.code = code
+        self.round_id = round_id
+        self.pseudonym = pseudonym
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RoundsBase:
+    """Rounds, uploads and releases of one region, stored in ``conn``'s database.
+
+    ``base_weights`` are the model's weights before any release (version 0); ``rng`` draws the
+    central noise (default: a generator seeded from the OS). The signing and HPKE keys must be
+    the region's keys in ``policy``, since devices check and seal against those.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        policy: Policy,
+        region: str,
+        signing_key: Ed25519PrivateKey,
+        hpke_key: X25519PrivateKey,
+        model_id: str,
+        dim: int,
+        base_weights: npt.ArrayLike | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self._conn = conn
+        self._region = policy.region(region)
+        self._signing_key = signing_key
+        self._hpke_key = hpke_key
+        self._model_id = model_id
+        self._dim = dim
+        base = np.zeros(dim) if base_weights is None else np.asarray(base_weights, np.float64)
+        if base.shape != (dim,) or not np.all(np.isfinite(base)):
+            raise ValueError(f"base_weights must be {dim} finite numbers")
+        self._base = base
+        self._clock = clock
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._kid = self._matching_kid()
+        raw = signing_key.private_bytes_raw()
+        digest_key = hmac.new(raw, _DIGEST_TAG, hashlib.sha256).digest()
+        self._engine = DecisionEngine(policy, region, digest_key=digest_key, clock=clock)
+        origin = f"sottovoce.aggregator/{region}"
+        signer = CheckpointSigner.from_private_bytes(origin, raw)
+        with write_transaction(conn, name="rounds_schema"):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if DecisionLog.exists(conn):
+                self._log = DecisionLog(conn, signer=signer)
+            else:
+                self._log = DecisionLog.create(conn, origin=origin, signer=signer, keep_key=False)
+        self._ledger = PrivacyLedger(conn, region=self._region)
+
+    def close(self) -> None:
+        """Close the database connection (the aggregator is unusable after)."""
+        self._conn.close()
+
+    @property
+    def log(self) -> DecisionLog:
+        return self._log
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return self._ledger
+
+    def current_round(self) -> SignedRoundSpec | None:
+        """The open round's signed spec, if a round is open."""
+        row = self._conn.execute("SELECT spec FROM rounds WHERE state = 'open'").fetchone()
+        return None if row is None else SignedRoundSpec.from_wire(row[0])
+
+    def round(self, round_id: str) -> RoundInfo | None:
+        row = self._conn.execute(
+            "SELECT round_id, spec, state, count, opened_at, closed_at FROM rounds"
+            " WHERE round_id = ?",
+            (round_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        rid, spec, state, count, opened, closed = row
+        return RoundInfo(
+            round_id=rid,
+            signed_spec=SignedRoundSpec.from_wire(spec),
+            state=state,
+            count=int(count),
+            opened_at=datetime.fromisoformat(opened),
+            closed_at=None if closed is None else datetime.fromisoformat(closed),
+        )
+
+    def latest_release(self) -> ModelRelease | None:
+        row = self._conn.execute(
+            "SELECT body FROM releases ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else ModelRelease.from_wire(row[0])
+
+    def _end(self, round_id: str, state: str, now: datetime) -> None:
+        self._conn.execute(
+            "UPDATE rounds SET state = ?, partial = NULL, closed_at = ? WHERE round_id = ?",
+            (state, _iso(now), round_id),
+        )
+
+    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> None:
+        raise NotImplementedError  # RegionAggregator publishes
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _matching_kid(self) -> str:
+        """The policy's kid for our signing key; both keys must be the region's published ones."""
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        signing = b64encode(self._signing_key.public_key().public_bytes(*raw))
+        hpke = b64encode(self._hpke_key.public_key().public_bytes(*raw))
+        keys = self._region.aggregator.public_keys
+        if not any(k.use == "hpke" and k.key == hpke for k in keys):
+            raise ValueError(f"the HPKE key is not one of region {self._region.id}'s keys")
+        for key in keys:
+            if key.use == "signing" and key.key == signing:
+                return key.kid
+        raise ValueError(f"the signing key is not one of region {self._region.id}'s keys")
+
+
+def _iso(value: datetime) -> str:
+    # One fixed-width UTC spelling, so text order is time order (as in the ledger).
+    return value.astimezone(UTC).isoformat(timespec="microseconds")

@@ -1,0 +1,233 @@
+"""Deciding on uploads: every sealed delta gets a logged verdict, and an accepted one is added
+to its round's running sum; a device can take back a pending delta (erasure).
+
+Part of :class:`~sottovoce.aggregator.RegionAggregator` (see :mod:`._round_state`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._partial_sum import PartialSum
+from sottovoce.aggregator._round_state import _IDEMPOTENCY_KEY, STATUS, RoundsBase, _iso, _Refusal
+from sottovoce.sync import (
+    RoundSpec,
+    SealedDelta,
+    SignedRoundSpec,
+    SyncError,
+    open_delta,
+)
+from sottovoce.sync._seal import device_noise_std
+
+__all__ = ["UploadsPart"]
+
+
+class UploadsPart(RoundsBase):
+    """Uploads and erasures of pending deltas."""
+
+    def accept(self, body: bytes, idempotency_key: str) -> tuple[int, str]:
+        """Decide on one uploaded sealed delta; returns (HTTP status, reason code)."""
+        digest = hashlib.sha256(body).hexdigest()
+        prior = self._prior(idempotency_key, digest)
+        if prior is not None:
+            return prior
+        try:
+            sealed, spec = self._precheck(body, idempotency_key)
+            opened = open_delta(
+                sealed,
+                region=self._region.id,
+                round_id=spec.round_id,
+                model_version=spec.model_version,
+                hpke_private_key=self._hpke_key,
+                clipping_norm=spec.clipping_norm,
+                noise_std=device_noise_std(spec),
+                dim=self._dim,
+            )
+        except _Refusal as refusal:
+            return self._refuse(idempotency_key, digest, refusal)
+        except SyncError as error:
+            failed = _Refusal(error.code, round_id=sealed.round_id, pseudonym=sealed.pseudonym)
+            return self._refuse(idempotency_key, digest, failed)
+        now = self._clock()
+        with write_transaction(self._conn, name="accept"):
+            # Checked again under the write lock: a concurrent upload or sweep may have won.
+            prior = self._prior(idempotency_key, digest)
+            if prior is not None:
+                return prior
+            try:
+                partial = self._open_partial(spec, sealed.pseudonym, now)
+            except _Refusal as refusal:
+                return self._refuse(idempotency_key, digest, refusal)
+            partial = partial.add(opened.delta)
+            self._conn.execute(
+                "INSERT INTO contributions (idempotency_key, round_id, pseudonym, body_sha256,"
+                " status, code, at) VALUES (?, ?, ?, ?, 200, 'within_policy', ?)",
+                (idempotency_key, spec.round_id, sealed.pseudonym, digest, _iso(now)),
+            )
+            self._conn.execute(
+                "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
+                (partial.to_bytes(), partial.count, spec.round_id),
+            )
+            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
+            self._log.append(self._engine.accept_delta(inputs=inputs))
+            if partial.count >= spec.min_cohort:
+                self._close(spec, partial, now)
+        return 200, "within_policy"
+
+    def _prior(self, idempotency_key: str, digest: str) -> tuple[int, str] | None:
+        row = self._conn.execute(
+            "SELECT body_sha256, status, code FROM contributions WHERE idempotency_key = ?",
+            (idempotency_key,),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != digest:
+            # Not recorded: the key stays bound to its first body.
+            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
+            with write_transaction(self._conn, name="accept_conflict"):
+                self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
+            return 409, "malformed"
+        return int(row[1]), str(row[2])
+
+    def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
+        """The envelope checks before decryption; raises ``_Refusal``."""
+        if not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise _Refusal("malformed")
+        try:
+            sealed = SealedDelta.from_wire(body)
+        except SyncError as error:
+            raise _Refusal(error.code) from None
+        refuse = {"round_id": sealed.round_id, "pseudonym": sealed.pseudonym}
+        if sealed.idempotency_key != idempotency_key:
+            raise _Refusal("malformed", **refuse)
+        # Residency first: another region's device is never enrolled here, and saying so
+        # would hide the real reason.
+        if sealed.region != self._region.id:
+            raise _Refusal("wrong_region", **refuse)
+        enrolled = self._conn.execute(
+            "SELECT 1 FROM enrollments WHERE device_key = ? AND period = ?",
+            (sealed.device_key, sealed.period),
+        ).fetchone()
+        if enrolled is None:
+            raise _Refusal("not_enrolled", **refuse)
+        info = self.round(sealed.round_id)
+        if info is None or info.state != "open" or self._clock() >= info.spec.deadline:
+            raise _Refusal("round_closed", **refuse)
+        self._check_duplicate(sealed.round_id, sealed.pseudonym)
+        return sealed, info.spec
+
+    def _check_duplicate(self, round_id: str, pseudonym: str) -> None:
+        taken = self._conn.execute(
+            "SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200",
+            (round_id, pseudonym),
+        ).fetchone()
+        if taken is not None:
+            raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
+
+    def _open_partial(self, spec: RoundSpec, pseudonym: str, now: datetime) -> PartialSum:
+        """The round's running sum, if it still takes this pseudonym (inside the write)."""
+        row = self._conn.execute(
+            "SELECT state, partial FROM rounds WHERE round_id = ?", (spec.round_id,)
+        ).fetchone()
+        if row is None or row[0] != "open" or now >= spec.deadline:
+            raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=pseudonym)
+        self._check_duplicate(spec.round_id, pseudonym)
+        return PartialSum.from_bytes(row[1])
+
+    def _refuse(self, idempotency_key: str, digest: str, refusal: _Refusal) -> tuple[int, str]:
+        status = STATUS[refusal.code]
+        inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
+        with write_transaction(self._conn, name="refuse"):
+            if _IDEMPOTENCY_KEY.match(idempotency_key):
+                # Kept so a retry of the same upload gets the same answer.
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO contributions (idempotency_key, round_id, pseudonym,"
+                    " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        idempotency_key,
+                        refusal.round_id,
+                        refusal.pseudonym,
+                        digest,
+                        status,
+                        refusal.code,
+                        _iso(self._clock()),
+                    ),
+                )
+            self._log.append(self._engine.accept_delta(inputs=inputs, refusal=refusal.code))
+        return status, refusal.code
+
+    # -- erasure -----------------------------------------------------------------------------
+
+    def erase(self, body: bytes) -> tuple[int, str]:
+        """Take a pending delta back out of its round; returns (HTTP status, reason code).
+
+        A delta is pending while its round is open: it is in the running sum, not yet in a
+        release. The device shows it is its own by presenting the sealed delta it uploaded
+        (only that device and this aggregator ever had those bytes); the aggregator opens it
+        again, subtracts it from the running sum and unlinks the round's records from its
+        pseudonym. The upload's idempotency key then answers ``erased`` (410), so a stray
+        retry cannot put the delta back. Once the round has closed there is nothing pending:
+        a published round's deltas are part of its (noised) release, an abandoned round's
+        sum is gone (404 ``nothing_pending``). Every answer is a logged ``erase`` decision.
+        """
+        digest = hashlib.sha256(body).hexdigest()
+        try:
+            sealed = SealedDelta.from_wire(body)
+        except SyncError as error:
+            return self._erase_refused({"body_sha256": digest}, error.code)
+        inputs = {"idempotency_key": sealed.idempotency_key, "body_sha256": digest}
+        if sealed.region != self._region.id:
+            return self._erase_refused(inputs, "wrong_region")
+        with write_transaction(self._conn, name="erase"):
+            row = self._conn.execute(
+                "SELECT c.round_id, r.partial FROM contributions c JOIN rounds r"
+                " ON r.round_id = c.round_id WHERE c.idempotency_key = ? AND c.status = 200"
+                " AND c.body_sha256 = ? AND c.pseudonym = ? AND r.state = 'open'",
+                (sealed.idempotency_key, digest, sealed.pseudonym),
+            ).fetchone()
+            if row is None:
+                return self._erase_refused(inputs, "nothing_pending")
+            round_id, blob = row
+            spec = SignedRoundSpec.from_wire(
+                self._conn.execute(
+                    "SELECT spec FROM rounds WHERE round_id = ?", (round_id,)
+                ).fetchone()[0]
+            ).spec
+            # It opened when it was accepted; the same key and spec open it again.
+            opened = open_delta(
+                sealed,
+                region=self._region.id,
+                round_id=spec.round_id,
+                model_version=spec.model_version,
+                hpke_private_key=self._hpke_key,
+                clipping_norm=spec.clipping_norm,
+                noise_std=device_noise_std(spec),
+                dim=self._dim,
+            )
+            partial = PartialSum.from_bytes(blob).remove(opened.delta)
+            self._conn.execute(
+                "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
+                (partial.to_bytes(), partial.count, round_id),
+            )
+            unlinked = self._conn.execute(
+                "UPDATE contributions SET pseudonym = NULL, status = ?, code = 'erased'"
+                " WHERE round_id = ? AND pseudonym = ?",
+                (STATUS["erased"], round_id, sealed.pseudonym),
+            ).rowcount
+            deleted = {"pending_deltas": 1, "pseudonym_records": unlinked}
+            self._log.append(self._engine.erase(deleted=deleted, inputs=inputs))
+        return 200, "user_request"
+
+    def _erase_refused(self, inputs: dict[str, str], code: str) -> tuple[int, str]:
+        with write_transaction(self._conn, name="erase_refused"):
+            self._log.append(self._engine.erase(deleted={}, inputs=inputs, refusal=code))
+        return {"nothing_pending": 404, "wrong_region": 403}.get(code, 400), code
+
+    def refuse_too_large(self, idempotency_key: str, size: int | None) -> tuple[int, str]:
+        """Log the refusal of an upload the service would not read (above its body limit)."""
+        inputs = {"idempotency_key": idempotency_key, "bytes": -1 if size is None else size}
+        with write_transaction(self._conn, name="refuse_too_large"):
+            self._log.append(self._engine.accept_delta(inputs=inputs, refusal="too_large"))
+        return STATUS["too_large"], "too_large"

@@ -1,0 +1,133 @@
+"""``sottovoce aggregator``: what an operator runs for one region.
+
+``keygen`` makes the region's private keys and a policy that publishes their public halves;
+``serve`` runs the service (uvicorn, JSON logs on stderr) on an embedded SQLite file. Secrets
+come from files and the environment here, at the process edge, never from library defaults.
+The command layer is the one place that reads the model file: it gives the aggregator the
+model's identity and initial weights (the aggregator itself never imports device code).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+aggregator_app = typer.Typer(
+    no_args_is_help=True, help="Run a region's aggregator (needs the 'aggregator' extra)."
+)
+out = Console(highlight=False, soft_wrap=True)
+
+TOKENS_ENV = "SOTTOVOCE_ENROLLMENT_TOKENS"
+
+
+def _read_policy(path: Path | None) -> Any:
+    from sottovoce.policy import example_policy, load_policy
+
+    return example_policy() if path is None else load_policy(path)
+
+
+@aggregator_app.command()
+def keygen(
+    region: Annotated[str, typer.Option("--region", "-r", help="The region these keys serve.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the key files.")],
+    policy: Annotated[
+        Path | None, typer.Option("--policy", "-p", help="Policy to publish the keys in.")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="The region's aggregator URL to put in the policy.")
+    ] = None,
+) -> None:
+    """Make a region's keys (signing.pem, hpke.pem; owner-only) and OUT/policy.json."""
+    from sottovoce.aggregator._service import generate_keys, policy_with_keys
+
+    base = _read_policy(policy)
+    base.region(region)  # an unknown region fails before any key is written
+    keys = generate_keys(out_dir)
+    published = policy_with_keys(base, region, keys, endpoint)
+    target = out_dir / "policy.json"
+    target.write_text(published.model_dump_json(indent=2) + "\n")
+    out.print(f"wrote {out_dir / 'signing.pem'} and {out_dir / 'hpke.pem'} (keep them secret)")
+    out.print(f"wrote {target}: policy {published.hash[:16]}… publishing region {region}'s keys")
+    for use, key in keys.public().items():
+        out.print(f"  {use:8} {key}")
+
+
+@aggregator_app.command()
+def serve(  # noqa: PLR0917 - typer maps parameters to options
+    region: Annotated[str, typer.Option("--region", "-r", help="The region this service is.")],
+    policy: Annotated[
+        Path, typer.Option("--policy", "-p", help="The policy (publishing this region's keys).")
+    ],
+    keys: Annotated[
+        Path,
+        typer.Option(envvar="SOTTOVOCE_KEYS_DIR", help="Directory with signing.pem and hpke.pem."),
+    ],
+    db: Annotated[
+        Path | None, typer.Option(help="SQLite file (default: aggregator-REGION.db).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help=f"Enrollment tokens, one per line (or ${TOKENS_ENV}, comma-separated)."),
+    ] = None,
+    noise_multiplier: Annotated[float, typer.Option(help="Rounds' noise multiplier z.")] = 1.0,
+    sampling_rate: Annotated[float, typer.Option(help="Rounds' device sampling rate q.")] = 0.01,
+    round_minutes: Annotated[float, typer.Option(help="How long a round stays open.")] = 60.0,
+    sweep_seconds: Annotated[float, typer.Option(help="Sweep and schedule interval.")] = 60.0,
+    schedule: Annotated[bool, typer.Option(help="Open rounds automatically.")] = True,
+    model: Annotated[
+        Path | None, typer.Option(help="The .tflite model (default: the shipped ranker).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve the region's aggregator over HTTP (JSON logs on stderr); restart-safe."""
+    try:
+        import uvicorn
+
+        from sottovoce.aggregator._service import (
+            ServiceConfig,
+            build_app,
+            json_log_config,
+            load_keys,
+        )
+    except ImportError as error:
+        raise typer.BadParameter(
+            f"the aggregator needs its extra: pip install 'sottovoce[aggregator]' ({error})"
+        ) from None
+    from sottovoce.device import Ranker
+
+    ranker = Ranker.load(model)
+    config = ServiceConfig(
+        policy=_read_policy(policy),
+        region=region,
+        keys=load_keys(keys),
+        database=db or Path(f"aggregator-{region}.db"),
+        model_id=ranker.model_id,
+        base_weights=ranker.get_weights(),
+        enrollment_tokens=_tokens(token_file),
+        noise_multiplier=noise_multiplier,
+        sampling_rate=sampling_rate,
+        round_seconds=round_minutes * 60,
+        sweep_seconds=sweep_seconds,
+        schedule_rounds=schedule,
+    )
+    uvicorn.run(
+        build_app(config),
+        host=host,
+        port=port,
+        log_config=json_log_config(log_level),
+        access_log=False,
+    )
+
+
+def _tokens(path: Path | None) -> frozenset[str]:
+    if path is not None:
+        lines = path.read_text().splitlines()
+    else:
+        lines = os.environ.get(TOKENS_ENV, "").split(",")
+    return frozenset(line.strip() for line in lines if line.strip())
