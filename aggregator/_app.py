@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.sync import SealedDelta, SyncError
@@ -298,7 +298,10 @@ def _upload_routes(app: FastAPI, worker: _Worker, metrics: _Metrics, max_body_by
             metrics.refuse(code)
             return _problem(status, code)
         if _other_round(body, round_id):
-            return _problem(400, "malformed", "The delta is for another round than the path's.")
+            key = idempotency_key or ""
+            status, code = await worker.run(lambda agg: agg.refuse(body, key, "malformed"))
+            metrics.refuse(code)
+            return _problem(status, code, "The delta is for another round than the path's.")
 
         def accept(agg: RegionAggregator) -> tuple[int, str, int, bool]:
             before = agg.round(round_id)
@@ -369,8 +372,13 @@ def _error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         return _problem(400, "malformed")
 
+    @app.exception_handler(_Gone)
+    async def gone(_: Request, error: _Gone) -> JSONResponse:
+        return _problem(400, "malformed", "The request body was cut short.")
+
     @app.exception_handler(Exception)
     async def failed(_: Request, error: Exception) -> JSONResponse:
+        log.error("internal_error", exc_info=error)
         return _problem(500, "internal")
 
 
@@ -399,12 +407,19 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     if declared is not None and declared > limit:
         return None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except ClientDisconnect:  # the device went away mid-body: nothing to decide, nobody to tell
+        raise _Gone from None
     return b"".join(chunks)
+
+
+class _Gone(Exception):
+    """The client disconnected before its request body arrived."""
 
 
 def _declared_length(request: Request) -> int | None:
@@ -417,7 +432,7 @@ def _declared_length(request: Request) -> int | None:
 def _pseudonym_of(body: bytes) -> str | None:
     try:
         return SealedDelta.from_wire(body).pseudonym
-    except (SyncError, ValueError, json.JSONDecodeError):
+    except (SyncError, ValueError, RecursionError):
         return None
 
 
@@ -428,5 +443,5 @@ def _other_round(body: bytes, round_id: str) -> bool:
     """
     try:
         return SealedDelta.from_wire(body).round_id != round_id
-    except (SyncError, ValueError, json.JSONDecodeError):
+    except (SyncError, ValueError, RecursionError):
         return False

@@ -257,6 +257,10 @@ def build_app(config: ServiceConfig) -> FastAPI:
     policy does not publish, an unknown region) raises ``ServiceConfigError`` here, before any
     server starts. The app opens its own aggregator, on its worker thread, when it starts."""
     open_aggregator(config).close()
+    # The accountant (opacus, torch) loads here, at start, not inside the first round close's
+    # write transaction, where it would hold the database lock for seconds.
+    from opacus.accountants import RDPAccountant  # noqa: F401
+
     scheduler = RoundScheduler(
         noise_multiplier=config.noise_multiplier,
         sampling_rate=config.sampling_rate,

@@ -225,6 +225,16 @@ class UploadsPart(RoundsBase):
             self._log.append(self._engine.erase(deleted={}, inputs=inputs, refusal=code))
         return {"nothing_pending": 404, "wrong_region": 403}.get(code, 400), code
 
+    def refuse(self, body: bytes, idempotency_key: str, code: str) -> tuple[int, str]:
+        """Refuse and log an upload the HTTP layer found wrong before deciding, e.g. a body
+        for another round than its path names. Not remembered under its idempotency key: the
+        same body sent to the right path is still decided on its merits."""
+        inputs = {"idempotency_key": idempotency_key,
+                  "body_sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
+        with write_transaction(self._conn, name="refuse_request"):
+            self._log.append(self._engine.accept_delta(inputs=inputs, refusal=code))
+        return STATUS[code], code
+
     def refuse_too_large(self, idempotency_key: str, size: int | None) -> tuple[int, str]:
         """Log the refusal of an upload the service would not read (above its body limit)."""
         inputs = {"idempotency_key": idempotency_key, "bytes": -1 if size is None else size}

@@ -21,6 +21,7 @@ from rich.table import Table
 from sottovoce import __version__
 from sottovoce._cli_aggregator import aggregator_app
 from sottovoce._cli_audit import audit_app
+from sottovoce._cli_simulate import register as register_simulation
 from sottovoce._errors import SottovoceError
 from sottovoce.policy import Purpose
 
@@ -36,6 +37,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(device_app, name="device")
 app.add_typer(audit_app, name="audit")
 app.add_typer(aggregator_app, name="aggregator")
+register_simulation(app)
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 err = Console(stderr=True, highlight=False)
@@ -70,15 +72,15 @@ def version() -> None:
     out.print(__version__)
 
 
-@app.command()
-def demo(
+@app.command("device-demo")
+def device_demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its device stores.")] = Path(
         "out/demo"
     ),
     events: Annotated[int, typer.Option(help="Listening events per device.")] = 2_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
 ) -> None:
-    """Run the end-to-end device demo on the example policy (EU and US devices)."""
+    """A tour of one device's store on the example policy (EU and US devices)."""
     from sottovoce._demo import run_demo
 
     run_demo(workdir=workdir, events=events, seed=seed, console=out)

@@ -116,8 +116,17 @@ class LocalRound:
 class Personalizer:
     """Reranks and trains for one device store with one ranker model."""
 
-    def __init__(self, store: EventStore, *, ranker: Ranker | None = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        ranker: Ranker | None = None,
+        noise_rng: np.random.Generator | None = None,
+    ) -> None:
+        """``noise_rng`` draws local-mode noise (default: seeded from the OS); simulations pass
+        a seeded one to repeat a run."""
         self.store = store
+        self._noise_rng = noise_rng
         self.ranker = ranker or Ranker.load()
         self.version = 0
         self.global_weights = self.ranker.get_weights()
@@ -232,6 +241,7 @@ class Personalizer:
         eligibility: Eligibility,
         steps: int = 200,
         seed: int = 0,
+        examples: int = 2_000,
     ) -> str | None:
         """Take part in a federated round; returns the queued delta's idempotency key, or
         ``None`` when the device's coin (the spec's sampling rate) keeps it out of the round.
@@ -264,11 +274,11 @@ class Personalizer:
                 raise refusal
             raise DeviceError(decision.sentence)  # the consent rules and the engine disagree
         result, state = self._train(user_id, eligibility=eligibility, steps=steps, batch=32,
-                                    lr=3e-3, seed=seed, examples=2_000)  # fmt: skip
+                                    lr=3e-3, seed=seed, examples=examples)  # fmt: skip
         hpke = base64.b64decode(self.store.region.key("hpke").key)
         sealed = seal_delta(delta=result.delta, spec=spec, device_secret=secret,
                             signing_key=self.store.signing_key(period), aggregator_hpke_key=hpke,
-                            rng=np.random.default_rng(), period=period,
+                            rng=self._noise_rng or np.random.default_rng(), period=period,
                             idempotency_key=key)  # fmt: skip
         model = ModelWeights(self.ranker.model_id, self.version,
                              result.delta + self.global_weights)  # fmt: skip

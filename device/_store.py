@@ -101,13 +101,18 @@ class EventStore(RankingReads, OutboxPart):
         region: str,
         durability: Durability = "normal",
         clock: Callable[[], datetime] = _utcnow,
+        device_secret: bytes | None = None,
     ) -> EventStore:
         """Open (or create) the store at ``path`` for a device in ``region`` of ``policy``.
 
         ``clock`` gives "now" for retention and consent times (tests and simulations pass
         their own). Opening with a policy other than the one the store last followed is
-        allowed (policies get new versions) and logged as a decision.
+        allowed (policies get new versions) and logged as a decision. ``device_secret`` is for
+        reproducible simulations only: it replaces the random secret of a store being created
+        (pseudonyms and round sampling then repeat from run to run); an app never passes one.
         """
+        if device_secret is not None and len(device_secret) != 32:
+            raise ValueError("a device secret is 32 bytes")
         region_obj = policy.region(region)  # raises UnknownRegion before touching the file
         path = Path(path)
         try:
@@ -125,9 +130,15 @@ class EventStore(RankingReads, OutboxPart):
             # background thread instead of inside whichever append crosses the threshold.
             db.execute("PRAGMA wal_autocheckpoint=0")
             db.execute("PRAGMA secure_delete=ON")  # erased rows do not linger in free pages
+            fresh = not _has_meta(conn)
             _migrate(db, path)
             with _immediate(conn):
                 stored = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
+                if device_secret is not None:
+                    if not fresh and stored.get("device_secret") != device_secret.hex():
+                        raise StoreError(f"{path} exists: its device secret cannot be replaced")
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'device_secret'",
+                                 (device_secret.hex(),))  # fmt: skip
                 if stored.get("region", region_obj.id) != region_obj.id:
                     raise StoreError(
                         f"{path} belongs to region {stored['region']!r}, not {region_obj.id!r}; "
@@ -545,3 +556,11 @@ class EventStore(RankingReads, OutboxPart):
             )
             self._log(decision, user)
         return PurgeReport(deleted)
+
+
+def _has_meta(conn: sqlite3.Connection) -> bool:
+    """Whether the file already holds a store (its ``meta`` table)."""
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    return found is not None

@@ -116,7 +116,7 @@ class _Wire(BaseModel):
         if isinstance(data, bytes | str):
             try:
                 value = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # nesting deep enough to exhaust the stack
                 raise Malformed(f"a {cls.__name__} must be a JSON object") from None
         if not isinstance(value, Mapping):
             raise Malformed(f"a {cls.__name__} must be a JSON object")

@@ -124,7 +124,7 @@ def _exchange(send: Callable[[], httpx.Response]) -> _Reply:
     if response.content:
         try:
             body = json.loads(response.content)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested to exhaust the stack
             body = None
         if not isinstance(body, dict):  # a proxy's page, or garbage: no answer from us
             return _Reply(status=None, retry_after=retry_after)

@@ -91,7 +91,7 @@ def test_bad_event_line_is_reported(tmp_path: Path) -> None:
 
 
 def test_demo_runs(tmp_path: Path) -> None:
-    result = run("demo", "--workdir", str(tmp_path / "demo"), "--events", "300")
+    result = run("device-demo", "--workdir", str(tmp_path / "demo"), "--events", "300")
     assert result.returncode == 0, result.stderr
     assert "first event refused" in result.stdout and "[consent_missing]" in result.stdout
     assert "derived state per device" in result.stdout

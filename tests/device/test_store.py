@@ -8,7 +8,14 @@ import pytest
 from conftest import T0, Events, StoreFactory
 
 from sottovoce.device import EventConflict, EventStore, StoreError
-from sottovoce.policy import AgeRestricted, ConsentMissing, Policy, Purpose, UnknownRegion
+from sottovoce.policy import (
+    AgeRestricted,
+    ConsentMissing,
+    Policy,
+    Purpose,
+    UnknownRegion,
+    example_policy,
+)
 
 
 def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> None:
@@ -248,3 +255,24 @@ def test_durability_full_is_accepted(open_store: StoreFactory, events: Events) -
     store = open_store(durability="full")
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store.append(events("like")).accepted == 1
+
+
+def test_a_simulation_can_fix_the_device_secret_of_a_new_store_only(tmp_path: Path) -> None:
+    secret = bytes(range(32))
+    store = EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
+                            device_secret=secret)  # fmt: skip
+    assert store.device_secret() == secret
+    store.close()
+    again = EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
+                            device_secret=secret)  # fmt: skip
+    assert again.device_secret() == secret
+    again.close()
+    with pytest.raises(StoreError, match="cannot be replaced"):
+        EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
+                        device_secret=bytes(32))  # fmt: skip
+    other = EventStore.open(tmp_path / "b.db", policy=example_policy(), region="us")
+    assert other.device_secret() != secret and len(other.device_secret()) == 32
+    other.close()
+    with pytest.raises(ValueError, match="32 bytes"):
+        EventStore.open(tmp_path / "c.db", policy=example_policy(), region="us",
+                        device_secret=b"short")  # fmt: skip

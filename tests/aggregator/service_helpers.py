@@ -1,0 +1,275 @@
+"""The aggregator service on a real uvicorn on 127.0.0.1, and what tests read back from its file.
+
+:func:`serve` runs an app on a free loopback port in a thread (the pattern of ``test_app.py``).
+:class:`Region` is one region's aggregator file with its keys, clock and an open round, opened in
+process before the server starts, as an operator would. :class:`Device` seals with sync's real
+code. What the service decided is read back from the same SQLite file, on a connection of the
+test's own, with the policy package's :class:`~sottovoce.policy.DecisionLog`, as an auditor
+would; the round's count and running sum are read from the aggregator's tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import uvicorn
+from aggregator_helpers import COHORT, DIM, Clock, Keys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI
+
+from sottovoce.aggregator import RegionAggregator, create_app
+from sottovoce.policy import Decision, DecisionLog, VerifyReport
+from sottovoce.sync import (
+    DeltaState,
+    ModelRelease,
+    OutboxItem,
+    RoundSpec,
+    SealedDelta,
+    new_device_secret,
+    period_label,
+    seal_delta,
+    verify_round_spec,
+)
+from sottovoce.sync._wire import b64encode
+from sottovoce.sync.transport import RetryPolicy, enroll
+
+MODEL_ID = "cd" * 32
+TOKEN = "app-enrollment-token"
+SIGMA, Q = 1.0, 0.01  # a round costs well under the example policy's budget
+FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.05)
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run ``app`` on uvicorn on a free 127.0.0.1 port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        if thread.is_alive():
+            raise RuntimeError("uvicorn did not stop")
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """A round as the aggregator's ``rounds`` table holds it (``partial``: the running sum)."""
+
+    state: str
+    count: int
+    partial: bytes | None
+
+
+class Region:
+    """The EU aggregator's file with an open round, its keys, clock and policy.
+
+    ``base`` are the weights before any release; the central noise of the first release is the
+    first draw of ``np.random.default_rng(seed)``, so a test can predict the release exactly.
+    """
+
+    def __init__(self, path: Path, *, min_cohort: int = COHORT, seed: int = 3) -> None:
+        self.path, self.seed = path, seed
+        self.keys, self.clock = Keys(), Clock()
+        self.policy = self.keys.policy(min_cohort=min_cohort)
+        self.base = np.linspace(-1.0, 1.0, DIM)
+        with closing(sqlite3.connect(path)) as conn:
+            operator = self.aggregator(conn)
+            signed = operator.open_round(
+                noise_multiplier=SIGMA,
+                sampling_rate=Q,
+                deadline=self.clock.now + timedelta(hours=6),
+            )
+        # The operator's decision engine: what links a logged decision to its inputs.
+        self._engine = operator._engine
+        self.spec: RoundSpec = verify_round_spec(signed, self.keys.signing.public_key())
+
+    def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:
+        return RegionAggregator(
+            conn,
+            policy=self.policy,
+            region="eu",
+            signing_key=self.keys.signing,
+            hpke_key=self.keys.hpke,
+            model_id=MODEL_ID,
+            dim=DIM,
+            base_weights=self.base,
+            clock=self.clock,
+            rng=np.random.default_rng(self.seed),
+        )
+
+    def app(self, **options: Any) -> FastAPI:
+        return create_app(
+            lambda: self.aggregator(sqlite3.connect(self.path)),
+            enrollment_tokens={TOKEN},
+            **options,
+        )
+
+    # -- reading the file back -----------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=10)) as conn:
+            yield conn
+
+    def round_row(self, round_id: str | None = None) -> RoundRow | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT state, count, partial FROM rounds WHERE round_id = ?",
+                (round_id or self.spec.round_id,),
+            ).fetchone()
+        return None if row is None else RoundRow(row[0], int(row[1]), row[2])
+
+    def decisions(self, action: str | None = "accept_delta") -> list[Decision]:
+        with self._read() as conn:
+            return [d for _, d in DecisionLog(conn).query(action=action)]
+
+    def verify_log(self) -> VerifyReport:
+        with self._read() as conn:
+            log = DecisionLog(conn)
+            return log.verify(verifier_key=log.verifier_key)
+
+    def enrolled(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT count(*) FROM enrollments").fetchone()[0])
+
+    def accepted_keys(self) -> list[str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT idempotency_key FROM contributions WHERE status = 200")
+            return sorted(r[0] for r in rows)
+
+    def latest_release(self) -> ModelRelease | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT body FROM releases ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else ModelRelease.from_wire(row[0])
+
+    def digest(self, inputs: Mapping[str, Any]) -> str:
+        """The ``inputs_digest`` a decision about ``inputs`` carries."""
+        return self._engine.digest(inputs)
+
+    def upload_digest(self, idempotency_key: str, body: bytes) -> str:
+        """The ``inputs_digest`` of the verdict on one upload (its key and body)."""
+        return self.digest(
+            {"idempotency_key": idempotency_key, "body_sha256": hashlib.sha256(body).hexdigest()}
+        )
+
+    def expected_release(self, accepted: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
+        """Base + mean of exactly ``accepted`` + the first release's central noise."""
+        cohort = self.spec.min_cohort
+        assert len(accepted) == cohort
+        mean = np.mean(np.array(accepted, dtype=np.float64), axis=0)
+        std = self.spec.noise_multiplier * self.spec.clipping_norm / cohort
+        noise = np.random.default_rng(self.seed).normal(0.0, std, size=DIM)
+        expected: npt.NDArray[np.float64] = self.base + mean + noise
+        return expected
+
+
+@dataclass
+class Device:
+    """A device's per-period key and secret (one secret: one pseudonym per period)."""
+
+    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    secret: bytes = field(default_factory=new_device_secret)
+
+    @classmethod
+    def seeded(cls, name: str) -> Device:
+        """The same device every run (same keys, pseudonym and idempotency keys)."""
+        seed = hashlib.sha256(name.encode()).digest()
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        return cls(key, hashlib.sha256(b"secret/" + seed).digest())
+
+    @property
+    def public_b64(self) -> str:
+        return b64encode(self.key.public_key().public_bytes_raw())
+
+    def enroll(
+        self,
+        client: httpx.Client,
+        url: str,
+        spec: RoundSpec,
+        *,
+        token: str = TOKEN,
+        retry: RetryPolicy = FAST_RETRY,
+    ) -> None:
+        enroll(
+            client,
+            base_url=url,
+            token=token,
+            device_public_key=self.key.public_key(),
+            period=period_label(spec),
+            retry=retry,
+        )
+
+    def seal(
+        self, spec: RoundSpec, delta: npt.ArrayLike, hpke_public: Any, **kw: Any
+    ) -> SealedDelta:
+        return seal_delta(
+            delta=delta,
+            spec=spec,
+            device_secret=self.secret,
+            signing_key=self.key,
+            aggregator_hpke_key=hpke_public,
+            rng=np.random.default_rng(0),
+            **kw,
+        )
+
+
+def small(seed: int) -> npt.NDArray[np.float32]:
+    """A delta of norm 0.5, well inside the clipping norm (sealing leaves it as it is)."""
+    values = np.random.default_rng(seed).normal(size=DIM)
+    return (values / np.linalg.norm(values) * 0.5).astype(np.float32)
+
+
+@dataclass
+class MemoryOutbox:
+    """The uploader's :class:`~sottovoce.sync.Outbox` on dicts, honouring ``retry_at``."""
+
+    items: dict[str, OutboxItem] = field(default_factory=dict)
+    states: dict[str, tuple[DeltaState, str | None]] = field(default_factory=dict)
+    retry_at: dict[str, datetime] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sealed: SealedDelta, deadline: datetime) -> OutboxItem:
+        item = OutboxItem(
+            sealed.idempotency_key, sealed.region, sealed.round_id, deadline, sealed.to_wire()
+        )
+        self.items[item.idempotency_key] = item
+        self.states[item.idempotency_key] = (DeltaState.PENDING, None)
+        return item
+
+    def pending(self) -> list[str]:
+        return [k for k, (s, _) in self.states.items() if s is DeltaState.PENDING]
+
+    def due(self, *, now: datetime, limit: int = 100) -> list[OutboxItem]:
+        keys = [k for k in self.pending() if self.retry_at.get(k, now) <= now]
+        return [replace(self.items[k], attempts=self.attempts.get(k, 0)) for k in keys[:limit]]
+
+    def attempted(self, key: str, *, now: datetime, retry_at: datetime) -> None:
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        self.retry_at[key] = retry_at
+
+    def acknowledge(self, key: str, *, now: datetime) -> None:
+        self.states[key] = (DeltaState.ACKNOWLEDGED, None)
+
+    def drop(self, key: str, *, reason: str, now: datetime) -> None:
+        self.states[key] = (DeltaState.DROPPED, reason)
