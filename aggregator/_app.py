@@ -226,6 +226,16 @@ def create_app(
 
     _error_handlers(app)
     _request_log(app)
+
+    @app.middleware("http")
+    async def declared_size(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        # Every route: a body declared larger than the limit is refused before anything
+        # reads it (the upload routes also stop reading one that grows past it).
+        size = _declared_length(request)
+        if size is not None and size > max_body_bytes and "/deltas" not in request.url.path:
+            return _problem(413, "too_large")
+        return await call_next(request)
+
     _device_routes(app, worker, metrics, tokens)
     _upload_routes(app, worker, metrics, max_body_bytes)
     _operator_routes(app, worker, metrics)

@@ -173,10 +173,19 @@ class RoundsBase:
         self._engine = DecisionEngine(policy, region, digest_key=digest_key, clock=clock)
         origin = f"sottovoce.aggregator/{region}"
         signer = CheckpointSigner.from_private_bytes(origin, raw)
+        # Running sums and pseudonyms that are deleted must not linger in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
         with write_transaction(conn, name="rounds_schema"):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(contributions)")}
+            if "device_key" not in columns:  # files made before once-per-key was enforced
+                conn.execute("ALTER TABLE contributions ADD COLUMN device_key TEXT")
+            conn.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS contributions_once_per_key ON contributions"
+                " (round_id, device_key) WHERE status = 200 AND device_key IS NOT NULL"
+            )
             if DecisionLog.exists(conn):
                 self._log = DecisionLog(conn, signer=signer)
             else:

@@ -79,8 +79,15 @@ class RegionAggregator(UploadsPart):
         if not _PERIOD.match(period):
             raise ValueError(f"{period!r} is not a period label")
         with write_transaction(self._conn, name="enroll"):
+            row = self._conn.execute(
+                "SELECT period FROM enrollments WHERE device_key = ?", (device_key_b64,)
+            ).fetchone()
+            if row is not None and row[0] != period:
+                # Devices make a new key every period; moving a key to another period would
+                # let whoever holds a token lock that key's device out of its rounds.
+                raise ValueError(f"the device key is already enrolled for period {row[0]!r}")
             self._conn.execute(
-                "INSERT OR REPLACE INTO enrollments (device_key, period, enrolled_at)"
+                "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
                 " VALUES (?, ?, ?)",
                 (device_key_b64, period, _iso(self._clock())),
             )

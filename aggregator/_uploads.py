@@ -18,6 +18,7 @@ from sottovoce.sync import (
     SignedRoundSpec,
     SyncError,
     open_delta,
+    period_label,
 )
 from sottovoce.sync._seal import device_noise_std
 
@@ -57,14 +58,21 @@ class UploadsPart(RoundsBase):
             if prior is not None:
                 return prior
             try:
-                partial = self._open_partial(spec, sealed.pseudonym, now)
+                partial = self._open_partial(spec, sealed, now)
             except _Refusal as refusal:
                 return self._refuse(idempotency_key, digest, refusal)
             partial = partial.add(opened.delta)
             self._conn.execute(
-                "INSERT INTO contributions (idempotency_key, round_id, pseudonym, body_sha256,"
-                " status, code, at) VALUES (?, ?, ?, ?, 200, 'within_policy', ?)",
-                (idempotency_key, spec.round_id, sealed.pseudonym, digest, _iso(now)),
+                "INSERT INTO contributions (idempotency_key, round_id, pseudonym, device_key,"
+                " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, 200, 'within_policy', ?)",
+                (
+                    idempotency_key,
+                    spec.round_id,
+                    sealed.pseudonym,
+                    sealed.device_key,
+                    digest,
+                    _iso(now),
+                ),
             )
             self._conn.execute(
                 "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
@@ -115,25 +123,31 @@ class UploadsPart(RoundsBase):
         info = self.round(sealed.round_id)
         if info is None or info.state != "open" or self._clock() >= info.spec.deadline:
             raise _Refusal("round_closed", **refuse)
-        self._check_duplicate(sealed.round_id, sealed.pseudonym)
+        if sealed.period != period_label(info.spec):
+            # A key enrolled for another period (an old one) does not count for this round.
+            raise _Refusal("not_enrolled", **refuse)
+        self._check_duplicate(sealed.round_id, sealed.pseudonym, sealed.device_key)
         return sealed, info.spec
 
-    def _check_duplicate(self, round_id: str, pseudonym: str) -> None:
+    def _check_duplicate(self, round_id: str, pseudonym: str, device_key: str) -> None:
+        # Once per round by pseudonym and by enrolled key: a device that changed its secret
+        # still has one enrolled key, so it still contributes once.
         taken = self._conn.execute(
-            "SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200",
-            (round_id, pseudonym),
+            "SELECT 1 FROM contributions WHERE round_id = ? AND status = 200"
+            " AND (pseudonym = ? OR device_key = ?)",
+            (round_id, pseudonym, device_key),
         ).fetchone()
         if taken is not None:
             raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
 
-    def _open_partial(self, spec: RoundSpec, pseudonym: str, now: datetime) -> PartialSum:
-        """The round's running sum, if it still takes this pseudonym (inside the write)."""
+    def _open_partial(self, spec: RoundSpec, sealed: SealedDelta, now: datetime) -> PartialSum:
+        """The round's running sum, if it still takes this device (inside the write)."""
         row = self._conn.execute(
             "SELECT state, partial FROM rounds WHERE round_id = ?", (spec.round_id,)
         ).fetchone()
         if row is None or row[0] != "open" or now >= spec.deadline:
-            raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=pseudonym)
-        self._check_duplicate(spec.round_id, pseudonym)
+            raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=sealed.pseudonym)
+        self._check_duplicate(spec.round_id, sealed.pseudonym, sealed.device_key)
         return PartialSum.from_bytes(row[1])
 
     def _refuse(self, idempotency_key: str, digest: str, refusal: _Refusal) -> tuple[int, str]:
@@ -212,7 +226,8 @@ class UploadsPart(RoundsBase):
                 (partial.to_bytes(), partial.count, round_id),
             )
             unlinked = self._conn.execute(
-                "UPDATE contributions SET pseudonym = NULL, status = ?, code = 'erased'"
+                "UPDATE contributions SET pseudonym = NULL, device_key = NULL, status = ?,"
+                " code = 'erased'"
                 " WHERE round_id = ? AND pseudonym = ?",
                 (STATUS["erased"], round_id, sealed.pseudonym),
             ).rowcount

@@ -100,6 +100,9 @@ def register(app: typer.Typer) -> None:
         local_steps: Annotated[int, typer.Option(help="Training steps per device round.")] = 50,
         epsilon: Annotated[float, typer.Option(help="Cap on each region's ε.")] = 8.0,
         workers: Annotated[int, typer.Option(help="Worker processes for devices.")] = 2,
+        region: Annotated[
+            list[str] | None, typer.Option(help="A policy region to simulate (repeatable).")
+        ] = None,
         server: Annotated[
             bool, typer.Option(help="Real uvicorn aggregators on 127.0.0.1 instead of ASGI.")
         ] = False,
@@ -116,6 +119,7 @@ def register(app: typer.Typer) -> None:
             workdir=workdir, lastfm=data, csv=csv, item_features=item_features, users=users,
             rounds=rounds, sampling_rate=sampling_rate, local_steps=local_steps,
             epsilon=epsilon, workers=workers, server=server, seed=seed,
+            regions=tuple(region) if region else ("eu", "us"),
             policy=example_policy() if policy is None else load_policy(policy),
         )  # fmt: skip
         run_simulation(config, title="sottovoce simulate")

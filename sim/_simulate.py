@@ -34,7 +34,7 @@ import random
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -126,6 +126,11 @@ class SimulationConfig:
     holdout: float = 0.2
     negatives: int = 100
     policy: Policy = field(default_factory=example_policy)
+    # What leaves the devices can be observed (tests, audits): ``on_request`` sees every HTTP
+    # request the simulated devices and operator send, at the transport seam; ``relay`` maps
+    # an aggregator's URL to the one devices should use instead (e.g. a recording proxy).
+    on_request: Callable[[httpx.Request], None] | None = field(default=None, compare=False)
+    relay: Callable[[str], str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         checks = {
@@ -548,6 +553,11 @@ class _Region:
                              enrollment_tokens={TOKEN})  # fmt: skip
             self.url = f"http://{region}.aggregator.invalid"
             self.client = stack.enter_context(TestClient(app, base_url=self.url))
+        if config.relay is not None:
+            self.url = config.relay(self.url)
+            self.client.base_url = httpx.URL(self.url)
+        if config.on_request is not None:
+            self.client.event_hooks["request"].append(config.on_request)
         self.enrolled: set[tuple[str, str]] = set()
 
 

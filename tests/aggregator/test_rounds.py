@@ -291,6 +291,37 @@ def test_a_replayed_upload_is_counted_once(world: World) -> None:
     assert rows == 1
 
 
+def test_one_enrolled_key_contributes_once_whatever_secret_it_uses(world: World) -> None:
+    spec = world.open()
+    device = world.device(spec)
+    rng = np.random.default_rng(4)
+    assert world.upload(device.seal(small(rng), spec, world.keys.hpke)) == (200, "within_policy")
+    device.secret = new_device_secret()  # another pseudonym, the same enrolled key
+    again = device.seal(small(rng), spec, world.keys.hpke)
+    assert world.upload(again) == (409, "duplicate_contribution")
+    assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
+
+
+def test_a_key_enrolled_for_another_period_is_not_enrolled_for_this_round(world: World) -> None:
+    spec = world.open()
+    device = Device()
+    world.agg.enroll(device.public, "1999-01-01")
+    sealed = device.seal(small(np.random.default_rng(5)), spec, world.keys.hpke,
+                         period="1999-01-01")  # fmt: skip
+    assert world.upload(sealed) == (403, "not_enrolled")
+    assert world.reasons() == ["not_enrolled"]
+
+
+def test_an_enrolled_key_cannot_be_moved_to_another_period(world: World) -> None:
+    spec = world.open()
+    device = world.device(spec)
+    world.agg.enroll(device.public, period_label(spec))  # again, same period: harmless
+    with pytest.raises(ValueError, match="already enrolled for period"):
+        world.agg.enroll(device.public, "2030-01-01")
+    sealed = device.seal(small(np.random.default_rng(6)), spec, world.keys.hpke)
+    assert world.upload(sealed) == (200, "within_policy")  # its device is not locked out
+
+
 # -- restart, budget, deadline, retention ----------------------------------------------------
 
 

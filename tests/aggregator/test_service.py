@@ -391,6 +391,9 @@ def test_an_oversized_upload_is_refused_unread_and_logged(server: Server) -> Non
         headers={"Idempotency-Key": "k" * 20, "Content-Type": "application/json"},
     )
     assert (answer.status_code, answer.json()["code"]) == (413, "too_large")
+    # Any other route too, before the body is parsed (or the token checked).
+    enroll_answer = server.client.post(f"{server.url}/v1/enroll", content=b"{" * (2 << 20))
+    assert (enroll_answer.status_code, enroll_answer.json()["code"]) == (413, "too_large")
     server.stop()
     log = DecisionLog(sqlite3.connect(server.db))
     assert [d.reason for _, d in log.query() if d.action == "accept_delta"] == ["too_large"]
