@@ -132,11 +132,18 @@ class UploadsPart(RoundsBase):
     def _check_duplicate(self, round_id: str, pseudonym: str, device_key: str) -> None:
         # Once per round by pseudonym and by enrolled key: a device that changed its secret
         # still has one enrolled key, so it still contributes once.
-        taken = self._conn.execute(
-            "SELECT 1 FROM contributions WHERE round_id = ? AND status = 200"
-            " AND (pseudonym = ? OR device_key = ?)",
-            (round_id, pseudonym, device_key),
-        ).fetchone()
+        # Two lookups, each on its own partial unique index (an OR would scan the round).
+        taken = (
+            self._conn.execute(
+                "SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200",
+                (round_id, pseudonym),
+            ).fetchone()
+            or self._conn.execute(
+                "SELECT 1 FROM contributions WHERE round_id = ? AND device_key = ? AND status = 200"
+                " AND device_key IS NOT NULL",
+                (round_id, device_key),
+            ).fetchone()
+        )
         if taken is not None:
             raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
 
