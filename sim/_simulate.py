@@ -21,12 +21,17 @@ level), ``federated`` (FedAvg of the same local training without clipping or noi
 here: the aggregator refuses to run without DP), plus ``random`` and ``popularity``.
 
 Reproducible: the same seed gives the same data, split, devices (secrets, sampling, local
-noise), central noise and baselines. Region keys are fresh each run (signatures differ;
-nothing measured does).
+noise), central noise and baselines; the in-process aggregators run on a simulated clock.
+Region keys are fresh each run (signatures differ; nothing measured does). With
+``server=True`` the services keep real time and draw their own noise: rows can differ.
+
+Device work runs in worker processes started with ``spawn``: a script that calls
+:func:`simulate` must do so under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -306,7 +311,7 @@ def _region_plans(config: SimulationConfig, region_of: dict[str, str]) -> dict[s
             raise SimulationError(f"{config.rounds} rounds at sampling rate {q} cannot fit "
                                   f"region {region_id}'s ε {budget}: use fewer rounds or a "
                                   "lower sampling rate")  # fmt: skip
-        for _ in range(40):  # bisect the smallest noise that fits the budget
+        for _ in range(24):  # bisect the smallest noise that fits the budget (to ~4e-6)
             middle = (low + high) / 2
             low, high = (low, middle) if spent(middle) <= budget * 0.999 else (middle, high)
         plans[region_id] = RegionPlan(users=users, min_cohort=cohort, noise_multiplier=high,
@@ -525,7 +530,12 @@ class _Region:
         self.db.parent.mkdir(parents=True, exist_ok=True)
         keys = _keys(config, mode, region)
         self.verify_key = keys.signing.public_key()
-        seed = int.from_bytes(f"{config.seed}:{mode.value}:{region}".encode()[:8], "little")
+        seed = int.from_bytes(
+            hashlib.sha256(f"{config.seed}:{mode.value}:{region}".encode()).digest()[:8], "little"
+        )
+        # Round ids, periods and so the devices' sampling coins follow the aggregator's clock:
+        # in process it is simulated (a run repeats); a served aggregator keeps real time.
+        self.clock = _SimClock() if not config.server else _RealClock()
 
         def aggregator(rng: np.random.Generator | None = None) -> RegionAggregator:
             return RegionAggregator(
@@ -538,6 +548,7 @@ class _Region:
                 dim=ranker.parameter_count,
                 base_weights=ranker.get_weights(),
                 rng=rng,
+                clock=self.clock,
             )
 
         self.operator = aggregator()
@@ -646,7 +657,8 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
            users: Sequence[str], release: bytes | None, number: int, pool: Executor,
            bar: Progress) -> dict[str, Any]:  # fmt: skip
     """One round in one region: open, train and seal on the devices, upload, close."""
-    now = datetime.now(UTC)
+    service.clock.advance(timedelta(hours=2))
+    now = service.clock()
     service.operator.open_round(noise_multiplier=plan.noise_multiplier,
                                 sampling_rate=plan.sampling_rate,
                                 deadline=now + timedelta(hours=1))  # fmt: skip
@@ -715,6 +727,24 @@ def _upload(config: SimulationConfig, mode: PrivacyMode, service: _Region, spec:
         finally:
             store.close()
     return counts
+
+
+class _SimClock:
+    """The in-process aggregators' clock: starts after the devices' history, moves per round."""
+
+    def __init__(self) -> None:
+        self.now = END + timedelta(hours=1)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, by: timedelta) -> None:
+        self.now += by
+
+
+class _RealClock(_SimClock):
+    def __call__(self) -> datetime:
+        return datetime.now(UTC)
 
 
 def _audit(service: _Region) -> dict[str, Any]:
