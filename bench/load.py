@@ -1,0 +1,447 @@
+"""Load benchmark: simulated devices against one region's aggregator service on 127.0.0.1.
+
+Prints one JSON object on stdout (progress on stderr). The server is what an operator runs,
+in its own process: ``sottovoce aggregator keygen`` makes the region's keys and publishes them
+in the example policy (its EU minimum cohort set to ``--devices``), and ``sottovoce aggregator
+serve`` serves ``create_app`` over ``RegionAggregator`` on uvicorn, with its embedded SQLite
+file (WAL, synchronous=FULL), its JSON request log (to a file here) and its round scheduler,
+which opens the next round within ``--sweep-seconds`` of the last one's publication.
+
+This process plays ``--devices`` devices per wave (one wave = one round), at most
+``--concurrency`` at a time, on asyncio, each device with its own ``httpx.AsyncClient`` (its
+own connection, as phones have). Each device does what a phone does in a round: ``POST
+/v1/enroll`` (bearer token) its fresh per-period key, ``GET /v1/round``, and ``POST
+/v1/rounds/{id}/deltas`` its sealed delta with its ``Idempotency-Key``. The deltas are real:
+the shipped ranker's parameter count, clipped, signed and HPKE-encrypted to the key in the
+policy by ``sottovoce.sync.seal_delta`` before the clock starts (sealing is the device's work,
+not load on the aggregator; ``seal_ms`` is its cost), for the spec the bench fetched first.
+
+Latencies are per request, client-side, from sending to having the whole answer, over every
+answered request (refusals included): ``p50_ms``/``p99_ms`` are the uploads', ``enroll_*`` and
+``spec_*`` the other two calls'. ``uploads_per_s`` is accepted uploads over the waves' wall
+time (first device's start to the last device's end; enrollments and spec fetches share the
+server with the uploads). ``errors`` counts non-2xx answers and transport errors, by phase,
+status and code in ``errors_by_code``; a device stops at its first failed call.
+``round_closed`` says whether every wave's round was published (it closes when the cohort, all
+of the wave's devices, is in) and its release is served. ``server_cpu_s`` is the server
+process's user + system CPU during the waves (``/proc``); ``other_cpu_s`` is what the rest of
+the machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp``
+spreads the devices' starts over some seconds instead of starting them all at once.
+
+Usage: ``python bench/load.py [--devices N] [--concurrency C] [--waves W] [--ramp S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from sottovoce.device import Ranker
+from sottovoce.policy import Policy, example_policy, load_policy
+from sottovoce.sync import (
+    PROTOCOL_VERSION,
+    RoundSpec,
+    SignedRoundSpec,
+    new_device_secret,
+    period_label,
+    seal_delta,
+    verify_round_spec,
+)
+from sottovoce.sync._wire import b64decode, b64encode
+
+REGION = "eu"
+TOKEN = "bench-enrollment-token"
+AIM_P99_MS = 250.0
+PHASES = ("enroll", "spec", "upload")
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """``sottovoce aggregator serve`` for one region, in its own process."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    policy: Policy
+    log: Path
+
+    @classmethod
+    def start(cls, workdir: Path, *, cohort: int, sweep_seconds: float) -> Server:
+        data = example_policy().model_dump(mode="json")
+        (region,) = (r for r in data["regions"] if r["id"] == REGION)
+        region["privacy"]["min_cohort"] = cohort
+        (workdir / "policy.json").write_text(json.dumps(data))
+        cli = [sys.executable, "-m", "sottovoce", "aggregator"]
+        keys = workdir / "keys"
+        subprocess.run([*cli, "keygen", "--region", REGION, "--out", str(keys),
+                        "--policy", str(workdir / "policy.json")],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        port, log = _free_port(), workdir / "server.log"
+        command = [*cli, "serve", "--region", REGION, "--policy", str(keys / "policy.json"),
+                   "--keys", str(keys), "--db", str(workdir / "aggregator.db"),
+                   "--port", str(port), "--sweep-seconds", str(sweep_seconds)]  # fmt: skip
+        env = os.environ | {"SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}
+        with log.open("wb") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = cls(process, f"http://127.0.0.1:{port}", load_policy(keys / "policy.json"), log)
+        server.wait_until_up()
+        return server
+
+    def wait_until_up(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(f"{self.base}/v1/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the aggregator did not come up; its log:\n{self.tail()}")
+
+    def next_round(self, after: str | None, timeout: float = 120.0) -> RoundSpec:
+        """The open round's checked spec, once the scheduler has opened one other than
+        ``after``."""
+        verify_key = self.policy.region(REGION).key("signing").key
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = httpx.get(f"{self.base}/v1/round", timeout=30)
+            if answer.status_code == 200:
+                spec = verify_round_spec(SignedRoundSpec.from_wire(answer.content), verify_key)
+                if spec.round_id != after:
+                    return spec
+            time.sleep(0.1)
+        raise RuntimeError(f"no new round was opened; the server's log:\n{self.tail()}")
+
+    def published(self, *, version: int, round_id: str) -> bool:
+        """Whether ``round_id`` is no longer open and release ``version`` is served."""
+        release = httpx.get(f"{self.base}/v1/model/release", timeout=30)
+        served = release.json().get("version") if release.status_code == 200 else None
+        current = httpx.get(f"{self.base}/v1/round", timeout=30)
+        still_open = current.status_code == 200 and round_id.encode() in current.content
+        return served == version and not still_open
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process (Linux ``/proc``), else ``None``."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.process.terminate()  # SIGTERM: uvicorn shuts down, the aggregator thread ends
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait is busy
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+# -- the devices -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    """One simulated device's requests for one round, built before the clock starts."""
+
+    enroll_body: bytes
+    idempotency_key: str
+    upload_body: bytes
+
+
+def make_devices(
+    n: int, *, spec: RoundSpec, hpke_key: bytes, dim: int, rng: np.random.Generator
+) -> tuple[list[Device], float]:
+    """``n`` devices with fresh keys and sealed deltas; returns them and ms per seal."""
+    period = period_label(spec)
+    devices, seal_s = [], 0.0
+    for _ in range(n):
+        key = Ed25519PrivateKey.generate()
+        # A local round's delta: most within the clipping norm, some clipped by the seal.
+        delta = rng.normal(size=dim)
+        delta *= rng.uniform(0.2, 1.5) * spec.clipping_norm / np.linalg.norm(delta)
+        t = time.perf_counter()
+        sealed = seal_delta(
+            delta=delta.astype(np.float32),
+            spec=spec,
+            device_secret=new_device_secret(),
+            signing_key=key,
+            aggregator_hpke_key=hpke_key,
+            rng=rng,
+        )
+        body = sealed.to_wire()
+        seal_s += time.perf_counter() - t
+        raw_key = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        enroll = {"protocol": PROTOCOL_VERSION, "device_key": b64encode(raw_key), "period": period}
+        devices.append(Device(json.dumps(enroll).encode(), sealed.idempotency_key, body))
+    return devices, seal_s / n * 1000
+
+
+@dataclass
+class Stats:
+    """Latencies by phase and failures by phase, status and code, over all waves."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    errors: Counter[str] = field(default_factory=Counter)
+    accepted: int = 0
+
+
+async def call(stats: Stats, phase: str, request: Any) -> httpx.Response | None:
+    """Send one request; ``None`` (and an error counted) unless it is answered 2xx."""
+    t = time.perf_counter()
+    try:
+        response: httpx.Response = await request
+    except httpx.TransportError as error:
+        stats.errors[f"{phase} transport {type(error).__name__}"] += 1
+        return None
+    stats.latencies[phase].append((time.perf_counter() - t) * 1000)
+    if 200 <= response.status_code < 300:
+        return response
+    try:
+        code = json.loads(response.content).get("code", "?")
+    except (ValueError, AttributeError):
+        code = "not_json"
+    stats.errors[f"{phase} {response.status_code} {code}"] += 1
+    return None
+
+
+async def run_device(
+    client: httpx.AsyncClient, base: str, device: Device, round_id: str, stats: Stats
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    enrolled = client.post(f"{base}/v1/enroll", content=device.enroll_body, headers=auth)
+    if await call(stats, "enroll", enrolled) is None:
+        return
+    answer = await call(stats, "spec", client.get(f"{base}/v1/round"))
+    if answer is None:
+        return
+    if json.loads(answer.content)["spec"]["round_id"] != round_id:
+        stats.errors["spec 200 other_round"] += 1
+        return
+    headers = {"Idempotency-Key": device.idempotency_key, "Content-Type": "application/json"}
+    url = f"{base}/v1/rounds/{round_id}/deltas"
+    if await call(stats, "upload", client.post(url, content=device.upload_body, headers=headers)):
+        stats.accepted += 1
+
+
+async def run_wave(
+    base: str,
+    devices: list[Device],
+    round_id: str,
+    *,
+    concurrency: int,
+    ramp: float,
+    stats: Stats,
+) -> float:
+    """All devices of one wave, at most ``concurrency`` at a time; returns the wall seconds.
+
+    Device ``i`` of ``n`` starts ``ramp * i / n`` seconds after the first.
+    """
+    # One client per device: a shared httpx pool of hundreds of connections spends more CPU
+    # picking a connection than sending (httpcore scans the pool per request), which would
+    # measure the client. One TLS context for all, or each client loads the CA bundle (~60 ms)
+    # for plain HTTP; both made before the clock starts.
+    tls = ssl.create_default_context()
+    clients = [httpx.AsyncClient(timeout=60.0, verify=tls) for _ in devices]
+    await clients[0].get(f"{base}/v1/health")  # the first request imports anyio's backend
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, device: Device) -> None:
+        await asyncio.sleep(ramp * i / len(devices))
+        async with gate:
+            await run_device(clients[i], base, device, round_id, stats)
+
+    try:
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i, d) for i, d in enumerate(devices)))
+        return time.perf_counter() - t
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 2)
+
+
+@dataclass
+class Totals:
+    """What the waves add up to: wall and CPU seconds, rounds published, sizes."""
+
+    walls: list[float] = field(default_factory=list)
+    seal_ms: list[float] = field(default_factory=list)
+    published: int = 0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    machine_cpu: float = 0.0
+    dim: int = 0
+    body_bytes: int = 0
+
+    def add_cpu(self, before: tuple[float | None, ...], after: tuple[float | None, ...]) -> None:
+        server0, client0, machine0 = before
+        server1, client1, machine1 = after
+        if server0 is not None and server1 is not None:
+            self.server_cpu += server1 - server0
+        if client0 is not None and client1 is not None:
+            self.client_cpu += client1 - client0
+        if machine0 is not None and machine1 is not None:
+            self.machine_cpu += machine1 - machine0
+
+
+def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Totals:
+    """Start the service and run every wave against it."""
+    totals = Totals(dim=Ranker.load().parameter_count)
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server.start(Path(tmp), cohort=args.devices, sweep_seconds=args.sweep_seconds)
+        print(f"aggregator pid {server.process.pid} at {server.base}", file=sys.stderr)
+        hpke_key = b64decode(server.policy.region(REGION).key("hpke").key)
+        round_id = None
+        try:
+            for wave in range(1, args.waves + 1):
+                spec = server.next_round(after=round_id)
+                round_id = spec.round_id
+                devices, seal_ms = make_devices(args.devices, spec=spec, hpke_key=hpke_key,
+                                                dim=totals.dim, rng=rng)  # fmt: skip
+                totals.seal_ms.append(seal_ms)
+                totals.body_bytes = len(devices[0].upload_body)
+                before = server.cpu_seconds(), time.process_time(), machine_busy_seconds()
+                wall = asyncio.run(run_wave(server.base, devices, round_id, stats=stats,
+                                            concurrency=concurrency, ramp=args.ramp))  # fmt: skip
+                totals.add_cpu(before, (server.cpu_seconds(), time.process_time(),
+                                        machine_busy_seconds()))  # fmt: skip
+                totals.walls.append(wall)
+                published = server.published(version=wave, round_id=round_id)
+                totals.published += published
+                recent = stats.latencies["upload"][-args.devices :]
+                print(f"wave {wave}: {wall:.2f} s, round {round_id} "
+                      f"{'published' if published else 'NOT published'}, upload p99 "
+                      f"{percentile(recent, 0.99)} ms, errors so far "
+                      f"{sum(stats.errors.values())}", file=sys.stderr)  # fmt: skip
+        finally:
+            server.stop()
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=200, help="devices per wave (= cohort)")
+    parser.add_argument("--concurrency", type=int, default=None, help="default: --devices")
+    parser.add_argument("--waves", type=int, default=1, help="rounds, one after another")
+    parser.add_argument("--ramp", type=float, default=0.0,
+                        help="seconds over which a wave's device starts are spread (default 0: "
+                             "all at once)")  # fmt: skip
+    parser.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=1.0,
+        help="the server's schedule interval (the next wave waits for it)",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    concurrency = args.devices if args.concurrency is None else args.concurrency
+    if args.devices < 2:
+        parser.error("--devices must be at least 2 (the policy's smallest cohort)")
+    if not 1 <= concurrency <= args.devices:
+        parser.error("--concurrency must be between 1 and --devices")
+    if not 1 <= args.waves <= 50:
+        parser.error("--waves must be between 1 and 50 (the period's privacy budget)")
+    if args.ramp < 0 or args.sweep_seconds <= 0:
+        parser.error("--ramp must be >= 0 and --sweep-seconds > 0")
+
+    load_before = os.getloadavg()[0]
+    stats = Stats()
+    totals = run_waves(args, concurrency, stats)
+    enrolls, specs, uploads = (stats.latencies[p] for p in PHASES)
+    errors = sum(stats.errors.values())
+    p99 = percentile(uploads, 0.99)
+    other_cpu = totals.machine_cpu - totals.server_cpu - totals.client_cpu
+    print(json.dumps({
+        "devices": args.devices,
+        "concurrency": concurrency,
+        "waves": args.waves,
+        "ramp_s": args.ramp,
+        "uploads_accepted": stats.accepted,
+        "uploads_per_s": round(stats.accepted / sum(totals.walls), 1),
+        "p50_ms": percentile(uploads, 0.5),
+        "p99_ms": p99,
+        "max_ms": round(max(uploads), 2) if uploads else None,
+        "mean_ms": round(statistics.fmean(uploads), 2) if uploads else None,
+        "errors": errors,
+        "errors_by_code": dict(sorted(stats.errors.items())),
+        "enroll_p50_ms": percentile(enrolls, 0.5),
+        "enroll_p99_ms": percentile(enrolls, 0.99),
+        "spec_p50_ms": percentile(specs, 0.5),
+        "spec_p99_ms": percentile(specs, 0.99),
+        "round_closed": totals.published == args.waves,
+        "rounds_published": totals.published,
+        "wave_wall_s": [round(w, 3) for w in totals.walls],
+        "server_cpu_s": round(totals.server_cpu, 2),
+        "server_cpu_per_device_ms": round(totals.server_cpu / max(stats.accepted, 1) * 1e3, 2),
+        "client_cpu_s": round(totals.client_cpu, 2),
+        "other_cpu_s": round(max(other_cpu, 0.0), 2),
+        "load_avg_1m_before": round(load_before, 2),
+        "cpu_count": os.cpu_count(),
+        "aim": {"p99_ms": AIM_P99_MS, "errors": 0,
+                "met": errors == 0 and p99 is not None and p99 <= AIM_P99_MS},
+        "dim": totals.dim,
+        "upload_body_bytes": totals.body_bytes,
+        "seal_ms": round(statistics.fmean(totals.seal_ms), 2),
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
