@@ -39,6 +39,7 @@ import random
 import shutil
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -556,7 +557,9 @@ class _Region:
         if config.server:
             self.client, self.url = _serve(config, mode, region, policy, stack)
         else:
-            from fastapi.testclient import TestClient
+            with warnings.catch_warnings():  # starlette's note on its httpx client: not ours
+                warnings.simplefilter("ignore")
+                from fastapi.testclient import TestClient
 
             from sottovoce.aggregator import create_app
 
