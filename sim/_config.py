@@ -1,0 +1,211 @@
+"""What the simulator's parts share: the run's configuration, its constants and errors, each
+device's place on disk, the run's policies and region keys, and the evaluation of weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce._errors import SottovoceError
+from sottovoce.policy import Policy, PrivacyMode, example_policy, policy_from_data
+from sottovoce.sim._central import scores
+from sottovoce.sim._devices import (
+    DeviceSetup,
+    DeviceTask,
+)
+from sottovoce.sim._evaluate import (
+    Pool,
+    evaluate,
+)
+from sottovoce.sync.transport import RetryPolicy
+
+T = TypeVar("T")
+ROWS = ("random", "popularity", "central", "central_dp", "federated", "federated_global_only",
+        "federated_dp", "federated_dp_global_only", "federated_dp_local",
+        "federated_dp_local_global_only")  # fmt: skip
+END = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)  # the devices' clock: their history ends here
+TOKEN = "simulation-enrollment-token"
+RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.1)
+
+
+class SimulationError(SottovoceError):
+    """The simulation cannot run as configured (the message says why)."""
+
+    code = "simulation_invalid"
+
+
+def default_lastfm_path() -> Path:
+    """``$SOTTOVOCE_LASTFM``, else the shared HetRec folder next to the repository."""
+    env = os.environ.get("SOTTOVOCE_LASTFM")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "lastfm-hetrec2011-2k"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """A run; the defaults are the README demo's (a few minutes on two cores)."""
+
+    workdir: Path = Path("out/sim")
+    lastfm: Path | None = None  # default: default_lastfm_path()
+    csv: Path | None = None  # a generic interactions CSV instead of Last.fm
+    item_features: Path | None = None
+    users: int = 200
+    rounds: int = 5
+    sampling_rate: float = 0.5
+    local_steps: int = 50
+    epsilon: float = 8.0  # the run's cap on each region's ε (the policy's budget may be lower)
+    central_epochs: int = 3
+    examples: int = 500  # training examples per device (its most recent history)
+    catalog_sample: int = 300  # catalog items a device caches beyond its own and its pool
+    regions: tuple[str, ...] = ("eu", "us")
+    workers: int = 2
+    server: bool = False
+    seed: int = 0
+    holdout: float = 0.2
+    negatives: int = 100
+    policy: Policy = field(default_factory=example_policy)
+    # What leaves the devices can be observed (tests, audits): ``on_request`` sees every HTTP
+    # request the simulated devices and operator send, at the transport seam; ``relay`` maps
+    # an aggregator's URL to the one devices should use instead (e.g. a recording proxy).
+    on_request: Callable[[httpx.Request], None] | None = field(default=None, compare=False)
+    relay: Callable[[str], str] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "users must be at least 10": self.users >= 10,
+            "rounds must be at least 1": self.rounds >= 1,
+            "sampling_rate must be in (0, 1]": 0 < self.sampling_rate <= 1,
+            "local_steps must be at least 1": self.local_steps >= 1,
+            "epsilon must be positive": self.epsilon > 0,
+            "workers must be at least 1": self.workers >= 1,
+            "regions must not be empty": bool(self.regions),
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise SimulationError(message)
+
+
+class Progress(Protocol):
+    def start(self, name: str, total: int) -> None: ...
+    def advance(self, steps: int = 1) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class Quiet:
+    def start(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RegionPlan:
+    """One region's privacy settings for the run."""
+
+    users: int
+    min_cohort: int
+    noise_multiplier: float
+    sampling_rate: float
+    epsilon_budget: float
+    epsilon: float  # what all the run's rounds spend (the accountant's figure)
+    delta: float
+    accountant: str
+
+
+def device_task(config: SimulationConfig, pipeline: str, user: str, region: str,
+                 policy: Policy) -> DeviceTask:  # fmt: skip
+    path = config.workdir / "devices" / pipeline / region / f"{safe_name(user)}.db"
+    return DeviceTask(path, user, region, policy.model_dump_json(), config.seed)
+
+
+def safe_name(user: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+
+
+# -- policies and keys -----------------------------------------------------------------------
+
+
+@dataclass
+class _Keys:
+    signing: Any
+    hpke: Any
+
+
+def pipeline_policy(
+    config: SimulationConfig, regions: dict[str, RegionPlan], mode: PrivacyMode
+) -> Policy:
+    """The run's policy: every region in ``mode`` with the run's minimum cohort and the
+    simulation's aggregator keys (made once per run and pipeline, see ``_keys``)."""
+    data = config.policy.model_dump(mode="json")
+    for region in data["regions"]:
+        if region["id"] not in regions:
+            continue
+        keys = region_keys(config, mode, region["id"])
+        from sottovoce.aggregator import RegionKeys
+
+        public = RegionKeys(keys.signing, keys.hpke).public()
+        for key in region["aggregator"]["public_keys"]:
+            key["key"] = public[key["use"]]
+        region["privacy"]["mode"] = mode.value
+        region["privacy"]["min_cohort"] = regions[region["id"]].min_cohort
+    return policy_from_data(data, source=f"simulation ({mode.value} mode)")
+
+
+_KEYS: dict[tuple[str, str, str], _Keys] = {}
+
+
+def region_keys(config: SimulationConfig, mode: PrivacyMode, region: str) -> _Keys:
+    slot = (str(config.workdir), mode.value, region)
+    if slot not in _KEYS:
+        from sottovoce.aggregator import generate_keys, load_keys
+
+        directory = config.workdir / "keys" / mode.value / region
+        keys = load_keys(directory) if directory.exists() else generate_keys(directory)
+        _KEYS[slot] = _Keys(keys.signing, keys.hpke)
+    return _KEYS[slot]
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+class Evaluation:
+    """Ranks every evaluated user's pool with given weights (per region), from the feature
+    rows each device computed from its own store."""
+
+    def __init__(self, pools: Sequence[Pool], setups: dict[str, DeviceSetup],
+                 region_of: dict[str, str]) -> None:  # fmt: skip
+        self.pools, self.setups, self.region_of = pools, setups, region_of
+
+    def metrics(self, weights: dict[str, npt.NDArray[Any]] | npt.NDArray[Any], *,
+                personal: bool = True) -> dict[str, float]:  # fmt: skip
+        def rank(user: str, candidates: Sequence[str]) -> list[str]:
+            setup = self.setups[user]
+            rows = setup.pool_x if personal else setup.pool_x_global
+            w = weights[self.region_of[user]] if isinstance(weights, dict) else weights
+            order = np.argsort(-scores(w, rows), kind="stable")
+            return [candidates[i] for i in order]
+
+        return {k: round(v, 5) for k, v in evaluate(rank, self.pools).items()}
+
+
+@dataclass
+class Run:
+    """A federated pipeline's outcome: final metrics with and without personal features."""
+
+    final: dict[str, float]
+    final_global: dict[str, float]
+    per_round: list[dict[str, Any]]
+    audit: dict[str, Any] = field(default_factory=dict)

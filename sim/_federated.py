@@ -1,0 +1,345 @@
+"""The federated rows: plain FedAvg (no privacy) here, and DP rounds through the real regional
+aggregators (in process through the ASGI app, or ``sottovoce aggregator serve`` processes), with
+every device the real device code in a worker process (:mod:`._devices`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sqlite3
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from contextlib import ExitStack
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce.device import Ranker
+from sottovoce.policy import DecisionLog, Policy, PrivacyMode
+from sottovoce.sim._config import (
+    END,
+    RETRY,
+    TOKEN,
+    Evaluation,
+    Progress,
+    RegionPlan,
+    Run,
+    SimulationConfig,
+    SimulationError,
+    device_task,
+    pipeline_policy,
+    region_keys,
+    safe_name,
+)
+from sottovoce.sim._datasets import (
+    Dataset,
+)
+from sottovoce.sim._devices import (
+    Contribution,
+    DeviceSetup,
+    contribute,
+)
+from sottovoce.sync import SignedRoundSpec, period_label, sample_into_round, verify_round_spec
+from sottovoce.sync.transport import Uploader, enroll, fetch_release
+
+# -- federated, non-private (plain FedAvg, here) ----------------------------------------------
+
+
+def fedavg(config: SimulationConfig, setups: dict[str, DeviceSetup], *, ranker: Ranker,
+            evaluation: Evaluation, region_of: dict[str, str], bar: Progress) -> Run:  # fmt: skip
+    """The same local training as a device's (TFLite, Adam, batch 32) and plain FedAvg of the
+    deltas, per region, without clipping or noise: what federated learning reaches without DP."""
+    base = ranker.get_weights().astype(np.float64)
+    weights = {r: base.copy() for r in config.regions}
+    per_round = []
+    bar.start("federated (no DP)", config.rounds)
+    for number in range(1, config.rounds + 1):
+        for region in config.regions:
+            members = sorted(u for u, r in region_of.items() if r == region and len(setups[u].y))
+            rng = random.Random(f"{config.seed}:fedavg:{region}:{number}")
+            cohort = [u for u in members if rng.random() < config.sampling_rate]
+            deltas = [_local_delta(ranker, weights[region], setups[u], config, number)
+                      for u in cohort]  # fmt: skip
+            if deltas:
+                weights[region] = weights[region] + np.mean(deltas, axis=0)
+        per_round.append({"round": number, **evaluation.metrics(dict(weights))})
+        bar.advance()
+    return Run(evaluation.metrics(weights), evaluation.metrics(weights, personal=False),
+                per_round)  # fmt: skip
+
+
+def _local_delta(ranker: Ranker, start: npt.NDArray[Any], setup: DeviceSetup,
+                 config: SimulationConfig, number: int) -> npt.NDArray[np.float64]:  # fmt: skip
+    ranker.set_weights(start.astype(np.float32))
+    ranker.reset_optimizer()
+    rng = np.random.default_rng([config.seed, number, len(setup.y)])
+    for _ in range(config.local_steps):
+        pick = rng.choice(len(setup.y), size=min(32, len(setup.y)), replace=False)
+        ranker.train_step(setup.x[pick], setup.y[pick], setup.w[pick], lr=3e-3)
+    delta: npt.NDArray[np.float64] = ranker.get_weights().astype(np.float64) - start
+    return delta
+
+
+# -- federated with DP, through the real aggregator ------------------------------------------
+
+
+class _Region:
+    """One region's aggregator, as a device reaches it (an HTTP client) and as its operator
+    does (the same SQLite file, for opening rounds)."""
+
+    def __init__(self, config: SimulationConfig, mode: PrivacyMode, region: str, *,
+                 policy: Policy, ranker: Ranker, stack: ExitStack) -> None:  # fmt: skip
+        from sottovoce.aggregator import RegionAggregator
+
+        self.region, self.policy = region, policy
+        self.db = config.workdir / "aggregators" / mode.value / f"{region}.db"
+        self.db.parent.mkdir(parents=True, exist_ok=True)
+        keys = region_keys(config, mode, region)
+        self.verify_key = keys.signing.public_key()
+        seed = int.from_bytes(
+            hashlib.sha256(f"{config.seed}:{mode.value}:{region}".encode()).digest()[:8], "little"
+        )
+        # Round ids, periods and so the devices' sampling coins follow the aggregator's clock:
+        # in process it is simulated (a run repeats); a served aggregator keeps real time.
+        self.clock = _SimClock() if not config.server else _RealClock()
+
+        def aggregator(rng: np.random.Generator | None = None) -> RegionAggregator:
+            return RegionAggregator(
+                sqlite3.connect(self.db, timeout=30.0),
+                policy=policy,
+                region=region,
+                signing_key=keys.signing,
+                hpke_key=keys.hpke,
+                model_id=ranker.model_id,
+                dim=ranker.parameter_count,
+                base_weights=ranker.get_weights(),
+                rng=rng,
+                clock=self.clock,
+            )
+
+        self.operator = aggregator()
+        stack.callback(self.operator.close)
+        if config.server:
+            self.client, self.url = _serve(config, mode, region, policy, stack)
+        else:
+            with warnings.catch_warnings():  # starlette's note on its httpx client: not ours
+                warnings.simplefilter("ignore")
+                from fastapi.testclient import TestClient
+
+            from sottovoce.aggregator import create_app
+
+            app = create_app(lambda: aggregator(np.random.default_rng(seed)),
+                             enrollment_tokens={TOKEN})  # fmt: skip
+            self.url = f"http://{region}.aggregator.invalid"
+            self.client = stack.enter_context(TestClient(app, base_url=self.url))
+        if config.relay is not None:
+            self.url = config.relay(self.url)
+            self.client.base_url = httpx.URL(self.url)
+        if config.on_request is not None:
+            self.client.event_hooks["request"].append(config.on_request)
+        self.enrolled: set[tuple[str, str]] = set()
+
+
+def _serve(config: SimulationConfig, mode: PrivacyMode, region: str, policy: Policy,
+           stack: ExitStack) -> tuple[httpx.Client, str]:  # fmt: skip
+    """``sottovoce aggregator serve`` for the region, on a free loopback port."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = config.workdir / "aggregators" / mode.value
+    policy_file = folder / f"{region}-policy.json"
+    policy_file.write_text(policy.model_dump_json())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (folder / f"{region}-serve.log").open("wb")
+    stack.callback(log.close)
+    command = [sys.executable, "-m", "sottovoce", "aggregator", "serve", "--region", region,
+               "--policy", str(policy_file), "--keys",
+               str(config.workdir / "keys" / mode.value / region), "--db",
+               str(folder / f"{region}.db"), "--port", str(port), "--no-schedule"]  # fmt: skip
+    env = {**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}
+    process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+
+    def stop() -> None:
+        process.terminate()
+        process.wait(timeout=30)
+
+    stack.callback(stop)
+    url = f"http://127.0.0.1:{port}"
+    client = stack.enter_context(httpx.Client(base_url=url, timeout=30.0))
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise SimulationError(f"the {region} aggregator did not start (see {log.name})")
+        try:
+            if client.get("/v1/health").status_code == 200:
+                return client, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SimulationError(f"the {region} aggregator did not answer within 60 s")
+        time.sleep(0.1)
+
+
+def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
+                  region_of: dict[str, str], regions: dict[str, RegionPlan], ranker: Ranker,
+                  evaluation: Evaluation, pool: Executor, bar: Progress) -> Run:  # fmt: skip
+    policy = pipeline_policy(config, regions, mode)
+    base = ranker.get_weights().astype(np.float64)
+    weights = {r: base.copy() for r in config.regions}
+    releases: dict[str, bytes | None] = dict.fromkeys(config.regions)
+    per_round: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        services = {
+            r: _Region(config, mode, r, policy=policy, ranker=ranker, stack=stack)
+            for r in config.regions
+        }
+        members = {r: sorted(u for u, g in region_of.items() if g == r) for r in config.regions}
+        label = "federated DP, central" if mode is PrivacyMode.CENTRAL else "federated DP, local"
+        expected = round(config.rounds * config.sampling_rate * len(data.users))
+        bar.start(f"{label} ({config.rounds} rounds)", expected)
+        for number in range(1, config.rounds + 1):
+            record: dict[str, Any] = {"round": number}
+            for region, service in services.items():
+                plan = regions[region]
+                outcome = _round(config, mode, service, plan=plan, users=members[region],
+                                 release=releases[region], number=number, pool=pool,
+                                 bar=bar)  # fmt: skip
+                record[region] = outcome
+                if outcome.get("release") is not None:
+                    releases[region] = outcome.pop("release")
+                    weights[region] = np.frombuffer(outcome.pop("weights"), np.float32).astype(
+                        np.float64
+                    )
+            record.update(evaluation.metrics(dict(weights)))
+            per_round.append(record)
+        audit = {r: _audit(s) for r, s in services.items()}
+    audit["devices"] = _audit_devices(config, mode, data.users, region_of)
+    return Run(evaluation.metrics(weights), evaluation.metrics(weights, personal=False),
+                per_round, audit)  # fmt: skip
+
+
+def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, plan: RegionPlan,
+           users: Sequence[str], release: bytes | None, number: int, pool: Executor,
+           bar: Progress) -> dict[str, Any]:  # fmt: skip
+    """One round in one region: open, train and seal on the devices, upload, close."""
+    service.clock.advance(timedelta(hours=2))
+    now = service.clock()
+    service.operator.open_round(noise_multiplier=plan.noise_multiplier,
+                                sampling_rate=plan.sampling_rate,
+                                deadline=now + timedelta(hours=1))  # fmt: skip
+    answer = service.client.get("/v1/round")
+    if answer.status_code != 200:
+        raise SimulationError(f"{service.region}: no round spec ({answer.status_code})")
+    spec = verify_round_spec(SignedRoundSpec.from_wire(answer.content), service.verify_key)
+    tasks = [device_task(config, mode.value, u, service.region, service.policy) for u in users]
+    # Each device flips the spec's coin itself; the simulator knows the devices' secrets, so
+    # it skips waking the ones whose coin will say no (they would return at once).
+    tasks = [t for t in tasks if sample_into_round(spec, t.secret())]
+    futures = [pool.submit(contribute, t, spec, release, END, steps=config.local_steps,
+                           examples=config.examples, round_seed=number)
+               for t in tasks]  # fmt: skip
+    taking_part: list[Contribution] = []
+    refused: dict[str, int] = {}
+    for future in futures:
+        done = future.result()
+        if done.key is not None:
+            taking_part.append(done)
+        elif done.refused is not None:
+            refused[done.refused] = refused.get(done.refused, 0) + 1
+        bar.advance()
+    uploaded = _upload(config, mode, service, spec, [c.user for c in taking_part])
+    info = service.operator.round(spec.round_id)
+    assert info is not None
+    outcome: dict[str, Any] = {"round_id": spec.round_id, "sampled": len(taking_part),
+                               "uploaded": uploaded, "counted": info.count,
+                               "min_cohort": spec.min_cohort,
+                               "epsilon_after": round(spec.epsilon_after, 4),
+                               "refused_on_device": refused}  # fmt: skip
+    if info.state == "open":  # too few devices: the round ends unpublished at its deadline
+        service.operator.sweep(spec.deadline + timedelta(seconds=1))
+        outcome["state"] = "abandoned"
+        return outcome
+    outcome["state"] = info.state
+    fetched = fetch_release(service.client, base_url=service.url,
+                            verify_key=service.verify_key, model_id=spec.model_id,
+                            current_version=spec.model_version, retry=RETRY)  # fmt: skip
+    if fetched is not None:
+        outcome["release"] = fetched.release.to_wire()
+        outcome["weights"] = fetched.release.weights_array().astype(np.float32).tobytes()
+        outcome["version"] = fetched.release.version
+    return outcome
+
+
+def _upload(config: SimulationConfig, mode: PrivacyMode, service: _Region, spec: Any,
+            users: Iterable[str]) -> dict[str, int]:  # fmt: skip
+    """Each taking-part device enrolls its key for the period and runs its uploader."""
+    counts: dict[str, int] = {}
+    period = period_label(spec)
+    for user in users:
+        task = device_task(config, mode.value, user, service.region, service.policy)
+        store = task.open(END)
+        try:
+            if (user, period) not in service.enrolled:
+                enroll(service.client, base_url=service.url, token=TOKEN,
+                       device_public_key=store.signing_key(period).public_key(), period=period,
+                       retry=RETRY)  # fmt: skip
+                service.enrolled.add((user, period))
+            report = Uploader(service.client, base_url=service.url, outbox=store,
+                              clock=lambda: END, retry=RETRY).run_once()  # fmt: skip
+            for name, value in asdict(report).items():
+                if isinstance(value, int):
+                    counts[name] = counts.get(name, 0) + value
+        finally:
+            store.close()
+    return counts
+
+
+class _SimClock:
+    """The in-process aggregators' clock: starts after the devices' history, moves per round."""
+
+    def __init__(self) -> None:
+        self.now = END + timedelta(hours=1)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, by: timedelta) -> None:
+        self.now += by
+
+
+class _RealClock(_SimClock):
+    def __call__(self) -> datetime:
+        return datetime.now(UTC)
+
+
+def _audit(service: _Region) -> dict[str, Any]:
+    report = DecisionLog(sqlite3.connect(service.db)).verify()
+    return {"entries": report.size, "checkpoints": report.checkpoints, "ok": report.ok,
+            "problems": report.problems[:5]}  # fmt: skip
+
+
+def _audit_devices(config: SimulationConfig, mode: PrivacyMode, users: Sequence[str],
+                   region_of: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """Every device's own decision log verifies (each device keeps one)."""
+    checked = failed = entries = 0
+    for user in users:
+        path = config.workdir / "devices" / mode.value / region_of[user] / f"{safe_name(user)}.db"
+        conn = sqlite3.connect(path)
+        try:
+            report = DecisionLog(conn).verify()
+        finally:
+            conn.close()
+        checked += 1
+        entries += report.size
+        failed += 0 if report.ok else 1
+    return {"devices": checked, "entries": entries, "failed": failed, "ok": failed == 0}
