@@ -225,7 +225,6 @@ def create_app(
     app = FastAPI(title="sottovoce regional aggregator", version="1", lifespan=lifespan)
 
     _error_handlers(app)
-    _request_log(app)
 
     @app.middleware("http")
     async def declared_size(request: Request, call_next: Callable[[Request], Any]) -> Any:
@@ -235,6 +234,8 @@ def create_app(
         if size is not None and size > max_body_bytes and "/deltas" not in request.url.path:
             return _problem(413, "too_large")
         return await call_next(request)
+
+    _request_log(app)  # added last, so outermost: it logs the size refusals too
 
     _device_routes(app, worker, metrics, tokens)
     _upload_routes(app, worker, metrics, max_body_bytes)
