@@ -23,9 +23,14 @@ time (first device's start to the last device's end; enrollments and spec fetche
 server with the uploads). ``errors`` counts non-2xx answers and transport errors, by phase,
 status and code in ``errors_by_code``; a device stops at its first failed call.
 ``round_closed`` says whether every wave's round was published (it closes when the cohort, all
-of the wave's devices, is in) and its release is served. ``server_cpu_s`` is the server
-process's user + system CPU during the waves (``/proc``); ``other_cpu_s`` is what the rest of
-the machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp``
+of the wave's devices, is in) and its release is served.
+
+CPU seconds during the waves (Linux ``/proc``): ``server_cpu_s`` is the server process's user +
+system time, split into ``server_loop_cpu_s`` (its main thread: uvicorn's event loop, which
+parses HTTP and runs FastAPI, the middlewares and the request log) and
+``server_other_threads_cpu_s`` (mostly the one aggregator thread that decides every request);
+both threads share one GIL. ``client_cpu_s`` is this process's; ``other_cpu_s`` is what the rest
+of the machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp``
 spreads the devices' starts over some seconds instead of starting them all at once.
 
 Usage: ``python bench/load.py [--devices N] [--concurrency C] [--waves W] [--ramp S]``.
@@ -49,7 +54,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -79,6 +84,8 @@ PHASES = ("enroll", "spec", "upload")
 
 
 def _free_port() -> int:
+    # The CLI takes a port number; the moment between closing this socket and the server
+    # binding the port is a race no other process here is likely to win.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -150,15 +157,6 @@ class Server:
         still_open = current.status_code == 200 and round_id.encode() in current.content
         return served == version and not still_open
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process (Linux ``/proc``), else ``None``."""
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -171,7 +169,16 @@ class Server:
             self.process.wait()
 
 
-def machine_busy_seconds() -> float | None:
+def _task_cpu(stat: Path) -> float | None:
+    """User + system CPU seconds of a process or thread (Linux ``/proc``), else ``None``."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> float | None:
     """CPU seconds every process on the machine has used since boot (``/proc/stat``)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
@@ -180,6 +187,28 @@ def machine_busy_seconds() -> float | None:
     # user nice system idle iowait irq softirq steal: all but idle and iowait is busy
     busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far by the server, its event loop, this process and the machine."""
+
+    NAMES: ClassVar[tuple[str, ...]] = ("server", "server_loop", "client", "machine")
+
+    server: float | None
+    server_loop: float | None  # uvicorn's event loop runs on the process's main thread
+    client: float | None
+    machine: float | None
+
+    @classmethod
+    def take(cls, server_pid: int) -> CpuSample:
+        proc = Path(f"/proc/{server_pid}")
+        return cls(
+            _task_cpu(proc / "stat"),
+            _task_cpu(proc / "task" / str(server_pid) / "stat"),
+            time.process_time(),
+            _machine_busy(),
+        )
 
 
 # -- the devices -----------------------------------------------------------------------------
@@ -321,21 +350,15 @@ class Totals:
     walls: list[float] = field(default_factory=list)
     seal_ms: list[float] = field(default_factory=list)
     published: int = 0
-    server_cpu: float = 0.0
-    client_cpu: float = 0.0
-    machine_cpu: float = 0.0
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CpuSample.NAMES, 0.0))
     dim: int = 0
     body_bytes: int = 0
 
-    def add_cpu(self, before: tuple[float | None, ...], after: tuple[float | None, ...]) -> None:
-        server0, client0, machine0 = before
-        server1, client1, machine1 = after
-        if server0 is not None and server1 is not None:
-            self.server_cpu += server1 - server0
-        if client0 is not None and client1 is not None:
-            self.client_cpu += client1 - client0
-        if machine0 is not None and machine1 is not None:
-            self.machine_cpu += machine1 - machine0
+    def add_cpu(self, before: CpuSample, after: CpuSample) -> None:
+        for name in CpuSample.NAMES:
+            start, end = getattr(before, name), getattr(after, name)
+            if start is not None and end is not None:
+                self.cpu[name] += end - start
 
 
 def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Totals:
@@ -355,11 +378,10 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
                                                 dim=totals.dim, rng=rng)  # fmt: skip
                 totals.seal_ms.append(seal_ms)
                 totals.body_bytes = len(devices[0].upload_body)
-                before = server.cpu_seconds(), time.process_time(), machine_busy_seconds()
+                before = CpuSample.take(server.process.pid)
                 wall = asyncio.run(run_wave(server.base, devices, round_id, stats=stats,
                                             concurrency=concurrency, ramp=args.ramp))  # fmt: skip
-                totals.add_cpu(before, (server.cpu_seconds(), time.process_time(),
-                                        machine_busy_seconds()))  # fmt: skip
+                totals.add_cpu(before, CpuSample.take(server.process.pid))
                 totals.walls.append(wall)
                 published = server.published(version=wave, round_id=round_id)
                 totals.published += published
@@ -405,7 +427,8 @@ def main() -> None:
     enrolls, specs, uploads = (stats.latencies[p] for p in PHASES)
     errors = sum(stats.errors.values())
     p99 = percentile(uploads, 0.99)
-    other_cpu = totals.machine_cpu - totals.server_cpu - totals.client_cpu
+    cpu = totals.cpu
+    other_cpu = cpu["machine"] - cpu["server"] - cpu["client"]
     print(json.dumps({
         "devices": args.devices,
         "concurrency": concurrency,
@@ -426,9 +449,11 @@ def main() -> None:
         "round_closed": totals.published == args.waves,
         "rounds_published": totals.published,
         "wave_wall_s": [round(w, 3) for w in totals.walls],
-        "server_cpu_s": round(totals.server_cpu, 2),
-        "server_cpu_per_device_ms": round(totals.server_cpu / max(stats.accepted, 1) * 1e3, 2),
-        "client_cpu_s": round(totals.client_cpu, 2),
+        "server_cpu_s": round(cpu["server"], 2),
+        "server_loop_cpu_s": round(cpu["server_loop"], 2),
+        "server_other_threads_cpu_s": round(cpu["server"] - cpu["server_loop"], 2),
+        "server_cpu_per_device_ms": round(cpu["server"] / max(stats.accepted, 1) * 1e3, 2),
+        "client_cpu_s": round(cpu["client"], 2),
         "other_cpu_s": round(max(other_cpu, 0.0), 2),
         "load_avg_1m_before": round(load_before, 2),
         "cpu_count": os.cpu_count(),
