@@ -13,6 +13,7 @@ from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import _IDEMPOTENCY_KEY, STATUS, RoundsBase, _iso, _Refusal
 from sottovoce.sync import (
+    OpenedDelta,
     RoundSpec,
     SealedDelta,
     SignedRoundSpec,
@@ -36,16 +37,7 @@ class UploadsPart(RoundsBase):
             return prior
         try:
             sealed, spec = self._precheck(body, idempotency_key)
-            opened = open_delta(
-                sealed,
-                region=self._region.id,
-                round_id=spec.round_id,
-                model_version=spec.model_version,
-                hpke_private_key=self._hpke_key,
-                clipping_norm=spec.clipping_norm,
-                noise_std=device_noise_std(spec),
-                dim=self._dim,
-            )
+            opened = self._open(sealed, spec)
         except _Refusal as refusal:
             return self._refuse(idempotency_key, digest, refusal)
         except SyncError as error:
@@ -83,6 +75,19 @@ class UploadsPart(RoundsBase):
             if partial.count >= spec.min_cohort:
                 self._close(spec, partial, now)
         return 200, "within_policy"
+
+    def _open(self, sealed: SealedDelta, spec: RoundSpec) -> OpenedDelta:
+        """Decrypt and verify ``sealed`` for its round (raises the ``SyncError`` it fails)."""
+        return open_delta(
+            sealed,
+            region=self._region.id,
+            round_id=spec.round_id,
+            model_version=spec.model_version,
+            hpke_private_key=self._hpke_key,
+            clipping_norm=spec.clipping_norm,
+            noise_std=device_noise_std(spec),
+            dim=self._dim,
+        )
 
     def _prior(self, idempotency_key: str, digest: str) -> tuple[int, str] | None:
         row = self._conn.execute(
@@ -203,30 +208,16 @@ class UploadsPart(RoundsBase):
             return self._erase_refused(inputs, "wrong_region")
         with write_transaction(self._conn, name="erase"):
             row = self._conn.execute(
-                "SELECT c.round_id, r.partial FROM contributions c JOIN rounds r"
+                "SELECT c.round_id, r.spec, r.partial FROM contributions c JOIN rounds r"
                 " ON r.round_id = c.round_id WHERE c.idempotency_key = ? AND c.status = 200"
                 " AND c.body_sha256 = ? AND c.pseudonym = ? AND r.state = 'open'",
                 (sealed.idempotency_key, digest, sealed.pseudonym),
             ).fetchone()
             if row is None:
                 return self._erase_refused(inputs, "nothing_pending")
-            round_id, blob = row
-            spec = SignedRoundSpec.from_wire(
-                self._conn.execute(
-                    "SELECT spec FROM rounds WHERE round_id = ?", (round_id,)
-                ).fetchone()[0]
-            ).spec
+            round_id, spec_json, blob = row
             # It opened when it was accepted; the same key and spec open it again.
-            opened = open_delta(
-                sealed,
-                region=self._region.id,
-                round_id=spec.round_id,
-                model_version=spec.model_version,
-                hpke_private_key=self._hpke_key,
-                clipping_norm=spec.clipping_norm,
-                noise_std=device_noise_std(spec),
-                dim=self._dim,
-            )
+            opened = self._open(sealed, SignedRoundSpec.from_wire(spec_json).spec)
             partial = PartialSum.from_bytes(blob).remove(opened.delta)
             self._conn.execute(
                 "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -26,6 +26,9 @@ from sottovoce.sim._evaluate import (
     evaluate,
 )
 from sottovoce.sync.transport import RetryPolicy
+
+if TYPE_CHECKING:  # the aggregator extra is imported only when a run needs it
+    from sottovoce.aggregator import RegionKeys
 
 T = TypeVar("T")
 ROWS = ("random", "popularity", "central", "central_dp", "federated", "federated_global_only",
@@ -138,25 +141,16 @@ def safe_name(user: str) -> str:
 # -- policies and keys -----------------------------------------------------------------------
 
 
-@dataclass
-class _Keys:
-    signing: Any
-    hpke: Any
-
-
 def pipeline_policy(
     config: SimulationConfig, regions: dict[str, RegionPlan], mode: PrivacyMode
 ) -> Policy:
     """The run's policy: every region in ``mode`` with the run's minimum cohort and the
-    simulation's aggregator keys (made once per run and pipeline, see ``_keys``)."""
+    simulation's aggregator keys (see :func:`region_keys`)."""
     data = config.policy.model_dump(mode="json")
     for region in data["regions"]:
         if region["id"] not in regions:
             continue
-        keys = region_keys(config, mode, region["id"])
-        from sottovoce.aggregator import RegionKeys
-
-        public = RegionKeys(keys.signing, keys.hpke).public()
+        public = region_keys(config, mode, region["id"]).public()
         for key in region["aggregator"]["public_keys"]:
             key["key"] = public[key["use"]]
         region["privacy"]["mode"] = mode.value
@@ -164,18 +158,13 @@ def pipeline_policy(
     return policy_from_data(data, source=f"simulation ({mode.value} mode)")
 
 
-_KEYS: dict[tuple[str, str, str], _Keys] = {}
+def region_keys(config: SimulationConfig, mode: PrivacyMode, region: str) -> RegionKeys:
+    """The run's keys for a region and pipeline: made the first time, then read back from the
+    workdir (where ``--server`` aggregators read them too)."""
+    from sottovoce.aggregator import generate_keys, load_keys
 
-
-def region_keys(config: SimulationConfig, mode: PrivacyMode, region: str) -> _Keys:
-    slot = (str(config.workdir), mode.value, region)
-    if slot not in _KEYS:
-        from sottovoce.aggregator import generate_keys, load_keys
-
-        directory = config.workdir / "keys" / mode.value / region
-        keys = load_keys(directory) if directory.exists() else generate_keys(directory)
-        _KEYS[slot] = _Keys(keys.signing, keys.hpke)
-    return _KEYS[slot]
+    directory = config.workdir / "keys" / mode.value / region
+    return load_keys(directory) if directory.exists() else generate_keys(directory)
 
 
 # -- evaluation ------------------------------------------------------------------------------
