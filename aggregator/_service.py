@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fastapi import FastAPI
 
+from sottovoce._clock import Clock, system_clock
 from sottovoce._errors import SottovoceError
 from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._ledger import BudgetExceeded
@@ -167,6 +167,7 @@ class ServiceConfig:
     sweep_seconds: float = 60.0
     schedule_rounds: bool = True
     max_body_bytes: int = 1 << 20
+    clock: Clock = system_clock  # rounds, deadlines, retention and the schedule read this
 
     def __post_init__(self) -> None:
         if not self.enrollment_tokens:
@@ -186,10 +187,9 @@ class ServiceConfig:
                 raise ServiceConfigError(f"the {what} is out of range")
 
 
-def open_aggregator(
-    config: ServiceConfig, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-) -> RegionAggregator:
-    """The region's aggregator on the configured SQLite file (created if missing)."""
+def open_aggregator(config: ServiceConfig, *, clock: Clock | None = None) -> RegionAggregator:
+    """The region's aggregator on the configured SQLite file (created if missing), on
+    ``clock`` (default: the config's)."""
     config.database.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(config.database, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -204,7 +204,7 @@ def open_aggregator(
             model_id=config.model_id,
             dim=int(config.base_weights.shape[0]),
             base_weights=config.base_weights,
-            clock=clock,
+            clock=config.clock if clock is None else clock,
         )
     except (ValueError, SottovoceError) as error:  # keys the policy does not publish, region
         conn.close()
@@ -222,11 +222,12 @@ class RoundScheduler:
     sampling_rate: float
     round_seconds: float
     open_rounds: bool = True
+    clock: Clock = system_clock
     _waiting_until: datetime | None = field(default=None, init=False)
 
     def tick(self, aggregator: RegionAggregator, now: datetime | None = None) -> dict[str, Any]:
         """One pass; returns what it did (also logged as one JSON line)."""
-        now = datetime.now(UTC) if now is None else now
+        now = self.clock() if now is None else now
         did: dict[str, Any] = {"abandoned": aggregator.sweep(now)}
         waiting = self._waiting_until is not None and now < self._waiting_until
         if self.open_rounds and not waiting and aggregator.current_round() is None:
@@ -266,6 +267,7 @@ def build_app(config: ServiceConfig) -> FastAPI:
         sampling_rate=config.sampling_rate,
         round_seconds=config.round_seconds,
         open_rounds=config.schedule_rounds,
+        clock=config.clock,
     )
     return create_app(
         lambda: open_aggregator(config),

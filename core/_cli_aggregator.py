@@ -99,6 +99,7 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         raise typer.BadParameter(
             f"the aggregator needs its extra: pip install 'sottovoce[aggregator]' ({error})"
         ) from None
+    from sottovoce._clock import clock_from_env
     from sottovoce.device import Ranker
 
     ranker = Ranker.load(model)
@@ -115,6 +116,7 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         round_seconds=round_minutes * 60,
         sweep_seconds=sweep_seconds,
         schedule_rounds=schedule,
+        clock=clock_from_env(),
     )
     uvicorn.run(
         build_app(config),

@@ -238,12 +238,13 @@ def report_cmd(
     key: KeyOption = None,
 ) -> None:
     """Write a self-contained HTML report: verdict, decisions over time, refusals, budgets."""
+    from sottovoce._clock import clock_from_env
     from sottovoce.policy import render_report
 
     decisions = _open(log)
     verification = decisions.verify(verifier_key=key, kept=_kept(checkpoint))
     html = render_report(decisions=list(decisions.query()), verification=verification,
-                         origin=decisions.origin)  # fmt: skip
+                         origin=decisions.origin, generated_at=clock_from_env()())  # fmt: skip
     output.write_text(html, encoding="utf-8")
     verdict = "verified" if verification.ok else "NOT verified"
     out.print(f"{verdict}; report written to {output}")

@@ -7,6 +7,7 @@ purpose are printed as one readable message with their reason code, exit status 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from sottovoce import __version__
 from sottovoce._cli_aggregator import aggregator_app
 from sottovoce._cli_audit import audit_app
 from sottovoce._cli_simulate import register as register_simulation
+from sottovoce._clock import NOW_ENV, clock_from_env, parse_now
 from sottovoce._errors import SottovoceError
 from sottovoce.policy import Purpose
 
@@ -38,6 +40,24 @@ app.add_typer(device_app, name="device")
 app.add_typer(audit_app, name="audit")
 app.add_typer(aggregator_app, name="aggregator")
 register_simulation(app)
+
+
+@app.callback()
+def _options(
+    now: Annotated[
+        str | None,
+        typer.Option(
+            "--now",
+            envvar=NOW_ENV,
+            help="Run on another calendar: the clock starts at this ISO 8601 time (with a zone) "
+            "and advances in real time. For tests and replays; default: the system clock.",
+        ),
+    ] = None,
+) -> None:
+    if now is not None:
+        parse_now(now)  # a bad value stops here, before any command runs
+        os.environ[NOW_ENV] = now  # read by every command (and child process) via clock_from_env
+
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 err = Console(stderr=True, highlight=False)
@@ -63,7 +83,7 @@ def _policy(path: Path | None) -> Any:
 def _store(path: Path, policy: Path | None, region: str) -> Any:
     from sottovoce.device import EventStore
 
-    return EventStore.open(path, policy=_policy(policy), region=region)
+    return EventStore.open(path, policy=_policy(policy), region=region, clock=clock_from_env())
 
 
 @app.command()
@@ -172,6 +192,7 @@ def device_ingest(
 
     stream = sys.stdin if str(events) == "-" else events.open(encoding="utf-8")
     counts = {"accepted": 0, "duplicates": 0, "expired": 0}
+    cutoff = None
     with _store(store, policy, region) as db, Progress(console=err, transient=True) as bar:
         task = bar.add_task("ingesting", total=None)
         for pending in _batches(stream, batch, events, counts):
@@ -180,8 +201,14 @@ def device_ingest(
             counts["duplicates"] += len(result.duplicate_ids)
             counts["expired"] += len(result.expired_ids)
             bar.advance(task, len(pending))
+            if result.retention_cutoff is not None:
+                cutoff = result.retention_cutoff
     out.print(f"stored {counts['accepted']} new events ({counts['duplicates']} replays ignored, "
               f"{counts['expired']} past retention not kept)")  # fmt: skip
+    if counts["expired"]:
+        err.print(f"[yellow]warning[/yellow] {counts['expired']} events were older than the "
+                  f"region's raw-event retention (before {cutoff:%Y-%m-%d %H:%M} UTC) and were "
+                  "dropped; check their timestamps and the clock (--now)")  # fmt: skip
 
 
 def _batches(

@@ -21,9 +21,11 @@ consent, events, derived state, retention and the user's rights.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,8 @@ from sottovoce.policy import (
 )
 
 __all__ = ["AppendResult", "CatalogItem", "Durability", "EventStore", "ModelWeights", "PurgeReport"]
+
+log = logging.getLogger("sottovoce.device")
 
 
 class EventStore(RankingReads, OutboxPart):
@@ -263,16 +267,23 @@ class EventStore(RankingReads, OutboxPart):
                         inputs = self._inputs("store_events", refs[user_id])
                         self._log(self._engine.store_events(state, inputs=inputs), refs[user_id])
                         noted[key] = seen
-                cutoff = to_ms(self._clock()) - self.region.ttl(DataClass.RAW_EVENTS) // _MS
+                now = self._clock()
+                cutoff = to_ms(now) - self.region.ttl(DataClass.RAW_EVENTS) // _MS
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.
                 live = [i for i, r in enumerate(rows) if r[3] >= cutoff]
                 expired = tuple(r[0] for r in rows if r[3] < cutoff)
                 kept = [(rows[i][0], refs[rows[i][1]], *rows[i][2:]) for i in live]
                 result = self._store(kept, [parsed[i] for i in live], expired)
+                if expired:
+                    result = replace(result, retention_cutoff=now - self.region.ttl(
+                        DataClass.RAW_EVENTS))  # fmt: skip
         self._noted.update(noted)  # committed: these are in the log now
         if refusal is not None:
             raise refusal
+        if result.expired and result.expired == len(rows):
+            log.warning("append: every event of the batch was dropped: %s (check the events' "
+                        "timestamps and the store's clock)", result)  # fmt: skip
         return result
 
     def _store(

@@ -72,16 +72,36 @@ class CatalogItem(BaseModel):
 class AppendResult:
     """What an append did: how many events were new, which were replays, which too old.
 
-    ``expired_ids`` are events older than the region keeps raw events: not stored, not counted.
+    ``expired_ids`` are events older than the region keeps raw events (older than
+    ``retention_cutoff``, the store's clock minus the raw-event retention): not stored, not
+    counted. ``str(result)`` says all of it in a sentence.
     """
 
     accepted: int
     duplicate_ids: tuple[str, ...] = ()
     expired_ids: tuple[str, ...] = ()
+    retention_cutoff: datetime | None = None
 
     @property
     def duplicates(self) -> int:
         return len(self.duplicate_ids)
+
+    @property
+    def expired(self) -> int:
+        """How many events were dropped because they were already past retention."""
+        return len(self.expired_ids)
+
+    def __str__(self) -> str:
+        text = f"stored {self.accepted} new events, {self.duplicates} replays ignored"
+        if self.expired:
+            cutoff = (
+                ""
+                if self.retention_cutoff is None
+                else (f" (older than {self.retention_cutoff.isoformat(timespec='seconds')})")
+            )
+            text += (f", {self.expired} dropped: already past the region's raw-event "
+                     f"retention{cutoff}")  # fmt: skip
+        return text
 
 
 @dataclass

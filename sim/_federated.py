@@ -14,13 +14,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from contextlib import ExitStack
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 
+from sottovoce._clock import NOW_ENV
 from sottovoce.device import Ranker
 from sottovoce.policy import DecisionLog, Policy, PrivacyMode
 from sottovoce.sim._config import (
@@ -107,8 +108,10 @@ class _Region:
             hashlib.sha256(f"{config.seed}:{mode.value}:{region}".encode()).digest()[:8], "little"
         )
         # Round ids, periods and so the devices' sampling coins follow the aggregator's clock:
-        # in process it is simulated (a run repeats); a served aggregator keeps real time.
-        self.clock = _SimClock() if not config.server else _RealClock()
+        # simulated, so a run repeats on any date. A served aggregator starts on the same
+        # calendar (SOTTOVOCE_NOW) and advances in real time, staying behind the round deadlines
+        # that this clock sets two simulated hours apart.
+        self.clock = _SimClock()
 
         def aggregator(rng: np.random.Generator | None = None) -> RegionAggregator:
             return RegionAggregator(
@@ -166,7 +169,8 @@ def _serve(config: SimulationConfig, mode: PrivacyMode, region: str, policy: Pol
                "--policy", str(policy_file), "--keys",
                str(config.workdir / "keys" / mode.value / region), "--db",
                str(folder / f"{region}.db"), "--port", str(port), "--no-schedule"]  # fmt: skip
-    env = {**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}
+    env = {**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN,
+           NOW_ENV: _SimClock()().isoformat()}  # fmt: skip
     process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
 
     def stop() -> None:
@@ -315,11 +319,6 @@ class _SimClock:
 
     def advance(self, by: timedelta) -> None:
         self.now += by
-
-
-class _RealClock(_SimClock):
-    def __call__(self) -> datetime:
-        return datetime.now(UTC)
 
 
 def _audit(service: _Region) -> dict[str, Any]:

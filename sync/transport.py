@@ -25,13 +25,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import tenacity
 
+from sottovoce._clock import Clock, system_clock
 from sottovoce.policy._canonical import canonical_json
 from sottovoce.sync._errors import (
     AggregatorUnavailable,
@@ -43,7 +44,6 @@ from sottovoce.sync._outbox import Acknowledged, Drop, Outbox, OutboxItem, Retry
 from sottovoce.sync._sign import SigningPublicKey, signing_public_key, verify_release
 from sottovoce.sync._wire import PROTOCOL_VERSION, ModelRelease, SealedDelta, b64encode
 
-Clock = Callable[[], datetime]
 Sleep = Callable[[float], None]
 
 
@@ -111,7 +111,7 @@ def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:
         return None
 
 
-def _exchange(send: Callable[[], httpx.Response]) -> _Reply:
+def _exchange(send: Callable[[], httpx.Response], clock: Clock) -> _Reply:
     """One try. Every answer with a body is a JSON object; anything else counts as none."""
     try:
         response = send()
@@ -119,7 +119,7 @@ def _exchange(send: Callable[[], httpx.Response]) -> _Reply:
         return _Reply(status=None, unreachable=True)
     except httpx.TransportError:  # read timeouts, dropped connections, truncated bodies
         return _Reply(status=None)
-    retry_after = _retry_after(response, datetime.now(UTC))
+    retry_after = _retry_after(response, clock())
     body: Any = None
     if response.content:
         try:
@@ -131,7 +131,9 @@ def _exchange(send: Callable[[], httpx.Response]) -> _Reply:
     return _Reply(response.status_code, body, response.headers, retry_after)
 
 
-def _with_retries(send: Callable[[], httpx.Response], policy: RetryPolicy, sleep: Sleep) -> _Reply:
+def _with_retries(
+    send: Callable[[], httpx.Response], policy: RetryPolicy, sleep: Sleep, clock: Clock
+) -> _Reply:
     """The last reply after retrying transient ones (waits honour a short Retry-After)."""
     backoff = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.maximum)
 
@@ -150,12 +152,8 @@ def _with_retries(send: Callable[[], httpx.Response], policy: RetryPolicy, sleep
         sleep=sleep,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
-    reply: _Reply = retrying(_exchange, send)
+    reply: _Reply = retrying(_exchange, send, clock)
     return reply
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Uploader:
@@ -167,7 +165,7 @@ class Uploader:
         *,
         base_url: str,
         outbox: Outbox,
-        clock: Clock = _utcnow,
+        clock: Clock = system_clock,
         retry: RetryPolicy = RetryPolicy(),
         sleep: Sleep = time.sleep,
     ) -> None:
@@ -207,7 +205,7 @@ class Uploader:
                 },
             )
 
-        return _with_retries(send, self._retry, self._sleep)
+        return _with_retries(send, self._retry, self._sleep, self._clock)
 
     def _record(self, item: OutboxItem, reply: _Reply, *, code: str | None) -> str:
         """Apply :func:`decide` to the outbox; returns the report field to count."""
@@ -245,6 +243,7 @@ def fetch_release(
     current_version: int,
     retry: RetryPolicy = RetryPolicy(),
     sleep: Sleep = time.sleep,
+    clock: Clock = system_clock,
 ) -> Fetched | None:
     """The aggregator's newest release, checked; ``None`` if unchanged since ``etag``.
 
@@ -257,7 +256,7 @@ def fetch_release(
     if etag is not None:
         headers["If-None-Match"] = etag
     url = f"{base_url.rstrip('/')}/v1/model/release"
-    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep)
+    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep, clock)
     if reply.status == 304:
         return None
     if reply.status != 200 or reply.body is None:
@@ -285,6 +284,7 @@ def enroll(
     period: str,
     retry: RetryPolicy = RetryPolicy(),
     sleep: Sleep = time.sleep,
+    clock: Clock = system_clock,
 ) -> None:
     """Register the device's Ed25519 key for ``period`` with its region's aggregator.
 
@@ -297,7 +297,9 @@ def enroll(
                            "period": period})  # fmt: skip
     url = f"{base_url.rstrip('/')}/v1/enroll"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    reply = _with_retries(lambda: client.post(url, content=body, headers=headers), retry, sleep)
+    reply = _with_retries(
+        lambda: client.post(url, content=body, headers=headers), retry, sleep, clock
+    )
     if reply.status is not None and 200 <= reply.status < 300:
         return
     if reply.transient:
@@ -316,6 +318,7 @@ def retract(
     sealed: SealedDelta,
     retry: RetryPolicy = RetryPolicy(),
     sleep: Sleep = time.sleep,
+    clock: Clock = system_clock,
 ) -> bool:
     """Take an uploaded delta back while its round is still open (erasure at the aggregator).
 
@@ -326,7 +329,9 @@ def retract(
     """
     url = f"{base_url.rstrip('/')}/v1/pseudonyms/{sealed.pseudonym}/erasure"
     body, headers = sealed.to_wire(), {"Content-Type": "application/json"}
-    reply = _with_retries(lambda: client.post(url, content=body, headers=headers), retry, sleep)
+    reply = _with_retries(
+        lambda: client.post(url, content=body, headers=headers), retry, sleep, clock
+    )
     if reply.status == 200:
         return True
     if reply.status == 404 and reply.code == "nothing_pending":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import NOW, T0
 
 from sottovoce.cli import app
 from sottovoce.policy import example_policy, example_policy_path
@@ -17,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process, on the tests' calendar (``SOTTOVOCE_NOW``), not the wall clock."""
+    env = {**os.environ, "SOTTOVOCE_NOW": NOW.isoformat()}
     return subprocess.run(
         [sys.executable, "-m", "sottovoce", *args],
-        input=stdin, capture_output=True, text=True, timeout=120, check=False,
+        input=stdin, capture_output=True, text=True, timeout=120, check=False, env=env,
     )  # fmt: skip
 
 
@@ -50,7 +55,8 @@ def test_device_commands_end_to_end(tmp_path: Path) -> None:
     store = str(tmp_path / "d.db")
     events = [
         {"type": "play_end", "event_id": f"e{i}", "user_id": "ann", "track_id": "t1",
-         "ts": f"2026-11-01T10:0{i}:00+00:00", "ms_played": 90_000, "duration_ms": 100_000}
+         "ts": (T0 + timedelta(minutes=i)).isoformat(), "ms_played": 90_000,
+         "duration_ms": 100_000}
         for i in range(3)
     ]  # fmt: skip
     lines = "\n".join(json.dumps(e) for e in events) + "\n"
@@ -74,7 +80,7 @@ def test_device_commands_end_to_end(tmp_path: Path) -> None:
 def test_a_bad_json_line_keeps_what_came_before(tmp_path: Path) -> None:
     store = str(tmp_path / "d.db")
     good = json.dumps({"type": "like", "event_id": "a", "user_id": "u", "track_id": "t",
-                       "ts": "2026-11-01T10:00:00+00:00"})  # fmt: skip
+                       "ts": T0.isoformat()})  # fmt: skip
     result = run("device", "ingest", store, "-", "-r", "us", "--batch", "1",
                  stdin=f"{good}\n{{oops\n")  # fmt: skip
     assert result.returncode == 2 and "line 2" in result.stderr and "stored 1" in result.stderr

@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +293,33 @@ def test_the_ledger_imports_without_torch() -> None:
         "assert 'torch' not in sys.modules and 'opacus' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        datetime(2026, 12, 1, tzinfo=UTC),  # a month end
+        datetime(2027, 1, 1, tzinfo=UTC),  # a year end
+        datetime(2028, 2, 29, tzinfo=UTC),  # a leap day
+        datetime(2028, 3, 1, tzinfo=UTC),  # the day after it
+        datetime(2026, 10, 25, 3, 0, tzinfo=timezone(timedelta(hours=2))),  # Berlin falls back
+    ],
+    ids=["month-end", "year-end", "leap-day", "after-leap-day", "dst"],
+)
+def test_daily_periods_turn_over_at_calendar_edges_in_utc(
+    policy: Policy, conn: sqlite3.Connection, edge: datetime
+) -> None:
+    """With a one-day period, periods start at UTC midnight whatever the calendar around it;
+    a time given in local time with an offset belongs to the period of its UTC instant."""
+    ledger = PrivacyLedger(conn, region=region_with(policy, period=timedelta(days=1)))
+    midnight = edge.astimezone(UTC).replace(hour=0, minute=0)
+    assert ledger.period_start_for(edge) == midnight
+    before = ledger.period_start_for(midnight - timedelta(microseconds=1))
+    assert before == midnight - timedelta(days=1)  # contiguous: one ends where the next starts
+    # The same instant written in two offsets is in one period.
+    assert ledger.period_start_for(edge.astimezone(timezone(timedelta(hours=-5)))) == midnight
+    # A round opened before midnight is charged to its own period, even if it closes after.
+    start = ledger.period_start_for(midnight - timedelta(minutes=30))
+    ledger.record_round("late", 1.0, 0.01, period_start=start, at=midnight + timedelta(minutes=5))
+    assert [e.round_id for e in ledger.entries(start)] == ["late"]
+    assert ledger.entries(midnight) == []

@@ -31,6 +31,7 @@ ARTISTS = 10
 DIM = 8
 MAX_EVENTS = 1_000_000  # the cap: a writer nobody kills stops here
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
+NOW = BASE + timedelta(days=2)  # the store's clock: the stream stays within retention
 EVENT_ID = re.compile(r"e(\d+)-(\d+)")
 # Relative frequencies; play_end, skip, like and dislike feed statistics and taste.
 TYPES = {
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
     # The ack file exists from here on: the test times its kill from that moment.
     with (
         ack_path.open("a", encoding="utf-8") as acks,
-        EventStore.open(db_path, policy=example_policy(), region="us") as store,
+        EventStore.open(db_path, policy=example_policy(), region="us", clock=lambda: NOW) as store,
     ):
         store.upsert_catalog(catalog())
         earlier = {s: top for s, top in stored_streams(store).items() if s != seed}

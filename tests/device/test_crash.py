@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_writer import NOW
 
 from sottovoce.device import EventStore
 from sottovoce.policy import example_policy
@@ -147,7 +148,9 @@ def check(db: Path, acks: Sequence[Path], *, scratch: Path) -> list[str]:
                 shutil.copyfile(source, target / source.name)
     problems: list[str] = []
     try:
-        store = EventStore.open(checked / db.name, policy=example_policy(), region="us")
+        store = EventStore.open(
+            checked / db.name, policy=example_policy(), region="us", clock=lambda: NOW
+        )
     except Exception as error:
         return [f"(2) the store does not open: {error!r}"]
     with store:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from conftest import T0
+from conftest import NOW, T0
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,7 +80,9 @@ def test_incremental_equals_rebuilt(
 ) -> None:
     events, cuts = stream
     with tempfile.TemporaryDirectory() as tmp:
-        store = EventStore.open(Path(tmp) / "d.db", policy=example_policy(), region="us")
+        store = EventStore.open(
+            Path(tmp) / "d.db", policy=example_policy(), region="us", clock=lambda: NOW
+        )
         try:
             store.upsert_catalog(
                 {"track_id": f"t{i}", "artist_id": f"a{i % 2}", "vector": [i, 1.0 - i, 0.5]}
@@ -103,7 +105,9 @@ def test_incremental_equals_rebuilt(
 
 
 def test_rebuild_keeps_nothing_the_events_do_not_support(tmp_path: Path) -> None:
-    store = EventStore.open(tmp_path / "d.db", policy=example_policy(), region="us")
+    store = EventStore.open(
+        tmp_path / "d.db", policy=example_policy(), region="us", clock=lambda: NOW
+    )
     store.append({"type": "like", "event_id": "x", "user_id": "u", "track_id": "t",
                   "ts": T0.isoformat()})  # fmt: skip
     store.db.execute("DELETE FROM events")
