@@ -20,7 +20,7 @@ from sottovoce.aggregator._ledger import (
     PrivacyLedger,
     epsilon_of,
 )
-from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_noise
+from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
 from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen
 from sottovoce.aggregator._service import (
     RegionKeys,
@@ -46,7 +46,7 @@ __all__ = [
     "ServiceConfig",
     "ServiceConfigError",
     "build_app",
-    "central_noise",
+    "central_release",
     "create_app",
     "epsilon_of",
     "generate_keys",

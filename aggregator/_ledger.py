@@ -12,8 +12,11 @@ policy's period, so a period cannot be stretched or restarted by choosing when i
 charged to the period it was opened in.
 
 In DP-FedAvg terms the sampling rate is the chance that a given device contributes to a round
-(expected cohort / eligible population) and the noise multiplier is the central noise's standard
-deviation divided by the clipping norm.
+(expected cohort / eligible population) and the noise multiplier is the noise's standard
+deviation divided by the clipping norm. ``sensitivity`` is how far one device can move what is
+noised, in units of the clipping norm (:func:`sottovoce.sync._budget.mechanism`: just over 1 in
+central mode, just over 2 in local mode, where the sampling rate charged is 1): the accountant
+sees the Gaussian with noise multiplier ``noise_multiplier / sensitivity``.
 
 opacus (and so torch) is imported only when an epsilon is computed, so the aggregator package
 imports without them.
@@ -36,23 +39,14 @@ from typing import Any
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.policy import Accountant, BudgetExhausted, Region
+from sottovoce.sync._budget import EPOCH, RDP_ORDERS
 
 __all__ = ["EPOCH", "RDP_ORDERS", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "epsilon_of"]
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-"""Where period number 0 starts; every period start is EPOCH + k * period."""
 
 # RDP orders to search when converting to (epsilon, delta). opacus' default grid stops at 63,
-# which is loose (and warns) when much noise is spent on few rounds; this is the grid that
-# dp-accounting uses, so the two agree on the same mechanism.
-RDP_ORDERS: tuple[float, ...] = (
-    *(1 + x / 10 for x in range(1, 100)),
-    *range(11, 64),
-    128,
-    256,
-    512,
-    1024,
-)
+# which is loose (and warns) when much noise is spent on few rounds; the device's ledger
+# (dp-accounting) searches the same grid, so the two agree on the same mechanism.
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS privacy_ledger (
@@ -62,6 +56,7 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     noise_multiplier REAL NOT NULL,
     sampling_rate REAL NOT NULL,
     steps INTEGER NOT NULL,
+    sensitivity REAL NOT NULL DEFAULT 1.0,
     epsilon_after REAL NOT NULL,
     at TEXT NOT NULL,
     PRIMARY KEY (region, round_id)
@@ -108,16 +103,18 @@ class LedgerEntry:
     steps: int
     epsilon_after: float
     at: datetime
+    sensitivity: float = 1.0
 
 
-Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps)
+Mechanism = tuple[float, float, int, float]  # (noise multiplier, sampling rate, steps, sensitivity)
 
 
 class PrivacyLedger:
     """The privacy spent by one region, period by period, in a SQLite table it creates.
 
-    ``ledger.can_open(sigma, q, period_start=p)`` before a round opens;
-    ``ledger.record_round(round_id, sigma, q, period_start=p, at=now)`` when it is aggregated.
+    ``ledger.can_open(z, q, period_start=p)`` before a round opens;
+    ``ledger.record_round(round_id, z, q, period_start=p, at=now)`` when it is aggregated
+    (both take ``sensitivity=``, in units of the clipping norm; default 1).
     """
 
     def __init__(self, conn: sqlite3.Connection, *, region: Region) -> None:
@@ -127,6 +124,10 @@ class PrivacyLedger:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(privacy_ledger)")}
+            if "sensitivity" not in columns:  # files made before sensitivity was recorded
+                conn.execute("ALTER TABLE privacy_ledger ADD COLUMN sensitivity REAL NOT NULL"
+                             " DEFAULT 1.0")  # fmt: skip
 
     @property
     def region(self) -> Region:
@@ -148,9 +149,10 @@ class PrivacyLedger:
         *,
         period_start: datetime,
         steps: int = 1,
+        sensitivity: float = 1.0,
     ) -> float:
         """The period's epsilon if one more round with these parameters ran."""
-        round_ = _mechanism(noise_multiplier, sampling_rate, steps)
+        round_ = _mechanism(noise_multiplier, sampling_rate, steps, sensitivity)
         return self._epsilon([*self._history(self._check_start(period_start)), round_])
 
     def can_open(
@@ -160,11 +162,11 @@ class PrivacyLedger:
         *,
         period_start: datetime,
         steps: int = 1,
+        sensitivity: float = 1.0,
     ) -> bool:
         """Whether a round with these parameters stays within the period's budget."""
-        after = self.epsilon_if(
-            noise_multiplier, sampling_rate, period_start=period_start, steps=steps
-        )
+        after = self.epsilon_if(noise_multiplier, sampling_rate, period_start=period_start,
+                                steps=steps, sensitivity=sensitivity)  # fmt: skip
         return _within(after, self._region.privacy.epsilon)
 
     def record_round(
@@ -176,6 +178,7 @@ class PrivacyLedger:
         period_start: datetime,
         at: datetime,
         steps: int = 1,
+        sensitivity: float = 1.0,
     ) -> float:
         """Charge an aggregated round to its period; returns the period's epsilon after it.
 
@@ -187,7 +190,7 @@ class PrivacyLedger:
         at = _aware(at, "at")
         if at < start:
             raise ValueError(f"round {round_id!r} is recorded at {at}, before its period {start}")
-        round_ = _mechanism(noise_multiplier, sampling_rate, steps)
+        round_ = _mechanism(noise_multiplier, sampling_rate, steps, sensitivity)
         with self._write():
             previous = self._recorded(round_id)
             if previous is not None:
@@ -206,7 +209,8 @@ class PrivacyLedger:
                 )
             self._conn.execute(
                 "INSERT INTO privacy_ledger (region, period_start, round_id, noise_multiplier,"
-                " sampling_rate, steps, epsilon_after, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " sampling_rate, steps, sensitivity, epsilon_after, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self._region.id, _iso(start), round_id, *round_, after, _iso(at)),
             )
         return after
@@ -215,7 +219,8 @@ class PrivacyLedger:
         """The rounds recorded in a period, oldest first."""
         rows = self._conn.execute(
             "SELECT round_id, period_start, noise_multiplier, sampling_rate, steps,"
-            " epsilon_after, at FROM privacy_ledger WHERE region = ? AND period_start = ?"
+            " epsilon_after, at, sensitivity FROM privacy_ledger"
+            " WHERE region = ? AND period_start = ?"
             " ORDER BY at, rowid",
             (self._region.id, _iso(self._check_start(period_start))),
         ).fetchall()
@@ -234,16 +239,16 @@ class PrivacyLedger:
 
     def _history(self, period_start: datetime) -> list[Mechanism]:
         rows = self._conn.execute(
-            "SELECT noise_multiplier, sampling_rate, steps FROM privacy_ledger"
+            "SELECT noise_multiplier, sampling_rate, steps, sensitivity FROM privacy_ledger"
             " WHERE region = ? AND period_start = ?",
             (self._region.id, _iso(period_start)),
         ).fetchall()
-        return [(float(s), float(q), int(n)) for s, q, n in rows]
+        return [(float(s), float(q), int(n), float(c)) for s, q, n, c in rows]
 
     def _recorded(self, round_id: str) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = self._conn.execute(
             "SELECT round_id, period_start, noise_multiplier, sampling_rate, steps,"
-            " epsilon_after, at FROM privacy_ledger WHERE region = ? AND round_id = ?",
+            " epsilon_after, at, sensitivity FROM privacy_ledger WHERE region = ? AND round_id = ?",
             (self._region.id, round_id),
         ).fetchone()
         return row
@@ -260,14 +265,18 @@ class PrivacyLedger:
         return write_transaction(self._conn, name="privacy_ledger")
 
 
-def epsilon_of(rounds: Sequence[Mechanism], *, delta: float, accountant: Accountant) -> float:
+def epsilon_of(
+    rounds: Sequence[tuple[float, ...]], *, delta: float, accountant: Accountant
+) -> float:
     """The epsilon at ``delta`` of composing Poisson-subsampled Gaussian rounds.
 
-    ``rounds`` are (noise multiplier, sampling rate, steps); order does not matter.
+    ``rounds`` are (noise multiplier, sampling rate, steps[, sensitivity]); order does not
+    matter. The accountant sees the noise multiplier divided by the sensitivity (default 1).
     """
     grouped: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in rounds:
-        grouped[sigma, q] = grouped.get((sigma, q), 0) + steps
+    for sigma, q, steps, *rest in rounds:
+        effective = sigma / (rest[0] if rest else 1.0)
+        grouped[effective, q] = grouped.get((effective, q), 0) + int(steps)
     if not grouped:
         return 0.0
     # The accountants' history is exactly this list of (noise multiplier, sample rate, steps);
@@ -286,15 +295,19 @@ def epsilon_of(rounds: Sequence[Mechanism], *, delta: float, accountant: Account
     return float(rdp.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
-def _mechanism(noise_multiplier: float, sampling_rate: float, steps: int) -> Mechanism:
-    sigma, q = float(noise_multiplier), float(sampling_rate)
+def _mechanism(
+    noise_multiplier: float, sampling_rate: float, steps: int, sensitivity: float = 1.0
+) -> Mechanism:
+    sigma, q, c = float(noise_multiplier), float(sampling_rate), float(sensitivity)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"the noise multiplier must be a positive number, got {sigma!r}")
     if not (math.isfinite(q) and 0 < q <= 1):
         raise ValueError(f"the sampling rate must be in (0, 1], got {q!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    return sigma, q, steps
+    if not (math.isfinite(c) and c >= 1):
+        raise ValueError(f"the sensitivity must be a number >= 1 (units of C), got {c!r}")
+    return sigma, q, steps, c
 
 
 def _within(epsilon: float, budget: float) -> bool:
@@ -304,9 +317,8 @@ def _within(epsilon: float, budget: float) -> bool:
 
 def _same_round(row: tuple[Any, ...], round_: Mechanism, start: datetime) -> float:
     entry = _entry(row)
-    if (entry.noise_multiplier, entry.sampling_rate, entry.steps) != round_ or (
-        entry.period_start != start
-    ):
+    recorded = (entry.noise_multiplier, entry.sampling_rate, entry.steps, entry.sensitivity)
+    if recorded != round_ or (entry.period_start != start):
         raise ValueError(
             f"round {entry.round_id!r} is already recorded with other parameters "
             f"(noise multiplier {entry.noise_multiplier}, sampling rate {entry.sampling_rate}, "
@@ -316,7 +328,7 @@ def _same_round(row: tuple[Any, ...], round_: Mechanism, start: datetime) -> flo
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:
-    round_id, start, sigma, q, steps, epsilon, at = row
+    round_id, start, sigma, q, steps, epsilon, at, sensitivity = row
     return LedgerEntry(
         round_id=str(round_id),
         period_start=datetime.fromisoformat(start),
@@ -325,6 +337,7 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
         steps=int(steps),
         epsilon_after=float(epsilon),
         at=datetime.fromisoformat(at),
+        sensitivity=float(sensitivity),
     )
 
 

@@ -4,8 +4,8 @@ Data flow step 6 (aggregator): each opened delta is added to its round's :class:
 (a weighted sum, the sum of the weights and a count) and then dropped, so a round's memory is
 O(model size) however many devices take part. Partial sums merge, associatively and
 commutatively, so sharding a round across workers or machines is just merging their sums. When
-the round closes, :meth:`PartialSum.mean` is the FedAvg average, and in central mode
-:func:`central_noise` adds the aggregator's Gaussian noise to it before release.
+the round closes, :meth:`PartialSum.mean` is the FedAvg average (local mode), and in central
+mode :func:`central_release` noises the sum and divides it by the fixed expected cohort.
 
 A round's running sum survives a restart as :meth:`PartialSum.to_bytes`, stored next to the
 round (the service does the storing). Layout (little-endian)::
@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sottovoce._errors import SottovoceError
+from sottovoce.sync._noise import noisy_on_grid
 
 FloatArray = npt.NDArray[np.float64]
 Weight = float | np.integer[Any] | np.floating[Any]  # numpy scalars too, e.g. example counts
@@ -225,52 +226,33 @@ class PartialSum:
         return f"PartialSum(dim={self.dim}, count={self.count}, weight={self.weight!r})"
 
 
-def central_noise(
-    mean: npt.ArrayLike,
+def central_release(
+    total: npt.ArrayLike,
     *,
     clipping_norm: float,
     noise_multiplier: float,
-    cohort: int,
-    rng: np.random.Generator,
+    expected_cohort: float,
+    rng: np.random.Generator | None = None,
 ) -> FloatArray:
-    """``mean`` plus i.i.d. Gaussian noise of std ``noise_multiplier * clipping_norm / cohort``.
+    """The central-mode update: ``(total + noise) / expected_cohort``.
 
-    This is the server step of user-level DP-FedAvg (McMahan et al. 2018, "Learning
-    Differentially Private Recurrent Language Models", Algorithm 1 with the fixed-denominator
-    estimator) in its uniform-weight case. Each device clipped its delta to L2 norm at most C
-    (``clipping_norm``) and contributes at most once per round, and every weight is 1, so the
-    average is ``sum / n`` with ``n = cohort``. Adding or removing one user changes the sum by
-    at most C in L2 norm (its sensitivity), hence the mean by at most C / n. The Gaussian
-    mechanism with noise multiplier z adds noise of std z * C to the sum, which is std
-    z * C / n on the mean: the paper's sigma = z * S / (q W) with S = C and q W = n. The privacy
-    accountant must then be stepped with the same z (and the round's sampling rate), which is
-    what makes its epsilon describe this release.
-
-    The bound only holds if ``mean`` really is the sum of clipped unit-weight deltas divided by
-    ``cohort``, and ``cohort`` is fixed by the round's spec rather than read off the data (the
-    paper's fixed-denominator estimator): a divisor that depends on who took part, or other
-    weights, changes the sensitivity (the paper's estimator f_c, dividing by the actual weight,
-    needs 2 S / (q W_min)). With unit weights :meth:`PartialSum.mean` is ``total / count``,
-    which is this ``mean`` exactly when the round closed at ``count == cohort``. Returns a new
-    float64 array; ``mean`` is not changed.
+    ``total`` is the round's sum of every on-time clipped delta (norm <= C, one per device).
+    Adding or removing one device changes it by at most C; it is rounded to the fixed-point grid
+    of :mod:`sottovoce.sync._noise` (which adds at most sqrt(dim) grid steps to that) and gets
+    discrete Gaussian noise of standard deviation ``noise_multiplier * C`` from the OS CSPRNG
+    (``rng``, a seeded generator, stands in for simulations and tests only). The divisor is the
+    round's fixed expected cohort, never the count: the fixed-denominator estimator of DP-FedAvg
+    (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models"), so the
+    count's own randomness adds nothing to the sensitivity. The ledger charges this as the
+    Poisson-sampled Gaussian with sensitivity ``C * sensitivity_factor(dim)``
+    (:func:`sottovoce.sync._budget.mechanism`). Returns a new float64 array.
     """
-    if not (math.isfinite(clipping_norm) and clipping_norm > 0):
-        raise ValueError(f"the clipping norm must be a positive number, got {clipping_norm}")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ValueError(
-            f"the noise multiplier must be a positive number, got {noise_multiplier} "
-            "(central mode without noise has no privacy guarantee)"
-        )
-    if isinstance(cohort, bool) or not isinstance(cohort, int) or cohort < 1:
-        raise ValueError(f"the cohort must be an integer >= 1, got {cohort!r}")
-    values = _as_vector(mean, None, what="mean")
-    std = noise_multiplier * clipping_norm / cohort
-    noisy = rng.normal(0.0, std, size=values.shape)
-    noisy += values
-    return noisy
-
-
-# -- checks ---------------------------------------------------------------------------------
+    if not (math.isfinite(expected_cohort) and expected_cohort > 0):
+        raise ValueError(f"the expected cohort must be a positive number, got {expected_cohort}")
+    values = _as_vector(total, None, what="total")
+    noisy = noisy_on_grid(values, clipping_norm=clipping_norm,
+                          noise_multiplier=noise_multiplier, rng=rng)  # fmt: skip
+    return np.asarray(noisy / expected_cohort, dtype=np.float64)
 
 
 def _as_vector(values: npt.ArrayLike, dim: int | None, *, what: str) -> FloatArray:

@@ -136,9 +136,11 @@ def _utc_now() -> datetime:
 class RoundsBase:
     """Rounds, uploads and releases of one region, stored in ``conn``'s database.
 
-    ``base_weights`` are the model's weights before any release (version 0); ``rng`` draws the
-    central noise (default: a generator seeded from the OS). The signing and HPKE keys must be
-    the region's keys in ``policy``, since devices check and seal against those.
+    ``base_weights`` are the model's weights before any release (version 0). Central noise is
+    the exact discrete Gaussian from the OS CSPRNG; ``rng``, a seeded generator, replaces it
+    with a seeded stand-in for simulations and tests only (see :mod:`sottovoce.sync._noise`).
+    The signing and HPKE keys must be the region's keys in ``policy``, since devices check and
+    seal against those.
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class RoundsBase:
             raise ValueError(f"base_weights must be {dim} finite numbers")
         self._base = base
         self._clock = clock
-        self._rng = rng if rng is not None else np.random.default_rng()
+        self._rng = rng  # None: deployment noise (OS CSPRNG, discrete Gaussian)
         self._kid = self._matching_kid()
         raw = signing_key.private_bytes_raw()
         digest_key = hmac.new(raw, _DIGEST_TAG, hashlib.sha256).digest()
@@ -203,6 +205,11 @@ class RoundsBase:
     @property
     def ledger(self) -> PrivacyLedger:
         return self._ledger
+
+    @property
+    def dim(self) -> int:
+        """The model's parameter count (the length of every delta)."""
+        return self._dim
 
     def current_round(self) -> SignedRoundSpec | None:
         """The open round's signed spec, if a round is open."""

@@ -4,10 +4,17 @@ Data flow step 6: :class:`RegionAggregator` opens a round under the privacy ledg
 signs its spec, takes sealed deltas (bytes as uploaded, with the upload's idempotency key),
 decides on each by policy, opens and verifies the accepted ones with
 :func:`~sottovoce.sync.open_delta`, adds them to the round's :class:`PartialSum` and drops
-them, and closes the round when the spec's minimum cohort is met: mean, central noise, ledger
-step, signed :class:`~sottovoce.sync.ModelRelease`. A round whose deadline passes first is
-abandoned by :meth:`RegionAggregator.sweep`, never published. The HTTP service is a thin layer
-over this class.
+them. How a round ends depends on the privacy mode (docs/privacy.md):
+
+- central: the round stays open until its deadline, then :meth:`RegionAggregator.sweep` closes
+  it: every on-time contribution's sum, rounded to a fixed-point grid, plus discrete Gaussian
+  noise, divided by the fixed expected cohort, whatever the count (no truncation, so one device
+  moves the sum by at most C: the Poisson-sampled Gaussian the ledger charges);
+- local: every upload carries its own noise; the round closes at its minimum cohort with the
+  mean, or is abandoned at its deadline (no count logged).
+
+Each publication steps the privacy ledger and signs a :class:`~sottovoce.sync.ModelRelease`.
+The HTTP service is a thin layer over this class.
 
 Restart safety: every acknowledged delta changes the stored running sum, its contribution row
 and its ``accept_delta`` decision in one write transaction, so a crash either shows all three
@@ -39,11 +46,10 @@ import numpy as np
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._ledger import BudgetExceeded
-from sottovoce.aggregator._partial_sum import PartialSum, central_noise
+from sottovoce.aggregator._partial_sum import PartialSum, central_release
 from sottovoce.aggregator._round_state import _PERIOD, STATUS, RoundInfo, RoundStillOpen, _iso
 from sottovoce.aggregator._uploads import UploadsPart
 from sottovoce.policy import (
-    Action,
     DataClass,
     PrivacyMode,
 )
@@ -53,6 +59,7 @@ from sottovoce.sync import (
     sign_release,
     sign_round_spec,
 )
+from sottovoce.sync._budget import Mechanism, mechanism
 from sottovoce.sync._wire import b64decode
 
 __all__ = ["STATUS", "RegionAggregator", "RoundInfo", "RoundStillOpen"]
@@ -93,64 +100,79 @@ class RegionAggregator(UploadsPart):
             )
 
     def open_round(
-        self, *, noise_multiplier: float, sampling_rate: float, deadline: datetime
+        self,
+        *,
+        deadline: datetime,
+        noise_multiplier: float | None = None,
+        sampling_rate: float | None = None,
     ) -> SignedRoundSpec:
         """Open and sign a round, if the period's budget allows it (else ``BudgetExceeded``).
 
-        The round's privacy parameters come from the region's policy; it trains the latest
-        release (version 0: the base weights).
+        The mechanism comes from the region's policy: its sampling rate and expected cohort,
+        and a noise multiplier no lower than the policy's (default: the policy's).
+        ``sampling_rate``, if given, must be the policy's (devices refuse any other). The round
+        trains the latest release (version 0: the base weights).
         """
+        privacy = self._region.privacy
+        z = privacy.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
+        if not z >= privacy.noise_multiplier:
+            raise ValueError(f"the noise multiplier {z:g} is below the policy's minimum of "
+                             f"{privacy.noise_multiplier:g}")  # fmt: skip
+        if sampling_rate is not None and sampling_rate != privacy.sampling_rate:
+            raise ValueError(f"the policy fixes the sampling rate at {privacy.sampling_rate:g}; "
+                             f"devices refuse a round at {sampling_rate:g}")  # fmt: skip
+        q = privacy.sampling_rate
         now = self._clock()
         if deadline <= now:
             raise ValueError("a round's deadline must be in the future")
         with write_transaction(self._conn, name="open_round"):
             # An expired round that no sweep has ended yet must not block the next one.
-            self._abandon_expired(now)
+            self._end_expired(now)
             if self.current_round() is not None:
                 raise RoundStillOpen("a round is already open; wait for it to close or expire")
             start = self._ledger.period_start_for(now)
+            # A round belongs to the budget period it opens in and ends with it at the latest
+            # (devices refuse a round that outlasts its period).
+            deadline = min(deadline, start + privacy.period)
+            used = self._mechanism(z)
             spent = self._ledger.spent(start)
-            after = self._ledger.epsilon_if(noise_multiplier, sampling_rate, period_start=start)
+            after = self._ledger.epsilon_if(used.noise_multiplier, used.sampling_rate,
+                                            sensitivity=used.sensitivity,
+                                            period_start=start)  # fmt: skip
             number = self._conn.execute("SELECT count(*) FROM rounds").fetchone()[0] + 1
             round_id = f"{self._region.id}-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{number}"
-            inputs = {
-                "round_id": round_id,
-                "noise_multiplier": noise_multiplier,
-                "sampling_rate": sampling_rate,
-            }
+            inputs = {"round_id": round_id, "noise_multiplier": z, "sampling_rate": q,
+                      "sensitivity": used.sensitivity}  # fmt: skip
             decision = self._engine.open_round(
                 inputs=inputs, epsilon_spent=spent, epsilon_after=after
             )
             self._log.append(decision)
             signed = None
             if decision.allowed:
-                signed = self._new_round(
-                    round_id,
-                    noise_multiplier=noise_multiplier,
-                    sampling_rate=sampling_rate,
-                    deadline=deadline,
-                    spent=spent,
-                    after=after,
-                    start=start,
-                    now=now,
-                )
+                signed = self._new_round(round_id, noise_multiplier=z, deadline=deadline,
+                                         spent=spent, after=after, start=start,
+                                         now=now)  # fmt: skip
             self._log.checkpoint()
         if signed is None:  # refused: the decision is committed before the error is raised
             raise BudgetExceeded(
                 region=self._region.id,
                 period_start=start,
                 epsilon_after=after,
-                budget=self._region.privacy.epsilon,
+                budget=privacy.epsilon,
                 spent=spent,
             )
         return signed
+
+    def _mechanism(self, noise_multiplier: float) -> Mechanism:
+        privacy = self._region.privacy
+        return mechanism(privacy.mode, noise_multiplier=noise_multiplier,
+                         sampling_rate=privacy.sampling_rate, dim=self._dim)  # fmt: skip
 
     def _new_round(
         self,
         round_id: str,
         *,
         noise_multiplier: float,
-        sampling_rate: float,
         deadline: datetime,
         spent: float,
         after: float,
@@ -167,8 +189,9 @@ class RegionAggregator(UploadsPart):
             mode=privacy.mode,
             clipping_norm=privacy.clipping_norm,
             noise_multiplier=noise_multiplier,
-            sampling_rate=sampling_rate,
+            sampling_rate=privacy.sampling_rate,
             min_cohort=privacy.min_cohort,
+            expected_cohort=privacy.expected_cohort,
             deadline=deadline,
             epsilon_spent=spent,
             epsilon_after=after,
@@ -188,40 +211,27 @@ class RegionAggregator(UploadsPart):
 
     def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> None:
         """Publish the round (inside the caller's write transaction)."""
-        mean = partial.mean()
-        if spec.mode is PrivacyMode.CENTRAL:
-            # cohort = min_cohort, fixed by the spec, and count == min_cohort here: the
-            # fixed-denominator estimator that central_noise's sensitivity assumes.
-            update = central_noise(
-                mean,
-                clipping_norm=spec.clipping_norm,
-                noise_multiplier=spec.noise_multiplier,
-                cohort=spec.min_cohort,
-                rng=self._rng,
-            )
+        central = spec.mode is PrivacyMode.CENTRAL
+        if central:
+            update = central_release(partial.total, clipping_norm=spec.clipping_norm,
+                                     noise_multiplier=spec.noise_multiplier,
+                                     expected_cohort=spec.expected_cohort,
+                                     rng=self._rng)  # fmt: skip
         else:
-            update = mean  # local mode: every device already added all of the noise
+            update = partial.mean()  # local mode: every device already added all of the noise
         inputs = {"round_id": spec.round_id, "version": spec.model_version + 1}
         try:
+            used = self._mechanism(spec.noise_multiplier)
             epsilon = self._ledger.record_round(
-                spec.round_id,
-                spec.noise_multiplier,
-                spec.sampling_rate,
-                period_start=spec.period_start,
-                at=now,
-            )
-        except BudgetExceeded as error:
+                spec.round_id, used.noise_multiplier, used.sampling_rate,
+                sensitivity=used.sensitivity, period_start=spec.period_start, at=now,
+            )  # fmt: skip
+        except BudgetExceeded:
             # The policy changed under an open round: it must not be published.
             self._end(spec.round_id, "abandoned", now)
-            self._log.append(
-                self._engine.decide(
-                    Action.PUBLISH_RELEASE,
-                    "budget_exhausted",
-                    inputs=inputs,
-                    metrics={"cohort": partial.count},
-                    budget=error.budget,
-                )
-            )
+            self._log.append(self._engine.round_abandoned(
+                inputs=inputs, reason="budget_exhausted",
+                epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
             self._log.checkpoint()
             return
         latest = self.latest_release()
@@ -239,15 +249,22 @@ class RegionAggregator(UploadsPart):
             (release.version, release.model_id, release.to_wire().decode(), _iso(now)),
         )
         self._end(spec.round_id, "published", now)
-        self._log.append(
-            self._engine.publish_release(inputs=inputs, cohort=partial.count, epsilon_spent=epsilon)
-        )
+        if central:
+            decision = self._engine.publish_release(
+                inputs=inputs, epsilon_spent=epsilon, expected_cohort=spec.expected_cohort
+            )
+        else:
+            decision = self._engine.publish_release(
+                inputs=inputs, epsilon_spent=epsilon, cohort=partial.count
+            )
+        self._log.append(decision)
         self._log.checkpoint()
 
     # -- retention ---------------------------------------------------------------------------
 
     def sweep(self, now: datetime | None = None) -> list[str]:
-        """Abandon expired rounds and purge what retention bounds; returns the abandoned ids.
+        """End the rounds whose deadline has passed (central: publish; local: abandon) and purge
+        what retention bounds; returns the ids of the rounds it ended.
 
         Contribution rows (pseudonyms, answers) go after the ``aggregator_deltas`` retention,
         except those of a still-open round, which its once-per-round check needs. Decision
@@ -257,7 +274,7 @@ class RegionAggregator(UploadsPart):
         now = self._clock() if now is None else now
         retention = self._region.retention
         with write_transaction(self._conn, name="sweep"):
-            abandoned = self._abandon_expired(now)
+            abandoned = self._end_expired(now)
             deleted: dict[str, int] = {}
             cutoff = retention.get(DataClass.AGGREGATOR_DELTAS)
             if cutoff is not None:
@@ -282,22 +299,22 @@ class RegionAggregator(UploadsPart):
                 self._log.checkpoint()
         return abandoned
 
-    def _abandon_expired(self, now: datetime) -> list[str]:
-        """Abandon the open rounds whose deadline has passed (inside the caller's write)."""
-        abandoned: list[str] = []
+    def _end_expired(self, now: datetime) -> list[str]:
+        """End the open rounds whose deadline has passed (inside the caller's write)."""
+        ended: list[str] = []
         rows = self._conn.execute(
-            "SELECT round_id, spec, count FROM rounds WHERE state = 'open'"
+            "SELECT round_id, spec, partial FROM rounds WHERE state = 'open'"
         ).fetchall()
-        for round_id, spec_json, count in rows:
+        for round_id, spec_json, blob in rows:
             spec = SignedRoundSpec.from_wire(spec_json).spec
             if now < spec.deadline:
                 continue
-            self._end(round_id, "abandoned", now)
-            decision = self._engine.publish_release(
-                inputs={"round_id": round_id},
-                cohort=int(count),
-                epsilon_spent=self._ledger.spent(spec.period_start),
-            )
-            self._log.append(decision)
-            abandoned.append(round_id)
-        return abandoned
+            if spec.mode is PrivacyMode.CENTRAL:
+                self._close(spec, PartialSum.from_bytes(blob), now)
+            else:
+                self._end(round_id, "abandoned", now)
+                self._log.append(self._engine.round_abandoned(
+                    inputs={"round_id": round_id}, reason="cohort_not_met",
+                    epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
+            ended.append(round_id)
+        return ended

@@ -40,9 +40,10 @@ from fastapi import FastAPI
 from sottovoce._clock import Clock, system_clock
 from sottovoce._errors import SottovoceError
 from sottovoce.aggregator._app import create_app
-from sottovoce.aggregator._ledger import BudgetExceeded
+from sottovoce.aggregator._ledger import BudgetExceeded, epsilon_of
 from sottovoce.aggregator._rounds import RegionAggregator
-from sottovoce.policy import Policy, policy_from_data
+from sottovoce.policy import Policy, format_duration, policy_from_data
+from sottovoce.sync._budget import mechanism
 from sottovoce.sync._wire import b64encode
 
 __all__ = [
@@ -131,8 +132,24 @@ def _load_key(path: Path) -> object:
     return key
 
 
-def policy_with_keys(policy: Policy, region: str, keys: RegionKeys, endpoint: str | None) -> Policy:
-    """``policy`` with ``region``'s aggregator publishing ``keys`` (and ``endpoint``, if given)."""
+DEV_PRIVACY: Final[dict[str, Any]] = {
+    "population": 3, "sampling_rate": 1.0, "min_cohort": 2, "noise_multiplier": 2.0,
+    "delta": 0.01,
+}  # fmt: skip
+"""The ``dev`` profile's mechanism: a few devices on one machine, each in every round; one round
+costs epsilon 1.13 at delta 0.01, so the example's EU budget of 4 pays for five rounds."""
+
+
+def policy_with_keys(
+    policy: Policy,
+    region: str,
+    keys: RegionKeys,
+    endpoint: str | None,
+    *,
+    privacy: dict[str, Any] | None = None,
+) -> Policy:
+    """``policy`` with ``region``'s aggregator publishing ``keys`` (and ``endpoint``, if given;
+    ``privacy`` overrides fields of the region's privacy budget, e.g. :data:`DEV_PRIVACY`)."""
     data = policy.model_dump(mode="json")
     regions = [r for r in data["regions"] if r["id"] == region]
     if not regions:
@@ -144,6 +161,8 @@ def policy_with_keys(policy: Policy, region: str, keys: RegionKeys, endpoint: st
         key["key"] = public[key["use"]]
     if endpoint is not None:
         aggregator["endpoint"] = endpoint
+    if privacy is not None:
+        regions[0]["privacy"].update(privacy)
     return policy_from_data(data, source=f"policy with {region} keys")
 
 
@@ -161,8 +180,7 @@ class ServiceConfig:
     model_id: str
     base_weights: npt.NDArray[np.float32]
     enrollment_tokens: frozenset[str]
-    noise_multiplier: float = 1.0
-    sampling_rate: float = 0.01
+    noise_multiplier: float | None = None  # None: the policy's minimum
     round_seconds: float = 3600.0
     sweep_seconds: float = 60.0
     schedule_rounds: bool = True
@@ -176,8 +194,6 @@ class ServiceConfig:
                 "--token-file, so only the app's devices can enroll"
             )
         checks = {
-            "noise multiplier": self.noise_multiplier > 0,
-            "sampling rate": 0 < self.sampling_rate <= 1,
             "round duration": self.round_seconds > 0,
             "sweep interval": self.sweep_seconds > 0,
             "body limit": self.max_body_bytes >= 1024,
@@ -185,6 +201,16 @@ class ServiceConfig:
         for what, ok in checks.items():
             if not ok:
                 raise ServiceConfigError(f"the {what} is out of range")
+        try:
+            privacy = self.policy.region(self.region).privacy
+        except SottovoceError as error:
+            raise ServiceConfigError(str(error)) from None
+        z = privacy.noise_multiplier if self.noise_multiplier is None else self.noise_multiplier
+        if not z >= privacy.noise_multiplier:
+            raise ServiceConfigError(
+                f"the noise multiplier {z:g} is below the policy's minimum of "
+                f"{privacy.noise_multiplier:g} for region {self.region}; devices refuse such rounds"
+            )
 
 
 def open_aggregator(config: ServiceConfig, *, clock: Clock | None = None) -> RegionAggregator:
@@ -218,8 +244,7 @@ def open_aggregator(config: ServiceConfig, *, clock: Clock | None = None) -> Reg
 class RoundScheduler:
     """Sweep, then keep one round open while the budget allows (see the module docstring)."""
 
-    noise_multiplier: float
-    sampling_rate: float
+    noise_multiplier: float | None  # None: the policy's minimum
     round_seconds: float
     open_rounds: bool = True
     clock: Clock = system_clock
@@ -241,7 +266,6 @@ class RoundScheduler:
         try:
             spec = aggregator.open_round(
                 noise_multiplier=self.noise_multiplier,
-                sampling_rate=self.sampling_rate,
                 deadline=now + timedelta(seconds=self.round_seconds),
             )
         except BudgetExceeded as error:
@@ -257,14 +281,16 @@ def build_app(config: ServiceConfig) -> FastAPI:
     """The region's service for ``config``; a configuration the aggregator refuses (keys the
     policy does not publish, an unknown region) raises ``ServiceConfigError`` here, before any
     server starts. The app opens its own aggregator, on its worker thread, when it starts."""
-    open_aggregator(config).close()
-    # The accountant (opacus, torch) loads here, at start, not inside the first round close's
-    # write transaction, where it would hold the database lock for seconds.
-    from opacus.accountants import RDPAccountant  # noqa: F401
-
+    aggregator = open_aggregator(config)
+    try:
+        # The accountant (opacus, torch) loads here, at start, not inside the first round
+        # close's write transaction, where it would hold the database lock for seconds; and a
+        # budget that cannot pay for a single round is an error now, not a silent wait.
+        check_one_round_fits(aggregator, config.noise_multiplier)
+    finally:
+        aggregator.close()
     scheduler = RoundScheduler(
         noise_multiplier=config.noise_multiplier,
-        sampling_rate=config.sampling_rate,
         round_seconds=config.round_seconds,
         open_rounds=config.schedule_rounds,
         clock=config.clock,
@@ -276,6 +302,27 @@ def build_app(config: ServiceConfig) -> FastAPI:
         tick_seconds=config.sweep_seconds,
         max_body_bytes=config.max_body_bytes,
     )
+
+
+def check_one_round_fits(aggregator: RegionAggregator, noise_multiplier: float | None) -> float:
+    """The epsilon of one round of the policy's mechanism in a fresh period; raises
+    ``ServiceConfigError``, with the arithmetic, when that alone is over the budget."""
+    privacy = aggregator.ledger.region.privacy
+    z = privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
+    used = mechanism(privacy.mode, noise_multiplier=z, sampling_rate=privacy.sampling_rate,
+                     dim=aggregator.dim)  # fmt: skip
+    one = epsilon_of([(used.noise_multiplier, used.sampling_rate, 1, used.sensitivity)],
+                     delta=privacy.delta, accountant=privacy.accountant)  # fmt: skip
+    if not one <= privacy.epsilon:
+        raise ServiceConfigError(
+            f"one round costs epsilon {one:.3g} (noise multiplier {z:g}, sampling rate "
+            f"{privacy.sampling_rate:g}, sensitivity {used.sensitivity:.4g} C, "
+            f"{privacy.mode.value} mode, delta {privacy.delta:g}), above region "
+            f"{aggregator.ledger.region.id}'s "
+            f"budget of {privacy.epsilon:g} per {format_duration(privacy.period)}: no round "
+            "could ever open. Raise --noise-multiplier, or lower the policy's sampling rate"
+        )
+    return one
 
 
 # -- structured logs -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from datetime import datetime
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import _IDEMPOTENCY_KEY, STATUS, RoundsBase, _iso, _Refusal
+from sottovoce.policy import PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
     RoundSpec,
@@ -72,7 +73,10 @@ class UploadsPart(RoundsBase):
             )
             inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
             self._log.append(self._engine.accept_delta(inputs=inputs))
-            if partial.count >= spec.min_cohort:
+            # Local mode closes at its minimum cohort (each upload carries its own noise);
+            # central mode never closes early: truncating the cohort would let one device
+            # displace another and double the sensitivity. It closes at the deadline.
+            if spec.mode is PrivacyMode.LOCAL and partial.count >= spec.min_cohort:
                 self._close(spec, partial, now)
         return 200, "within_policy"
 

@@ -40,18 +40,31 @@ def keygen(
     endpoint: Annotated[
         str | None, typer.Option(help="The region's aggregator URL to put in the policy.")
     ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="'prod', or 'dev': the written policy's region is sized for a few devices on "
+            "one machine (population 3, every device in every round, noise multiplier 2, "
+            "delta 0.01): for trying sottovoce out, not for users' data."
+        ),
+    ] = "prod",
 ) -> None:
     """Make a region's keys (signing.pem, hpke.pem; owner-only) and OUT/policy.json."""
-    from sottovoce.aggregator._service import generate_keys, policy_with_keys
+    from sottovoce.aggregator._service import DEV_PRIVACY, generate_keys, policy_with_keys
 
+    if profile not in ("prod", "dev"):
+        raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
     base = _read_policy(policy)
     base.region(region)  # an unknown region fails before any key is written
     keys = generate_keys(out_dir)
-    published = policy_with_keys(base, region, keys, endpoint)
+    privacy = DEV_PRIVACY if profile == "dev" else None
+    published = policy_with_keys(base, region, keys, endpoint, privacy=privacy)
     target = out_dir / "policy.json"
     target.write_text(published.model_dump_json(indent=2) + "\n")
     out.print(f"wrote {out_dir / 'signing.pem'} and {out_dir / 'hpke.pem'} (keep them secret)")
     out.print(f"wrote {target}: policy {published.hash[:16]}… publishing region {region}'s keys")
+    if privacy is not None:
+        out.print(f"  dev profile: region {region}'s privacy is sized for a few devices {privacy}")
     for use, key in keys.public().items():
         out.print(f"  {use:8} {key}")
 
@@ -75,10 +88,23 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         Path | None,
         typer.Option(help=f"Enrollment tokens, one per line (or ${TOKENS_ENV}, comma-separated)."),
     ] = None,
-    noise_multiplier: Annotated[float, typer.Option(help="Rounds' noise multiplier z.")] = 1.0,
-    sampling_rate: Annotated[float, typer.Option(help="Rounds' device sampling rate q.")] = 0.01,
-    round_minutes: Annotated[float, typer.Option(help="How long a round stays open.")] = 60.0,
-    sweep_seconds: Annotated[float, typer.Option(help="Sweep and schedule interval.")] = 60.0,
+    noise_multiplier: Annotated[
+        float | None,
+        typer.Option(help="Rounds' noise multiplier z (default and minimum: the policy's)."),
+    ] = None,
+    round_minutes: Annotated[
+        float | None, typer.Option(help="How long a round stays open (default 60; dev: 0.5).")
+    ] = None,
+    sweep_seconds: Annotated[
+        float | None, typer.Option(help="Sweep and schedule interval (default 60; dev: 2).")
+    ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="'prod', or 'dev' for a few devices on one machine: 30-second rounds, a "
+            "sweep every 2 s (the policy's mechanism and budget are the same)."
+        ),
+    ] = "prod",
     schedule: Annotated[bool, typer.Option(help="Open rounds automatically.")] = True,
     model: Annotated[
         Path | None, typer.Option(help="The .tflite model (default: the shipped ranker).")
@@ -102,6 +128,10 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     from sottovoce._clock import clock_from_env
     from sottovoce.device import Ranker
 
+    profiles = {"prod": (60.0, 60.0), "dev": (0.5, 2.0)}  # round minutes, sweep seconds
+    if profile not in profiles:
+        raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
+    defaults = profiles[profile]
     ranker = Ranker.load(model)
     config = ServiceConfig(
         policy=_read_policy(policy),
@@ -112,9 +142,8 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         base_weights=ranker.get_weights(),
         enrollment_tokens=_tokens(token_file),
         noise_multiplier=noise_multiplier,
-        sampling_rate=sampling_rate,
-        round_seconds=round_minutes * 60,
-        sweep_seconds=sweep_seconds,
+        round_seconds=60 * (round_minutes if round_minutes is not None else defaults[0]),
+        sweep_seconds=sweep_seconds if sweep_seconds is not None else defaults[1],
         schedule_rounds=schedule,
         clock=clock_from_env(),
     )

@@ -68,6 +68,12 @@ def _summary(results: dict[str, Any]) -> None:
     for row, values in results["metrics"].items():
         table.add_row(row, *(f"{values[m]:.4f}" for m in ("hr@10", "ndcg@10", "mrr")))
     out.print(table)
+    for p in results["privacy"]:
+        out.print(f"  {p['pipeline']:<18} {p['region']}: ε {p['epsilon']:.3f} of {p['budget']:g} "
+                  f"(δ {p['delta']:.1g}; {p['mode']}, z {p['noise_multiplier']:.3f}, "
+                  f"q {p['sampling_rate']:g}, sensitivity {p['sensitivity_factor']:.4f} C, "
+                  f"{p['rounds']} rounds)")  # fmt: skip
+    out.print(f"  noise: {results['noise'].split(':')[0]} (simulation only)")
     audits = [(p, who, r) for p, logs in results["audit"].items() for who, r in logs.items()]
     failed = [f"{p}/{who}" for p, who, r in audits if not r["ok"]]
     entries = sum(r["entries"] for _, _, r in audits)

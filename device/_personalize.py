@@ -31,11 +31,12 @@ from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, assemble
 from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
 from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
-from sottovoce.policy import Purpose
+from sottovoce.policy import PrivacyMode, Purpose
 from sottovoce.sync import (
     ModelRelease,
     RoundSpec,
     SpecRefused,
+    check_budget,
     check_spec,
     idempotency_key,
     period_label,
@@ -246,22 +247,43 @@ class Personalizer:
         """Take part in a federated round; returns the queued delta's idempotency key, or
         ``None`` when the device's coin (the spec's sampling rate) keeps it out of the round.
 
-        The spec is checked against the device's own copy of the policy first (``SpecRefused``
-        beyond it); then the user's consent decides (logged); then the device trains, seals the
-        delta (clip, noise in local mode, pseudonym, signature, HPKE to the region's key) and
-        records the round, the personal model and the outbox entry in one transaction.
+        The spec is checked against the device's own copy of the policy, its model and its own
+        privacy ledger first (``SpecRefused``, logged, nothing trained or queued); then the
+        user's consent decides (logged); then the device trains, seals the delta (clip, noise in
+        local mode from the OS CSPRNG, pseudonym, signature, HPKE to the region's key) and
+        records the round, the personal model, the outbox entry and (local mode) its privacy
+        charge in one transaction. In central mode a device that could take part is charged when
+        it evaluates the round, before its coin (see docs/privacy.md).
         """
+        region = self.store.region
         try:
-            check_spec(spec, self.store.region)
+            check_spec(spec, region)
+            if spec.model_id != self.ranker.model_id or spec.model_version != self.version:
+                raise SpecRefused(f"refusing round {spec.round_id!r}: it trains version "
+                                  f"{spec.model_version} of model {spec.model_id[:12]}…; this "
+                                  f"device has version {self.version} of "
+                                  f"{self.ranker.model_id[:12]}…", rule="model")  # fmt: skip
+            # The device's own ledger, whatever the spec claims (dp-accounting, no torch).
+            history = self.store.privacy_history(region.id)
+            charge = check_budget(
+                spec, region, history=history, dim=self.ranker.parameter_count,
+                now=self.store.now(),
+            )  # fmt: skip
         except SpecRefused as refused:
             self.store.contribution(user_id, spec.round_id, refused=refused)  # logged
             raise
-        if spec.model_id != self.ranker.model_id or spec.model_version != self.version:
-            raise DeviceError(f"round {spec.round_id} is for model version "
-                              f"{spec.model_version} of {spec.model_id[:12]}…; this device has "
-                              f"version {self.version}")  # fmt: skip
         secret = self.store.device_secret()
-        if not sample_into_round(spec, secret):
+        sampled = sample_into_round(spec, secret)
+        central = spec.mode is PrivacyMode.CENTRAL
+        if (
+            central
+            and not eligibility.missing()
+            and self.store.allows(user_id, Purpose.FEDERATED_TRAINING)
+        ):
+            # In central mode the round's guarantee rests on the secret coin: a device that
+            # could have taken part is charged for the round whether or not the coin picked it.
+            self.store.charge(charge, spec.mode.value)
+        if not sampled:
             return None
         period = period_label(spec)
         key = idempotency_key(secret, spec=spec, period=period)
@@ -278,12 +300,15 @@ class Personalizer:
         hpke = base64.b64decode(self.store.region.key("hpke").key)
         sealed = seal_delta(delta=result.delta, spec=spec, device_secret=secret,
                             signing_key=self.store.signing_key(period), aggregator_hpke_key=hpke,
-                            rng=self._noise_rng or np.random.default_rng(), period=period,
+                            rng=self._noise_rng, period=period,
                             idempotency_key=key)  # fmt: skip
         model = ModelWeights(self.ranker.model_id, self.version,
                              result.delta + self.global_weights)  # fmt: skip
+        # Local mode: the aggregator sees the upload, so the device is charged for the rounds
+        # it uploads to, with the upload, in one transaction.
         self.store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=model,
-                                state=state, decision=decision)  # fmt: skip
+                                state=state, decision=decision,
+                                charge=None if central else (charge, spec.mode.value))  # fmt: skip
         return sealed.idempotency_key
 
     def _train(

@@ -186,7 +186,29 @@ def m004_outbox(db: Database) -> None:
     db.table("meta").insert({"key": "device_secret", "value": secrets.token_hex(32)})
 
 
-STORE_SCHEMA = "m004_outbox"
+@MIGRATIONS()
+def m005_privacy_spend(db: Database) -> None:
+    # The device's own privacy ledger: one row per round it was charged for (no personal data:
+    # round ids and mechanism parameters). Erasing a user does not reset it: the budget is the
+    # device's, and a reset would let a round spend it twice.
+    db.table("privacy_spend").create(
+        {
+            "region": str,
+            "round_id": str,
+            "mode": str,
+            "period_start_ts": int,  # epoch ms
+            "noise_multiplier": float,
+            "sampling_rate": float,
+            "sensitivity": float,
+            "charged_ts": int,
+        },
+        pk=("region", "round_id"),
+        not_null={"mode", "period_start_ts", "noise_multiplier", "sampling_rate", "sensitivity",
+                  "charged_ts"},
+    )  # fmt: skip
+
+
+STORE_SCHEMA = "m005_privacy_spend"
 
 # Which tables hold each class of data, and the column that dates a row for retention.
 DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {

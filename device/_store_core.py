@@ -177,6 +177,10 @@ class StoreCore:
         self._checkpointer = _Checkpointer(path)
         self._checkpointer.start()
 
+    def now(self) -> datetime:
+        """The store's clock (the one it was opened with): retention, rounds and budgets."""
+        return self._clock()
+
     def close(self) -> None:
         self._checkpointer.stop()
         self._conn.close()

@@ -19,7 +19,7 @@ from sottovoce.device._store_core import ModelWeights, StoreCore
 from sottovoce.policy import (
     Decision,
 )
-from sottovoce.sync import OutboxItem, SealedDelta, SpecRefused
+from sottovoce.sync import Charge, Mechanism, OutboxItem, SealedDelta, SpecRefused
 
 
 class OutboxPart(StoreCore):
@@ -87,6 +87,30 @@ class OutboxPart(StoreCore):
             ).fetchone()
         return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(row[0]))
 
+    def privacy_history(self, region: str) -> list[Charge]:
+        """The device's privacy ledger for a region: every round it was charged for."""
+        rows = self._conn.execute(
+            "SELECT round_id, period_start_ts, noise_multiplier, sampling_rate, sensitivity, "
+            "charged_ts FROM privacy_spend WHERE region = ? ORDER BY charged_ts", (region,)
+        )  # fmt: skip
+        return [Charge(round_id, region, from_ms(start), Mechanism(z, q, c), from_ms(at))
+                for round_id, start, z, q, c, at in rows]  # fmt: skip
+
+    def charge(self, charge: Charge, mode: str) -> None:
+        """Add a round to the device's privacy ledger (once per round)."""
+        with self._write():
+            self._insert_charge(charge, mode)
+
+    def _insert_charge(self, charge: Charge, mode: str) -> None:
+        m = charge.mechanism
+        self._conn.execute(
+            "INSERT OR IGNORE INTO privacy_spend (region, round_id, mode, period_start_ts, "
+            "noise_multiplier, sampling_rate, sensitivity, charged_ts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (charge.region, charge.round_id, mode, to_ms(charge.period_start),
+             m.noise_multiplier, m.sampling_rate, m.sensitivity, to_ms(charge.at)),
+        )  # fmt: skip
+
     def record_round(
         self,
         user_id: str,
@@ -96,11 +120,15 @@ class OutboxPart(StoreCore):
         model: ModelWeights,
         state: npt.NDArray[np.float32],
         decision: Decision,
+        charge: tuple[Charge, str] | None = None,
     ) -> None:
-        """Record a local round: the personal model, its sealed delta in the outbox and the
-        decision, in one transaction (a crash leaves all three or none)."""
+        """Record a local round: the personal model, its sealed delta in the outbox, the
+        decision and (local mode) the round's privacy charge, in one transaction (a crash leaves
+        all of them or none)."""
         now = to_ms(self._clock())
         with self._write():
+            if charge is not None:
+                self._insert_charge(*charge)
             ref = self._ref(user_id, create=True)
             self._conn.execute(
                 "INSERT OR REPLACE INTO model_state (slot, user_ref, model_id, version, weights, "

@@ -56,6 +56,8 @@ REASONS: dict[str, str] = {
     "within_policy": "the request is within the region's policy",
     "within_budget": "the round fits the privacy budget: ε {spent:.4g} of {budget:.4g} after it",
     "cohort_met": "the round closed with {cohort} contributions (minimum {min_cohort})",
+    "deadline_reached": "the round reached its deadline; its sum was released with central "
+    "noise over the fixed expected cohort of {expected:.4g} devices",
     "retention_ttl": "rows older than the region's retention were deleted",
     "user_request": "the user asked for it",
     "consent_recorded": "the user's choice about {purpose} was recorded",
@@ -76,7 +78,7 @@ REASONS: dict[str, str] = {
     "duplicate_contribution": "this pseudonym already contributed to the round",
     "budget_exhausted": "the round would exceed the privacy budget of ε {budget:.4g}",
     "spec_outside_policy": "the round spec does not match the region's policy ({detail})",
-    "cohort_not_met": "the round ended with {cohort} contributions (minimum {min_cohort})",
+    "cohort_not_met": "the round ended below its minimum cohort of {min_cohort}",
     "unsupported_protocol": "the message uses a protocol version this service does not speak",
     "malformed": "the message is malformed",
     "too_large": "the message is larger than the service accepts",
@@ -85,7 +87,8 @@ REASONS: dict[str, str] = {
 DENY_REASONS = frozenset(
     code for code in REASONS if code not in {
         "consent_given", "opt_out_default", "within_policy", "within_budget", "cohort_met",
-        "retention_ttl", "user_request", "consent_recorded", "policy_applied", "age_recorded",
+        "deadline_reached", "retention_ttl", "user_request", "consent_recorded",
+        "policy_applied", "age_recorded",
     }
 )  # fmt: skip
 
@@ -232,14 +235,40 @@ class DecisionEngine:
                            budget=budget, spent=epsilon_after)  # fmt: skip
 
     def publish_release(
-        self, *, inputs: Mapping[str, Any], cohort: int, epsilon_spent: float
+        self,
+        *,
+        inputs: Mapping[str, Any],
+        epsilon_spent: float,
+        cohort: int | None = None,
+        expected_cohort: float | None = None,
     ) -> Decision:
-        need = self.region.privacy.min_cohort
-        reason = "cohort_met" if cohort >= need else "cohort_not_met"
-        metrics = {"cohort": cohort, "epsilon_spent": epsilon_spent,
-                   "epsilon_budget": self.region.privacy.epsilon}  # fmt: skip
+        """A round released. Central mode passes ``expected_cohort`` (the fixed denominator) and
+        no count: the count of a central round is not part of what its noise protects. Local
+        mode passes the ``cohort`` it closed with (each upload carries its own noise)."""
+        privacy = self.region.privacy
+        metrics: dict[str, Metric] = {"epsilon_spent": epsilon_spent,
+                                      "epsilon_budget": privacy.epsilon}  # fmt: skip
+        if expected_cohort is not None:
+            metrics["expected_cohort"] = expected_cohort
+            return self.decide(Action.PUBLISH_RELEASE, "deadline_reached", inputs=inputs,
+                               metrics=metrics, expected=expected_cohort)  # fmt: skip
+        if cohort is None:
+            raise ValueError("a release needs the cohort (local mode) or the expected cohort")
+        metrics["cohort"] = cohort
+        return self.decide(Action.PUBLISH_RELEASE, "cohort_met", inputs=inputs, metrics=metrics,
+                           cohort=cohort, min_cohort=privacy.min_cohort)  # fmt: skip
+
+    def round_abandoned(
+        self, *, inputs: Mapping[str, Any], reason: str, epsilon_spent: float
+    ) -> Decision:
+        """A round ended without a release: ``cohort_not_met`` (local mode, too few uploads by
+        the deadline) or ``budget_exhausted`` (the policy changed under an open round). No count
+        is logged: nothing derived from an abandoned round's contributions leaves it."""
+        privacy = self.region.privacy
+        metrics: dict[str, Metric] = {"epsilon_spent": epsilon_spent,
+                                      "epsilon_budget": privacy.epsilon}  # fmt: skip
         return self.decide(Action.PUBLISH_RELEASE, reason, inputs=inputs, metrics=metrics,
-                           cohort=cohort, min_cohort=need)  # fmt: skip
+                           min_cohort=privacy.min_cohort, budget=privacy.epsilon)  # fmt: skip
 
     # -- rights and retention ----------------------------------------------------------------
     def purge(

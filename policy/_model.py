@@ -172,8 +172,27 @@ class Aggregator(_Frozen):
         return self
 
 
+DELTA_POPULATION_FACTOR = 0.1
+"""delta may be at most this fraction of 1/population: a guarantee that fails with probability
+delta for each of N devices must fail for (in expectation) well under one of them."""
+
+
+class DeviceCap(_Frozen):
+    """What one device may spend across budget periods, enforced by the device itself."""
+
+    epsilon: Annotated[float, Field(gt=0, le=1000)]
+    window: Duration  # e.g. "365d": every round joined in the last window counts
+
+
 class PrivacyBudget(_Frozen):
-    """How federated learning may spend privacy in a region, per period."""
+    """How federated learning may spend privacy in a region, per period.
+
+    The mechanism is fixed here, not by the aggregator: each round every device samples itself
+    in with ``sampling_rate`` (Poisson sampling); in central mode the aggregator sums every
+    on-time contribution and divides by the fixed expected cohort ``sampling_rate *
+    population``; the noise multiplier may not go below ``noise_multiplier``. ``population`` is
+    the region's expected number of eligible devices. See docs/privacy.md.
+    """
 
     mode: PrivacyMode
     epsilon: Annotated[float, Field(gt=0, le=100)]
@@ -181,18 +200,38 @@ class PrivacyBudget(_Frozen):
     period: Duration
     clipping_norm: Annotated[float, Field(gt=0)]
     min_cohort: Annotated[int, Field(ge=2)]
+    population: Annotated[int, Field(ge=2, le=10**10)]
+    sampling_rate: Annotated[float, Field(gt=0, le=1)]
+    noise_multiplier: Annotated[float, Field(gt=0, le=1000)]
     accountant: Accountant = Accountant.RDP
+    device_cap: DeviceCap | None = None
+
+    @property
+    def expected_cohort(self) -> float:
+        """The fixed denominator of central mode: devices expected in a round."""
+        return self.sampling_rate * self.population
 
     @model_validator(mode="after")
-    def _delta_below_cohort(self) -> Self:
-        # delta is the chance that the guarantee fails for a user; it must stay well below
-        # 1/n for the smallest cohort a round can close with.
-        if self.delta >= 1 / self.min_cohort:
+    def _consistent(self) -> Self:
+        # delta is the chance that the guarantee fails for a device; over N devices it must stay
+        # well below one expected failure.
+        bound = DELTA_POPULATION_FACTOR / self.population
+        if self.delta > bound:
             raise PydanticCustomError(
-                "delta_below_one_over_cohort",
-                "delta must be below 1/min_cohort ({bound:.3g})",
-                {"bound": 1 / self.min_cohort},
-            )
+                "delta_below_population",
+                "delta must be at most {factor} / population = {bound:.3g} (population "
+                "{population}); a larger delta lets the guarantee fail for some devices",
+                {"factor": DELTA_POPULATION_FACTOR, "bound": bound,
+                 "population": self.population},
+            )  # fmt: skip
+        if self.expected_cohort < self.min_cohort:
+            raise PydanticCustomError(
+                "expected_cohort",
+                "sampling_rate x population = {cohort:.4g} devices per round, below min_cohort "
+                "{min_cohort}; raise the sampling rate to at least {rate:.4g}",
+                {"cohort": self.expected_cohort, "min_cohort": self.min_cohort,
+                 "rate": self.min_cohort / self.population},
+            )  # fmt: skip
         return self
 
 

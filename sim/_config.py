@@ -116,16 +116,26 @@ class Quiet:
 
 @dataclass
 class RegionPlan:
-    """One region's privacy settings for the run."""
+    """One region's mechanism in one privacy mode for the run: the policy's, with the region's
+    population set to the devices simulated in it and the run's sampling rate."""
 
-    users: int
-    min_cohort: int
-    noise_multiplier: float
+    mode: str
+    users: int  # the simulated region's population
+    min_cohort: int  # the policy's, never changed
+    noise_multiplier: float  # the least that fits the run's rounds in the budget
     sampling_rate: float
+    sensitivity: float  # in units of C (sync._budget.mechanism)
     epsilon_budget: float
-    epsilon: float  # what all the run's rounds spend (the accountant's figure)
+    epsilon: float  # what all the run's rounds would spend (the accountant's figure)
     delta: float
     accountant: str
+
+    @property
+    def expected_cohort(self) -> float:
+        return self.sampling_rate * self.users
+
+
+Plans = dict[str, dict[str, RegionPlan]]  # pipeline ("central" | "local") -> region -> plan
 
 
 def device_task(config: SimulationConfig, pipeline: str, user: str, region: str,
@@ -141,20 +151,24 @@ def safe_name(user: str) -> str:
 # -- policies and keys -----------------------------------------------------------------------
 
 
-def pipeline_policy(
-    config: SimulationConfig, regions: dict[str, RegionPlan], mode: PrivacyMode
-) -> Policy:
-    """The run's policy: every region in ``mode`` with the run's minimum cohort and the
-    simulation's aggregator keys (see :func:`region_keys`)."""
+def pipeline_policy(config: SimulationConfig, plans: Plans, mode: PrivacyMode) -> Policy:
+    """The run's policy for one pipeline: the given policy with every simulated region in
+    ``mode``, its population the devices simulated there, the run's sampling rate, the
+    noise multiplier the plan chose (never below the policy's) and the simulation's aggregator
+    keys (see :func:`region_keys`). Minimum cohort, epsilon, delta, clipping norm and period
+    are the policy's. Written to ``policy-<pipeline>.json`` in the workdir."""
     data = config.policy.model_dump(mode="json")
+    regions = plans[mode.value]
     for region in data["regions"]:
         if region["id"] not in regions:
             continue
+        plan = regions[region["id"]]
         public = region_keys(config, mode, region["id"]).public()
         for key in region["aggregator"]["public_keys"]:
             key["key"] = public[key["use"]]
-        region["privacy"]["mode"] = mode.value
-        region["privacy"]["min_cohort"] = regions[region["id"]].min_cohort
+        region["privacy"].update(mode=mode.value, population=plan.users,
+                                 sampling_rate=plan.sampling_rate,
+                                 noise_multiplier=plan.noise_multiplier)  # fmt: skip
     return policy_from_data(data, source=f"simulation ({mode.value} mode)")
 
 
@@ -198,3 +212,4 @@ class Run:
     final_global: dict[str, float]
     per_round: list[dict[str, Any]]
     audit: dict[str, Any] = field(default_factory=dict)
+    privacy: list[dict[str, Any]] = field(default_factory=list)  # per region, from the ledger

@@ -29,6 +29,7 @@ from sottovoce.sim._config import (
     RETRY,
     TOKEN,
     Evaluation,
+    Plans,
     Progress,
     RegionPlan,
     Run,
@@ -127,7 +128,9 @@ class _Region:
                 clock=self.clock,
             )
 
-        self.operator = aggregator()
+        # The operator closes central rounds at their deadline: its noise is seeded like the
+        # service's, so a run repeats (deployments draw from the OS CSPRNG).
+        self.operator = aggregator(np.random.default_rng(seed + 1))
         stack.callback(self.operator.close)
         if config.server:
             self.client, self.url = _serve(config, mode, region, policy, stack)
@@ -195,9 +198,10 @@ def _serve(config: SimulationConfig, mode: PrivacyMode, region: str, policy: Pol
 
 
 def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
-                  region_of: dict[str, str], regions: dict[str, RegionPlan], ranker: Ranker,
+                  region_of: dict[str, str], plans: Plans, ranker: Ranker,
                   evaluation: Evaluation, pool: Executor, bar: Progress) -> Run:  # fmt: skip
-    policy = pipeline_policy(config, regions, mode)
+    policy = pipeline_policy(config, plans, mode)
+    regions = plans[mode.value]
     base = ranker.get_weights().astype(np.float64)
     weights = {r: base.copy() for r in config.regions}
     releases: dict[str, bytes | None] = dict.fromkeys(config.regions)
@@ -227,9 +231,27 @@ def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
             record.update(evaluation.metrics(dict(weights)))
             per_round.append(record)
         audit = {r: _audit(s) for r, s in services.items()}
+        privacy = [_privacy(services[r], regions[r], config.rounds) for r in config.regions]
     audit["devices"] = _audit_devices(config, mode, data.users, region_of)
     return Run(evaluation.metrics(weights), evaluation.metrics(weights, personal=False),
-                per_round, audit)  # fmt: skip
+                per_round, audit, privacy)  # fmt: skip
+
+
+def _privacy(service: _Region, plan: RegionPlan, rounds: int) -> dict[str, Any]:
+    """The region's privacy as its aggregator's ledger reports it, with the mechanism's
+    parameters, so that anyone can recompute it (the results' ``privacy`` list)."""
+    ledger = service.operator.ledger
+    start = ledger.period_start_for(service.clock())
+    starts = sorted({ledger.period_start_for(service.clock.first + timedelta(hours=2 * k))
+                     for k in range(rounds + 1)} | {start})  # fmt: skip
+    charged = [entry for s in starts for entry in ledger.entries(s)]
+    epsilon = max([ledger.spent(s) for s in starts], default=0.0)
+    return {"region": service.region, "mode": plan.mode,
+            "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
+            "rounds": len(charged), "periods": len({e.period_start for e in charged}),
+            "sensitivity_factor": plan.sensitivity, "epsilon": epsilon, "delta": plan.delta,
+            "budget": plan.epsilon_budget, "accountant": plan.accountant,
+            "expected_cohort": plan.expected_cohort}  # fmt: skip
 
 
 def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, plan: RegionPlan,
@@ -239,7 +261,6 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
     service.clock.advance(timedelta(hours=2))
     now = service.clock()
     service.operator.open_round(noise_multiplier=plan.noise_multiplier,
-                                sampling_rate=plan.sampling_rate,
                                 deadline=now + timedelta(hours=1))  # fmt: skip
     answer = service.client.get("/v1/round")
     if answer.status_code != 200:
@@ -267,13 +288,18 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
     outcome: dict[str, Any] = {"round_id": spec.round_id, "sampled": len(taking_part),
                                "uploaded": uploaded, "counted": info.count,
                                "min_cohort": spec.min_cohort,
+                               "expected_cohort": spec.expected_cohort,
                                "epsilon_after": round(spec.epsilon_after, 4),
                                "refused_on_device": refused}  # fmt: skip
-    if info.state == "open":  # too few devices: the round ends unpublished at its deadline
+    if info.state == "open":
+        # The deadline passes: central mode publishes every on-time contribution's noised sum
+        # over the expected cohort; local mode, still short of its cohort, is abandoned.
         service.operator.sweep(spec.deadline + timedelta(seconds=1))
-        outcome["state"] = "abandoned"
-        return outcome
+        info = service.operator.round(spec.round_id)
+        assert info is not None
     outcome["state"] = info.state
+    if info.state != "published":
+        return outcome
     fetched = fetch_release(service.client, base_url=service.url,
                             verify_key=service.verify_key, model_id=spec.model_id,
                             current_version=spec.model_version, retry=RETRY)  # fmt: skip
@@ -312,7 +338,7 @@ class _SimClock:
     """The in-process aggregators' clock: starts after the devices' history, moves per round."""
 
     def __init__(self) -> None:
-        self.now = END + timedelta(hours=1)
+        self.now = self.first = END + timedelta(hours=1)
 
     def __call__(self) -> datetime:
         return self.now

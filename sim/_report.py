@@ -51,7 +51,9 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         _quality_chart(results),
         "<h2>Privacy spent per round (ε, central mode)</h2>",
         _epsilon_chart(results),
-        _regions(results["regions"]),
+        "<h2>Privacy, per pipeline and region (recompute it from these parameters)</h2>",
+        _privacy(results["privacy"]),
+        f"<p class=note>Noise: {e(results['noise'])}</p>",
         "<h2>Audit</h2>",
         _audit(results["audit"]),
         "<h2>Timings</h2>",
@@ -126,16 +128,19 @@ def _epsilon_chart(results: dict[str, Any]) -> str:
         for region, outcome in record.items():
             if isinstance(outcome, dict) and "epsilon_after" in outcome:
                 series.setdefault(region, []).append(outcome["epsilon_after"])
-    budgets = {f"{r} budget": p["epsilon_budget"] for r, p in results["regions"].items()}
+    budgets = {f"{r} budget": p["epsilon_budget"]
+               for r, p in results["regions"]["central"].items()}  # fmt: skip
     return _series_chart(series, budgets, label="ε spent after each round, per region")
 
 
-def _regions(regions: dict[str, dict[str, Any]]) -> str:
-    rows = [[html.escape(r), str(p["users"]), str(p["min_cohort"]),
-             f"{p['noise_multiplier']:.3f}", f"{p['sampling_rate']:g}",
-             f"{p['epsilon']:.3f} / {p['epsilon_budget']:g}", f"{p['delta']:.1g}"]
-            for r, p in regions.items()]  # fmt: skip
-    head = ["region", "devices", "cohort", "noise z", "sampling q", "ε spent / budget", "δ"]
+def _privacy(entries: list[dict[str, Any]]) -> str:
+    rows = [[html.escape(p["pipeline"]), html.escape(p["region"]), html.escape(p["mode"]),
+             f"{p['noise_multiplier']:.4f}", f"{p['sampling_rate']:g}",
+             f"{p['sensitivity_factor']:.5f} C", str(p["rounds"]),
+             f"{p['epsilon']:.3f} / {p['budget']:g}", f"{p['delta']:.1g}"]
+            for p in entries]  # fmt: skip
+    head = ["pipeline", "region", "mode", "noise z", "sampling q", "sensitivity", "rounds",
+            "ε (ledger) / budget", "δ"]  # fmt: skip
     return _table(head, rows)
 
 

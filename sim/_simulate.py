@@ -56,6 +56,7 @@ from sottovoce.sim._config import (
     END,
     ROWS,
     Evaluation,
+    Plans,
     Progress,
     Quiet,
     RegionPlan,
@@ -88,8 +89,16 @@ from sottovoce.sim._evaluate import (
     split_holdout,
 )
 from sottovoce.sim._federated import fedavg, federated_dp
+from sottovoce.sync._budget import epsilon as budget_epsilon
+from sottovoce.sync._budget import mechanism
 
 __all__ = ["SimulationConfig", "SimulationError", "default_lastfm_path", "simulate"]
+
+NOISE_NOTE = (
+    "seeded: the simulated aggregators and devices draw their noise from seeded generators "
+    "(a rounded Gaussian on the fixed-point grid) so that a run repeats; deployments draw the "
+    "exact discrete Gaussian from the OS CSPRNG. The accounting is the same."
+)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -141,27 +150,33 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         metrics["federated_global_only"] = plain.final_global
         history = {"federated": plain.per_round}
         audits = {}
+        privacy: list[dict[str, Any]] = []
         for mode in (PrivacyMode.CENTRAL, PrivacyMode.LOCAL):
             name = "federated_dp" if mode is PrivacyMode.CENTRAL else "federated_dp_local"
             with clock(name):
                 run = federated_dp(config, mode, data=data, region_of=region_of,
-                                    regions=regions, ranker=ranker, evaluation=evaluation,
+                                    plans=regions, ranker=ranker, evaluation=evaluation,
                                     pool=pool, bar=bar)  # fmt: skip
             metrics[name] = run.final
             metrics[f"{name}_global_only"] = run.final_global
             history[name] = run.per_round
             audits[name] = run.audit
-    epsilon = max(plan.epsilon for plan in regions.values())
+            privacy.extend(dict(entry, pipeline=name) for entry in run.privacy)
+    epsilon = max(entry["epsilon"] for entry in privacy)
     results: dict[str, Any] = {
         "dataset": data.name,
         "users": len(data.users),
         "epsilon": epsilon,
-        "delta": max(plan.delta for plan in regions.values()),
+        "delta": max(entry["delta"] for entry in privacy),
+        "privacy": privacy,
+        "noise": NOISE_NOTE,
         "metrics": {row: metrics[row] for row in ROWS},
         "evaluated_users": len(pools),
         "items": len(data.items),
         "rounds": history,
-        "regions": {r: asdict(plan) for r, plan in regions.items()},
+        "regions": {
+            p: {r: asdict(plan) for r, plan in plans.items()} for p, plans in regions.items()
+        },
         "central_dp": central_dp_info,
         "audit": audits,
         "config": _config_summary(config),
@@ -198,35 +213,57 @@ def _assign_regions(users: Sequence[str], config: SimulationConfig) -> dict[str,
     return {user: config.regions[n % len(config.regions)] for n, user in enumerate(order)}
 
 
-def _region_plans(config: SimulationConfig, region_of: dict[str, str]) -> dict[str, RegionPlan]:
+def _region_plans(config: SimulationConfig, region_of: dict[str, str]) -> Plans:
+    """Per pipeline and region, the policy's mechanism for the simulated population, with the
+    least noise multiplier (not below the policy's) whose ``config.rounds`` rounds fit the
+    budget by both ledgers: the aggregator's (opacus) and the device's (dp-accounting)."""
     from sottovoce.aggregator import epsilon_of
 
-    plans = {}
+    plans: Plans = {"central": {}, "local": {}}
+    dim = Ranker.load().parameter_count
     for region_id in config.regions:
         privacy = config.policy.region(region_id).privacy
         users = sum(1 for r in region_of.values() if r == region_id)
         budget = min(privacy.epsilon, config.epsilon)
         q = config.sampling_rate
-        # Most of the region's sampled devices (about q·n take part): central noise shrinks
-        # with the cohort. A slice smaller than the policy's minimum lowers it (reported).
-        cohort = max(2, int(0.8 * q * users))
+        if q * users < privacy.min_cohort:
+            raise SimulationError(
+                f"region {region_id} has {users} simulated devices: at sampling rate {q:g} a round "
+                f"expects {q * users:.3g} of them, below the policy's minimum cohort of "
+                f"{privacy.min_cohort}. Use --sampling-rate {privacy.min_cohort / users:.3g} or "
+                "more, more users, or a policy with a smaller minimum cohort"
+            )
+        for pipeline in ("central", "local"):
+            mode = PrivacyMode(pipeline)
 
-        def spent(z: float, q: float = q, privacy: Any = privacy) -> float:
-            return epsilon_of([(z, q, config.rounds)], delta=privacy.delta,
-                              accountant=privacy.accountant)  # fmt: skip
+            def spent(z: float, mode: PrivacyMode = mode, q: float = q,
+                      privacy: Any = privacy) -> float:  # fmt: skip
+                used = mechanism(mode, noise_multiplier=z, sampling_rate=q, dim=dim)
+                server = epsilon_of(
+                    [(used.noise_multiplier, used.sampling_rate, config.rounds, used.sensitivity)],
+                    delta=privacy.delta, accountant=privacy.accountant,
+                )  # fmt: skip
+                device = budget_epsilon([used] * config.rounds, delta=privacy.delta)
+                return max(server, device)
 
-        low, high = 0.3, 64.0
-        if spent(high) > budget:
-            raise SimulationError(f"{config.rounds} rounds at sampling rate {q} cannot fit "
-                                  f"region {region_id}'s ε {budget}: use fewer rounds or a "
-                                  "lower sampling rate")  # fmt: skip
-        for _ in range(24):  # bisect the smallest noise that fits the budget (to ~4e-6)
-            middle = (low + high) / 2
-            low, high = (low, middle) if spent(middle) <= budget * 0.999 else (middle, high)
-        plans[region_id] = RegionPlan(users=users, min_cohort=cohort, noise_multiplier=high,
-                                      sampling_rate=q, epsilon_budget=budget,
-                                      epsilon=spent(high), delta=privacy.delta,
-                                      accountant=str(privacy.accountant))  # fmt: skip
+            low, high = privacy.noise_multiplier, 256.0
+            if spent(high) > budget:
+                raise SimulationError(f"{config.rounds} rounds in {pipeline} mode cannot fit "
+                                      f"region {region_id}'s ε {budget}: use fewer rounds or a "
+                                      "lower sampling rate")  # fmt: skip
+            if spent(low) > budget * 0.999:
+                for _ in range(30):  # bisect the least noise that fits the budget
+                    middle = (low + high) / 2
+                    low, high = (low, middle) if spent(middle) <= budget * 0.999 else (middle, high)
+            else:
+                high = low  # the policy's minimum already fits
+            used = mechanism(mode, noise_multiplier=high, sampling_rate=q, dim=dim)
+            plans[pipeline][region_id] = RegionPlan(
+                mode=pipeline, users=users, min_cohort=privacy.min_cohort,
+                noise_multiplier=high, sampling_rate=q, sensitivity=used.sensitivity,
+                epsilon_budget=budget, epsilon=spent(high), delta=privacy.delta,
+                accountant=str(privacy.accountant),
+            )  # fmt: skip
     return plans
 
 
@@ -246,7 +283,7 @@ def _setup_devices(
     train: dict[str, Any] | Any,
     pools: Sequence[Pool],
     region_of: dict[str, str],
-    regions: dict[str, RegionPlan],
+    regions: Plans,
     pool: Executor,
     bar: Progress,
 ) -> dict[str, DeviceSetup]:
@@ -283,13 +320,13 @@ def _pooled(setups: dict[str, DeviceSetup]) -> tuple[npt.NDArray[Any], ...]:
 
 
 def _central_rows(config: SimulationConfig, setups: dict[str, DeviceSetup], *,
-                  evaluation: Evaluation, regions: dict[str, RegionPlan],
+                  evaluation: Evaluation, regions: Plans,
                   bar: Progress) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:  # fmt: skip
     x, y, w = _pooled(setups)
     bar.note(f"centralized baselines on {len(y)} pooled examples")
     central = train_central(x, y, w, epochs=config.central_epochs, seed=config.seed)
-    epsilon = max(plan.epsilon for plan in regions.values())
-    delta = min(plan.delta for plan in regions.values())
+    epsilon = max(plan.epsilon for plan in regions["central"].values())
+    delta = min(plan.delta for plan in regions["central"].values())
     private = train_central_dp(x, y, w, epsilon=epsilon, delta=delta,
                                epochs=config.central_epochs, seed=config.seed)  # fmt: skip
     info = {"epsilon": private.epsilon, "delta": private.delta,

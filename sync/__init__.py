@@ -12,6 +12,7 @@ error codes are shared with the aggregator, which opens deltas with :func:`open_
 ``docs/protocol.md`` documents the format.
 """
 
+from sottovoce.sync._budget import Charge, Mechanism, charge_for, check_budget, epsilon, mechanism
 from sottovoce.sync._errors import (
     AggregatorUnavailable,
     BadSignature,
@@ -73,10 +74,12 @@ __all__ = [
     "Acknowledged",
     "AggregatorUnavailable",
     "BadSignature",
+    "Charge",
     "DeltaState",
     "Drop",
     "EnrollmentRefused",
     "Malformed",
+    "Mechanism",
     "ModelRelease",
     "NonFinite",
     "NormExceeded",
@@ -98,11 +101,15 @@ __all__ = [
     "WrongRegion",
     "add_noise",
     "backoff",
+    "charge_for",
+    "check_budget",
     "check_spec",
     "clip",
     "decide",
     "device_noise_std",
+    "epsilon",
     "idempotency_key",
+    "mechanism",
     "new_device_secret",
     "open_delta",
     "period_label",

@@ -60,6 +60,7 @@ from sottovoce.sync._errors import (
     WrongModelVersion,
     WrongRegion,
 )
+from sottovoce.sync._noise import noisy_on_grid
 from sottovoce.sync._wire import (
     ED25519_SIGNATURE_BYTES,
     PROTOCOL_VERSION,
@@ -138,23 +139,33 @@ def clip(delta: npt.ArrayLike, norm: float) -> FloatArray:
     return values
 
 
-def add_noise(delta: FloatArray, std: float, rng: np.random.Generator) -> FloatArray:
-    """``delta`` plus i.i.d. Gaussian noise of standard deviation ``std`` (float32)."""
-    if not (math.isfinite(std) and std >= 0):
-        raise ValueError(f"the noise standard deviation must be >= 0, got {std}")
-    values = np.array(delta, dtype=np.float32)
-    if std == 0:
-        return values
-    return (values + rng.normal(0.0, std, size=values.shape)).astype(np.float32)
+def add_noise(
+    delta: FloatArray,
+    *,
+    clipping_norm: float,
+    noise_multiplier: float,
+    rng: np.random.Generator | None = None,
+) -> FloatArray:
+    """``delta`` on the fixed-point grid plus discrete Gaussian noise of standard deviation
+    ``noise_multiplier * clipping_norm`` (float32): :func:`sottovoce.sync._noise.noisy_on_grid`.
+
+    ``rng`` None draws from the OS CSPRNG (deployments); a seeded generator is for simulations
+    and tests only.
+    """
+    noisy = noisy_on_grid(np.asarray(delta, dtype=np.float64), clipping_norm=clipping_norm,
+                          noise_multiplier=noise_multiplier, rng=rng)  # fmt: skip
+    return noisy.astype(np.float32)
 
 
 def device_noise_std(spec: RoundSpec) -> float:
     """The noise each device adds for ``spec``: all of it in local mode, none in central mode.
 
-    Local mode is the Gaussian mechanism applied to each device's clipped delta on its own:
-    sensitivity C, so std = noise_multiplier * C, which makes every single upload as private
-    as one step of central DP-FedAvg with that multiplier. The price is accuracy: the sum of n
-    uploads carries sqrt(n) times the noise the aggregator would add to it in central mode.
+    Local mode is the Gaussian mechanism applied to each device's clipped delta on its own, with
+    std = noise_multiplier * C. The aggregator sees every upload, so there is no amplification
+    by sampling, and two neighbouring histories of a device can move its clipped delta by 2C:
+    the device's ledger charges each upload as the Gaussian with noise multiplier z / 2
+    (:func:`sottovoce.sync._budget.mechanism`). The price is accuracy: the sum of n uploads
+    carries sqrt(n) times the noise the aggregator would add to it in central mode.
     """
     if spec.mode is PrivacyMode.LOCAL:
         return spec.noise_multiplier * spec.clipping_norm
@@ -218,22 +229,25 @@ def seal_delta(
     device_secret: bytes,
     signing_key: Ed25519PrivateKey,
     aggregator_hpke_key: X25519PublicKey | bytes,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     idempotency_key: str | None = None,
     period: str | None = None,
 ) -> SealedDelta:
     """Clip, noise (local mode), sign and encrypt one delta for ``spec``'s round.
 
-    ``rng`` draws the local-mode noise only (pass ``np.random.default_rng()``, seeded by the
-    OS); HPKE takes its randomness from the OS. ``period`` defaults to ``period_label(spec)``;
-    ``signing_key`` is the device's key for that period, the one it enrolled.
+    Local-mode noise is the discrete Gaussian from the OS CSPRNG unless ``rng`` (a seeded
+    generator, for simulations and tests only) is given; HPKE takes its randomness from the OS.
+    ``period`` defaults to ``period_label(spec)``; ``signing_key`` is the device's key for that
+    period, the one it enrolled.
     """
     if spec.protocol != PROTOCOL_VERSION:
         raise UnsupportedProtocol(f"round spec of protocol {spec.protocol}")
     period = period_label(spec) if period is None else period
     values = clip(delta, spec.clipping_norm)
     std = device_noise_std(spec)
-    values = add_noise(values, std, rng)
+    if std > 0:
+        values = add_noise(values, clipping_norm=spec.clipping_norm,
+                           noise_multiplier=spec.noise_multiplier, rng=rng)  # fmt: skip
     key = _idempotency(device_secret, spec, period, idempotency_key)
     envelope = {
         "protocol": PROTOCOL_VERSION,

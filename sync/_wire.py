@@ -142,8 +142,10 @@ class RoundSpec(_Wire):
     """One federated round as the aggregator announces it (signed: :class:`SignedRoundSpec`).
 
     ``epsilon_spent`` is what the region's period has spent before this round; ``epsilon_after``
-    is the accountant's epsilon (at ``delta``) if this round completes. The device refuses the
-    round when either departs from its own copy of the policy (``check_spec``).
+    is the aggregator's accountant's epsilon (at ``delta``) if this round completes. The device
+    does not trust either: it checks the spec against its own copy of the policy
+    (``check_spec``) and recomputes epsilon from the mechanism with its own ledger
+    (``check_budget``).
     """
 
     protocol: Protocol = PROTOCOL_VERSION
@@ -156,6 +158,9 @@ class RoundSpec(_Wire):
     noise_multiplier: Annotated[float, Field(ge=0)]
     sampling_rate: Annotated[float, Field(gt=0, le=1)]
     min_cohort: Annotated[int, Field(ge=1, lt=2**53, strict=True)]
+    # Central mode divides the round's noised sum by this fixed number (sampling rate x the
+    # region's population), whatever the count: the estimator the accountant analyses.
+    expected_cohort: Annotated[float, Field(gt=0, lt=2**53)]
     deadline: UtcDatetime
     epsilon_spent: Annotated[float, Field(ge=0)]
     epsilon_after: Annotated[float, Field(gt=0)]

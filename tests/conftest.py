@@ -85,3 +85,42 @@ def eu_store(open_store: StoreFactory) -> EventStore:
     store.set_age("user-1", 30)
     store.grant("user-1", Purpose.PERSONALIZATION)
     return store
+
+
+# -- rounds a device will join -----------------------------------------------------------------
+
+TAKING_PART: dict[str, Any] = {"sampling_rate": 1.0, "population": 1000, "delta": 1e-5,
+                               "epsilon": 40.0}  # fmt: skip
+"""Privacy overrides for tests where every device must be in every round (q = 1): a population
+and a delta that the policy accepts for it, and a budget that pays for a few such rounds."""
+
+
+def policy_where_all_take_part(base: Policy | None = None, **privacy: Any) -> Policy:
+    """``base`` (default: the example) with every region's mechanism sampling every device."""
+    from sottovoce.policy import policy_from_data
+
+    data = (base or example_policy()).model_dump(mode="json")
+    for region in data["regions"]:
+        region["privacy"].update({**TAKING_PART, **privacy})
+    return policy_from_data(data)
+
+
+def round_spec(policy: Policy, region: str, *, model_id: str, model_version: int = 0,
+               now: datetime = NOW, **overrides: Any) -> Any:  # fmt: skip
+    """A round spec exactly as ``region``'s aggregator would sign it at ``now`` under ``policy``
+    (its mechanism, its current budget period), with ``overrides``."""
+    from sottovoce.sync import RoundSpec
+    from sottovoce.sync._budget import period_start_for
+
+    privacy = policy.region(region).privacy
+    fields: dict[str, Any] = {
+        "round_id": f"{region}-r1", "region": region, "model_id": model_id,
+        "model_version": model_version, "mode": privacy.mode.value,
+        "clipping_norm": privacy.clipping_norm, "noise_multiplier": privacy.noise_multiplier,
+        "sampling_rate": privacy.sampling_rate, "min_cohort": privacy.min_cohort,
+        "expected_cohort": privacy.expected_cohort, "deadline": now + timedelta(hours=1),
+        "epsilon_spent": 0.0, "epsilon_after": 0.5, "delta": privacy.delta,
+        "period_start": period_start_for(now, policy.region(region)),
+    }  # fmt: skip
+    fields.update(overrides)
+    return RoundSpec.model_validate(fields)

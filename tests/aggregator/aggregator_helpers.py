@@ -16,6 +16,8 @@ from sottovoce.sync._wire import b64encode
 T0 = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
 DIM = 8
 COHORT = 3
+EXPECTED = 5.0  # the fixed denominator of central rounds: sampling rate x population
+MECHANISM = {"sampling_rate": 0.01, "population": 500}  # 0.01 x 500 = EXPECTED
 
 
 class Clock:
@@ -40,5 +42,5 @@ class Keys:
         for key in eu["aggregator"]["public_keys"]:
             public = (self.hpke if key["use"] == "hpke" else self.signing).public_key()
             key["key"] = b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
-        eu["privacy"].update({"min_cohort": COHORT, **privacy})
+        eu["privacy"].update({"min_cohort": COHORT, **MECHANISM, **privacy})
         return policy_from_data(data)

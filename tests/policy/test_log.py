@@ -26,8 +26,10 @@ from sottovoce.policy import ConsentState as State
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 1, tzinfo=UTC)
+    """Every decision seven minutes after the last, from a fixed start (never the wall clock)."""
+
+    def __init__(self, start: datetime = datetime(2026, 11, 1, tzinfo=UTC)) -> None:
+        self.now = start
 
     def __call__(self) -> datetime:
         self.now += timedelta(minutes=7)
@@ -83,7 +85,8 @@ def log_note(point: object, signer: CheckpointSigner) -> bytes:
 
 
 def _fill_more(log: DecisionLog, policy: Policy, n: int) -> None:
-    engine = DecisionEngine(policy, "us", digest_key=b"k" * 32)
+    engine = DecisionEngine(policy, "us", digest_key=b"k" * 32,
+                            clock=Clock(datetime(2026, 11, 3, tzinfo=UTC)))  # fmt: skip
     for i in range(n):
         log.append(engine.purge(deleted={"events": i}, inputs={"n": i}))
 
@@ -168,7 +171,7 @@ def test_rewritten_history_under_a_fresh_checkpoint_is_caught_by_a_kept_one(
 ) -> None:
     log, kept = sealed
     # the insider holds the log's key: rewrites entry 4, recomputes everything, re-signs
-    engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32)
+    engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32, clock=Clock())
     forged = engine.store_events(State(choices={Purpose.PERSONALIZATION: True}, age=30),
                                  inputs={"i": "forged"}).canonical()  # fmt: skip
     conn.execute("UPDATE decision_log SET entry = ?, leaf = ? WHERE idx = 4",
@@ -240,7 +243,8 @@ def test_retention_prunes_old_entry_text_and_the_tree_still_verifies(
     cutoff = log.decision(8).at
     assert log.prune(cutoff) == 8 and log.prune(cutoff) == 0
     assert "8 entries are emptied but logged retention purges account for 0" in _problems(log)
-    engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32)
+    engine = DecisionEngine(policy, "eu", digest_key=b"k" * 32,
+                            clock=Clock(datetime(2026, 11, 4, tzinfo=UTC)))  # fmt: skip
     log.append(engine.purge(deleted={}, inputs={}, log_pruned_total=log.pruned_total()))
     report = log.verify(kept=kept)
     assert report.ok, report.problems

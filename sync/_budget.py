@@ -1,0 +1,184 @@
+"""The privacy mechanism of a round, and the device's own ledger of what it has spent (pure).
+
+One definition of the mechanism serves both sides, so the aggregator's ledger (opacus) and the
+device's (Google's ``dp-accounting``, pure Python, no torch) analyse the same thing
+(docs/privacy.md has the derivation):
+
+- **central** mode: every device samples itself into a round with probability ``q``; the
+  aggregator sums every on-time clipped delta (norm <= C), rounds the sum to a fixed-point grid,
+  adds discrete Gaussian noise of standard deviation ``z * C`` and divides by the fixed expected
+  cohort. Adding or removing one device moves the sum by at most C, and the grid adds at most
+  sqrt(dim) grid steps (:func:`~sottovoce.sync._noise.sensitivity_factor`): the accountant's event
+  per round is ``PoissonSampled(q, Gaussian(z / s))`` with ``s`` that factor.
+- **local** mode: each device adds all of the noise (``z * C`` on the grid) to its own clipped
+  delta, which the aggregator sees. Two neighbouring histories of one device can move its
+  clipped delta by 2C, and the aggregator sees whether a device uploaded, so there is no
+  amplification by sampling: the event per upload is ``Gaussian(z / (2 s))``.
+
+:class:`Charge` is one round in a device's ledger; :func:`epsilon` composes charges;
+:func:`check_budget` is the device's refusal of a spec that would take it beyond its policy,
+whatever the spec claims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+from sottovoce.policy import PrivacyMode, Region
+from sottovoce.sync._errors import SpecRefused
+from sottovoce.sync._noise import sensitivity_factor
+from sottovoce.sync._wire import RoundSpec
+
+__all__ = [
+    "EPOCH",
+    "RDP_ORDERS",
+    "Charge",
+    "Mechanism",
+    "charge_for",
+    "check_budget",
+    "epsilon",
+    "mechanism",
+    "period_start_for",
+]
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+"""Where budget period 0 starts; every period starts at EPOCH + k * period."""
+
+# The RDP orders both ledgers search (dp-accounting's default grid, extended).
+RDP_ORDERS: Final[tuple[float, ...]] = (
+    *(1 + x / 10 for x in range(1, 100)),
+    *range(11, 64),
+    128,
+    256,
+    512,
+    1024,
+)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """What the accountant charges for one round: ``Gaussian(noise_multiplier /
+    sensitivity)``, Poisson-subsampled at ``sampling_rate`` (1.0: not subsampled)."""
+
+    noise_multiplier: float  # z: the noise's standard deviation over C
+    sampling_rate: float  # q the accountant may use (1.0 in local mode)
+    sensitivity: float  # in units of C
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        return self.noise_multiplier / self.sensitivity
+
+
+def mechanism(mode: PrivacyMode, *, noise_multiplier: float, sampling_rate: float,
+              dim: int) -> Mechanism:  # fmt: skip
+    """The mechanism a round of ``mode`` runs on a model of ``dim`` parameters."""
+    grid = sensitivity_factor(dim)
+    if mode is PrivacyMode.CENTRAL:
+        return Mechanism(noise_multiplier, sampling_rate, grid)
+    return Mechanism(noise_multiplier, 1.0, 2.0 * grid)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One round in a device's ledger."""
+
+    round_id: str
+    region: str
+    period_start: datetime
+    mechanism: Mechanism
+    at: datetime
+
+
+def period_start_for(at: datetime, region: Region) -> datetime:
+    """The start of the policy's fixed budget period that contains ``at``."""
+    period = region.privacy.period
+    return EPOCH + ((at.astimezone(UTC) - EPOCH) // period) * period
+
+
+def epsilon(mechanisms: Sequence[Mechanism], *, delta: float, accountant: str = "rdp") -> float:
+    """The epsilon at ``delta`` of composing ``mechanisms`` (dp-accounting: RDP, or PLD)."""
+    if not mechanisms:
+        return 0.0
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    counts: dict[tuple[float, float], int] = {}
+    for m in mechanisms:
+        key = (m.effective_noise_multiplier, m.sampling_rate)
+        counts[key] = counts.get(key, 0) + 1
+    events = []
+    for (z, q), count in counts.items():
+        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+        if q < 1.0:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        events.append(dp_accounting.SelfComposedDpEvent(event, count))
+    composed = dp_accounting.ComposedDpEvent(events)
+    acc: dp_accounting.PrivacyAccountant
+    if accountant == "pld":
+        acc = pld.PLDAccountant(value_discretization_interval=1e-3)
+    else:
+        acc = rdp.RdpAccountant(list(RDP_ORDERS))
+    acc.compose(composed)
+    return float(acc.get_epsilon(delta))
+
+
+def charge_for(spec: RoundSpec, *, dim: int, at: datetime) -> Charge:
+    """The charge of taking part in ``spec``'s round, from the spec's own parameters."""
+    used = mechanism(spec.mode, noise_multiplier=spec.noise_multiplier,
+                     sampling_rate=spec.sampling_rate, dim=dim)  # fmt: skip
+    return Charge(spec.round_id, spec.region, spec.period_start, used, at)
+
+
+def check_budget(
+    spec: RoundSpec, region: Region, *, history: Sequence[Charge], dim: int, now: datetime
+) -> Charge:
+    """The charge for ``spec`` if it keeps the device within its policy; else ``SpecRefused``.
+
+    Refuses, whatever the spec claims: noise below the policy's minimum, a sampling rate or
+    denominator other than the policy's, a budget period that is not the policy's period at
+    the device's own time, and a round whose recomputed epsilon, composed with every round
+    already charged in the period (and, with a device cap, in the cap's window), exceeds the
+    budget. ``history`` is the device's ledger; a round already in it costs nothing more.
+    """
+    privacy = region.privacy
+
+    def refuse(rule: str, detail: str, code: str | None = None) -> SpecRefused:
+        return SpecRefused(f"refusing round {spec.round_id!r}: {detail}", rule=rule, code=code)
+
+    if spec.noise_multiplier < privacy.noise_multiplier:
+        raise refuse("noise_multiplier", f"its noise multiplier {spec.noise_multiplier:g} is "
+                     f"below the policy's minimum of {privacy.noise_multiplier:g}")  # fmt: skip
+    if not math.isclose(spec.sampling_rate, privacy.sampling_rate, rel_tol=1e-9):
+        raise refuse("sampling_rate", f"its sampling rate {spec.sampling_rate:g} is not the "
+                     f"policy's {privacy.sampling_rate:g}")  # fmt: skip
+    if not math.isclose(spec.expected_cohort, privacy.expected_cohort, rel_tol=1e-9):
+        raise refuse("expected_cohort", f"it divides by {spec.expected_cohort:g} devices, not "
+                     f"the policy's expected cohort of {privacy.expected_cohort:g}")  # fmt: skip
+    start = period_start_for(now, region)
+    if spec.period_start != start:
+        raise refuse("period", f"its budget period starts {spec.period_start.isoformat()}; the "
+                     f"policy's current period starts {start.isoformat()}")  # fmt: skip
+    charge = charge_for(spec, dim=dim, at=now)
+    if any(c.round_id == spec.round_id and c.region == spec.region for c in history):
+        return charge  # already charged (a retry after a crash): nothing more to spend
+    in_period = [c.mechanism for c in history if c.period_start == start]
+    after = epsilon([*in_period, charge.mechanism], delta=privacy.delta)
+    if not after <= privacy.epsilon:  # NaN counts as over
+        spent = epsilon(in_period, delta=privacy.delta)
+        raise refuse("epsilon", f"by this device's own ledger it would bring the period's "
+                     f"epsilon from {spent:.4g} to {after:.4g}, above the policy's budget of "
+                     f"{privacy.epsilon:g} (the spec claims {spec.epsilon_after:.4g})",
+                     code="budget_exhausted")  # fmt: skip
+    cap = privacy.device_cap
+    if cap is not None:
+        window = [c.mechanism for c in history if c.at > now - cap.window]
+        total = epsilon([*window, charge.mechanism], delta=privacy.delta)
+        if not total <= cap.epsilon:
+            raise refuse("device_cap", f"it would bring this device's epsilon over the last "
+                         f"{cap.window.days} days to {total:.4g}, above the policy's cap of "
+                         f"{cap.epsilon:g}", code="budget_exhausted")  # fmt: skip
+    return charge
