@@ -60,6 +60,11 @@ _STRICTNESS: dict[Shape, Callable[[object], float]] = {
     ("regions", "[]", "privacy", "delta"): lambda v: -_number(v),
     ("regions", "[]", "privacy", "clipping_norm"): lambda v: -_number(v),
     ("regions", "[]", "privacy", "min_cohort"): _number,
+    ("regions", "[]", "privacy", "noise_multiplier"): _number,
+    # A cap where there was none is stricter; a smaller cap or a longer window too.
+    ("regions", "[]", "privacy", "device_cap"): lambda v: 0.0 if v is None else 1.0,
+    ("regions", "[]", "privacy", "device_cap", "epsilon"): lambda v: -_number(v),
+    ("regions", "[]", "privacy", "device_cap", "window"): _seconds,
     ("regions", "[]", "age", "minimum_age"): _number,
     ("regions", "[]", "age", "unknown_age"): _ordered("allow", "deny"),
     ("regions", "[]", "consent", "*"): _ordered("opt_out", "opt_in"),

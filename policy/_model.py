@@ -219,18 +219,18 @@ class PrivacyBudget(_Frozen):
         if self.delta > bound:
             raise PydanticCustomError(
                 "delta_below_population",
-                "delta must be at most {factor} / population = {bound:.3g} (population "
+                "delta must be at most {factor} / population = {bound} (population "
                 "{population}); a larger delta lets the guarantee fail for some devices",
-                {"factor": DELTA_POPULATION_FACTOR, "bound": bound,
+                {"factor": DELTA_POPULATION_FACTOR, "bound": f"{bound:.3g}",
                  "population": self.population},
             )  # fmt: skip
         if self.expected_cohort < self.min_cohort:
             raise PydanticCustomError(
                 "expected_cohort",
-                "sampling_rate x population = {cohort:.4g} devices per round, below min_cohort "
-                "{min_cohort}; raise the sampling rate to at least {rate:.4g}",
-                {"cohort": self.expected_cohort, "min_cohort": self.min_cohort,
-                 "rate": self.min_cohort / self.population},
+                "sampling_rate x population = {cohort} devices per round, below min_cohort "
+                "{min_cohort}; raise the sampling rate to at least {rate}",
+                {"cohort": f"{self.expected_cohort:.4g}", "min_cohort": self.min_cohort,
+                 "rate": f"{self.min_cohort / self.population:.4g}"},
             )  # fmt: skip
         return self
 

@@ -11,12 +11,16 @@ kill, a copy of the files left behind must show each round complete or not at al
    child acknowledged is there;
 3. one allowed ``contribute_delta`` decision per outbox row, no more, no fewer;
 4. the personal model is the one trained in the last queued round (none if nothing is queued);
-5. the device's decision log verifies.
+5. the device's decision log verifies;
+6. the device's privacy ledger charged every queued round, once, and besides them at most the
+   round the kill interrupted (central mode charges a round before training it, in a
+   transaction of its own: a round charged but not queued is spent, never refunded).
 
 Then the test retries every round in process, as the app would after a restart: each retry
-returns the round's key, and the outbox holds exactly one item per round, with (3) to (5) still
-true. Kill timing is not reproducible: a failure names its chain seed (which fixes the training
-steps and the delays) and keeps the crashed files under pytest's ``tmp_path``.
+returns the round's key, and the outbox holds exactly one item per round, with (3) to (6) still
+true (now every round charged exactly once). Kill timing is not reproducible: a failure names
+its chain seed (which fixes the training steps and the delays) and keeps the crashed files under
+pytest's ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from contribute_child import NOW, READY, REGION, USER, contribute, round_spec
+from conftest import policy_where_all_take_part
+from contribute_child import NOW, READY, REGION, USER, contribute, load_ledger, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventStore, Personalizer
-from sottovoce.policy import Policy, Purpose, example_policy, load_policy
+from sottovoce.policy import Policy, Purpose, example_policy, load_policy, policy_from_data
 from sottovoce.sync import idempotency_key, period_label
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
@@ -82,6 +87,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     us = data["regions"][1]
     assert us["id"] == REGION
     us["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
+    # Every device in every round (q = 1), with a budget that pays for all of them.
+    data = policy_where_all_take_part(policy_from_data(data)).model_dump(mode="json")
     policy_path = root / "policy.json"
     policy_path.write_text(json.dumps(data), encoding="utf-8")
     policy = load_policy(policy_path)
@@ -102,12 +109,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
         keys: dict[str, str] = {}
         weights: dict[tuple[str, int], Weights] = {}
         for index in range(ROUNDS):
-            spec = round_spec(index, model_id=device.ranker.model_id,
+            spec = round_spec(index, policy, model_id=device.ranker.model_id,
                               model_version=device.version)  # fmt: skip
             keys[spec.round_id] = idempotency_key(secret, spec=spec, period=period_label(spec))
             for steps in STEPS:
                 trained = device.local_round(USER, eligibility=READY, steps=steps, seed=index)
                 weights[spec.round_id, steps] = trained.delta + device.global_weights
+        load_ledger()  # as the child does before it says it is ready
         started = time.perf_counter()
         for index in range(ROUNDS):
             assert contribute(device, index, steps=STEPS[2]) is not None
@@ -327,6 +335,26 @@ def contribution_problems(
     report = store.decisions.verify()
     if not report.ok:
         problems.append(f"(5) the decision log does not verify: {report.problems[:5]}")
+    problems += ledger_problems(store, queued)
+    return problems
+
+
+def ledger_problems(store: EventStore, queued: list[tuple[str, str]]) -> list[str]:
+    """Check (6): rounds run in order, so the charged rounds are the queued ones and at most
+    the next, each charged once, with the round's mechanism."""
+    history = store.privacy_history(REGION)
+    charged = [c.round_id for c in history]
+    rows = store.db.execute("SELECT count(*) FROM privacy_spend NOT INDEXED").fetchone()[0]
+    problems: list[str] = []
+    if rows != len(charged) or len(set(charged)) != len(charged):
+        problems.append(f"(6) {rows} ledger rows for the charged rounds {charged}")
+    n = len(queued)
+    allowed = [[f"us-crash-{i}" for i in range(k)] for k in (n, min(n + 1, ROUNDS))]
+    if sorted(charged) not in allowed:
+        problems.append(f"(6) the ledger charged {sorted(charged)} with {n} rounds queued")
+    mechanisms = {(c.mechanism.noise_multiplier, c.mechanism.sampling_rate) for c in history}
+    if not mechanisms <= {(store.region.privacy.noise_multiplier, 1.0)}:
+        problems.append(f"(6) charges of another mechanism: {mechanisms}")
     return problems
 
 

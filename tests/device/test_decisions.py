@@ -169,6 +169,11 @@ def test_a_replay_after_retention_is_not_counted_again(policy: object, tmp_path:
     assert store.purge_expired().deleted["events"] == 1
     result = store.append(play)  # an offline device uploads it again
     assert result.accepted == 0 and result.expired_ids == (play["event_id"],)
+    assert result.expired == 1 and result.retention_cutoff == now[0] - td(days=30)
+    assert str(result) == (
+        "stored 0 new events, 0 replays ignored, 1 dropped: already past the region's raw-event "
+        "retention (older than 2026-11-11T09:00:00+00:00)"
+    )
     assert store.derived_state()["track_stats"][0]["plays"] == 1
     store.close()
 

@@ -28,7 +28,13 @@ def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> N
         "m002_decision_log",
         "m003_ranker_and_erasure",
         "m004_outbox",
+        "m005_privacy_spend",
     ]
+    # the device's privacy ledger starts empty: round ids and mechanism parameters, nothing else
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(privacy_spend)")]
+    assert columns == ["region", "round_id", "mode", "period_start_ts", "noise_multiplier",
+                       "sampling_rate", "sensitivity", "charged_ts"]  # fmt: skip
+    assert conn.execute("SELECT count(*) FROM privacy_spend").fetchone()[0] == 0
 
 
 def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> None:

@@ -60,9 +60,24 @@ def test_change_reads_as_path_values_and_severity(policy: Policy) -> None:
         (lambda d: _eu(d)["retention"].update(raw_events="2w"), "regions[eu].retention.raw_events"),
         (lambda d: _eu(d)["retention"].update(aggregator_deltas="12h"), "regions[eu].retention"),
         (lambda d: _eu(d)["privacy"].update(epsilon=2.0), "regions[eu].privacy.epsilon"),
-        (lambda d: _eu(d)["privacy"].update(delta=1e-6), "regions[eu].privacy.delta"),
+        (lambda d: _eu(d)["privacy"].update(delta=5e-7), "regions[eu].privacy.delta"),
         (lambda d: _eu(d)["privacy"].update(clipping_norm=0.5), "regions[eu].privacy.clipping"),
         (lambda d: _eu(d)["privacy"].update(min_cohort=50), "regions[eu].privacy.min_cohort"),
+        (lambda d: _eu(d)["privacy"].update(noise_multiplier=1.5), "regions[eu].privacy.noise"),
+        (
+            lambda d: _region(d, "us")["privacy"].update(
+                device_cap={"epsilon": 9, "window": "365d"}
+            ),
+            "regions[us].privacy.device_cap",
+        ),  # a cap where there was none
+        (
+            lambda d: _eu(d)["privacy"]["device_cap"].update(epsilon=12.0),
+            "regions[eu].privacy.device_cap.epsilon",
+        ),
+        (
+            lambda d: _eu(d)["privacy"]["device_cap"].update(window="730d"),
+            "regions[eu].privacy.device_cap.window",
+        ),
         (lambda d: _eu(d)["age"].update(minimum_age=18), "regions[eu].age.minimum_age"),
         (lambda d: _region(d, "us")["age"].update(unknown_age="deny"), "regions[us].age"),
         (lambda d: _region(d, "us")["consent"].update(analytics="opt_in"), "regions[us].consent"),
@@ -106,6 +121,20 @@ def test_retention_durations_are_not_compared_as_text(policy: Policy) -> None:
             "regions[eu].privacy.accountant",
             "rdp",
             "prv",
+        ),
+        # The period's guarantee is epsilon and delta (each with a direction above); how many
+        # devices a region expects, and how often each joins a round, only shape its spending.
+        (
+            lambda d: _eu(d)["privacy"].update(population=40_000),
+            "regions[eu].privacy.population",
+            50_000,
+            40_000,
+        ),
+        (
+            lambda d: _eu(d)["privacy"].update(sampling_rate=0.004),
+            "regions[eu].privacy.sampling_rate",
+            0.002,
+            0.004,
         ),
         (
             lambda d: _eu(d)["aggregator"]["public_keys"][0].update(key=NEW_KEY),

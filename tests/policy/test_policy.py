@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from sottovoce.policy import (
     ConsentMode,
     DataClass,
+    DeviceCap,
     InvalidPolicy,
     Policy,
     PrivacyMode,
@@ -121,7 +123,87 @@ def test_norway_is_a_country_not_false() -> None:
         (
             lambda d: d["regions"][0]["privacy"].update(delta=0.1),
             "regions[0].privacy",
-            "delta_below_one_over_cohort",
+            "delta_below_population",
+        ),
+        (  # EU: at most 0.1 / 50,000 = 2e-6
+            lambda d: d["regions"][0]["privacy"].update(delta=2.1e-6),
+            "regions[0].privacy",
+            "delta_below_population",
+        ),
+        (  # a smaller population with the same delta is fine; a larger one is not
+            lambda d: d["regions"][1]["privacy"].update(population=200_000),
+            "regions[1].privacy",
+            "delta_below_population",
+        ),
+        (  # EU: 0.0004 x 50,000 = 20 devices a round, below its minimum cohort of 25
+            lambda d: d["regions"][0]["privacy"].update(sampling_rate=0.0004),
+            "regions[0].privacy",
+            "expected_cohort",
+        ),
+        (  # US: 0.001 x 19,000 = 19, below 20 (delta 1e-6 is within 0.1 / 19,000)
+            lambda d: d["regions"][1]["privacy"].update(population=19_000),
+            "regions[1].privacy",
+            "expected_cohort",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].pop("population"),
+            "regions[0].privacy.population",
+            "missing",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].update(population=1),
+            "regions[0].privacy.population",
+            "greater_than_equal",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].pop("sampling_rate"),
+            "regions[0].privacy.sampling_rate",
+            "missing",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].update(sampling_rate=0),
+            "regions[0].privacy.sampling_rate",
+            "greater_than",
+        ),
+        (
+            lambda d: d["regions"][1]["privacy"].update(sampling_rate=1.01),
+            "regions[1].privacy.sampling_rate",
+            "less_than_equal",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].pop("noise_multiplier"),
+            "regions[0].privacy.noise_multiplier",
+            "missing",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"].update(noise_multiplier=0),
+            "regions[0].privacy.noise_multiplier",
+            "greater_than",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"]["device_cap"].update(epsilon=0),
+            "regions[0].privacy.device_cap.epsilon",
+            "greater_than",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"]["device_cap"].update(window="0d"),
+            "regions[0].privacy.device_cap.window",
+            "positive_duration",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"]["device_cap"].update(window="a year"),
+            "regions[0].privacy.device_cap.window",
+            "time_delta_parsing",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"]["device_cap"].pop("window"),
+            "regions[0].privacy.device_cap.window",
+            "missing",
+        ),
+        (
+            lambda d: d["regions"][0]["privacy"]["device_cap"].update(periods=12),
+            "regions[0].privacy.device_cap.periods",
+            "extra_forbidden",
         ),
         (
             lambda d: d["regions"][0]["privacy"].update(min_cohort=1),
@@ -142,6 +224,33 @@ def test_invalid_policy_names_field_and_rule(change: Any, field: str, rule: str)
     data = _data()
     change(data)
     assert (field, rule) in _rules(data)
+
+
+def test_example_fixes_each_regions_mechanism(policy: Policy) -> None:
+    eu, us = policy.region("eu").privacy, policy.region("us").privacy
+    assert (eu.population, eu.sampling_rate, eu.noise_multiplier) == (50_000, 0.002, 1.0)
+    assert (us.population, us.sampling_rate, us.noise_multiplier) == (100_000, 0.001, 0.8)
+    assert eu.expected_cohort == pytest.approx(100.0) and us.expected_cohort == pytest.approx(100.0)
+    assert eu.delta == us.delta == 1e-6
+    assert eu.device_cap == DeviceCap(epsilon=16.0, window=timedelta(days=365))
+    assert us.device_cap is None  # the cap is optional
+
+
+def test_the_mechanism_rules_hold_at_their_bounds() -> None:
+    data = _data()
+    eu, us = data["regions"][0]["privacy"], data["regions"][1]["privacy"]
+    eu.update(delta=0.1 / 50_000)  # exactly 0.1 / population
+    us.update(population=20_000)  # 0.001 x 20,000 = 20: exactly the minimum cohort
+    del eu["device_cap"]
+    policy = policy_from_data(data)
+    assert policy.region("eu").privacy.delta == 2e-6
+    assert policy.region("eu").privacy.device_cap is None
+    assert policy.region("us").privacy.expected_cohort == 20.0
+    us.update(min_cohort=21)
+    assert _rules(data) == {("regions[1].privacy", "expected_cohort")}
+    us.update(min_cohort=20)
+    eu.update(delta=2e-6 * (1 + 1e-9))
+    assert _rules(data) == {("regions[0].privacy", "delta_below_population")}
 
 
 def test_error_message_lists_every_problem() -> None:

@@ -22,7 +22,7 @@ MODEL_ID = "5e" * 32
 
 
 def make_spec(**overrides: Any) -> RoundSpec:
-    """A valid EU round under the example policy (central mode, C = 1)."""
+    """A valid EU round under the example policy (central mode, C = 1; its mechanism)."""
     fields: dict[str, Any] = {
         "round_id": "eu-2026-11-01-r7",
         "region": "eu",
@@ -31,12 +31,13 @@ def make_spec(**overrides: Any) -> RoundSpec:
         "mode": "central",
         "clipping_norm": 1.0,
         "noise_multiplier": 1.1,
-        "sampling_rate": 0.05,
+        "sampling_rate": 0.002,
         "min_cohort": 25,
+        "expected_cohort": 100.0,
         "deadline": PERIOD_START + timedelta(days=2),
         "epsilon_spent": 1.5,
         "epsilon_after": 1.9,
-        "delta": 1e-5,
+        "delta": 1e-6,
         "period_start": PERIOD_START,
     }
     fields.update(overrides)

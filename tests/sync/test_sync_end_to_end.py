@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fault_server import FaultServer, random_plan
@@ -20,7 +21,7 @@ from fault_server import FaultServer, random_plan
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
 from sottovoce.policy import Purpose, example_policy, policy_from_data
-from sottovoce.sync import RoundSpec, SealedDelta, open_delta
+from sottovoce.sync import SealedDelta, open_delta
 from sottovoce.sync.transport import RetryPolicy, Uploader
 
 CANARIES = ["canary-user-5c1e", "canary-device-77aa", "canary-track-0b9d", "canary-artist-e3f2",
@@ -49,8 +50,9 @@ def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
     data = example_policy().model_dump(mode="json")
     data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
     clock = Clock()
-    store = EventStore.open(tmp_path / "d.db", policy=policy_from_data(data), region="us",
-                            clock=clock)  # fmt: skip
+    # Every device in every round (q = 1), so that each of the three rounds queues a delta.
+    policy = policy_where_all_take_part(policy_from_data(data))
+    store = EventStore.open(tmp_path / "d.db", policy=policy, region="us", clock=clock)
     tracks, rows = make_catalog(random.Random(seed))
     store.upsert_catalog([*rows, {"track_id": track, "artist_id": artist, "vector": [1.0] * 16}])
     events = listen(random.Random(seed), user, tracks, {1, 3}, 400)
@@ -76,13 +78,10 @@ def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
     device = Personalizer(store)
     keys = []
     for r in range(3):
-        spec = RoundSpec.model_validate({
-            "round_id": f"us-{seed}-{r}", "region": "us", "model_id": device.ranker.model_id,
-            "model_version": 0, "mode": "central", "clipping_norm": 1.0,
-            "noise_multiplier": 1.1, "sampling_rate": 1.0, "min_cohort": 20,
-            "deadline": clock.now + timedelta(days=3), "epsilon_spent": 0.5 * r,
-            "epsilon_after": 0.5 * r + 0.5, "delta": 1e-5, "period_start": START,
-        })  # fmt: skip
+        spec = round_spec(policy, "us", model_id=device.ranker.model_id, now=clock.now,
+                          round_id=f"us-{seed}-{r}", noise_multiplier=1.1,
+                          deadline=clock.now + timedelta(days=3), epsilon_spent=0.5 * r,
+                          epsilon_after=0.5 * r + 0.5)  # fmt: skip
         keys.append(device.contribute(user, spec=spec, eligibility=Eligibility(True, True, True),
                                       steps=10))  # fmt: skip
 
@@ -110,6 +109,9 @@ def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
     finally:
         server.stop()
     assert store.outbox_states() == {"acknowledged": 3}
+    # each round was charged once to the device's own ledger (central mode: as it evaluated it)
+    charged = sorted(c.round_id for c in store.privacy_history("us"))
+    assert charged == [f"us-{seed}-{r}" for r in range(3)]
     assert set(server.aggregated) == set(keys) and set(server.aggregated.values()) == {1}
     for key in keys:  # what arrived is the sealed delta, openable by the region only
         body = server.answers[key][0]

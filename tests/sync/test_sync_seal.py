@@ -39,7 +39,9 @@ from sottovoce.sync import (
     open_delta,
     period_label,
     pseudonym,
+    seal_delta,
 )
+from sottovoce.sync._noise import GRID_BITS, grid_step
 from sottovoce.sync._seal import SUITE, _info, _pack, _statement, l2_norm
 from sottovoce.sync._wire import X25519_ENC_BYTES, b64decode, b64encode
 
@@ -118,14 +120,40 @@ def test_clip_refuses_what_cannot_be_sealed() -> None:
     assert np.all(original == 10.0)  # the caller's array is not touched
 
 
+def _seeded_noise(seed: int, shape: tuple[int, ...], *, clipping_norm: float,
+                  noise_multiplier: float) -> npt.NDArray[np.float64]:  # fmt: skip
+    """The seeded path's noise, written out: rint(N(0, (z 2**20)²)) grid steps of C / 2**20."""
+    steps = np.rint(np.random.default_rng(seed).normal(0.0, noise_multiplier * 2**GRID_BITS, shape))
+    return steps * grid_step(clipping_norm)
+
+
 def test_noise_has_the_requested_std() -> None:
-    rng = np.random.default_rng(1)
-    noised = add_noise(np.zeros(200_000, dtype=np.float32), 0.3, rng)
-    assert noised.dtype == np.float32
+    # std = noise_multiplier x clipping_norm = 0.6 x 0.5
+    noised = add_noise(np.zeros(200_000, dtype=np.float32), clipping_norm=0.5,
+                       noise_multiplier=0.6, rng=np.random.default_rng(1))  # fmt: skip
+    assert noised.dtype == np.float32 and noised.shape == (200_000,)
     assert float(np.std(noised)) == pytest.approx(0.3, rel=0.01)
-    assert np.array_equal(add_noise(np.ones(3, dtype=np.float32), 0.0, rng), np.ones(3))
-    with pytest.raises(ValueError):
-        add_noise(np.ones(3, dtype=np.float32), -1.0, rng)
+    expected = _seeded_noise(1, (200_000,), clipping_norm=0.5, noise_multiplier=0.6)
+    assert np.array_equal(noised, expected.astype(np.float32))
+    # Without a generator the noise comes from the OS CSPRNG (exact discrete Gaussian).
+    csprng = add_noise(np.zeros(20_000, dtype=np.float32), clipping_norm=0.5, noise_multiplier=0.6)
+    assert csprng.dtype == np.float32
+    assert float(np.std(csprng)) == pytest.approx(0.3, rel=0.04)  # standard error 0.5 %
+    # No noise is not a noise level: central mode does not call it (the aggregator adds it).
+    for z in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="noise multiplier"):
+            add_noise(np.ones(3, dtype=np.float32), clipping_norm=1.0, noise_multiplier=z)
+    with pytest.raises(ValueError, match="clipping norm"):
+        add_noise(np.ones(3, dtype=np.float32), clipping_norm=0.0, noise_multiplier=1.0)
+
+
+def test_noise_is_added_on_the_grid() -> None:
+    # The values are rounded to the grid of step C / 2**20 first: at a negligible noise level
+    # what comes back is the rounded delta.
+    gamma = grid_step(0.5)
+    delta = np.array([3.4, -2.6, 0.4, 1000.0], dtype=np.float32) * np.float32(gamma)
+    out = add_noise(delta, clipping_norm=0.5, noise_multiplier=1e-9, rng=np.random.default_rng(0))
+    assert np.array_equal(out, np.array([3.0, -3.0, 0.0, 1000.0], dtype=np.float32) * gamma)
 
 
 def test_local_mode_noise_is_multiplier_times_norm() -> None:
@@ -158,10 +186,31 @@ def test_local_round_trip_differs_by_the_noise_only(
     opened = PARTIES.open(sealed, LOCAL)
     clipped = clip(delta, LOCAL.clipping_norm)
     std = device_noise_std(LOCAL)
-    noise = np.random.default_rng(seed).normal(0.0, std, size=delta.shape)
-    assert np.array_equal(opened.delta, add_noise(clipped, std, np.random.default_rng(seed)))
+    again = add_noise(clipped, clipping_norm=LOCAL.clipping_norm,
+                      noise_multiplier=LOCAL.noise_multiplier,
+                      rng=np.random.default_rng(seed))  # fmt: skip
+    assert np.array_equal(opened.delta, again)
+    noise = _seeded_noise(seed, delta.shape, clipping_norm=LOCAL.clipping_norm,
+                          noise_multiplier=LOCAL.noise_multiplier)  # fmt: skip
+    # What is left is the grid's rounding (half a step) and float32's.
     assert np.allclose(opened.delta - clipped, noise, atol=1e-6)
     assert opened.noise_std == pytest.approx(std)
+
+
+def test_local_mode_without_a_generator_draws_from_the_csprng() -> None:
+    delta = np.zeros(5_000)
+    first = PARTIES.open(PARTIES.seal(delta, LOCAL, rng=None), LOCAL)
+    second = PARTIES.open(PARTIES.seal(delta, LOCAL, rng=None), LOCAL)
+    assert not np.array_equal(first.delta, second.delta)
+    std = device_noise_std(LOCAL)
+    for opened in (first, second):
+        assert float(np.std(opened.delta)) == pytest.approx(std, rel=0.05)  # 5 standard errors
+        assert opened.noise_std == pytest.approx(std)
+    # The default is the CSPRNG: a caller that passes nothing gets the deployment noise.
+    sealed = seal_delta(delta=delta, spec=LOCAL, device_secret=PARTIES.device_secret,
+                        signing_key=PARTIES.device_key,
+                        aggregator_hpke_key=PARTIES.aggregator.public_key())  # fmt: skip
+    assert float(np.std(PARTIES.open(sealed, LOCAL).delta)) == pytest.approx(std, rel=0.05)
 
 
 def test_raw_key_bytes_are_accepted() -> None:

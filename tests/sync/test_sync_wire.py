@@ -114,11 +114,23 @@ def test_another_protocol_version_is_unsupported_not_malformed() -> None:
         {"mode": "distributed"},
         {"model_id": "ABC"},
         {"delta": 1.0},
+        {"expected_cohort": 0},
+        {"expected_cohort": -100.0},
+        {"expected_cohort": float("nan")},
+        {"expected_cohort": float("inf")},
     ],
 )
 def test_inconsistent_specs_do_not_validate(change: dict[str, Any]) -> None:
     with pytest.raises(Malformed):
         RoundSpec.from_wire(make_spec().model_dump(mode="json") | change)
+
+
+def test_a_spec_without_its_expected_cohort_is_malformed() -> None:
+    data = make_spec().model_dump(mode="json")
+    assert data["expected_cohort"] == 100.0
+    del data["expected_cohort"]
+    with pytest.raises(Malformed, match="expected_cohort"):
+        RoundSpec.from_wire(data)
 
 
 def test_times_are_kept_in_utc() -> None:
