@@ -96,13 +96,13 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         float | None, typer.Option(help="How long a round stays open (default 60; dev: 0.5).")
     ] = None,
     sweep_seconds: Annotated[
-        float | None, typer.Option(help="Sweep and schedule interval (default 60; dev: 2).")
+        float | None, typer.Option(help="Sweep and schedule interval (default 60; dev: 1).")
     ] = None,
     profile: Annotated[
         str,
         typer.Option(
             help="'prod', or 'dev' for a few devices on one machine: 30-second rounds, a "
-            "sweep every 2 s (the policy's mechanism and budget are the same)."
+            "sweep every second (the policy's mechanism and budget are the same)."
         ),
     ] = "prod",
     schedule: Annotated[bool, typer.Option(help="Open rounds automatically.")] = True,
@@ -128,7 +128,7 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     from sottovoce._clock import clock_from_env
     from sottovoce.device import Ranker
 
-    profiles = {"prod": (60.0, 60.0), "dev": (0.5, 2.0)}  # round minutes, sweep seconds
+    profiles = {"prod": (60.0, 60.0), "dev": (0.5, 1.0)}  # round minutes, sweep seconds
     if profile not in profiles:
         raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
     defaults = profiles[profile]

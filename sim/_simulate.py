@@ -227,11 +227,14 @@ def _region_plans(config: SimulationConfig, region_of: dict[str, str]) -> Plans:
         budget = min(privacy.epsilon, config.epsilon)
         q = config.sampling_rate
         if q * users < privacy.min_cohort:
+            need = privacy.min_cohort / max(users, 1)
+            fix = (f"use --sampling-rate {need:.3g} or more, more users" if need <= 1
+                   else "use more users")  # fmt: skip
             raise SimulationError(
                 f"region {region_id} has {users} simulated devices: at sampling rate {q:g} a round "
                 f"expects {q * users:.3g} of them, below the policy's minimum cohort of "
-                f"{privacy.min_cohort}. Use --sampling-rate {privacy.min_cohort / users:.3g} or "
-                "more, more users, or a policy with a smaller minimum cohort"
+                f"{privacy.min_cohort} (the simulator runs the policy as declared); {fix}, or "
+                "pass a policy with a smaller minimum cohort (--policy)"
             )
         for pipeline in ("central", "local"):
             mode = PrivacyMode(pipeline)

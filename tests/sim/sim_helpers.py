@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sottovoce.policy import Policy, example_policy, policy_from_data
 from sottovoce.sim._datasets import Dataset, Interaction, TagAssignment, load_lastfm
 
 LASTFM = Path(__file__).resolve().parents[3] / "shared" / "data" / "lastfm-hetrec2011-2k"
@@ -52,3 +53,12 @@ def lastfm_slice(users: int) -> Dataset:
         tags=full.tags,
         titles=full.titles,
     )
+
+
+def small_policy(min_cohort: int = 4) -> Policy:
+    """The example policy with a minimum cohort a few simulated devices can meet (the simulator
+    never lowers a policy's minimum cohort itself)."""
+    data = example_policy().model_dump(mode="json")
+    for region in data["regions"]:
+        region["privacy"]["min_cohort"] = min_cohort
+    return policy_from_data(data)
