@@ -200,11 +200,18 @@ def create_app(
     metrics = _Metrics()
     tokens = frozenset(enrollment_tokens)
 
-    async def schedule() -> None:
+    def tick(agg: RegionAggregator) -> int:
+        """One scheduler pass; returns how many rounds it published (central rounds publish
+        at their deadline, in the sweep)."""
         assert scheduler is not None
+        before = agg.latest_version()
+        scheduler(agg)
+        return agg.latest_version() - before
+
+    async def schedule() -> None:
         while True:
             try:
-                await worker.run(scheduler)
+                metrics.count(accepted=0, published=await worker.run(tick))
             except Exception:  # a failed pass is logged and retried; the service stays up
                 log.exception("schedule_failed")
             await asyncio.sleep(tick_seconds)

@@ -234,6 +234,11 @@ class RoundsBase:
             closed_at=None if closed is None else datetime.fromisoformat(closed),
         )
 
+    def latest_version(self) -> int:
+        """The newest release's version (0 before the first), without reading its weights."""
+        row = self._conn.execute("SELECT max(version) FROM releases").fetchone()
+        return 0 if row[0] is None else int(row[0])
+
     def latest_release(self) -> ModelRelease | None:
         row = self._conn.execute(
             "SELECT body FROM releases ORDER BY version DESC LIMIT 1"

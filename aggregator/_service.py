@@ -253,12 +253,12 @@ class RoundScheduler:
     def tick(self, aggregator: RegionAggregator, now: datetime | None = None) -> dict[str, Any]:
         """One pass; returns what it did (also logged as one JSON line)."""
         now = self.clock() if now is None else now
-        did: dict[str, Any] = {"abandoned": aggregator.sweep(now)}
+        did: dict[str, Any] = {"ended": aggregator.sweep(now)}
         waiting = self._waiting_until is not None and now < self._waiting_until
         if self.open_rounds and not waiting and aggregator.current_round() is None:
             did.update(self._open(aggregator, now))
         # A pass that changed nothing is routine: only debug, or the log is one line a minute.
-        level = logging.INFO if did["abandoned"] or len(did) > 1 else logging.DEBUG
+        level = logging.INFO if did["ended"] or len(did) > 1 else logging.DEBUG
         log.log(level, "schedule", extra={"fields": did})
         return did
 

@@ -3,6 +3,7 @@
 Usage::
 
     python tests/aggregator/crash_child.py accept WORLD_JSON DB_PATH ACK_PATH ORDER_SEED
+    python tests/aggregator/crash_child.py close WORLD_JSON DB_PATH ACK_PATH ORDER_SEED
     python tests/aggregator/crash_child.py upload WORLD_JSON DEVICE_DB ACK_PATH BASE_URL
     python tests/aggregator/crash_child.py zygote
 
@@ -17,15 +18,20 @@ ends it as abruptly; run a command directly to reproduce a failure by hand.
 ``accept``: a :class:`RegionAggregator` on the SQLite file DB_PATH takes the world's pre-sealed
 deltas in an order drawn from ORDER_SEED, with replays mixed in (a device that saw no answer
 sends again), and after each ``accept`` returns adds ``KEY STATUS CODE COUNT`` to ACK_PATH and
-flushes (COUNT: the round's count right after). Closing a round at its minimum cohort happens
-inside the ``accept`` of the delta that reaches it.
+flushes (COUNT: the round's count right after). The clock stands at T0: the round never
+reaches its deadline, so it stays open however many deltas it takes.
+
+``close``: ``accept``, then what the service's schedule does once the round's deadline has
+passed: ``sweep`` at the world's ``close_at``, which publishes the (central) round. The child
+writes ``sweep`` to ACK_PATH just before and ``swept`` just after.
 
 ``upload``: a device's :class:`~sottovoce.sync.transport.Uploader` sends the outbox of the
 store DEVICE_DB to the aggregator at BASE_URL until nothing is pending; after the store records
 an acknowledgement, the child adds ``KEY`` to ACK_PATH and flushes.
 
 The world file (written by the test) holds the policy's path, the aggregator's keys, the model,
-and for ``accept`` the path of the deltas (JSON lines of ``key`` and wire ``body``).
+for ``accept`` and ``close`` the path of the deltas (JSON lines of ``key`` and wire ``body``), and
+for ``close`` when to sweep (``close_at``, at or past the round's deadline).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from sottovoce.sync.transport import RetryPolicy, Uploader
 REGION = "eu"
 LINGER_S = 120.0  # after the work is done: wait to be killed (the tests always kill)
 REPLAY_SHARE = 0.25  # how often a delta already sent is sent again
+MARKERS = frozenset({"ready", "done", "sweep", "swept"})  # ACK_PATH lines that are not answers
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class World:
     base: list[float]
     noise_seed: int
     deltas: list[tuple[str, bytes]]  # (idempotency key, wire body)
+    close_at: datetime | None  # when ``close`` sweeps
 
     @classmethod
     def load(cls, path: Path) -> World:
@@ -87,7 +95,9 @@ class World:
             base=data["base"],
             noise_seed=data["noise_seed"],
             deltas=deltas,
-        )
+            close_at=None if data.get("close_at") is None else datetime.fromisoformat(
+                data["close_at"]),
+        )  # fmt: skip
 
     def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:
         """The region's aggregator on ``conn``, as every process of a test builds it."""
@@ -100,7 +110,7 @@ class World:
             model_id=self.model_id,
             dim=len(self.base),
             base_weights=self.base,
-            clock=lambda: T0,  # rounds never expire under a test
+            clock=lambda: T0,  # rounds end only when a test sweeps at a later time
             rng=np.random.default_rng(self.noise_seed),  # a restart draws the same noise
         )
 
@@ -127,7 +137,7 @@ def warm_up() -> None:
     epsilon_of([(1.0, 0.01, 1)], delta=1e-5, accountant=Accountant.RDP)
 
 
-def accept(world: World, db: Path, acks: TextIO, seed: int) -> None:
+def accept(world: World, db: Path, acks: TextIO, seed: int, *, close: bool = False) -> None:
     warm_up()
     conn = sqlite3.connect(db)
     agg = world.aggregator(conn)
@@ -140,6 +150,13 @@ def accept(world: World, db: Path, acks: TextIO, seed: int) -> None:
         status, code = agg.accept(body, key)
         now = agg.round(round_id) if round_id is not None else None
         acks.write(f"{key} {status} {code} {0 if now is None else now.count}\n")
+        acks.flush()
+    if close:
+        assert world.close_at is not None, "the world file has no close_at"
+        acks.write("sweep\n")
+        acks.flush()
+        agg.sweep(world.close_at)
+        acks.write("swept\n")
         acks.flush()
 
 
@@ -216,14 +233,14 @@ def main(argv: list[str]) -> int:
     if argv[1:] == ["zygote"]:
         zygote()
         return 0
-    if len(argv) != 6 or argv[1] not in ("accept", "upload"):
+    if len(argv) != 6 or argv[1] not in ("accept", "close", "upload"):
         print(__doc__, file=sys.stderr)
         return 2
     mode, world_path, db, ack_path, last = argv[1:]
     world = World.load(Path(world_path))
     with Path(ack_path).open("a", encoding="utf-8") as acks:
-        if mode == "accept":
-            accept(world, Path(db), acks, int(last))
+        if mode in ("accept", "close"):
+            accept(world, Path(db), acks, int(last), close=mode == "close")
         else:
             upload(world, Path(db), acks, last)
         acks.write("done\n")

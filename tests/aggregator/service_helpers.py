@@ -6,6 +6,10 @@ process before the server starts, as an operator would. :class:`Device` seals wi
 code. What the service decided is read back from the same SQLite file, on a connection of the
 test's own, with the policy package's :class:`~sottovoce.policy.DecisionLog`, as an auditor
 would; the round's count and running sum are read from the aggregator's tables.
+
+A central round closes at its deadline, not at a count: a test moves the region's clock past
+the deadline and lets the service's own schedule (``Region.app(sweep_seconds=...)``) or the
+operator in process (:meth:`Region.sweep`) end it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import uvicorn
-from aggregator_helpers import COHORT, DIM, Clock, Keys
+from aggregator_helpers import COHORT, DIM, Clock, Keys, central_update
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
@@ -47,7 +51,8 @@ from sottovoce.sync.transport import RetryPolicy, enroll
 
 MODEL_ID = "cd" * 32
 TOKEN = "app-enrollment-token"
-SIGMA, Q = 1.0, 0.01  # a round costs well under the example policy's budget
+SIGMA, Q = 1.0, 0.01  # the policy's mechanism (Keys.policy): a round costs epsilon ~1.2 of 4
+SWEEP_SECONDS = 0.05  # how often a ticking service sweeps (ends rounds past their deadline)
 FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.05)
 
 
@@ -85,7 +90,8 @@ class Region:
     """The EU aggregator's file with an open round, its keys, clock and policy.
 
     ``base`` are the weights before any release; the central noise of the first release is the
-    first draw of ``np.random.default_rng(seed)``, so a test can predict the release exactly.
+    first draw of ``np.random.default_rng(seed)``, so a test can predict the release exactly
+    (every aggregator on the file, the service's or the operator's, starts that generator).
     """
 
     def __init__(self, path: Path, *, min_cohort: int = COHORT, seed: int = 3) -> None:
@@ -118,12 +124,36 @@ class Region:
             rng=np.random.default_rng(self.seed),
         )
 
-    def app(self, **options: Any) -> FastAPI:
+    def app(self, *, sweep_seconds: float | None = None, **options: Any) -> FastAPI:
+        """The service on this file; with ``sweep_seconds``, its schedule sweeps that often (so
+        a round past its deadline ends without a request), as ``build_app``'s does."""
+        if sweep_seconds is not None:
+            options |= {"scheduler": lambda agg: agg.sweep(), "tick_seconds": sweep_seconds}
         return create_app(
             lambda: self.aggregator(sqlite3.connect(self.path)),
             enrollment_tokens={TOKEN},
             **options,
         )
+
+    # -- ending the round ------------------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """The operator sweeps in process, on a connection of its own (the service may be
+        serving the same file): rounds past their deadline on the region's clock end."""
+        with closing(sqlite3.connect(self.path, timeout=10)) as conn:
+            return self.aggregator(conn).sweep()
+
+    def end_round(self, timeout: float = 10.0) -> RoundRow:
+        """Move the clock to the round's deadline and wait until a ticking service ended it."""
+        self.clock.now = self.spec.deadline
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.round_row()
+            assert row is not None
+            if row.state != "open":
+                return row
+            assert time.monotonic() < deadline, "the service did not end the round"
+            time.sleep(0.02)
 
     # -- reading the file back -----------------------------------------------------------------
 
@@ -174,13 +204,14 @@ class Region:
         )
 
     def expected_release(self, accepted: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
-        """Base + mean of exactly ``accepted`` + the first release's central noise."""
-        cohort = self.spec.min_cohort
-        assert len(accepted) == cohort
-        mean = np.mean(np.array(accepted, dtype=np.float64), axis=0)
-        std = self.spec.noise_multiplier * self.spec.clipping_norm / cohort
-        noise = np.random.default_rng(self.seed).normal(0.0, std, size=DIM)
-        expected: npt.NDArray[np.float64] = self.base + mean + noise
+        """Base + (the sum of exactly ``accepted`` on the grid + the first release's central
+        noise) / the expected cohort: the first release of this file, whatever the count."""
+        total = np.sum(np.array(accepted, dtype=np.float64).reshape(-1, DIM), axis=0)
+        update = central_update(total, np.random.default_rng(self.seed),
+                                clipping_norm=self.spec.clipping_norm,
+                                noise_multiplier=self.spec.noise_multiplier,
+                                expected_cohort=self.spec.expected_cohort)  # fmt: skip
+        expected: npt.NDArray[np.float64] = self.base + update
         return expected
 
 

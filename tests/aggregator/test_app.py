@@ -2,6 +2,8 @@
 
 The round is opened in process on the same SQLite file before the server starts (as an
 operator would); everything a device does goes over HTTP with ``sottovoce.sync.transport``.
+The service's schedule sweeps every few milliseconds, so a central round ends (and publishes)
+as soon as the test moves the aggregator's clock to its deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from aggregator_helpers import COHORT, DIM, T0, Clock, Keys
+from aggregator_helpers import COHORT, DIM, T0, Clock, Keys, central_update
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sottovoce.sync import (
@@ -44,6 +46,8 @@ from sottovoce.aggregator._rounds import RegionAggregator  # noqa: E402
 MODEL_ID = "cd" * 32
 TOKEN = "app-enrollment-token"
 RETRY = RetryPolicy(attempts=2, initial=0.01, maximum=0.05)
+SWEEP_SECONDS = 0.05
+NOISE_SEED = 3
 
 
 @dataclass
@@ -97,7 +101,7 @@ class Service:
             model_id=MODEL_ID,
             dim=DIM,
             clock=self.clock,
-            rng=np.random.default_rng(3),
+            rng=np.random.default_rng(NOISE_SEED),
         )
 
     @property
@@ -128,15 +132,24 @@ class Service:
         )
 
     def upload(self, *sealed: SealedDelta) -> MemoryOutbox:
+        """One upload run of a device whose own clock says the round is still on."""
         outbox = MemoryOutbox()
         for s in sealed:
             outbox.add(
                 OutboxItem(s.idempotency_key, s.region, s.round_id, self.spec.deadline, s.to_wire())
             )
         Uploader(
-            self.client, base_url=self.url, outbox=outbox, clock=self.clock, retry=RETRY
+            self.client, base_url=self.url, outbox=outbox, clock=lambda: T0, retry=RETRY
         ).run_once()
         return outbox
+
+    def end_round(self) -> None:
+        """Move the aggregator's clock to the deadline; wait for the schedule to publish."""
+        self.clock.now = self.spec.deadline
+        deadline = time.monotonic() + 10
+        while self.client.get(f"{self.url}/v1/model/release").status_code == 404:
+            assert time.monotonic() < deadline, "the schedule did not end the round"
+            time.sleep(0.02)
 
     def metrics(self) -> dict[str, float]:
         text = self.client.get(f"{self.url}/v1/metrics").text
@@ -150,7 +163,8 @@ class Service:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Service]:
     svc = Service(tmp_path / "aggregator.db")
-    app = create_app(lambda: svc.aggregator(sqlite3.connect(svc.path)), enrollment_tokens={TOKEN})
+    app = create_app(lambda: svc.aggregator(sqlite3.connect(svc.path)), enrollment_tokens={TOKEN},
+                     scheduler=lambda agg: agg.sweep(), tick_seconds=SWEEP_SECONDS)  # fmt: skip
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -188,10 +202,16 @@ def test_a_full_round_over_http_publishes_a_release_the_device_verifies(
     no_release = service.client.get(f"{service.url}/v1/model/release")
     assert (no_release.status_code, no_release.json()["code"]) == (404, "no_release")
 
-    sealed = [service.seal(service.device(), small(i)) for i in range(COHORT)]
+    deltas = [small(i) for i in range(COHORT)]
+    sealed = [service.seal(service.device(), delta) for delta in deltas]
     outbox = service.upload(*sealed)
     assert set(outbox.states.values()) == {(DeltaState.ACKNOWLEDGED, None)}
+    # The minimum cohort is there, and the round is still open: it ends at its deadline.
+    time.sleep(3 * SWEEP_SECONDS)  # a few sweeps pass
+    assert service.client.get(f"{service.url}/v1/round").status_code == 200
+    assert service.client.get(f"{service.url}/v1/model/release").status_code == 404
 
+    service.end_round()
     fetched = fetch_release(
         service.client,
         base_url=service.url,
@@ -202,7 +222,13 @@ def test_a_full_round_over_http_publishes_a_release_the_device_verifies(
     )
     assert fetched is not None and fetched.etag is not None
     assert fetched.release.version == 1
-    assert np.all(np.isfinite(fetched.release.weights_array()))
+    # The base is zero: the weights are the round's update, exactly as the spec describes it.
+    total = np.sum(np.array(deltas, dtype=np.float64), axis=0)
+    update = central_update(total, np.random.default_rng(NOISE_SEED),
+                            clipping_norm=spec.clipping_norm,
+                            noise_multiplier=spec.noise_multiplier,
+                            expected_cohort=spec.expected_cohort)  # fmt: skip
+    np.testing.assert_allclose(fetched.release.weights_array(), update, rtol=0, atol=1e-6)
     again = fetch_release(
         service.client,
         base_url=service.url,
@@ -223,9 +249,21 @@ def test_a_full_round_over_http_publishes_a_release_the_device_verifies(
     assert set(replayed.states.values()) == {(DeltaState.ACKNOWLEDGED, None)}
     metrics = service.metrics()
     assert metrics["sottovoce_deltas_accepted_total"] == COHORT
-    assert metrics["sottovoce_rounds_published_total"] == 1
     assert metrics["sottovoce_enrollments_total"] == COHORT
     assert service.client.get(f"{service.url}/v1/round").json()["code"] == "no_open_round"
+    # A delta sent after the deadline is refused, and the release stays as it was.
+    late = service.upload(service.seal(service.device(), small(COHORT)))
+    assert set(late.states.values()) == {(DeltaState.DROPPED, "round_closed")}
+    latest = service.client.get(f"{service.url}/v1/model/release")
+    assert latest.headers["ETag"] == fetched.etag
+
+
+def test_a_round_the_schedule_publishes_counts_in_the_published_metric(service: Service) -> None:
+    outbox = service.upload(service.seal(service.device(), small(0)))
+    assert set(outbox.states.values()) == {(DeltaState.ACKNOWLEDGED, None)}
+    service.end_round()
+    assert service.client.get(f"{service.url}/v1/model/release").status_code == 200
+    assert service.metrics()["sottovoce_rounds_published_total"] == 1
 
 
 def test_refusals_come_back_with_their_code(service: Service) -> None:

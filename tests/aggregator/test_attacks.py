@@ -3,8 +3,8 @@
 Every refused upload must come back as its 4xx with the machine-readable code, leave exactly one
 matching decision in the aggregator's decision log (``accept_delta``, ``deny``, the code as
 reason, the digest of this upload's key and body), and count nothing: the round's count and
-running sum are unchanged, and at the end the release is the base plus the mean of exactly the
-accepted deltas plus the round's central noise.
+running sum are unchanged, and when the round ends at its deadline the release is the base plus
+the noised sum of exactly the accepted deltas over the round's fixed expected cohort.
 
 Content ``seal_delta`` would never produce (NaN, norms above the bound, forged signatures,
 wrong layouts) is built here by :func:`craft` from the primitives ``docs/protocol.md`` names
@@ -39,10 +39,12 @@ from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from service_helpers import (
     FAST_RETRY,
     MODEL_ID,
+    SWEEP_SECONDS,
     TOKEN,
     Device,
     MemoryOutbox,
     Region,
+    RoundRow,
     serve,
     small,
 )
@@ -191,9 +193,13 @@ class Scene:
 
 
 @contextmanager
-def scene_of(path: Path, **options: Any) -> Iterator[Scene]:
+def scene_of(path: Path, *, sweep_seconds: float | None = None, **options: Any) -> Iterator[Scene]:
+    """A region's service; with ``sweep_seconds`` its schedule ends a round past its deadline."""
     region = Region(path, **options)
-    with serve(region.app()) as url, httpx.Client(timeout=10) as client:
+    with (
+        serve(region.app(sweep_seconds=sweep_seconds)) as url,
+        httpx.Client(timeout=10) as client,
+    ):
         yield Scene(region, url, client)
 
 
@@ -208,10 +214,11 @@ class Contributed:
 
 @pytest.fixture(scope="module")
 def contributed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contributed]:
-    # A cohort no attack can reach: a delta wrongly accepted shows in the count, and the round
-    # stays open for the next case.
+    # A central round stays open until its deadline, whatever its count, and the clock never
+    # gets there: a delta wrongly accepted shows in the count, and the round stays open for
+    # the next case.
     path = tmp_path_factory.mktemp("attacks") / "aggregator.db"
-    with scene_of(path, min_cohort=100) as scene:
+    with scene_of(path) as scene:
         device = scene.device()
         first = scene.honest(0, device)
         answer = scene.post(upload_of(first))
@@ -508,12 +515,11 @@ def test_an_oversized_upload_is_refused_unread(contributed: Contributed) -> None
 # -- a whole round under attack ----------------------------------------------------------------
 
 
-def test_under_attack_the_release_is_the_mean_of_exactly_the_accepted_deltas(
+def test_under_attack_the_release_is_the_noised_sum_of_exactly_the_accepted_deltas(
     tmp_path: Path,
 ) -> None:
-    with scene_of(tmp_path / "aggregator.db") as scene:
-        cohort = scene.spec.min_cohort
-        assert cohort == 3
+    with scene_of(tmp_path / "aggregator.db", sweep_seconds=SWEEP_SECONDS) as scene:
+        assert scene.spec.min_cohort == 3
         device = scene.device()
         accepted = [small(100)]
         first = craft(device, scene.spec, accepted[0], scene.hpke)
@@ -526,14 +532,15 @@ def test_under_attack_the_release_is_the_mean_of_exactly_the_accepted_deltas(
             assert answer.status_code != 200 and "accepted" not in answer.text, attack.name
             row = scene.region.round_row()
             assert row is not None and (row.state, row.count) == ("open", 1), attack.name
-        # The rest of the cohort seals with the device's real code.
-        for seed in (101, 102):
+        # The rest of the cohort, and one more, seal with the device's real code.
+        for seed in (101, 102, 103):
             accepted.append(small(seed))
             sealed = scene.device().seal(scene.spec, accepted[-1], scene.hpke)
             answer = scene.post(upload_of(sealed))
             assert answer.json() == {"status": "accepted", "code": "within_policy"}
         row = scene.region.round_row()
-        assert row is not None and (row.state, row.count, row.partial) == ("published", 3, None)
+        assert row is not None and (row.state, row.count) == ("open", 4)  # until the deadline
+        assert scene.region.end_round() == RoundRow("published", 4, None)
         release = scene.region.latest_release()
         assert release is not None and release.version == 1
         weights = verify_release(release, scene.region.keys.signing.public_key())
@@ -541,28 +548,39 @@ def test_under_attack_the_release_is_the_mean_of_exactly_the_accepted_deltas(
             weights, scene.region.expected_release(accepted), rtol=0, atol=1e-6
         )
         reasons = [d.reason for d in scene.region.decisions()]
-        assert reasons.count("within_policy") == cohort
-        assert [d.reason for d in scene.region.decisions("publish_release")] == ["cohort_met"]
+        assert reasons.count("within_policy") == len(accepted)
+        published = [d.reason for d in scene.region.decisions("publish_release")]
+        assert published == ["deadline_reached"]
         report = scene.region.verify_log()
         assert report.ok, report.problems
 
 
 def _publish(scene: Scene) -> list[SealedDelta]:
+    """The minimum cohort's deltas, then the deadline: the service's schedule publishes."""
     sent = []
     for seed in range(scene.spec.min_cohort):
         sent.append(scene.honest(200 + seed))
         assert scene.post(upload_of(sent[-1])).status_code == 200
+    row = scene.region.end_round()
+    assert (row.state, row.count) == ("published", len(sent))
     return sent
 
 
 def test_a_published_round_takes_nothing_more(tmp_path: Path) -> None:
-    with scene_of(tmp_path / "aggregator.db") as scene:
+    with scene_of(tmp_path / "aggregator.db", sweep_seconds=SWEEP_SECONDS) as scene:
         sent = _publish(scene)
         release = scene.region.latest_release()
         assert release is not None
+        np.testing.assert_allclose(
+            release.weights_array(),
+            scene.region.expected_release([small(200 + i) for i in range(len(sent))]),
+            rtol=0,
+            atol=1e-6,
+        )
         late = scene.honest(300)
         expect_refusal(scene, upload_of(late), 410, "round_closed")
-        # Through the device's own uploader, the delta is dropped with the aggregator's reason.
+        # Through the device's own uploader (whose clock says there is time left), the delta
+        # is dropped with the aggregator's reason.
         later = scene.honest(301)
         outbox = MemoryOutbox()
         outbox.add(later, scene.spec.deadline)
@@ -586,11 +604,20 @@ def test_a_published_round_takes_nothing_more(tmp_path: Path) -> None:
 
 
 def test_a_round_past_its_deadline_takes_nothing(tmp_path: Path) -> None:
-    with scene_of(tmp_path / "aggregator.db") as scene:
+    with scene_of(tmp_path / "aggregator.db") as scene:  # no schedule: nothing sweeps
         sealed = scene.honest(400)
         scene.region.clock.now = scene.spec.deadline  # the service's aggregator reads this clock
         expect_refusal(scene, upload_of(sealed), 410, "round_closed")
         assert scene.region.latest_release() is None
+        # The operator's sweep then publishes the round without it: noise alone, whatever the
+        # count (here none), over the same fixed divisor.
+        assert scene.region.sweep() == [scene.spec.round_id]
+        row = scene.region.round_row()
+        assert row is not None and (row.state, row.count, row.partial) == ("published", 0, None)
+        release = scene.region.latest_release()
+        assert release is not None and release.version == 1
+        np.testing.assert_allclose(release.weights_array(), scene.region.expected_release([]),
+                                   rtol=0, atol=1e-6)  # fmt: skip
 
 
 # -- releases, on the device -------------------------------------------------------------------
@@ -690,7 +717,8 @@ def test_a_hostile_answer_to_an_upload_leaves_the_delta_pending() -> None:
     region_spec = RoundSpec.model_validate({
         "round_id": "eu-20261103T090000Z-1", "region": "eu", "model_id": MODEL_ID,
         "model_version": 0, "mode": "central", "clipping_norm": 1.0, "noise_multiplier": 1.0,
-        "sampling_rate": 0.01, "min_cohort": 3, "deadline": T0 + timedelta(hours=6),
+        "sampling_rate": 0.01, "min_cohort": 3, "expected_cohort": 5.0,
+        "deadline": T0 + timedelta(hours=6),
         "epsilon_spent": 0.0, "epsilon_after": 1.0, "delta": 1e-6,
         "period_start": T0 - timedelta(days=2),
     })  # fmt: skip

@@ -11,12 +11,14 @@ decisions agree with the contribution rows; the decision log verifies against th
 checkpoint key. Then the aggregator restarts in process and every delta is sent again, as
 retrying devices would: the round counts each enrolled delta exactly once.
 
-Round close (``close``): the same with a minimum cohort of three, killed mostly around the
-``accept`` that reaches it. The round is then either published, with exactly one signed release
-(base + mean of the accepted deltas + the seeded central noise), one ledger entry, one
-``publish_release`` decision, a signed checkpoint over it and no running sum; or still open
-with its running sum intact and none of those, and then it closes on the accept that reaches
-the cohort. Never a release without a ledger entry or the other way round.
+Round close (``close``): the same, then the child sweeps past the round's deadline, as the
+service's schedule does, which publishes the central round; killed mostly during that sweep.
+The round is then either published, with every enrolled delta, exactly one signed release
+(base + the sum of the accepted deltas on the grid plus the seeded central noise, over the
+expected cohort), one ledger entry, one ``deadline_reached`` decision, a signed checkpoint over
+it and no running sum; or still open with its running sum intact and none of those, and then
+the restarted aggregator's sweep publishes it. Never a release without a ledger entry or the
+other way round.
 
 Upload (``upload``): a device's :class:`~sottovoce.sync.transport.Uploader` sends its store's
 outbox to the aggregator service on a real uvicorn on 127.0.0.1, started once here. After a
@@ -54,8 +56,8 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from aggregator_helpers import DIM, T0, Keys
-from crash_child import REGION, World, stream
+from aggregator_helpers import DIM, EXPECTED, T0, Keys, central_update
+from crash_child import MARKERS, REGION, World, stream
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -81,10 +83,11 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and 
 
 CHILD = Path(__file__).with_name("crash_child.py")
 MODEL_ID = "ef" * 32
-SIGMA, Q = 1.0, 0.01  # a round costs well under the budget
+SIGMA, Q = 1.0, 0.01  # the policy's mechanism (Keys.policy): a round costs epsilon ~1.2 of 4
 NOISE_SEED = 11
-CLOSE_COHORT = 3
-OPEN_COHORT = 10_000  # a round that never closes under the accept and upload tests
+# The accept and upload rounds never end (the aggregator's clock stands at T0); the close round
+# ends at the sweep an hour later, before the region's one-day retention of contribution rows.
+OPEN_ROUND, CLOSE_ROUND = timedelta(days=7), timedelta(hours=1)
 ACCEPT_DELTAS, CLOSE_DELTAS, STRANGERS = 24, 6, 2  # per file; strangers are not enrolled
 UPLOAD_DELTAS = 8  # in each device's outbox
 DEFAULT_TRIALS = 8  # per place
@@ -213,7 +216,7 @@ def ack_lines(acks: Sequence[Path]) -> list[list[str]]:
     for path in acks:
         if path.exists():
             out += [line.split(" ") for line in path.read_text().split("\n")[:-1]
-                    if line not in ("ready", "done")]  # fmt: skip
+                    if line not in MARKERS]  # fmt: skip
     return out
 
 
@@ -265,19 +268,20 @@ class Device:
 class Setup:
     """An aggregator file with one open round, and what the children need to work on it."""
 
-    def __init__(self, root: Path, *, cohort: int) -> None:
-        self.root, self.keys, self.cohort = root, Keys(), cohort
+    def __init__(self, root: Path, *, length: timedelta = OPEN_ROUND) -> None:
+        self.root, self.keys = root, Keys()
         self.policy_path = root / "policy.json"
-        policy = self.keys.policy(min_cohort=cohort)
+        policy = self.keys.policy()
         self.policy_path.write_text(json.dumps(policy.model_dump(mode="json")), encoding="utf-8")
         self.world_path = root / "world.json"
         self.db = root / "aggregator.db"
+        self.close_at = T0 + length  # when a ``close`` child (and the refeed) sweeps
         self.world = self.write_world(deltas=None)
         conn = sqlite3.connect(self.db)
         agg = self.world.aggregator(conn)
-        signed = agg.open_round(noise_multiplier=SIGMA, sampling_rate=Q,
-                                deadline=T0 + timedelta(days=7))  # fmt: skip
+        signed = agg.open_round(noise_multiplier=SIGMA, sampling_rate=Q, deadline=self.close_at)
         self.spec: RoundSpec = verify_round_spec(signed, self.keys.signing.public_key())
+        assert self.spec.deadline == self.close_at
         self.verifier_key = agg.log.verifier_key  # the region's checkpoint key, as published
         conn.close()
 
@@ -290,6 +294,7 @@ class Setup:
             "base": np.linspace(-1, 1, DIM).tolist(),
             "noise_seed": NOISE_SEED,
             "deltas": None if deltas is None else str(deltas),
+            "close_at": self.close_at.isoformat(),
         }
         self.world_path.write_text(json.dumps(data), encoding="utf-8")
         self.world = World.load(self.world_path)
@@ -326,21 +331,18 @@ class Feed:
     setup: Setup
     values: dict[str, npt.NDArray[np.float64]]  # enrolled deltas: key -> values
     strangers: set[str]  # keys of deltas from devices that are not enrolled
+    closes: bool  # whether its children sweep past the deadline (``close``) or only accept
     accept_s: float = 0.0  # how long one accept takes here, to time the kills
-    close_s: float = 0.0  # how long the accept that closes the round takes
-
-    @property
-    def cohort(self) -> int:
-        return self.setup.cohort
+    close_s: float = 0.0  # how long the sweep that publishes the round takes
 
     @property
     def count(self) -> int:
         return len(self.values) + len(self.strangers)
 
 
-def make_feed(root: Path, *, cohort: int, enrolled: int) -> Feed:
-    setup = Setup(root, cohort=cohort)
-    rng = np.random.default_rng(cohort)
+def make_feed(root: Path, *, closes: bool, enrolled: int) -> Feed:
+    setup = Setup(root, length=CLOSE_ROUND if closes else OPEN_ROUND)
+    rng = np.random.default_rng(enrolled)
     lines, values, strangers = [], {}, set()
     for device in setup.enroll(enrolled):
         delta = small(rng)
@@ -354,7 +356,7 @@ def make_feed(root: Path, *, cohort: int, enrolled: int) -> Feed:
     deltas = root / "deltas.jsonl"
     deltas.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     setup.write_world(deltas=deltas)
-    feed = Feed(setup, values, strangers)
+    feed = Feed(setup, values, strangers, closes)
     # One pass in process on a scratch copy, timed to spread the kills over a child's work.
     scratch = root / "scratch"
     copy_db(setup.db, scratch)
@@ -365,9 +367,10 @@ def make_feed(root: Path, *, cohort: int, enrolled: int) -> Feed:
         started = time.perf_counter()
         agg.accept(body, key)
         times.append(time.perf_counter() - started)
-        info = agg.round(setup.spec.round_id)
-        if info is not None and info.state == "published" and not feed.close_s:
-            feed.close_s = times[-1]
+    if closes:
+        started = time.perf_counter()
+        assert agg.sweep(setup.close_at) == [setup.spec.round_id]
+        feed.close_s = time.perf_counter() - started
     conn.close()
     shutil.rmtree(scratch)
     feed.accept_s = float(np.median(times))
@@ -376,14 +379,12 @@ def make_feed(root: Path, *, cohort: int, enrolled: int) -> Feed:
 
 @pytest.fixture(scope="module")
 def accept_feed(tmp_path_factory: pytest.TempPathFactory) -> Feed:
-    return make_feed(tmp_path_factory.mktemp("accept"), cohort=OPEN_COHORT,
-                     enrolled=ACCEPT_DELTAS)  # fmt: skip
+    return make_feed(tmp_path_factory.mktemp("accept"), closes=False, enrolled=ACCEPT_DELTAS)
 
 
 @pytest.fixture(scope="module")
 def close_feed(tmp_path_factory: pytest.TempPathFactory) -> Feed:
-    return make_feed(tmp_path_factory.mktemp("close"), cohort=CLOSE_COHORT,
-                     enrolled=CLOSE_DELTAS)  # fmt: skip
+    return make_feed(tmp_path_factory.mktemp("close"), closes=True, enrolled=CLOSE_DELTAS)
 
 
 def test_sigkill_during_accept_counts_each_delta_once(
@@ -424,23 +425,23 @@ def accept_chain(feed: Feed, zygote: Zygote, root: Path, seed: int, kills: int) 
     work = root / f"chain-{seed}"
     copy_db(feed.setup.db, work)
     db = work / feed.setup.db.name
-    closing = feed.cohort <= len(feed.values)
     acks: list[Path] = []
     landed: list[str] = []
     stored = 0  # the round's count at the last check
     for run in range(kills):
         order_seed = seed * 10 + run
-        if closing and rng.random() < 0.8:
-            # Around the close: from the answer that left the round one short of its cohort.
-            trigger = count_reaches(feed.cohort - 1, already=stored)
-            delay = rng.uniform(0.0, 1.5 * (feed.accept_s + feed.close_s))
+        if feed.closes and rng.random() < 0.8:
+            # During the close: from the moment the child starts its sweep.
+            trigger = sweep_starts
+            delay = rng.uniform(0.0, 1.5 * feed.close_s)
         else:
             trigger = after(rng.randrange(len(stream(feed.count, order_seed))))
             delay = rng.uniform(0.0, 2.0 * feed.accept_s)
         acks.append(work / f"ack-{run}.txt")
         where = (f"chain seed {seed}, kill {run + 1} of {kills} (order seed {order_seed}, "
                  f"{delay * 1000:.1f} ms after the trigger) in {work}")  # fmt: skip
-        args = ["accept", str(feed.setup.world_path), str(db), str(acks[-1]), str(order_seed)]
+        mode = "close" if feed.closes else "accept"
+        args = [mode, str(feed.setup.world_path), str(db), str(acks[-1]), str(order_seed)]
         kill_child(zygote, args, acks[-1], trigger, delay, log=work / f"child-{run}.log",
                    where=where)  # fmt: skip
         scratch = work / f"check-{run}"
@@ -469,12 +470,9 @@ def accept_chain(feed: Feed, zygote: Zygote, root: Path, seed: int, kills: int) 
     return landed
 
 
-def count_reaches(count: int, *, already: int) -> Callable[[list[str]], bool]:
-    """A trigger: once an answer leaves the round with ``count`` deltas (at once if the file
-    had them already)."""
-    if already >= count:
-        return after(0)
-    return lambda seen: any(int(line.split(" ")[3]) >= count for line in seen)
+def sweep_starts(seen: list[str]) -> bool:
+    """A trigger: once the child is about to sweep (every delta sent and answered)."""
+    return "sweep" in seen
 
 
 def answer_problems(conn: sqlite3.Connection, acks: Sequence[Path]) -> list[str]:
@@ -487,21 +485,22 @@ def answer_problems(conn: sqlite3.Connection, acks: Sequence[Path]) -> list[str]
 
 
 def refeed(feed: Feed, db: Path, seed: int) -> list[str]:
-    """Restart the aggregator on the file and send every delta again (twice, in two orders)."""
+    """Restart the aggregator on the file and send every delta again (twice, in two orders);
+    for a closing feed, then sweep past the deadline as the service's schedule would."""
     conn = sqlite3.connect(db)
     try:
         agg = feed.setup.world.aggregator(conn)
         deltas = feed.setup.world.deltas
         for index in stream(feed.count, seed * 10 + 9) + list(range(feed.count)):
             agg.accept(deltas[index][1], deltas[index][0])
+        ended = agg.sweep(feed.setup.close_at) if feed.closes else []
         problems, count, state = aggregator_problems(feed, conn)
-        if feed.cohort > len(feed.values):
-            if (state, count) != ("open", len(feed.values)):
-                problems.append(f"after sending everything the round is {state} with {count} "
-                                f"deltas, not open with all {len(feed.values)}")  # fmt: skip
-        elif (state, count) != ("published", feed.cohort):
+        if ended not in ([], [feed.setup.spec.round_id]):
+            problems.append(f"the sweep past the deadline ended {ended}")
+        want = "published" if feed.closes else "open"
+        if (state, count) != (want, len(feed.values)):
             problems.append(f"after sending everything the round is {state} with {count} "
-                            f"deltas, not published with {feed.cohort}")  # fmt: skip
+                            f"deltas, not {want} with all {len(feed.values)}")  # fmt: skip
         codes = Counter(code for (code,) in conn.execute("SELECT code FROM contributions"))
         expected = Counter({"within_policy": count, "not_enrolled": len(feed.strangers),
                             "round_closed": len(feed.values) - count})  # fmt: skip
@@ -543,7 +542,7 @@ def aggregator_problems(feed: Feed, conn: sqlite3.Connection) -> tuple[list[str]
                         f"{len(rows) - len(accepted)} refused uploads")  # fmt: skip
     if state == "open":
         problems += open_problems(feed, agg, conn, count=count, blob=blob, known=known)
-    elif state == "published":
+    elif state == "published" and feed.closes:
         problems += published_problems(feed, agg, conn, count=count, blob=blob, known=known)
     else:
         problems.append(f"the round is {state}")
@@ -567,8 +566,6 @@ def open_problems(
 ) -> list[str]:  # fmt: skip
     spec = feed.setup.spec
     problems: list[str] = []
-    if count >= feed.cohort:
-        problems.append(f"the round is open with {count} deltas; its cohort is {feed.cohort}")
     records = closing_records(agg, conn, spec)
     if records != "releases [], ledger entries [], publish decisions []":
         problems.append(f"the round is open, but there are {records}")
@@ -589,25 +586,27 @@ def published_problems(
 ) -> list[str]:  # fmt: skip
     spec = feed.setup.spec
     problems: list[str] = []
-    if count != feed.cohort:
-        problems.append(f"published with {count} deltas; the cohort is {feed.cohort}")
+    if count != len(feed.values):  # a child sweeps only once every delta has its answer
+        problems.append(f"published with {count} deltas; {len(feed.values)} are enrolled")
     if blob is not None:
         problems.append("the running sum is still stored after publishing")
     records = closing_records(agg, conn, spec)
     one_each = (f"releases [1], ledger entries [{spec.round_id!r}], "
-                "publish decisions ['cohort_met']")  # fmt: skip
+                "publish decisions ['deadline_reached']")  # fmt: skip
     if records != one_each:
         problems.append(f"published, with {records}: one of each is due")
     release = agg.latest_release()
     if release is not None:
         weights = verify_release(release, feed.setup.keys.signing.public_key())
-        mean = np.mean([feed.values[k] for k in known], axis=0)
-        std = spec.noise_multiplier * spec.clipping_norm / spec.min_cohort
-        noise = np.random.default_rng(NOISE_SEED).normal(0.0, std, size=DIM)
-        expected = np.asarray(feed.setup.world.base) + mean + noise
+        total = np.sum([feed.values[k] for k in known], axis=0)
+        update = central_update(total, np.random.default_rng(NOISE_SEED),
+                                clipping_norm=spec.clipping_norm,
+                                noise_multiplier=spec.noise_multiplier,
+                                expected_cohort=EXPECTED)  # fmt: skip
+        expected = np.asarray(feed.setup.world.base) + update
         if not np.allclose(weights, expected, rtol=0, atol=1e-6):
-            problems.append(f"the release holds {weights}, not base + mean of the accepted "
-                            f"deltas + noise = {expected}")  # fmt: skip
+            problems.append(f"the release holds {weights}, not base + (the accepted deltas' "
+                            f"sum on the grid + noise) / {EXPECTED} = {expected}")  # fmt: skip
     report = agg.log.verify(verifier_key=feed.setup.verifier_key)
     last = max((i for i, _ in agg.log.query(action="publish_release")), default=-1)
     if report.latest is None or report.latest.size <= last:
@@ -666,7 +665,7 @@ def service(
     from sottovoce.aggregator._app import create_app
 
     root = tmp_path_factory.mktemp("upload")
-    setup = Setup(root, cohort=OPEN_COHORT)
+    setup = Setup(root)  # the round stays open: nothing sweeps, and it is a week long
     devices = setup.enroll(upload_pool_size(request))
     # One device store whose user consented to training; each chain fills a copy's outbox with
     # deltas of distinct devices (the aggregator takes one per device and round).

@@ -22,8 +22,9 @@ from sottovoce.aggregator._ledger import (  # noqa: E402
     EPOCH,
     BudgetExceeded,
     PrivacyLedger,
+    epsilon_of,
 )
-from sottovoce.policy import Accountant, Policy, Region  # noqa: E402
+from sottovoce.policy import Accountant, Policy, PrivacyBudget, Region  # noqa: E402
 
 AT = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 DELTA = 1e-5
@@ -40,9 +41,12 @@ SETTINGS = [
 
 
 def region_with(policy: Policy, **privacy: Any) -> Region:
+    """The first region with its privacy budget changed, validated as a policy's would be (a
+    delta of 1e-5 needs a population of at most 10,000)."""
     region = policy.regions[0]
-    budget = region.privacy.model_copy(update={"delta": DELTA, **privacy})
-    return region.model_copy(update={"privacy": budget})
+    data = region.privacy.model_dump() | {"delta": DELTA, "population": 10_000,
+                                          "sampling_rate": 0.01, **privacy}  # fmt: skip
+    return region.model_copy(update={"privacy": PrivacyBudget.model_validate(data)})
 
 
 @pytest.fixture
@@ -52,10 +56,14 @@ def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     connection.close()
 
 
-def dp_accounting_rdp(*rounds: tuple[float, float, int]) -> float:
+def dp_accounting_rdp(*rounds: tuple[float, ...]) -> float:
+    """(noise multiplier, sampling rate, steps[, sensitivity]) rounds, composed by dp-accounting:
+    the Gaussian of noise multiplier sigma / sensitivity, Poisson-sampled unless q is 1."""
     accountant = dp_accounting.rdp.RdpAccountant()
-    for sigma, q, steps in rounds:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    for sigma, q, steps, *sensitivity in rounds:
+        event: Any = dp_accounting.GaussianDpEvent(sigma / (sensitivity[0] if sensitivity else 1))
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
         accountant.compose(event, steps)
     return float(accountant.get_epsilon(DELTA))
 
@@ -115,6 +123,103 @@ def test_prv_agrees_with_dp_accounting_pld(
     assert ledger.epsilon_if(sigma, q, period_start=start, steps=steps) == pytest.approx(
         expected, abs=0.02
     )
+
+
+# -- sensitivity: how far one device moves what is noised, in units of C ----------------------
+
+
+@pytest.mark.parametrize(
+    "mechanism",
+    [(1.0, 0.01, 1, 1.0001), (1.1, 0.05, 100, 1.5), (4.0, 1.0, 3, 2.0003), (2.0, 1.0, 1, 2.0)],
+    ids=str,
+)
+def test_a_sensitivity_charges_the_gaussian_of_sigma_over_it(
+    policy: Policy, conn: sqlite3.Connection, mechanism: tuple[float, float, int, float]
+) -> None:
+    sigma, q, steps, sensitivity = mechanism
+    ledger = PrivacyLedger(conn, region=region_with(policy, epsilon=100.0))
+    start = ledger.period_start_for(AT)
+    charged = ledger.epsilon_if(sigma, q, period_start=start, steps=steps,
+                                sensitivity=sensitivity)  # fmt: skip
+    assert charged == pytest.approx(dp_accounting_rdp((sigma, q, steps, sensitivity)), rel=0.01)
+    # Exactly the round of noise multiplier sigma / sensitivity, and more than without it.
+    assert charged == ledger.epsilon_if(sigma / sensitivity, q, period_start=start, steps=steps)
+    assert charged > ledger.epsilon_if(sigma, q, period_start=start, steps=steps)
+    assert ledger.can_open(sigma, q, period_start=start, steps=steps, sensitivity=sensitivity)
+    after = ledger.record_round("r1", sigma, q, period_start=start, at=AT, steps=steps,
+                                sensitivity=sensitivity)  # fmt: skip
+    assert after == charged == ledger.spent(start)
+    (entry,) = ledger.entries(start)
+    assert (entry.noise_multiplier, entry.sampling_rate, entry.steps, entry.sensitivity) == (
+        sigma, q, steps, sensitivity)  # fmt: skip
+
+
+def test_epsilon_of_takes_rounds_with_and_without_a_sensitivity() -> None:
+    rdp = Accountant.RDP
+    plain = epsilon_of([(1.1, 0.05, 10)], delta=DELTA, accountant=rdp)
+    assert epsilon_of([(1.1, 0.05, 10, 1.0)], delta=DELTA, accountant=rdp) == plain
+    scaled = epsilon_of([(2.2, 0.05, 10, 2.0)], delta=DELTA, accountant=rdp)
+    assert scaled == pytest.approx(plain, rel=1e-12)
+    # Mixed rounds compose whatever their order; the same effective mechanism groups.
+    mixed = [(1.1, 0.05, 4), (2.0, 1.0, 1, 2.0), (1.1, 0.05, 6, 1.0)]
+    assert epsilon_of(mixed, delta=DELTA, accountant=rdp) == pytest.approx(
+        epsilon_of(mixed[::-1], delta=DELTA, accountant=rdp), rel=1e-12)  # fmt: skip
+    assert epsilon_of(mixed, delta=DELTA, accountant=rdp) == pytest.approx(
+        dp_accounting_rdp((1.1, 0.05, 10), (1.0, 1.0, 1)), rel=0.01)  # fmt: skip
+    assert epsilon_of([], delta=DELTA, accountant=rdp) == 0.0
+
+
+def test_a_round_recorded_again_with_another_sensitivity_is_refused(
+    policy: Policy, conn: sqlite3.Connection
+) -> None:
+    ledger = PrivacyLedger(conn, region=region_with(policy, epsilon=8.0))
+    start = ledger.period_start_for(AT)
+    once = ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT, sensitivity=1.5)
+    assert ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT,
+                               sensitivity=1.5) == once  # fmt: skip
+    with pytest.raises(ValueError, match="already recorded"):
+        ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT)  # sensitivity 1
+    assert len(ledger.entries(start)) == 1
+
+
+@pytest.mark.parametrize("sensitivity", [0.0, 0.5, 0.999, -1.0, float("nan"), float("inf")])
+def test_a_sensitivity_below_one_clipping_norm_is_rejected(
+    policy: Policy, conn: sqlite3.Connection, sensitivity: float
+) -> None:
+    # One device always moves a clipped sum by up to C: less would undercharge.
+    ledger = PrivacyLedger(conn, region=region_with(policy))
+    start = ledger.period_start_for(AT)
+    with pytest.raises(ValueError, match="sensitivity"):
+        ledger.epsilon_if(1.0, 0.01, period_start=start, sensitivity=sensitivity)
+    with pytest.raises(ValueError, match="sensitivity"):
+        ledger.record_round("r", 1.0, 0.01, period_start=start, at=AT, sensitivity=sensitivity)
+    assert ledger.entries(start) == []
+
+
+def test_a_ledger_file_from_before_sensitivities_reads_its_rounds_at_sensitivity_one(
+    policy: Policy, conn: sqlite3.Connection
+) -> None:
+    region = region_with(policy, epsilon=8.0)
+    old = PrivacyLedger(sqlite3.connect(":memory:"), region=region)
+    start = old.period_start_for(AT)
+    before = old.record_round("r0", 1.1, 0.05, period_start=start, at=AT)
+    # The table as files made before this column hold it.
+    conn.execute(
+        "CREATE TABLE privacy_ledger (region TEXT NOT NULL, period_start TEXT NOT NULL,"
+        " round_id TEXT NOT NULL, noise_multiplier REAL NOT NULL, sampling_rate REAL NOT NULL,"
+        " steps INTEGER NOT NULL, epsilon_after REAL NOT NULL, at TEXT NOT NULL,"
+        " PRIMARY KEY (region, round_id))"
+    )
+    conn.execute("INSERT INTO privacy_ledger VALUES (?, ?, 'r0', 1.1, 0.05, 1, ?, ?)",
+                 (region.id, start.isoformat(timespec="microseconds"), before,
+                  AT.isoformat(timespec="microseconds")))  # fmt: skip
+    conn.commit()
+    ledger = PrivacyLedger(conn, region=region)
+    assert [(e.round_id, e.sensitivity) for e in ledger.entries(start)] == [("r0", 1.0)]
+    assert ledger.spent(start) == pytest.approx(before)
+    after = ledger.record_round("r1", 1.1, 0.05, period_start=start, at=AT, sensitivity=2.0)
+    assert after == pytest.approx(dp_accounting_rdp((1.1, 0.05, 1), (1.1, 0.05, 1, 2.0)),
+                                  rel=0.01)  # fmt: skip
 
 
 def test_history_survives_a_restart(policy: Policy, tmp_path: Path) -> None:

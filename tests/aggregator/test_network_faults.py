@@ -3,10 +3,11 @@
 Devices enroll and upload with sync's real transport (:class:`Uploader` over their own outboxes
 and clocks) through :class:`fault_proxy.FaultProxy` to the aggregator on uvicorn on 127.0.0.1.
 The proxy drops, delays, stalls, resets, answers 5xx, truncates requests and answers, and
-duplicates requests. Whatever it does, every delta must be aggregated exactly once: the round
-closes with one contribution per device, each idempotency key has exactly one ``within_policy``
-decision and no refusal, every outbox item ends acknowledged, the decision log verifies, and the
-release is the base plus the mean of exactly these deltas plus the round's central noise.
+duplicates requests. Whatever it does, every delta must be aggregated exactly once: when the
+round ends at its deadline (the service's schedule publishes it) it holds one contribution per
+device, each idempotency key has exactly one ``within_policy`` decision and no refusal, every
+outbox item ends acknowledged, the decision log verifies, and the release is the base plus the
+noised sum of exactly these deltas over the round's fixed expected cohort.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import numpy.typing as npt
 import pytest
 from aggregator_helpers import Clock
 from fault_proxy import FAULTS, Fault, FaultProxy, running
-from service_helpers import MODEL_ID, Device, MemoryOutbox, Region, serve, small
+from service_helpers import (
+    MODEL_ID,
+    SWEEP_SECONDS,
+    Device,
+    MemoryOutbox,
+    Region,
+    RoundRow,
+    serve,
+    small,
+)
 
 from sottovoce.sync import AggregatorUnavailable, DeltaState, SealedDelta
 from sottovoce.sync.transport import RetryPolicy, Uploader, fetch_release
@@ -78,15 +88,19 @@ def contribute(region: Region, url: str, index: int, seed: int) -> Outcome:
 
 
 def run_cohort(
-    region: Region, proxy_factory: Callable[[str], FaultProxy]
+    region: Region, devices: int, proxy_factory: Callable[[str], FaultProxy]
 ) -> tuple[list[Outcome], FaultProxy]:
-    """All devices through the proxy; returns their outcomes, the proxy and the direct URL."""
-    cohort = region.spec.min_cohort
-    with serve(region.app()) as url, running(proxy_factory(url)) as proxy:
+    """All devices through the proxy, then the deadline; returns their outcomes and the proxy."""
+    app = region.app(sweep_seconds=SWEEP_SECONDS)
+    with serve(app) as url, running(proxy_factory(url)) as proxy:
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             outcomes = list(
-                pool.map(lambda i: contribute(region, proxy.url, i, proxy.seed), range(cohort))
+                pool.map(lambda i: contribute(region, proxy.url, i, proxy.seed), range(devices))
             )
+        # Every device is in, and the round waits for its deadline; then the schedule ends it.
+        row = region.round_row()
+        assert row is not None and (row.state, row.count) == ("open", devices)
+        assert region.end_round() == RoundRow("published", devices, None)
         # Devices fetch the release through the same network; a lost answer is fetched again.
         with httpx.Client(timeout=CLIENT_TIMEOUT) as client:
             for _ in range(3):
@@ -107,13 +121,11 @@ def run_cohort(
                 assert fetched is not None
                 assert fetched.release == region.latest_release()
             metrics = httpx.get(f"{url}/v1/metrics").text.splitlines()
-        assert f"sottovoce_deltas_accepted_total {cohort}" in metrics
-        assert "sottovoce_rounds_published_total 1" in metrics
+        assert f"sottovoce_deltas_accepted_total {devices}" in metrics
     return outcomes, proxy
 
 
-def check_exactly_once(region: Region, outcomes: list[Outcome]) -> None:
-    cohort = region.spec.min_cohort
+def check_exactly_once(region: Region, outcomes: list[Outcome], cohort: int) -> None:
     assert len(outcomes) == cohort
     for outcome in outcomes:
         key = outcome.sealed.idempotency_key
@@ -130,7 +142,7 @@ def check_exactly_once(region: Region, outcomes: list[Outcome]) -> None:
     expected = sorted(region.upload_digest(o.sealed.idempotency_key, o.sealed.to_wire())
                       for o in outcomes)  # fmt: skip
     assert digests == expected  # each key's upload decided once, as accepted
-    assert [d.reason for d in region.decisions("publish_release")] == ["cohort_met"]
+    assert [d.reason for d in region.decisions("publish_release")] == ["deadline_reached"]
     report = region.verify_log()
     assert report.ok, report.problems
     release = region.latest_release()
@@ -144,13 +156,13 @@ def check_exactly_once(region: Region, outcomes: list[Outcome]) -> None:
 
 
 def _cohort_through_a_seeded_fault_mix(tmp_path: Path, seed: int, *, every_fault: bool) -> None:
-    region = Region(tmp_path / "aggregator.db", min_cohort=DEVICES)
+    region = Region(tmp_path / "aggregator.db")
     started = time.monotonic()
     outcomes, proxy = run_cohort(
-        region, lambda url: FaultProxy(url, seed=seed, rate=0.3, stall=STALL)
+        region, DEVICES, lambda url: FaultProxy(url, seed=seed, rate=0.3, stall=STALL)
     )
     elapsed = time.monotonic() - started
-    check_exactly_once(region, outcomes)
+    check_exactly_once(region, outcomes, DEVICES)
     counts = proxy.counts
     total = sum(counts.values())
     faulted = total - counts[Fault.NONE]
@@ -176,12 +188,13 @@ def test_more_seeded_fault_mixes(tmp_path: Path, seed: int) -> None:
 def test_each_fault_on_every_first_attempt(tmp_path: Path, fault: Fault) -> None:
     """Every device's first upload (and the first enrollment) meets ``fault``; one at a time,
     so a failure names the fault that broke exactly-once."""
-    region = Region(tmp_path / "aggregator.db", min_cohort=3)
+    region = Region(tmp_path / "aggregator.db")
     outcomes, proxy = run_cohort(
         region,
+        3,
         lambda url: FaultProxy(url, seed=0, rate=1.0, faults=[fault], first_only=True, stall=STALL),
     )
-    check_exactly_once(region, outcomes)
+    check_exactly_once(region, outcomes, 3)
     counts = proxy.counts
     # Three first uploads, three first enrollments and the first release fetch met the fault.
     assert counts[fault] == 3 + 3 + 1, counts

@@ -1,4 +1,5 @@
-"""PartialSum: order-independent FedAvg, merging, refusals, storage bytes, central noise, memory."""
+"""PartialSum: order-independent FedAvg, merging, refusals, storage bytes, memory, and the
+central release (the noised sum on the grid over the fixed expected cohort)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from functools import reduce
 
 import numpy as np
 import pytest
+from aggregator_helpers import central_update
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sottovoce import SottovoceError
-from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_noise
+from sottovoce.aggregator import central_release
+from sottovoce.aggregator._partial_sum import AggregationError, PartialSum
 
 DIM = 4
 values = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
@@ -316,56 +319,105 @@ def test_layout_is_little_endian_and_versioned() -> None:
     assert blob[40:] == hashlib.sha256(blob[:40]).digest()
 
 
-# -- central noise -------------------------------------------------------------------------
+# -- the central release --------------------------------------------------------------------
 
 
-def test_central_noise_has_the_dp_fedavg_standard_deviation() -> None:
-    draws, cohort, clip, z = 20_000, 100, 1.5, 1.1
-    mean = np.full(draws, 0.25)
-    noisy = central_noise(
-        mean, clipping_norm=clip, noise_multiplier=z, cohort=cohort, rng=np.random.default_rng(7)
+def test_the_central_release_is_the_sum_on_the_grid_plus_noise_over_the_expected_cohort() -> None:
+    # gamma * (rint(total / gamma) + rint(normal(0, z * 2**20))) / expected, bit for bit.
+    clip, z, expected = 1.5, 1.1, 7.0
+    total = np.array([0.25, -1.0, 3.0, 1e-9])
+    released = central_release(total, clipping_norm=clip, noise_multiplier=z,
+                               expected_cohort=expected, rng=np.random.default_rng(7))  # fmt: skip
+    gamma = clip / 2**20
+    steps = np.rint(total / gamma) + np.rint(
+        np.random.default_rng(7).normal(0.0, z * 2**20, size=total.shape)
     )
-    expected = z * clip / cohort
-    noise = noisy - mean
-    assert noise.std() == pytest.approx(expected, rel=0.03)
-    assert abs(noise.mean()) < 4 * expected / np.sqrt(draws)
-    assert noisy.dtype == np.float64 and noisy.shape == mean.shape
-    np.testing.assert_array_equal(mean, 0.25)  # the input is not changed
+    np.testing.assert_array_equal(released, steps * gamma / expected)
+    assert released.dtype == np.float64 and released.shape == total.shape
+    np.testing.assert_array_equal(total, [0.25, -1.0, 3.0, 1e-9])  # the input is not changed
+    # The helper the round tests predict releases with computes the same, independently.
+    same = central_update(total, np.random.default_rng(7), clipping_norm=clip, noise_multiplier=z,
+                          expected_cohort=expected)  # fmt: skip
+    np.testing.assert_array_equal(released, same)
 
 
-def test_central_noise_is_reproducible_with_a_seeded_generator() -> None:
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "csprng"])
+def test_the_central_noise_has_std_z_c_over_the_expected_cohort(seeded: bool) -> None:
+    # Also from the OS CSPRNG (the deployment's exact discrete Gaussian): the same scale, on
+    # the grid, and never the same draw twice.
+    draws, expected, clip, z = 20_000, 100.0, 1.5, 1.1
+    total = np.full(draws, 25.0)  # what a round of 100 devices sending 0.25 sums to
+    rng = np.random.default_rng(7) if seeded else None
+    released = central_release(total, clipping_norm=clip, noise_multiplier=z,
+                               expected_cohort=expected, rng=rng)  # fmt: skip
+    noise = released - total / expected
+    std = z * clip / expected
+    assert noise.std() == pytest.approx(std, rel=0.03)
+    assert abs(noise.mean()) < 4 * std / np.sqrt(draws)
+    steps = released * expected / (clip / 2**20)  # grid steps: whole numbers
+    np.testing.assert_allclose(steps, np.rint(steps), rtol=0, atol=1e-6)
+    again = central_release(total, clipping_norm=clip, noise_multiplier=z,
+                            expected_cohort=expected, rng=None)  # fmt: skip
+    assert not np.array_equal(released, again)
+
+
+def test_the_central_release_divides_by_the_expected_cohort_whatever_it_is_given() -> None:
+    # The same sum and the same seeded noise: the divisor is the only difference.
+    total = np.array([1.0, -2.0, 0.5])
+
+    def release(expected: float) -> np.ndarray:
+        return central_release(total, clipping_norm=1.0, noise_multiplier=1.0,
+                               expected_cohort=expected, rng=np.random.default_rng(3))  # fmt: skip
+
+    np.testing.assert_allclose(release(5.0) * 5.0, release(2.5) * 2.5, rtol=1e-15)
+
+
+def test_the_central_release_is_reproducible_with_a_seeded_generator() -> None:
     def noisy(seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        return central_noise(
-            [0.0, 1.0], clipping_norm=1.0, noise_multiplier=1.0, cohort=10, rng=rng
-        )
+        return central_release([0.0, 1.0], clipping_norm=1.0, noise_multiplier=1.0,
+                               expected_cohort=10.0, rng=rng)  # fmt: skip
 
     np.testing.assert_array_equal(noisy(1), noisy(1))
     assert not np.array_equal(noisy(1), noisy(2))
 
 
+def test_the_central_release_is_exported_and_the_old_name_is_gone() -> None:
+    from sottovoce import aggregator
+
+    assert aggregator.central_release is central_release
+    assert "central_release" in aggregator.__all__
+    assert not hasattr(aggregator, "central_noise")
+
+
 @pytest.mark.parametrize(
-    ("clip", "z", "cohort"),
-    [(0.0, 1.0, 10), (-1.0, 1.0, 10), (float("nan"), 1.0, 10), (1.0, 0.0, 10),
-     (1.0, -1.0, 10), (1.0, float("inf"), 10), (1.0, 1.0, 0), (1.0, 1.0, True), (1.0, 1.0, 2.0)],
+    ("clip", "z", "expected"),
+    [(0.0, 1.0, 10.0), (-1.0, 1.0, 10.0), (float("nan"), 1.0, 10.0), (float("inf"), 1.0, 10.0),
+     (1.0, 0.0, 10.0), (1.0, -1.0, 10.0), (1.0, float("nan"), 10.0), (1.0, float("inf"), 10.0),
+     (1.0, 2.0**37, 10.0), (1.0, 1.0, 0.0), (1.0, 1.0, -5.0), (1.0, 1.0, float("nan")),
+     (1.0, 1.0, float("inf"))],
 )  # fmt: skip
-def test_central_noise_refuses_bad_parameters(clip: float, z: float, cohort: object) -> None:
+def test_the_central_release_refuses_bad_parameters(clip: float, z: float, expected: float) -> None:
     with pytest.raises(ValueError):
-        central_noise(
-            np.zeros(3),
-            clipping_norm=clip,
-            noise_multiplier=z,
-            cohort=cohort,  # type: ignore[arg-type]
-            rng=np.random.default_rng(0),
-        )
+        central_release(np.zeros(3), clipping_norm=clip, noise_multiplier=z,
+                        expected_cohort=expected, rng=np.random.default_rng(0))  # fmt: skip
 
 
-@pytest.mark.parametrize("mean", [np.array([0.0, np.nan]), np.zeros((2, 2)), np.zeros(0)])
-def test_central_noise_refuses_a_bad_mean(mean: np.ndarray) -> None:
+BAD_SUMS = [np.array([0.0, np.nan]), np.array([np.inf, 0.0]), np.zeros((2, 2)), np.zeros(0),
+            np.array(["a", "b"])]  # fmt: skip
+
+
+@pytest.mark.parametrize("total", BAD_SUMS)
+def test_the_central_release_refuses_a_bad_sum(total: np.ndarray) -> None:
     with pytest.raises(AggregationError):
-        central_noise(
-            mean, clipping_norm=1.0, noise_multiplier=1.0, cohort=3, rng=np.random.default_rng(0)
-        )
+        central_release(total, clipping_norm=1.0, noise_multiplier=1.0, expected_cohort=3.0,
+                        rng=np.random.default_rng(0))  # fmt: skip
+
+
+def test_a_sum_too_large_for_the_grid_is_refused() -> None:
+    with pytest.raises(ValueError, match="too large for the grid"):
+        central_release(np.array([2.0**43, 0.0]), clipping_norm=1.0, noise_multiplier=1.0,
+                        expected_cohort=3.0, rng=np.random.default_rng(0))  # fmt: skip
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from aggregator_helpers import COHORT, DIM, T0, Clock, Keys
+from aggregator_helpers import COHORT, DIM, EXPECTED, T0, Clock, Keys, central_update
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce.aggregator import BudgetExceeded
 from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen
-from sottovoce.policy import Policy
+from sottovoce.policy import Decision, Policy
 from sottovoce.sync import (
     RoundSpec,
     SealedDelta,
@@ -30,13 +30,16 @@ from sottovoce.sync import (
     verify_release,
     verify_round_spec,
 )
+from sottovoce.sync._noise import sensitivity_factor
 from sottovoce.sync._seal import SUITE, _info, _pack, _statement
 from sottovoce.sync._wire import X25519_ENC_BYTES, b64encode
 
 pytest.importorskip("opacus")
 
 MODEL_ID = "ab" * 32
-SIGMA, Q = 1.0, 0.01  # a round costs well under the budget of 4
+SIGMA, Q = 1.0, 0.01  # the policy's mechanism (Keys.policy): a round costs epsilon ~1.2 of 4
+FACTOR = sensitivity_factor(DIM)  # the grid's sensitivity, in units of C
+LOCAL = {"mode": "local", "noise_multiplier": 4.0}  # a local round at z = 4 costs epsilon ~2.4
 
 
 @dataclass
@@ -57,8 +60,7 @@ class Device:
             device_secret=self.secret,
             signing_key=self.key,
             aggregator_hpke_key=hpke.public_key(),
-            rng=np.random.default_rng(0),
-            **kw,
+            **{"rng": np.random.default_rng(0), **kw},
         )
 
 
@@ -92,11 +94,8 @@ class World:
         self.agg = self.build()
 
     def open(self, **kw: Any) -> RoundSpec:
-        options: dict[str, Any] = {
-            "noise_multiplier": SIGMA,
-            "sampling_rate": Q,
-            "deadline": self.clock.now + timedelta(hours=6),
-        } | kw
+        """Open a round of the policy's mechanism (or ``kw``'s), six hours long by default."""
+        options: dict[str, Any] = {"deadline": self.clock.now + timedelta(hours=6)} | kw
         return verify_round_spec(self.agg.open_round(**options), self.keys.signing.public_key())
 
     def device(self, spec: RoundSpec) -> Device:
@@ -109,6 +108,19 @@ class World:
 
     def reasons(self, action: str = "accept_delta") -> list[str]:
         return [d.reason for _, d in self.agg.log.query(action=action)]
+
+    def decisions(self, action: str) -> list[Decision]:
+        return [d for _, d in self.agg.log.query(action=action)]
+
+    def end(self, spec: RoundSpec) -> list[str]:
+        """Move the clock a second past the round's deadline and sweep, as the scheduler does."""
+        self.clock.now = spec.deadline + timedelta(seconds=1)
+        return self.agg.sweep()
+
+    def weights(self) -> npt.NDArray[np.float32]:
+        release = self.agg.latest_release()
+        assert release is not None
+        return verify_release(release, self.keys.signing.public_key())
 
     def check_log(self) -> None:
         report = self.agg.log.verify(verifier_key=self.agg.log.verifier_key)
@@ -157,47 +169,113 @@ def forge(
 # -- a full round ----------------------------------------------------------------------------
 
 
-def test_a_full_round_publishes_base_plus_mean_plus_central_noise(world: World) -> None:
+def test_a_full_round_publishes_at_its_deadline_base_plus_the_noised_sum_over_the_expected_cohort(
+    world: World,
+) -> None:
     spec = world.open()
     assert (spec.model_version, spec.min_cohort, spec.mode.value) == (0, COHORT, "central")
+    assert (spec.noise_multiplier, spec.sampling_rate, spec.expected_cohort) == (SIGMA, Q, EXPECTED)
     rng = np.random.default_rng(1)
-    deltas = [small(rng) for _ in range(COHORT)]
+    # More devices than the minimum cohort: every on-time delta counts, none is dropped.
+    deltas = [small(rng) for _ in range(COHORT + 1)]
     for i, delta in enumerate(deltas):
         assert world.upload(world.device(spec).seal(delta, spec, world.keys.hpke)) == (
             200,
             "within_policy",
         )
-        assert world.agg.round(spec.round_id).count == i + 1  # type: ignore[union-attr]
+        info = world.agg.round(spec.round_id)
+        assert info is not None and (info.state, info.count) == ("open", i + 1)
+    # Reaching the minimum cohort closes nothing: the round waits for its deadline.
+    assert world.agg.latest_release() is None
+    assert world.agg.sweep() == []  # not yet
+    assert world.end(spec) == [spec.round_id]
     release = world.agg.latest_release()
     assert release is not None and release.version == 1 and release.model_id == MODEL_ID
-    weights = verify_release(release, world.keys.signing.public_key())
-    mean = np.mean(np.array(deltas, dtype=np.float64), axis=0)
-    draws = np.random.default_rng(world.seed)
-    noise = draws.normal(0.0, SIGMA * 1.0 / COHORT, size=DIM)
-    np.testing.assert_allclose(weights, world.base + mean + noise, rtol=0, atol=1e-6)
-    assert not np.allclose(weights, world.base + mean, atol=1e-3)  # the noise is there
+    weights = world.weights()
+    total = np.sum(np.array(deltas, dtype=np.float64), axis=0)
+    draws = np.random.default_rng(world.seed)  # the aggregator's noise, draw for draw
+    update = central_update(total, draws)
+    np.testing.assert_allclose(weights, world.base + update, rtol=0, atol=1e-6)
+    assert not np.allclose(weights, world.base + total / EXPECTED, atol=1e-3)  # noise is there
     info = world.agg.round(spec.round_id)
-    assert info is not None and info.state == "published" and info.closed_at == T0
+    assert info is not None and info.state == "published" and info.count == COHORT + 1
+    assert info.closed_at == spec.deadline + timedelta(seconds=1)
     partial = world.conn.execute("SELECT partial FROM rounds").fetchone()[0]
     assert partial is None  # the un-noised sum is gone once published
+    # The ledger charged the Poisson-sampled Gaussian at the policy's q, on the grid's
+    # sensitivity, whatever the count.
     entries = world.agg.ledger.entries(spec.period_start)
-    assert [(e.round_id, e.noise_multiplier) for e in entries] == [(spec.round_id, SIGMA)]
+    assert [(e.round_id, e.noise_multiplier, e.sampling_rate, e.sensitivity) for e in entries] == [
+        (spec.round_id, SIGMA, Q, FACTOR)]  # fmt: skip
+    assert entries[0].epsilon_after == pytest.approx(spec.epsilon_after)
     assert world.reasons("open_round") == ["within_budget"]
-    assert world.reasons("publish_release") == ["cohort_met"]
-    assert world.reasons() == ["within_policy"] * COHORT
+    (published,) = world.decisions("publish_release")
+    assert (published.outcome.value, published.reason) == ("allow", "deadline_reached")
+    # No count in the log: a central round's count is not what its noise protects.
+    assert published.metrics == {"expected_cohort": EXPECTED,
+                                 "epsilon_spent": entries[0].epsilon_after,
+                                 "epsilon_budget": 4.0}  # fmt: skip
+    assert world.reasons() == ["within_policy"] * (COHORT + 1)
 
-    # The next round trains version 1 and builds on its weights.
+    # The next round trains version 1 and builds on its weights; the noise is the next draw.
     nxt = world.open()
     assert nxt.model_version == 1
     more = [small(rng) for _ in range(COHORT)]
     for delta in more:
         world.upload(world.device(nxt).seal(delta, nxt, world.keys.hpke))
+    assert world.end(nxt) == [nxt.round_id]
     second = world.agg.latest_release()
     assert second is not None and second.version == 2
-    step = verify_release(second, world.keys.signing.public_key()) - weights
-    expected = np.mean(np.array(more, dtype=np.float64), axis=0)
-    expected += draws.normal(0.0, SIGMA / COHORT, size=DIM)
+    step = world.weights().astype(np.float64) - weights
+    expected = central_update(np.sum(np.array(more, dtype=np.float64), axis=0), draws)
     np.testing.assert_allclose(step, expected, atol=1e-5)
+    assert world.reasons("publish_release") == ["deadline_reached"] * 2
+
+
+@pytest.mark.parametrize("count", [0, 1, COHORT - 1])
+def test_a_central_round_publishes_at_its_deadline_whatever_the_count(
+    world: World, count: int
+) -> None:
+    # Below the minimum cohort, even with nobody: the same noise over the same fixed divisor.
+    spec = world.open()
+    rng = np.random.default_rng(20 + count)
+    deltas = [small(rng) for _ in range(count)]
+    for delta in deltas:
+        assert world.upload(world.device(spec).seal(delta, spec, world.keys.hpke))[0] == 200
+    assert world.end(spec) == [spec.round_id]
+    total = np.sum(np.array(deltas, dtype=np.float64).reshape(count, DIM), axis=0)
+    update = central_update(total, np.random.default_rng(world.seed))
+    np.testing.assert_allclose(world.weights(), world.base + update, rtol=0, atol=1e-6)
+    info = world.agg.round(spec.round_id)
+    assert info is not None and (info.state, info.count) == ("published", count)
+    assert world.reasons("publish_release") == ["deadline_reached"]
+    assert len(world.agg.ledger.entries(spec.period_start)) == 1
+
+
+def test_a_round_runs_the_policys_mechanism(world: World) -> None:
+    # Default: the policy's least noise; more noise is allowed, less is not, and the sampling
+    # rate is the policy's (devices refuse any other).
+    with pytest.raises(ValueError, match="below the policy's minimum"):
+        world.agg.open_round(deadline=world.clock.now + timedelta(hours=1), noise_multiplier=0.9)
+    with pytest.raises(ValueError, match="sampling rate"):
+        world.agg.open_round(deadline=world.clock.now + timedelta(hours=1), sampling_rate=0.02)
+    assert world.reasons("open_round") == []  # refused before anything was decided
+    assert world.agg.current_round() is None
+    spec = verify_round_spec(
+        world.agg.open_round(deadline=world.clock.now + timedelta(hours=1)),
+        world.keys.signing.public_key(),
+    )
+    assert (spec.noise_multiplier, spec.sampling_rate, spec.expected_cohort) == (SIGMA, Q, EXPECTED)
+    start = world.agg.ledger.period_start_for(world.clock.now)
+    assert spec.epsilon_after == world.agg.ledger.epsilon_if(SIGMA, Q, period_start=start,
+                                                             sensitivity=FACTOR)  # fmt: skip
+    world.end(spec)
+    noisier = world.open(noise_multiplier=2.5)
+    assert (noisier.noise_multiplier, noisier.sampling_rate) == (2.5, Q)
+    world.end(noisier)
+    entries = world.agg.ledger.entries(start)
+    assert [(e.noise_multiplier, e.sampling_rate, e.sensitivity) for e in entries] == [
+        (SIGMA, Q, FACTOR), (2.5, Q, FACTOR)]  # fmt: skip
 
 
 def test_one_round_at_a_time(world: World) -> None:
@@ -338,15 +416,15 @@ def test_a_restart_mid_round_neither_loses_nor_double_counts(world: World) -> No
     # The device did not see its answer and retries after the restart: counted once.
     assert world.upload(sealed[1]) == (200, "within_policy")
     assert world.agg.round(spec.round_id).count == 2  # type: ignore[union-attr]
-    assert world.agg.latest_release() is None
     assert world.upload(sealed[2]) == (200, "within_policy")
-    release = world.agg.latest_release()
-    assert release is not None
-    weights = verify_release(release, world.keys.signing.public_key())
-    noise = np.random.default_rng(world.seed).normal(0.0, SIGMA / COHORT, size=DIM)
-    mean = np.mean(np.array(deltas, dtype=np.float64), axis=0)
-    np.testing.assert_allclose(weights, world.base + mean + noise, atol=1e-6)
+    assert world.agg.latest_release() is None  # open until the deadline
+    world.restart()  # the deadline passes while the aggregator is down
+    assert world.end(spec) == [spec.round_id]
+    total = np.sum(np.array(deltas, dtype=np.float64), axis=0)
+    update = central_update(total, np.random.default_rng(world.seed))
+    np.testing.assert_allclose(world.weights(), world.base + update, atol=1e-6)
     assert world.reasons() == ["within_policy"] * COHORT
+    assert world.agg.round(spec.round_id).count == COHORT  # type: ignore[union-attr]
 
 
 def test_a_failed_transaction_counts_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,49 +443,142 @@ def test_a_failed_transaction_counts_nothing(world: World, monkeypatch: pytest.M
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
 
 
-def test_a_round_beyond_the_budget_is_refused(world: World) -> None:
+def test_a_round_beyond_the_budget_is_refused(tmp_path: Path, keys: Keys) -> None:
+    # Every device in every round (q = 1, no amplification): z = 1 costs epsilon ~5.2 > 4.
+    policy = keys.policy(sampling_rate=1.0, population=5)
+    world = World(tmp_path / "budget.db", keys, policy)
     with pytest.raises(BudgetExceeded) as refused:
-        world.open(noise_multiplier=0.3, sampling_rate=1.0)
+        world.open()
     assert refused.value.epsilon_after > refused.value.budget == 4.0
     assert world.agg.current_round() is None
     assert world.reasons("open_round") == ["budget_exhausted"]
-    world.open()  # a cheaper round still fits
+    spec = world.open(noise_multiplier=5.0)  # more noise still fits
+    assert spec.epsilon_after < 4.0
+    world.check_log()
+    world.conn.close()
 
 
-def test_a_round_past_its_deadline_is_abandoned_and_publishes_nothing(world: World) -> None:
+def test_a_round_whose_budget_shrank_while_it_was_open_is_abandoned(
+    world: World, keys: Keys
+) -> None:
     spec = world.open()
-    rng = np.random.default_rng(6)
-    assert world.upload(world.device(spec).seal(small(rng), spec, world.keys.hpke))[0] == 200
-    late = world.device(spec).seal(small(rng), spec, world.keys.hpke)
-    world.clock.now = spec.deadline + timedelta(seconds=1)
-    assert world.upload(late) == (410, "round_closed")
-    assert world.agg.sweep() == [spec.round_id]
+    rng = np.random.default_rng(9)
+    for _ in range(COHORT):
+        assert world.upload(world.device(spec).seal(small(rng), spec, keys.hpke))[0] == 200
+    # The operator deploys a policy whose budget no longer pays for this round (~1.2).
+    world.policy = keys.policy(epsilon=1.0)
+    world.restart()
+    assert world.end(spec) == [spec.round_id]
     info = world.agg.round(spec.round_id)
-    assert info is not None and info.state == "abandoned" and info.count == 1
+    assert info is not None and info.state == "abandoned"
     assert world.conn.execute("SELECT partial FROM rounds").fetchone()[0] is None
     assert world.agg.latest_release() is None
     assert world.agg.ledger.entries(spec.period_start) == []
-    assert world.reasons("publish_release") == ["cohort_not_met"]
+    (abandoned,) = world.decisions("publish_release")
+    assert (abandoned.outcome.value, abandoned.reason) == ("deny", "budget_exhausted")
+    assert abandoned.metrics == {"epsilon_spent": 0.0, "epsilon_budget": 1.0}  # no count
+
+
+def test_a_central_round_past_its_deadline_takes_nothing_more(world: World) -> None:
+    spec = world.open()
+    rng = np.random.default_rng(6)
+    on_time = small(rng)
+    assert world.upload(world.device(spec).seal(on_time, spec, world.keys.hpke))[0] == 200
+    late = world.device(spec).seal(small(rng), spec, world.keys.hpke)
+    world.clock.now = spec.deadline  # the deadline itself is too late
+    assert world.upload(late) == (410, "round_closed")
+    assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
+    assert world.agg.sweep() == [spec.round_id]
+    update = central_update(on_time.astype(np.float64), np.random.default_rng(world.seed))
+    np.testing.assert_allclose(world.weights(), world.base + update, rtol=0, atol=1e-6)
+    assert world.upload(late) == (410, "round_closed")  # its first answer
+    assert world.reasons() == ["within_policy", "round_closed"]
     assert world.agg.sweep() == []  # nothing twice
 
 
+# -- local mode: every upload carries its own noise ----------------------------------------------
+
+
+@pytest.fixture
+def local(tmp_path: Path, keys: Keys) -> Iterator[World]:
+    w = World(tmp_path / "local.db", keys, keys.policy(**LOCAL))
+    yield w
+    w.check_log()
+    w.conn.close()
+
+
+def test_a_local_round_closes_at_its_minimum_cohort_with_the_mean(local: World) -> None:
+    spec = local.open()
+    assert (spec.mode.value, spec.noise_multiplier, spec.min_cohort) == ("local", 4.0, COHORT)
+    rng = np.random.default_rng(10)
+    deltas = [small(rng) for _ in range(COHORT)]
+    for i, delta in enumerate(deltas):
+        assert local.upload(local.device(spec).seal(delta, spec, local.keys.hpke))[0] == 200
+        info = local.agg.round(spec.round_id)
+        expected_state = "published" if i + 1 == COHORT else "open"
+        assert info is not None and (info.state, info.count) == (expected_state, i + 1)
+    # Each device put its delta on the grid and added z * C noise (its own seeded draw here).
+    gamma = 1.0 / 2**20
+    noisy = [((np.rint(d.astype(np.float64) / gamma)
+               + np.rint(np.random.default_rng(0).normal(0.0, 4.0 * 2**20, DIM))) * gamma
+              ).astype(np.float32) for d in deltas]  # fmt: skip
+    mean = np.mean(np.array(noisy, dtype=np.float64), axis=0)
+    np.testing.assert_allclose(local.weights(), local.base + mean, rtol=0, atol=1e-6)
+    # Charged per upload at 2C on the grid, without amplification by sampling.
+    entries = local.agg.ledger.entries(spec.period_start)
+    assert [(e.noise_multiplier, e.sampling_rate, e.sensitivity) for e in entries] == [
+        (4.0, 1.0, 2 * FACTOR)]  # fmt: skip
+    (published,) = local.decisions("publish_release")
+    assert (published.reason, published.metrics["cohort"]) == ("cohort_met", COHORT)
+    assert "expected_cohort" not in published.metrics
+    late = local.device(spec).seal(small(rng), spec, local.keys.hpke)
+    assert local.upload(late) == (410, "round_closed")
+
+
+def test_a_local_round_short_of_its_cohort_is_abandoned_at_its_deadline(local: World) -> None:
+    spec = local.open()
+    rng = np.random.default_rng(6)
+    # Sealed as a deployed device seals: its noise from the OS CSPRNG.
+    sealed = local.device(spec).seal(small(rng), spec, local.keys.hpke, rng=None)
+    assert local.upload(sealed) == (200, "within_policy")
+    late = local.device(spec).seal(small(rng), spec, local.keys.hpke)
+    local.clock.now = spec.deadline + timedelta(seconds=1)
+    assert local.upload(late) == (410, "round_closed")
+    assert local.agg.sweep() == [spec.round_id]
+    info = local.agg.round(spec.round_id)
+    assert info is not None and info.state == "abandoned" and info.count == 1
+    assert local.conn.execute("SELECT partial FROM rounds").fetchone()[0] is None
+    assert local.agg.latest_release() is None
+    assert local.agg.ledger.entries(spec.period_start) == []
+    (abandoned,) = local.decisions("publish_release")
+    assert (abandoned.outcome.value, abandoned.reason) == ("deny", "cohort_not_met")
+    assert abandoned.metrics == {"epsilon_spent": 0.0, "epsilon_budget": 4.0}  # no count
+    assert local.agg.sweep() == []  # nothing twice
+
+
 def test_sweep_purges_contributions_after_their_retention(world: World) -> None:
-    spec = world.open()
+    # The EU keeps contribution rows for a day, except an open round's (its once-per-device
+    # check needs them), however old.
+    spec = world.open(deadline=T0 + timedelta(hours=1))
     rng = np.random.default_rng(8)
     for _ in range(COHORT):
         world.upload(world.device(spec).seal(small(rng), spec, world.keys.hpke))
-    still_open = world.open()
+    assert world.end(spec) == [spec.round_id]  # published at T0 + 1h
+    still_open = world.open(deadline=T0 + timedelta(days=3))
     world.upload(world.device(still_open).seal(small(rng), still_open, world.keys.hpke))
     world.clock.now = T0 + timedelta(hours=5)
-    world.agg.sweep()
+    assert world.agg.sweep() == []
     assert world.reasons("purge_retention") == []  # nothing is old enough yet
     world.clock.now = T0 + timedelta(days=2)
-    world.agg.sweep()
-    # The published round's rows are gone; the open round kept its rows until it ended.
+    assert world.agg.sweep() == []
     rounds = [r[0] for r in world.conn.execute("SELECT round_id FROM contributions")]
-    assert rounds == []  # the second round was abandoned first, then purged with the rest
+    assert rounds == [still_open.round_id]  # older than a day, but its round is open
+    world.clock.now = T0 + timedelta(days=3)
+    assert world.agg.sweep() == [still_open.round_id]  # published, then purged with its rows
+    assert world.conn.execute("SELECT count(*) FROM contributions").fetchone()[0] == 0
     purges = [d for _, d in world.agg.log.query(action="purge_retention")]
-    assert [d.metrics["deleted_contributions"] for d in purges] == [COHORT + 1]
+    assert [d.metrics["deleted_contributions"] for d in purges] == [COHORT, 1]
+    assert world.reasons("publish_release") == ["deadline_reached"] * 2
 
 
 def test_the_keys_must_be_the_regions(tmp_path: Path, keys: Keys) -> None:
@@ -426,9 +597,23 @@ def test_the_keys_must_be_the_regions(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_an_expired_round_does_not_block_the_next(world: World) -> None:
+    # Opening the next round ends the expired one first: central, so it is published (with no
+    # contribution at all) and the next round trains its release.
     first = world.open()
     world.clock.now = first.deadline
     second = world.open()
     assert second.round_id != first.round_id
-    assert world.agg.round(first.round_id).state == "abandoned"  # type: ignore[union-attr]
-    assert world.reasons("publish_release") == ["cohort_not_met"]
+    assert world.agg.round(first.round_id).state == "published"  # type: ignore[union-attr]
+    assert world.reasons("publish_release") == ["deadline_reached"]
+    assert second.model_version == 1
+    update = central_update(np.zeros(DIM), np.random.default_rng(world.seed))
+    np.testing.assert_allclose(world.weights(), world.base + update, rtol=0, atol=1e-6)
+
+
+def test_an_expired_local_round_is_abandoned_when_the_next_opens(local: World) -> None:
+    first = local.open()
+    local.clock.now = first.deadline
+    second = local.open()
+    assert local.agg.round(first.round_id).state == "abandoned"  # type: ignore[union-attr]
+    assert local.reasons("publish_release") == ["cohort_not_met"]
+    assert second.model_version == 0 and local.agg.latest_release() is None

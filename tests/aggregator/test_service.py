@@ -1,6 +1,7 @@
 """The service as operators run it: keys and config at the process edge, the round schedule,
 and ``sottovoce aggregator serve`` as a real process (uvicorn on 127.0.0.1), killed and
-restarted in the middle of a round, and taking a pending delta back (erasure) over HTTP.
+restarted in the middle of a round, restarted past its deadline (its schedule then publishes
+it), and taking a pending delta back (erasure) over HTTP.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from aggregator_helpers import Clock, Keys
+from aggregator_helpers import EXPECTED, Clock, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sottovoce.policy import DecisionLog, policy_from_data
 from sottovoce.sync import (
+    ModelRelease,
     RoundSpec,
     SealedDelta,
     SignedRoundSpec,
@@ -39,12 +41,15 @@ from sottovoce.sync.transport import RetryPolicy, enroll, fetch_release, retract
 pytest.importorskip("uvicorn")
 pytest.importorskip("opacus")
 
+from sottovoce._clock import NOW_ENV
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.aggregator._service import (
+    DEV_PRIVACY,
     RegionKeys,
     RoundScheduler,
     ServiceConfig,
     ServiceConfigError,
+    build_app,
     generate_keys,
     load_keys,
     policy_with_keys,
@@ -97,22 +102,48 @@ def test_a_policy_publishes_the_keys_of_one_region_only(tmp_path: Path) -> None:
         policy_with_keys(base, "mars", keys, None)
 
 
-def test_a_service_without_enrollment_tokens_or_with_bad_settings_does_not_start(
-    tmp_path: Path,
-) -> None:
-    keys = generate_keys(tmp_path / "k")
-    common: dict[str, Any] = {
-        "policy": policy_with_keys(Keys().policy(), "eu", keys, None),
+def _config(tmp_path: Path, keys: RegionKeys, **privacy: Any) -> dict[str, Any]:
+    return {
+        "policy": policy_with_keys(Keys().policy(**privacy), "eu", keys, None),
         "region": "eu",
         "keys": keys,
         "database": tmp_path / "a.db",
         "model_id": "ab" * 32,
         "base_weights": np.zeros(8, np.float32),
     }
+
+
+def test_a_service_without_enrollment_tokens_or_with_bad_settings_does_not_start(
+    tmp_path: Path,
+) -> None:
+    keys = generate_keys(tmp_path / "k")
+    common = _config(tmp_path, keys)
+    tokens = frozenset({TOKEN})
     with pytest.raises(ServiceConfigError, match="no enrollment token"):
         ServiceConfig(**common, enrollment_tokens=frozenset())
-    with pytest.raises(ServiceConfigError, match="sampling rate"):
-        ServiceConfig(**common, enrollment_tokens=frozenset({TOKEN}), sampling_rate=1.5)
+    # Less noise than the policy's least: devices would refuse every round.
+    with pytest.raises(ServiceConfigError, match="below the policy's minimum of 1"):
+        ServiceConfig(**common, enrollment_tokens=tokens, noise_multiplier=0.5)
+    for setting in ({"round_seconds": 0}, {"sweep_seconds": -1}, {"max_body_bytes": 100}):
+        with pytest.raises(ServiceConfigError, match="out of range"):
+            ServiceConfig(**common, enrollment_tokens=tokens, **setting)
+    # The mechanism is the policy's: no sampling rate to choose any more.
+    with pytest.raises(TypeError, match="sampling_rate"):
+        ServiceConfig(**common, enrollment_tokens=tokens, sampling_rate=0.01)  # type: ignore[call-arg]
+    config = ServiceConfig(**common, enrollment_tokens=tokens)
+    assert config.noise_multiplier is None  # the policy's, decided when a round opens
+    build_app(config)  # one round of the policy's mechanism fits its budget
+    assert ServiceConfig(**common, enrollment_tokens=tokens, noise_multiplier=3.0)
+
+
+def test_a_service_whose_budget_cannot_pay_for_one_round_does_not_start(tmp_path: Path) -> None:
+    # Every device in every round (q = 1) at z = 1 costs epsilon ~5.2: over a budget of 4, no
+    # round could ever open; more noise makes one fit.
+    keys = generate_keys(tmp_path / "k")
+    common = _config(tmp_path, keys, sampling_rate=1.0, population=5)
+    with pytest.raises(ServiceConfigError, match=r"one round costs epsilon 5\.\d+.*budget of 4"):
+        build_app(ServiceConfig(**common, enrollment_tokens=frozenset({TOKEN})))
+    build_app(ServiceConfig(**common, enrollment_tokens=frozenset({TOKEN}), noise_multiplier=5.0))
 
 
 # -- the round schedule ---------------------------------------------------------------------
@@ -136,25 +167,41 @@ def _aggregator(tmp_path: Path, clock: Clock, **privacy: Any) -> tuple[RegionAgg
 def test_the_scheduler_keeps_one_round_open_and_replaces_an_expired_one(tmp_path: Path) -> None:
     clock = Clock()
     agg, _ = _aggregator(tmp_path, clock)
-    scheduler = RoundScheduler(noise_multiplier=1.0, sampling_rate=0.01, round_seconds=600)
-    first = scheduler.tick(agg, clock.now)
-    assert first["abandoned"] == [] and first["opened"]
-    assert scheduler.tick(agg, clock.now) == {"abandoned": []}  # one round at a time
+    scheduler = RoundScheduler(noise_multiplier=None, round_seconds=600, clock=clock)
+    first = scheduler.tick(agg)
+    assert first["ended"] == [] and first["opened"]
+    spec = agg.current_round()
+    assert spec is not None and spec.spec.deadline == clock.now + timedelta(seconds=600)
+    assert (spec.spec.noise_multiplier, spec.spec.expected_cohort) == (1.0, EXPECTED)
+    assert scheduler.tick(agg, clock.now) == {"ended": []}  # one round at a time
     clock.now += timedelta(seconds=601)
     second = scheduler.tick(agg, clock.now)
-    assert second["abandoned"] == [first["opened"]]
+    # The sweep ended the expired round: central, so it was published (with no delta at all);
+    # the next round trains that release.
+    assert second["ended"] == [first["opened"]]
     assert second["opened"] != first["opened"]
+    ended = agg.round(first["opened"])
+    assert ended is not None and ended.state == "published"
+    release = agg.latest_release()
+    assert release is not None and release.version == 1
     current = agg.current_round()
     assert current is not None and current.spec.round_id == second["opened"]
+    assert current.spec.model_version == 1
+    # A scheduler with more noise than the policy's least opens rounds with it.
+    clock.now += timedelta(seconds=601)
+    noisier = RoundScheduler(noise_multiplier=2.0, round_seconds=600).tick(agg, clock.now)
+    opened = agg.current_round()
+    assert opened is not None and opened.spec.round_id == noisier["opened"]
+    assert opened.spec.noise_multiplier == 2.0
 
 
 def test_a_budget_refusal_is_logged_once_and_the_scheduler_waits_for_the_next_period(
     tmp_path: Path,
 ) -> None:
     clock = Clock()
-    # One round of z=1, q=0.5 costs more than ε 1: every open is refused.
-    agg, _ = _aggregator(tmp_path, clock, epsilon=1.0)
-    scheduler = RoundScheduler(noise_multiplier=1.0, sampling_rate=0.5, round_seconds=600)
+    # Every device in every round (q = 1): one round of z = 1 costs more than epsilon 1.
+    agg, _ = _aggregator(tmp_path, clock, epsilon=1.0, sampling_rate=1.0, population=5)
+    scheduler = RoundScheduler(noise_multiplier=None, round_seconds=600)
     did = scheduler.tick(agg, clock.now)
     assert did["budget_exhausted"] is True
     for _ in range(5):
@@ -173,15 +220,20 @@ def test_a_budget_refusal_is_logged_once_and_the_scheduler_waits_for_the_next_pe
 class Server:
     """``sottovoce aggregator serve`` in a child process on a free loopback port."""
 
-    def __init__(self, tmp_path: Path, keys: RegionKeys, policy_file: Path) -> None:
+    def __init__(
+        self, tmp_path: Path, keys: RegionKeys, policy_file: Path, *, options: tuple[str, ...] = ()
+    ) -> None:
         self.tmp_path, self.keys, self.policy_file = tmp_path, keys, policy_file
+        self.options = options  # more ``serve`` options (they win over the defaults here)
         self.db = tmp_path / "aggregator-eu.db"
         self.logs = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.client = httpx.Client(timeout=10.0)
 
-    def start(self) -> None:
+    def start(self, *, now: datetime | None = None) -> None:
+        """Start serving (on the wall clock, or on a clock started at ``now``: SOTTOVOCE_NOW);
+        returns once the service is up with a round open."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -189,8 +241,11 @@ class Server:
         command = [sys.executable, "-m", "sottovoce", "aggregator", "serve", "--region", "eu",
                    "--policy", str(self.policy_file), "--keys", str(self.tmp_path / "keys"),
                    "--db", str(self.db), "--port", str(port), "--sweep-seconds", "0.5",
-                   "--sampling-rate", "0.01", "--round-minutes", "30"]  # fmt: skip
+                   "--round-minutes", "30", *self.options]  # fmt: skip
         env = {**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": f"other,{TOKEN}"}
+        env.pop(NOW_ENV, None)
+        if now is not None:
+            env[NOW_ENV] = now.isoformat()
         with self.logs.open("ab") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
@@ -268,10 +323,14 @@ def _device(server: Server, spec: RoundSpec) -> Ed25519PrivateKey:
     return key
 
 
-def _seal(server: Server, spec: RoundSpec, key: Ed25519PrivateKey, seed: int) -> SealedDelta:
+def _delta(seed: int) -> np.ndarray:
     values = np.random.default_rng(seed).normal(size=DIM)
+    return (values / np.linalg.norm(values) * 0.5).astype(np.float32)
+
+
+def _seal(server: Server, spec: RoundSpec, key: Ed25519PrivateKey, seed: int) -> SealedDelta:
     return seal_delta(
-        delta=(values / np.linalg.norm(values) * 0.5).astype(np.float32),
+        delta=_delta(seed),
         spec=spec,
         device_secret=hashlib.sha256(key.private_bytes_raw()).digest(),
         signing_key=key,
@@ -287,6 +346,7 @@ def test_a_restart_in_the_middle_of_a_round_loses_nothing_and_counts_nothing_twi
     assert base.shape == (DIM,)
     spec = server.spec()
     assert spec.model_id == model_id and spec.min_cohort == COHORT
+    assert spec.expected_cohort == EXPECTED
     sealed = [_seal(server, spec, _device(server, spec), seed) for seed in range(COHORT)]
     first, rest = sealed[: COHORT // 2], sealed[COHORT // 2 :]
     assert [server.upload(s).status_code for s in first] == [200, 200]
@@ -298,11 +358,18 @@ def test_a_restart_in_the_middle_of_a_round_loses_nothing_and_counts_nothing_twi
     assert [server.upload(s).json()["code"] for s in first] == ["within_policy"] * 2
     assert server.rows("SELECT count FROM rounds WHERE round_id = ?", spec.round_id) == [(2,)]
     assert [server.upload(s).status_code for s in rest] == [200, 200]
+    # The whole cohort is in; a central round still waits for its deadline.
+    assert server.rows("SELECT state, count FROM rounds WHERE round_id = ?",
+                       spec.round_id) == [("open", COHORT)]  # fmt: skip
+    no_release = server.client.get(f"{server.url}/v1/model/release")
+    assert (no_release.status_code, no_release.json()["code"]) == (404, "no_release")
 
-    release = fetch_release(server.client, base_url=server.url,
-                            verify_key=server.keys.signing.public_key(), model_id=model_id,
-                            current_version=0, retry=RETRY)  # fmt: skip
-    assert release is not None and release.release.version == 1
+    # Stopped over the deadline: started again, the schedule's first pass publishes the round
+    # and opens the next one.
+    server.stop()
+    server.start(now=spec.deadline)
+    release = _wait_for_release(server, model_id)
+    assert release.version == 1
     accepted = server.rows(
         "SELECT idempotency_key FROM contributions WHERE round_id = ? AND status = 200",
         spec.round_id,
@@ -310,26 +377,36 @@ def test_a_restart_in_the_middle_of_a_round_loses_nothing_and_counts_nothing_twi
     assert sorted(k for (k,) in accepted) == sorted(s.idempotency_key for s in sealed)
     assert server.rows("SELECT state, count, partial FROM rounds WHERE round_id = ?",
                        spec.round_id) == [("published", COHORT, None)]  # fmt: skip
-    # The release moved the weights from the base by the mean (norm <= 0.5) plus central
-    # noise of std z·C/cohort per value, whose norm is close to that std times sqrt(dim).
-    moved = release.release.weights_array().astype(np.float64) - base
-    noise_norm = spec.noise_multiplier * spec.clipping_norm / COHORT * np.sqrt(DIM)
-    assert float(np.linalg.norm(moved)) == pytest.approx(noise_norm, rel=0.05)
-    # After the release the scheduler opens the next round, on version 1.
-    deadline = time.monotonic() + 10
-    while server.client.get(f"{server.url}/v1/health").json()["open_round"] in (
-        spec.round_id,
-        None,
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # The release moved the weights by the sum over the expected cohort (norm <= 4 * 0.5 / 5)
+    # plus the OS CSPRNG's discrete Gaussian noise: std z·C/expected per value, whatever the
+    # count (over COHORT instead, it would be 25% larger).
+    moved = release.weights_array().astype(np.float64) - base
+    total = np.sum([_delta(seed) for seed in range(COHORT)], axis=0)
+    noise = moved - total / EXPECTED
+    std = spec.noise_multiplier * spec.clipping_norm / EXPECTED
+    assert float(noise.std()) == pytest.approx(std, rel=0.03)
+    assert abs(float(noise.mean())) < 5 * std / np.sqrt(DIM)
+    # The schedule opened the next round, on version 1.
     assert server.spec().model_version == 1
     server.stop()
     log = DecisionLog(sqlite3.connect(server.db))
     assert log.verify().ok
     reasons = [(d.action, d.reason) for _, d in log.query()]
     assert reasons.count(("accept_delta", "within_policy")) == COHORT
-    assert ("publish_release", "cohort_met") in reasons
+    assert [r for r in reasons if r[0] == "publish_release"] == [
+        ("publish_release", "deadline_reached")]  # fmt: skip
+
+
+def _wait_for_release(server: Server, model_id: str) -> ModelRelease:
+    deadline = time.monotonic() + 30
+    while server.client.get(f"{server.url}/v1/model/release").status_code == 404:
+        assert time.monotonic() < deadline, "no release after the deadline"
+        time.sleep(0.1)
+    fetched = fetch_release(server.client, base_url=server.url,
+                            verify_key=server.keys.signing.public_key(), model_id=model_id,
+                            current_version=0, retry=RETRY)  # fmt: skip
+    assert fetched is not None
+    return fetched.release
 
 
 def test_logs_are_json_lines_without_raw_paths(server: Server) -> None:
@@ -431,3 +508,77 @@ def test_keygen_then_serve_from_the_command_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 2 and "refusing to replace" in again.stderr
     assert load_keys(out).public() == keys.public()
+
+
+def test_keygen_with_the_dev_profile_writes_a_policy_for_a_few_devices(tmp_path: Path) -> None:
+    out = tmp_path / "dev"
+    subprocess.run(
+        [sys.executable, "-m", "sottovoce", "aggregator", "keygen", "-r", "eu", "--out", str(out),
+         "--profile", "dev"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    privacy = policy_from_data(json.loads((out / "policy.json").read_text())).region("eu").privacy
+    assert (privacy.population, privacy.sampling_rate, privacy.min_cohort,
+            privacy.noise_multiplier, privacy.delta) == (3, 1.0, 2, 2.0, 0.01)  # fmt: skip
+    assert {key: getattr(privacy, key) for key in DEV_PRIVACY} == DEV_PRIVACY
+    assert privacy.expected_cohort == 3.0  # every device, every round
+    # A service on it starts: one round of its mechanism fits the region's budget.
+    config = ServiceConfig(policy=policy_from_data(json.loads((out / "policy.json").read_text())),
+                           region="eu", keys=load_keys(out), database=tmp_path / "a.db",
+                           model_id="ab" * 32, base_weights=np.zeros(8, np.float32),
+                           enrollment_tokens=frozenset({TOKEN}))  # fmt: skip
+    build_app(config)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "sottovoce", "aggregator", "keygen", "-r", "eu", "--out",
+         str(tmp_path / "x"), "--profile", "staging"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and not (tmp_path / "x" / "signing.pem").exists()
+
+
+def test_a_dev_service_publishes_its_short_rounds_on_its_own(
+    tmp_path: Path, model: tuple[str, np.ndarray]
+) -> None:
+    """``keygen --profile dev`` and ``serve --profile dev`` (rounds shortened further here):
+    nobody closes the round; the service's schedule publishes it once its deadline passes."""
+    model_id, base = model
+    subprocess.run(
+        [sys.executable, "-m", "sottovoce", "aggregator", "keygen", "-r", "eu", "--out",
+         str(tmp_path / "keys"), "--profile", "dev"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    server = Server(tmp_path, load_keys(tmp_path / "keys"), tmp_path / "keys" / "policy.json",
+                    options=("--profile", "dev", "--round-minutes", "0.15"))  # fmt: skip
+    server.start()
+    try:
+        spec = server.spec()
+        assert (spec.sampling_rate, spec.expected_cohort, spec.noise_multiplier,
+                spec.min_cohort) == (1.0, 3.0, 2.0, 2)  # fmt: skip
+        ((opened,),) = server.rows("SELECT opened_at FROM rounds WHERE round_id = ?",
+                                   spec.round_id)  # fmt: skip
+        length = (spec.deadline - datetime.fromisoformat(opened)).total_seconds()
+        assert length == pytest.approx(9.0, abs=0.5)  # 0.15 minutes (the schedule's own clock)
+        sealed = [_seal(server, spec, _device(server, spec), seed) for seed in range(2)]
+        assert [server.upload(s).status_code for s in sealed] == [200, 200]
+        release = _wait_for_release(server, model_id)  # a sweep every 2 s (dev) ends it
+        assert release.version == 1
+        assert server.rows("SELECT state, count FROM rounds WHERE round_id = ?",
+                           spec.round_id) == [("published", 2)]  # fmt: skip
+        moved = release.weights_array().astype(np.float64) - base
+        noise = moved - np.sum([_delta(seed) for seed in range(2)], axis=0) / 3.0
+        assert float(noise.std()) == pytest.approx(2.0 / 3.0, rel=0.03)  # z·C / expected
+    finally:
+        server.stop()
+        server.client.close()
+
+
+def test_serve_has_no_sampling_rate_to_choose_and_knows_its_profiles(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "sottovoce", "aggregator", "serve", "-r", "eu", "-p",
+            str(tmp_path / "policy.json"), "--keys", str(tmp_path / "keys")]  # fmt: skip
+    for extra, message in ((["--sampling-rate", "0.01"], "No such option"),
+                           (["--profile", "staging"], "'prod' or 'dev'")):  # fmt: skip
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60,
+                              check=False, env={**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN,
+                                                "COLUMNS": "200"})  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr, done.stderr
