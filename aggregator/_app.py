@@ -265,12 +265,15 @@ def _device_routes(
         request: EnrollRequest, authorization: Annotated[str | None, Header()] = None
     ) -> Response:
         allowed = _token_ok(authorization, tokens)
+        if not allowed:
+            await worker.run(lambda agg: agg.refuse_enrollment("not_enrolled"))
         if allowed is None:
             return _problem(401, "not_enrolled", "An enrollment token (Bearer) is required.",
                             **{"WWW-Authenticate": "Bearer"})  # fmt: skip
         if not allowed:
             return _problem(403, "not_enrolled", "The enrollment token is not valid here.")
         if request.protocol != PROTOCOL_VERSION:
+            await worker.run(lambda agg: agg.refuse_enrollment("unsupported_protocol"))
             return _problem(400, "unsupported_protocol")
         try:
             await worker.run(lambda agg: agg.enroll(request.device_key, request.period))

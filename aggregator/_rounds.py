@@ -76,7 +76,34 @@ class RegionAggregator(UploadsPart):
     # -- enrollment and rounds ---------------------------------------------------------------
 
     def enroll(self, device_key_b64: str, period: str) -> None:
-        """Enroll a device's per-period Ed25519 public key (the HTTP layer checks tokens)."""
+        """Enroll a device's per-period Ed25519 public key (the HTTP layer checks tokens).
+
+        Every answer is a logged ``enroll_device`` decision; a refusal raises ``ValueError``
+        after its decision is committed."""
+        inputs = {"device_key": device_key_b64[:64], "period": period[:64]}
+        with write_transaction(self._conn, name="enroll"):
+            try:
+                self._check_enrollment(device_key_b64, period)
+            except ValueError:
+                self._log.append(self._engine.enroll_device(inputs=inputs, refusal="malformed"))
+                refused = True
+            else:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
+                    " VALUES (?, ?, ?)",
+                    (device_key_b64, period, _iso(self._clock())),
+                )
+                self._log.append(self._engine.enroll_device(inputs=inputs))
+                refused = False
+        if refused:
+            self._check_enrollment(device_key_b64, period)  # raises the same error again
+
+    def refuse_enrollment(self, code: str) -> None:
+        """Log an enrollment the HTTP layer refused before deciding (no or a wrong token)."""
+        with write_transaction(self._conn, name="enroll_refused"):
+            self._log.append(self._engine.enroll_device(inputs={"token": code}, refusal=code))
+
+    def _check_enrollment(self, device_key_b64: str, period: str) -> None:
         try:
             raw = b64decode(device_key_b64)
         except ValueError:
@@ -84,20 +111,14 @@ class RegionAggregator(UploadsPart):
         if len(raw) != 32:
             raise ValueError("a device key is a 32-byte Ed25519 public key")
         if not _PERIOD.match(period):
-            raise ValueError(f"{period!r} is not a period label")
-        with write_transaction(self._conn, name="enroll"):
-            row = self._conn.execute(
-                "SELECT period FROM enrollments WHERE device_key = ?", (device_key_b64,)
-            ).fetchone()
-            if row is not None and row[0] != period:
-                # Devices make a new key every period; moving a key to another period would
-                # let whoever holds a token lock that key's device out of its rounds.
-                raise ValueError(f"the device key is already enrolled for period {row[0]!r}")
-            self._conn.execute(
-                "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
-                " VALUES (?, ?, ?)",
-                (device_key_b64, period, _iso(self._clock())),
-            )
+            raise ValueError(f"{period[:64]!r} is not a period label")
+        row = self._conn.execute(
+            "SELECT period FROM enrollments WHERE device_key = ?", (device_key_b64,)
+        ).fetchone()
+        if row is not None and row[0] != period:
+            # Devices make a new key every period; moving a key to another period would let
+            # whoever holds a token lock that key's device out of its rounds.
+            raise ValueError(f"the device key is already enrolled for period {row[0]!r}")
 
     def open_round(
         self,

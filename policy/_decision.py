@@ -33,6 +33,7 @@ class Action(StrEnum):
     PERSONALIZE = "personalize"
     CONTRIBUTE_DELTA = "contribute_delta"
     ACCEPT_DELTA = "accept_delta"
+    ENROLL_DEVICE = "enroll_device"
     OPEN_ROUND = "open_round"
     PUBLISH_RELEASE = "publish_release"
     PURGE_RETENTION = "purge_retention"
@@ -223,6 +224,13 @@ class DecisionEngine:
         if refusal is not None and refusal not in DENY_REASONS:
             raise ValueError(f"{refusal!r} is not a refusal reason")
         return self.decide(Action.ACCEPT_DELTA, refusal or "within_policy", inputs=inputs)
+
+    def enroll_device(self, *, inputs: Mapping[str, Any], refusal: str | None = None) -> Decision:
+        """A device's per-period key enrolled, or refused (``not_enrolled`` for a missing or
+        wrong token, ``malformed``, ``unsupported_protocol``)."""
+        if refusal is not None and refusal not in DENY_REASONS:
+            raise ValueError(f"{refusal!r} is not a refusal reason")
+        return self.decide(Action.ENROLL_DEVICE, refusal or "within_policy", inputs=inputs)
 
     def open_round(
         self, *, inputs: Mapping[str, Any], epsilon_spent: float, epsilon_after: float

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from aggregator_helpers import COHORT, DIM, T0, Clock, Keys, central_update
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sottovoce.policy import DecisionLog
 from sottovoce.sync import (
     DeltaState,
     EnrollmentRefused,
@@ -326,6 +328,14 @@ def test_enrollment_needs_a_valid_token(service: Service) -> None:
     assert (old.status_code, old.json()["code"]) == (400, "unsupported_protocol")
     shapeless = service.client.post(url, content=b"[1]", headers=auth)
     assert (shapeless.status_code, shapeless.json()["code"]) == (400, "malformed")
+    service.device()
+    # Every enrollment decision, accepted or refused, is in the policy log: the two token
+    # refusals, the bad key, the old protocol, then the good one.
+    with closing(sqlite3.connect(service.path)) as conn:
+        logged = DecisionLog(conn).query(action="enroll_device")
+        decided = [(d.outcome.value, d.reason) for _, d in logged]
+    assert decided == [("deny", "not_enrolled"), ("deny", "not_enrolled"), ("deny", "malformed"),
+                       ("deny", "unsupported_protocol"), ("allow", "within_policy")]  # fmt: skip
 
 
 def test_health_metrics_and_openapi(service: Service) -> None:
