@@ -124,3 +124,22 @@ def round_spec(policy: Policy, region: str, *, model_id: str, model_version: int
     }  # fmt: skip
     fields.update(overrides)
     return RoundSpec.model_validate(fields)
+
+
+def wait_until_serving(url: str, server: Any, log: Path, *, seconds: float = 60.0) -> None:
+    """Wait for ``sottovoce aggregator serve`` (the ``subprocess.Popen`` ``server``, logging to
+    ``log``) to answer its health check at ``url``; fails with its log if it exits or stalls."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/v1/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the aggregator did not answer: {log.read_text()}"
+        time.sleep(0.1)

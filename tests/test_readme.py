@@ -12,12 +12,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -45,16 +44,7 @@ def region(tmp_path: Path) -> Iterator[str]:
         cwd=tmp_path, env=env, stdout=log, stderr=log,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/v1/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the aggregator did not start"
-            time.sleep(0.1)
+        wait_until_serving(url, server, tmp_path / "serve.log")
         yield url
     finally:
         server.terminate()

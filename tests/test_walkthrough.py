@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+from conftest import wait_until_serving
 
 WALKTHROUGH = Path(__file__).resolve().parents[1] / "docs" / "walkthrough.md"
 
@@ -49,16 +49,7 @@ def test_the_walkthrough_ends_with_a_released_model(tmp_path: Path) -> None:
     server = subprocess.Popen(run_server, cwd=tmp_path, env={**os.environ, **serve_env},
                               stdout=log, stderr=log)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_serving(f"http://127.0.0.1:{port}", server, tmp_path / "serve.log")
         (python,) = _blocks("python")
         script = tmp_path / "devices.py"
         script.write_text(python, encoding="utf-8")
