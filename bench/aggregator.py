@@ -6,17 +6,22 @@ the shipped ranker's size (``dim``, read from ``device/ranker.json`` through
 ranker's weights as its base), sealed by ``sottovoce.sync.seal_delta`` for the EU region of the
 example policy with fresh aggregator keys, by a device with its own Ed25519 key (enrolled for
 the period) and its own device secret (so its own pseudonym); no key is shared. Rounds are
-central mode, noise multiplier 1, sampling rate 0.01. The policy's minimum cohort is set to
-the number of deltas of the run, so the last delta closes the round (mean, central noise,
-ledger step, signed release) and the close is counted. The policy's delta is lowered to
-``min(1e-5, 0.1 / min_cohort)``, since a policy needs delta < 1 / min_cohort.
+central mode, noise multiplier 1, sampling rate 0.01, and every delta of a run is one device of
+the round's cohort: the policy's population is the run's number of deltas over the sampling
+rate, so its expected cohort (the fixed denominator of the release) is that number; its minimum
+cohort is 2 and its delta ``min(example's, 0.1 / population)``, as a policy needs. A central
+round publishes at its deadline, not at a count: once every delta is in, the bench moves the
+aggregator's clock (the service's: ``SOTTOVOCE_NOW`` if set, else the system clock) past the
+round's deadline and ``sweep`` closes it (noised sum over the expected cohort with the exact
+discrete Gaussian from the OS CSPRNG, ledger step, signed release); ``close_ms`` is that sweep.
 
 Every measured process is a fresh one, started through a tiny launcher process: Linux carries
 ``ru_maxrss`` over ``execve`` from the process that spawned it, so a child spawned straight
 from this (large) process would report this process's peak as its own.
 
-In process (``deltas_per_s``): ``RegionAggregator.accept(body, key)`` on a real SQLite file,
-one thread, the deltas sealed and their devices enrolled before the timed loop. The headline
+In process (``deltas_per_s``): ``RegionAggregator.accept(body, key)`` on a real SQLite file
+(``backend``), one thread, the deltas sealed and their devices enrolled before the timed loop
+(the close, a separate sweep, is not in it). The headline
 opens the database as ``sottovoce aggregator serve`` does (WAL, synchronous=FULL, autocommit
 connection) and keeps the process environment as given. ``variants`` repeats it with OpenBLAS
 limited to one thread (``OPENBLAS_NUM_THREADS=1``: the L2 norms of a 20,737-value vector go to
@@ -37,11 +42,14 @@ each POSTing to ``/v1/rounds/{round_id}/deltas`` with ``Idempotency-Key`` as
 (``deltas_per_s_http_openblas1_wal``: the server on WAL with one OpenBLAS thread). Devices are
 enrolled in the database before the server starts (enrollment over HTTP is not measured). The
 server imports opacus when it starts, as a server that has closed a round before has (or the
-first close would pay for importing torch).
+first close would pay for importing torch). After the uploads the bench asks the server to
+close the round (it moves its clock past the deadline and sweeps, on its scheduler tick) and
+checks that ``/v1/model/release`` serves version 1.
 
 Memory (``peak_rss_mb_1k``, ``peak_rss_mb_100k``): a fresh process builds the aggregator and
 opens the round (this imports opacus and torch), then enrolls and accepts N deltas that its
-child seals on the fly and streams through a pipe, so it never holds more than one. Peak is its
+child seals on the fly and streams through a pipe, so it never holds more than one, and closes
+the round (a sweep past its deadline). Peak is its
 ``ru_maxrss`` (RUSAGE_SELF; the child is not included), nothing subtracted;
 ``baseline_rss_mb`` is the same measure after setup, before the first delta. ``vmhwm_mb`` is
 the kernel's high-water mark of the process image, as a cross-check. The ``_1k`` and ``_100k``
@@ -66,6 +74,7 @@ import base64
 import cProfile
 import hashlib
 import json
+import math
 import os
 import pstats
 import re
@@ -79,9 +88,9 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -97,7 +106,11 @@ if TYPE_CHECKING:
     from sottovoce.sync import RoundSpec
 
 REGION = "eu"
+BACKEND = "sqlite"
 NOISE_MULTIPLIER, SAMPLING_RATE = 1.0, 0.01
+ROUND_HOURS = 6  # a round's deadline after it opens, on the aggregator's clock
+# How often the HTTP server's scheduler looks whether the bench asked it to close the round.
+SERVE_TICK_S = 0.5
 DELTA_NORM = 0.5  # below the example policy's clipping norm of 1, so sealing does not clip
 TARGET_PER_CORE = 500
 BREAKDOWN_SAMPLES = 300
@@ -182,8 +195,9 @@ def raw_public_b64(key: Any) -> str:
     return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
 
-def region_policy(keys: RegionKeys, *, min_cohort: int) -> Policy:
-    """The example policy, with the EU region publishing ``keys`` and closing at ``min_cohort``."""
+def region_policy(keys: RegionKeys, *, cohort: int) -> Policy:
+    """The example policy, with the EU region publishing ``keys`` and an expected cohort of
+    ``cohort`` devices per round (population ``cohort / SAMPLING_RATE``)."""
     from sottovoce.policy import example_policy, policy_from_data
 
     data = example_policy().model_dump(mode="json")
@@ -192,8 +206,35 @@ def region_policy(keys: RegionKeys, *, min_cohort: int) -> Policy:
         private = keys.hpke_key() if key["use"] == "hpke" else keys.signing_key()
         key["key"] = raw_public_b64(private)
     privacy = region["privacy"]
-    privacy.update({"min_cohort": min_cohort, "delta": min(privacy["delta"], 0.1 / min_cohort)})
+    population = math.ceil(cohort / SAMPLING_RATE)
+    privacy.update({
+        "mode": "central",
+        "population": population,
+        "sampling_rate": SAMPLING_RATE,
+        "min_cohort": 2,
+        "noise_multiplier": NOISE_MULTIPLIER,
+        "delta": min(privacy["delta"], 0.1 / population),
+    })  # fmt: skip
     return policy_from_data(data)
+
+
+class BenchClock:
+    """The aggregator's clock: the service's (``SOTTOVOCE_NOW``, else the system clock), which
+    the bench moves forward to end a round at its deadline."""
+
+    def __init__(self) -> None:
+        from sottovoce._clock import clock_from_env
+
+        self._base: Callable[[], datetime] = clock_from_env()
+        self._shift = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return self._base() + self._shift
+
+    def move_past(self, deadline: datetime) -> None:
+        now = self()
+        if now <= deadline:
+            self._shift += deadline - now + timedelta(seconds=1)
 
 
 def connect(path: Path, journal: str, factory: type[sqlite3.Connection] | None = None) -> Any:
@@ -215,33 +256,47 @@ def build_aggregator(
     conn: sqlite3.Connection,
     keys: RegionKeys,
     *,
-    min_cohort: int,
+    cohort: int,
     model_id: str,
     base: npt.NDArray[np.float32],
+    clock: BenchClock,
 ) -> RegionAggregator:
+    """The region's aggregator; its central noise is the deployment's (no seeded ``rng``)."""
     from sottovoce.aggregator import RegionAggregator
 
     return RegionAggregator(
         conn,
-        policy=region_policy(keys, min_cohort=min_cohort),
+        policy=region_policy(keys, cohort=cohort),
         region=REGION,
         signing_key=keys.signing_key(),
         hpke_key=keys.hpke_key(),
         model_id=model_id,
         dim=base.size,
         base_weights=base,
+        clock=clock,
     )
 
 
-def open_round(agg: RegionAggregator, keys: RegionKeys) -> RoundSpec:
+def open_round(agg: RegionAggregator, keys: RegionKeys, clock: BenchClock) -> RoundSpec:
     from sottovoce.sync import verify_round_spec
 
     signed = agg.open_round(
         noise_multiplier=NOISE_MULTIPLIER,
-        sampling_rate=SAMPLING_RATE,
-        deadline=datetime.now(UTC) + timedelta(hours=6),
+        sampling_rate=SAMPLING_RATE,  # the policy's; open_round refuses any other
+        deadline=clock() + timedelta(hours=ROUND_HOURS),
     )
     return verify_round_spec(signed, keys.signing_key().public_key())
+
+
+def close_round(agg: RegionAggregator, spec: RoundSpec, clock: BenchClock) -> float:
+    """Move the clock past the round's deadline and sweep: seconds of the sweep (the close)."""
+    clock.move_past(spec.deadline)
+    start = time.perf_counter()
+    ended = agg.sweep(clock())
+    elapsed = time.perf_counter() - start
+    if ended != [spec.round_id]:
+        raise SystemExit(f"the sweep past the deadline ended {ended}, not {spec.round_id}")
+    return elapsed
 
 
 class Devices:
@@ -280,7 +335,7 @@ def check_published(agg: RegionAggregator, spec: RoundSpec, n: int) -> None:
     info = agg.round(spec.round_id)
     release = agg.latest_release()
     if info is None or info.state != "published" or info.count != n or release is None:
-        raise SystemExit(f"the round did not publish after {n} deltas: {info}")
+        raise SystemExit(f"the round did not publish with {n} deltas: {info}")
 
 
 @dataclass
@@ -289,6 +344,7 @@ class Prepared:
 
     agg: RegionAggregator
     conn: Any
+    clock: BenchClock
     spec: RoundSpec
     keys: RegionKeys
     uploads: list[tuple[str, bytes]]  # (idempotency key, wire body)
@@ -308,20 +364,21 @@ def prepare(
 
     keys = RegionKeys.generate()
     conn = connect(path, journal, factory)
-    agg = build_aggregator(conn, keys, min_cohort=n, model_id=model_id, base=base)
-    spec = open_round(agg, keys)
+    clock = BenchClock()
+    agg = build_aggregator(conn, keys, cohort=n, model_id=model_id, base=base, clock=clock)
+    spec = open_round(agg, keys, clock)
     devices = Devices(seed=n, dim=base.size)
     hpke_public = keys.hpke_key().public_key()
     uploads = []
     # Setup only: one outer transaction, so enrolling N devices costs one commit (enroll's
-    # own write transaction nests as a savepoint).
+    # own write transaction, with its logged decision, nests as a savepoint).
     conn.execute("BEGIN IMMEDIATE")
     for i in range(n):
         device_key, key, body = devices.seal(i, spec, hpke_public)
         agg.enroll(device_key, period_label(spec))
         uploads.append((key, body))
     conn.execute("COMMIT")
-    return Prepared(agg, conn, spec, keys, uploads, base.size)
+    return Prepared(agg, conn, clock, spec, keys, uploads, base.size)
 
 
 # -- in process (child) ---------------------------------------------------------------------
@@ -346,7 +403,7 @@ class TimedConnection(sqlite3.Connection):
 
 
 def accept_all(prepared: Prepared) -> list[float]:
-    """Seconds of each accept, in upload order (the last one closes the round)."""
+    """Seconds of each accept, in upload order (the round stays open: it ends at its deadline)."""
     times = []
     for key, body in prepared.uploads:
         start = time.perf_counter()
@@ -354,7 +411,9 @@ def accept_all(prepared: Prepared) -> list[float]:
         times.append(time.perf_counter() - start)
         if answer != (200, "within_policy"):
             raise SystemExit(f"an upload was refused: {answer}")
-    check_published(prepared.agg, prepared.spec, len(prepared.uploads))
+    info = prepared.agg.round(prepared.spec.round_id)
+    if info is None or info.state != "open" or info.count != len(prepared.uploads):
+        raise SystemExit(f"the round does not hold the {len(prepared.uploads)} deltas: {info}")
     return times
 
 
@@ -490,11 +549,13 @@ def throughput_child(args: list[str]) -> None:
         journal=journal,
     )
     times = accept_all(prepared)
+    close_s = close_round(prepared.agg, prepared.spec, prepared.clock)
+    check_published(prepared.agg, prepared.spec, int(n))
     result: dict[str, Any] = {
         "deltas_per_s": round(int(n) / sum(times), 1),
         "accept_p50_ms": median_ms(times),
         "accept_p99_ms": percentile_ms(times, 0.99),
-        "close_ms": round(times[-1] * 1000, 2),
+        "close_ms": round(close_s * 1000, 2),
         "breakdown_ms": {"accept_p50": median_ms(times), **breakdown(prepared, journal)},
     }
     prepared.conn.close()
@@ -514,7 +575,8 @@ def throughput_child(args: list[str]) -> None:
 
 
 def serve_child(args: list[str]) -> None:
-    """Child: the aggregator service on a free loopback port until stdin closes."""
+    """Child: the aggregator service on a free loopback port until stdin closes; a ``close``
+    line on stdin ends the open round (clock past its deadline, then a sweep)."""
     import importlib
     import importlib.util
 
@@ -526,14 +588,24 @@ def serve_child(args: list[str]) -> None:
     config = json.loads(Path(args[0]).read_text())
     keys = RegionKeys.from_json(config["keys"])
     base = np.load(config["base"])
+    clock = BenchClock()
+    close_asked = threading.Event()
 
     def factory() -> RegionAggregator:
         conn = connect(Path(config["db"]), config["journal"])
-        return build_aggregator(
-            conn, keys, min_cohort=config["min_cohort"], model_id=config["model_id"], base=base
-        )
+        return build_aggregator(conn, keys, cohort=config["cohort"], model_id=config["model_id"],
+                                base=base, clock=clock)  # fmt: skip
 
-    app = create_app(factory, enrollment_tokens={"bench-token"})
+    def scheduler(agg: RegionAggregator) -> None:
+        # On the aggregator's thread, as the service's own schedule: nothing until asked.
+        signed = agg.current_round() if close_asked.is_set() else None
+        if signed is not None:
+            start = time.perf_counter()
+            close_round(agg, signed.spec, clock)
+            log(f"http server: round closed by a sweep in {time.perf_counter() - start:.2f} s")
+
+    app = create_app(factory, enrollment_tokens={"bench-token"}, scheduler=scheduler,
+                     tick_seconds=SERVE_TICK_S)  # fmt: skip
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
     )
@@ -548,7 +620,9 @@ def serve_child(args: list[str]) -> None:
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     print(json.dumps({"port": port, "impl": f"{http}+{loop}"}), flush=True)
-    sys.stdin.read()  # the parent closes stdin when it is done
+    for line in sys.stdin:  # the parent closes stdin when it is done
+        if line.strip() == "close":
+            close_asked.set()
     server.should_exit = True
     thread.join(timeout=30)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
@@ -579,6 +653,21 @@ async def post_all(
     return elapsed, latencies, answers
 
 
+def wait_for_release(root: str, timeout: float = 120.0) -> None:
+    """Wait until the server publishes release 1 (its sweep closes the round)."""
+    import httpx
+
+    give_up = time.monotonic() + timeout
+    with httpx.Client() as client:
+        while True:
+            release = client.get(f"{root}/v1/model/release")
+            if release.status_code == 200 and release.json()["version"] == 1:
+                return
+            if time.monotonic() > give_up:
+                raise SystemExit(f"no release after the round: {release.status_code}")
+            time.sleep(0.1)
+
+
 def over_http(
     work: Path,
     *,
@@ -590,14 +679,13 @@ def over_http(
     journal: str,
     blas1: bool,
 ) -> dict[str, Any]:
-    import httpx
 
     log(f"http [{name}]: sealing {n} deltas and enrolling their devices")
     db = work / f"http-{name}.db"
     prepared = prepare(db, n=n, model_id=model_id, base=np.load(base_path), journal=journal)
     prepared.conn.close()
     config = {"db": str(db), "journal": journal, "keys": prepared.keys.to_json(),
-              "min_cohort": n, "model_id": model_id, "base": str(base_path)}  # fmt: skip
+              "cohort": n, "model_id": model_id, "base": str(base_path)}  # fmt: skip
     config_path = work / f"http-{name}.json"
     config_path.write_text(json.dumps(config))
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
@@ -611,10 +699,10 @@ def over_http(
         elapsed, latencies, answers = asyncio.run(post_all(url, prepared.uploads, clients))
         if answers != Counter({(200, "within_policy"): n}):
             raise SystemExit(f"uploads over HTTP were refused: {dict(answers)}")
-        with httpx.Client() as client:
-            release = client.get(f"{root}/v1/model/release")
-            if release.status_code != 200 or release.json()["version"] != 1:
-                raise SystemExit(f"no release after the round: {release.status_code}")
+        log(f"http [{name}]: closing the round (the server's clock past its deadline, a sweep)")
+        server.stdin.write(b"close\n")
+        server.stdin.flush()
+        wait_for_release(root)
         server.stdin.close()
         stopped = json.loads(server.stdout.readline())
     finally:
@@ -677,8 +765,9 @@ def stream_child(args: list[str]) -> None:
     keys = RegionKeys.generate()
     db = work / f"stream-{n}.db"
     conn = connect(db, journal)
-    agg = build_aggregator(conn, keys, min_cohort=n, model_id=model_id, base=base)
-    spec = open_round(agg, keys)
+    clock = BenchClock()
+    agg = build_aggregator(conn, keys, cohort=n, model_id=model_id, base=base, clock=clock)
+    spec = open_round(agg, keys, clock)
     period = period_label(spec)
     signed = agg.current_round()
     assert signed is not None
@@ -715,6 +804,8 @@ def stream_child(args: list[str]) -> None:
     rates = [round(k / s, 1) if s else None for k, s in zip(in_tenth, by_tenth, strict=True)]
     if generator.wait() != 0 or count != n:
         raise SystemExit(f"the delta generator failed after {count} of {n} deltas")
+    close_s = close_round(agg, spec, clock)
+    log(f"memory run of {n}: round closed by a sweep in {close_s:.2f} s")
     check_published(agg, spec, n)
     conn.close()
     print(json.dumps({
@@ -931,6 +1022,7 @@ def main() -> None:
             base_path=base_path, dim=dim, journal=args.rss_journal, skip_naive=args.skip_naive,
         )  # fmt: skip
     result = {
+        "backend": BACKEND,
         "model_id": model_id,
         "dim": dim,
         **process,

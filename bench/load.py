@@ -2,10 +2,14 @@
 
 Prints one JSON object on stdout (progress on stderr). The server is what an operator runs,
 in its own process: ``sottovoce aggregator keygen`` makes the region's keys and publishes them
-in the example policy (its EU minimum cohort set to ``--devices``), and ``sottovoce aggregator
-serve`` serves ``create_app`` over ``RegionAggregator`` on uvicorn, with its embedded SQLite
-file (WAL, synchronous=FULL), its JSON request log (to a file here) and its round scheduler,
-which opens the next round within ``--sweep-seconds`` of the last one's publication.
+in the example policy, its EU region sized so that a round's expected cohort is ``--devices``
+(the example's sampling rate and noise multiplier, population ``--devices`` over the sampling
+rate, minimum cohort 2, delta at most 0.1 / population), and ``sottovoce aggregator serve``
+serves ``create_app`` over ``RegionAggregator`` on uvicorn, with its embedded SQLite file (WAL,
+synchronous=FULL), its JSON request log (to a file here) and its round scheduler, which sweeps
+every ``--sweep-seconds``: a central round publishes at the first sweep after its deadline
+(``--round-minutes`` after it opened, on the service's clock: ``SOTTOVOCE_NOW`` if set, else the
+system clock), and the next round opens within ``--sweep-seconds`` of that publication.
 
 This process plays ``--devices`` devices per wave (one wave = one round), at most
 ``--concurrency`` at a time, on asyncio, each device with its own ``httpx.AsyncClient`` (its
@@ -22,8 +26,11 @@ answered request (refusals included): ``p50_ms``/``p99_ms`` are the uploads', ``
 time (first device's start to the last device's end; enrollments and spec fetches share the
 server with the uploads). ``errors`` counts non-2xx answers and transport errors, by phase,
 status and code in ``errors_by_code``; a device stops at its first failed call.
-``round_closed`` says whether every wave's round was published (it closes when the cohort, all
-of the wave's devices, is in) and its release is served.
+``round_closed`` says whether every wave's round was published and its release is served: a
+central round takes every upload until its deadline, so after each wave the bench waits (up to
+the round's length and two sweeps, plus a minute) for the release the server's sweep publishes.
+The round must outlast the sealing and the wave: a late upload is refused (``upload 410
+round_closed``). The wait and the close are outside the wave's wall and CPU time.
 
 CPU seconds during the waves (Linux ``/proc``): ``server_cpu_s`` is the server process's user +
 system time, split into ``server_loop_cpu_s`` (its main thread: uvicorn's event loop, which
@@ -33,7 +40,8 @@ both threads share one GIL. ``client_cpu_s`` is this process's; ``other_cpu_s`` 
 of the machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp``
 spreads the devices' starts over some seconds instead of starting them all at once.
 
-Usage: ``python bench/load.py [--devices N] [--concurrency C] [--waves W] [--ramp S]``.
+Usage: ``python bench/load.py [--devices N] [--concurrency C] [--waves W] [--ramp S]
+[--round-minutes M]``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -100,12 +109,21 @@ class Server:
     base: str
     policy: Policy
     log: Path
+    round_seconds: float
+    sweep_seconds: float
 
     @classmethod
-    def start(cls, workdir: Path, *, cohort: int, sweep_seconds: float) -> Server:
+    def start(
+        cls, workdir: Path, *, cohort: int, round_minutes: float, sweep_seconds: float
+    ) -> Server:
         data = example_policy().model_dump(mode="json")
         (region,) = (r for r in data["regions"] if r["id"] == REGION)
-        region["privacy"]["min_cohort"] = cohort
+        privacy = region["privacy"]
+        # The example's mechanism (sampling rate, noise multiplier), for a population whose
+        # expected cohort is the wave: sampling_rate x population >= cohort.
+        population = math.ceil(cohort / privacy["sampling_rate"])
+        privacy.update({"population": population, "min_cohort": 2,
+                        "delta": min(privacy["delta"], 0.1 / population)})  # fmt: skip
         (workdir / "policy.json").write_text(json.dumps(data))
         cli = [sys.executable, "-m", "sottovoce", "aggregator"]
         keys = workdir / "keys"
@@ -115,11 +133,13 @@ class Server:
         port, log = _free_port(), workdir / "server.log"
         command = [*cli, "serve", "--region", REGION, "--policy", str(keys / "policy.json"),
                    "--keys", str(keys), "--db", str(workdir / "aggregator.db"),
-                   "--port", str(port), "--sweep-seconds", str(sweep_seconds)]  # fmt: skip
+                   "--port", str(port), "--round-minutes", str(round_minutes),
+                   "--sweep-seconds", str(sweep_seconds)]  # fmt: skip
         env = os.environ | {"SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}
         with log.open("wb") as out:
             process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        server = cls(process, f"http://127.0.0.1:{port}", load_policy(keys / "policy.json"), log)
+        server = cls(process, f"http://127.0.0.1:{port}", load_policy(keys / "policy.json"), log,
+                     round_seconds=60 * round_minutes, sweep_seconds=sweep_seconds)  # fmt: skip
         server.wait_until_up()
         return server
 
@@ -156,6 +176,16 @@ class Server:
         current = httpx.get(f"{self.base}/v1/round", timeout=30)
         still_open = current.status_code == 200 and round_id.encode() in current.content
         return served == version and not still_open
+
+    def wait_published(self, *, version: int, round_id: str) -> bool:
+        """Whether ``round_id`` gets published as release ``version``: the server's sweep does
+        it at the round's deadline, at most a round's length (plus two sweeps) from now."""
+        give_up = time.monotonic() + self.round_seconds + 2 * self.sweep_seconds + 60
+        while not self.published(version=version, round_id=round_id):
+            if time.monotonic() > give_up or self.process.poll() is not None:
+                return False
+            time.sleep(0.25)
+        return True
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -366,7 +396,8 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
     totals = Totals(dim=Ranker.load().parameter_count)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server.start(Path(tmp), cohort=args.devices, sweep_seconds=args.sweep_seconds)
+        server = Server.start(Path(tmp), cohort=args.devices, round_minutes=args.round_minutes,
+                              sweep_seconds=args.sweep_seconds)  # fmt: skip
         print(f"aggregator pid {server.process.pid} at {server.base}", file=sys.stderr)
         hpke_key = b64decode(server.policy.region(REGION).key("hpke").key)
         round_id = None
@@ -383,7 +414,9 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
                                             concurrency=concurrency, ramp=args.ramp))  # fmt: skip
                 totals.add_cpu(before, CpuSample.take(server.process.pid))
                 totals.walls.append(wall)
-                published = server.published(version=wave, round_id=round_id)
+                print(f"wave {wave}: {wall:.2f} s; waiting for round {round_id} to publish at "
+                      "its deadline", file=sys.stderr)  # fmt: skip
+                published = server.wait_published(version=wave, round_id=round_id)
                 totals.published += published
                 recent = stats.latencies["upload"][-args.devices :]
                 print(f"wave {wave}: {wall:.2f} s, round {round_id} "
@@ -404,6 +437,13 @@ def main() -> None:
                         help="seconds over which a wave's device starts are spread (default 0: "
                              "all at once)")  # fmt: skip
     parser.add_argument(
+        "--round-minutes",
+        type=float,
+        default=0.5,
+        help="how long the server keeps a round open (it publishes at the deadline; each wave "
+        "waits for it): long enough to seal --devices deltas and run the wave",
+    )
+    parser.add_argument(
         "--sweep-seconds",
         type=float,
         default=1.0,
@@ -418,8 +458,8 @@ def main() -> None:
         parser.error("--concurrency must be between 1 and --devices")
     if not 1 <= args.waves <= 50:
         parser.error("--waves must be between 1 and 50 (the period's privacy budget)")
-    if args.ramp < 0 or args.sweep_seconds <= 0:
-        parser.error("--ramp must be >= 0 and --sweep-seconds > 0")
+    if args.ramp < 0 or args.sweep_seconds <= 0 or args.round_minutes <= 0:
+        parser.error("--ramp must be >= 0, --sweep-seconds and --round-minutes > 0")
 
     load_before = os.getloadavg()[0]
     stats = Stats()
