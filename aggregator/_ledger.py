@@ -40,7 +40,7 @@ from typing import Any
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.policy import Accountant, BudgetExhausted, Region
-from sottovoce.sync._budget import EPOCH, RDP_ORDERS
+from sottovoce.sync._budget import EPOCH, RDP_ORDERS, period_start_for
 
 __all__ = ["EPOCH", "RDP_ORDERS", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "epsilon_of"]
 
@@ -107,7 +107,7 @@ class LedgerEntry:
     sensitivity: float = 1.0
 
 
-Mechanism = tuple[float, float, int, float]  # (noise multiplier, sampling rate, steps, sensitivity)
+_Round = tuple[float, float, int, float]  # (noise multiplier, sampling rate, steps, sensitivity)
 
 
 class PrivacyLedger:
@@ -136,8 +136,7 @@ class PrivacyLedger:
 
     def period_start_for(self, at: datetime) -> datetime:
         """The start of the fixed period that contains ``at`` (a timezone-aware time)."""
-        period = self._region.privacy.period
-        return EPOCH + ((_aware(at, "at") - EPOCH) // period) * period
+        return period_start_for(_aware(at, "at"), self._region)
 
     def spent(self, period_start: datetime) -> float:
         """The epsilon (at the policy's delta) spent by the rounds recorded in this period."""
@@ -238,7 +237,7 @@ class PrivacyLedger:
             )
         return start
 
-    def _history(self, period_start: datetime) -> list[Mechanism]:
+    def _history(self, period_start: datetime) -> list[_Round]:
         rows = self._conn.execute(
             "SELECT noise_multiplier, sampling_rate, steps, sensitivity FROM privacy_ledger"
             " WHERE region = ? AND period_start = ?",
@@ -254,7 +253,7 @@ class PrivacyLedger:
         ).fetchone()
         return row
 
-    def _epsilon(self, rounds: Sequence[Mechanism]) -> float:
+    def _epsilon(self, rounds: Sequence[_Round]) -> float:
         return epsilon_of(
             rounds, delta=self._region.privacy.delta, accountant=self._region.privacy.accountant
         )
@@ -302,7 +301,7 @@ def epsilon_of(
 
 def _mechanism(
     noise_multiplier: float, sampling_rate: float, steps: int, sensitivity: float = 1.0
-) -> Mechanism:
+) -> _Round:
     sigma, q, c = float(noise_multiplier), float(sampling_rate), float(sensitivity)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"the noise multiplier must be a positive number, got {sigma!r}")
@@ -320,7 +319,7 @@ def _within(epsilon: float, budget: float) -> bool:
     return epsilon <= budget
 
 
-def _same_round(row: tuple[Any, ...], round_: Mechanism, start: datetime) -> float:
+def _same_round(row: tuple[Any, ...], round_: _Round, start: datetime) -> float:
     entry = _entry(row)
     recorded = (entry.noise_multiplier, entry.sampling_rate, entry.steps, entry.sensitivity)
     if recorded != round_ or (entry.period_start != start):

@@ -206,11 +206,6 @@ class RoundsBase:
     def ledger(self) -> PrivacyLedger:
         return self._ledger
 
-    @property
-    def dim(self) -> int:
-        """The model's parameter count (the length of every delta)."""
-        return self._dim
-
     def current_round(self) -> SignedRoundSpec | None:
         """The open round's signed spec, if a round is open."""
         row = self._conn.execute("SELECT spec FROM rounds WHERE state = 'open'").fetchone()

@@ -81,12 +81,13 @@ class RegionAggregator(UploadsPart):
         Every answer is a logged ``enroll_device`` decision; a refusal raises ``ValueError``
         after its decision is committed."""
         inputs = {"device_key": device_key_b64[:64], "period": period[:64]}
+        refusal: ValueError | None = None
         with write_transaction(self._conn, name="enroll"):
             try:
                 self._check_enrollment(device_key_b64, period)
-            except ValueError:
+            except ValueError as error:
+                refusal = error
                 self._log.append(self._engine.enroll_device(inputs=inputs, refusal="malformed"))
-                refused = True
             else:
                 self._conn.execute(
                     "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
@@ -94,9 +95,8 @@ class RegionAggregator(UploadsPart):
                     (device_key_b64, period, _iso(self._clock())),
                 )
                 self._log.append(self._engine.enroll_device(inputs=inputs))
-                refused = False
-        if refused:
-            self._check_enrollment(device_key_b64, period)  # raises the same error again
+        if refusal is not None:  # raised once the refusal's decision is committed
+            raise refusal
 
     def refuse_enrollment(self, code: str) -> None:
         """Log an enrollment the HTTP layer refused before deciding (no or a wrong token)."""
@@ -135,10 +135,8 @@ class RegionAggregator(UploadsPart):
         trains the latest release (version 0: the base weights).
         """
         privacy = self._region.privacy
-        z = privacy.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
-        if not z >= privacy.noise_multiplier:
-            raise ValueError(f"the noise multiplier {z:g} is below the policy's minimum of "
-                             f"{privacy.noise_multiplier:g}")  # fmt: skip
+        used = self.round_mechanism(noise_multiplier)
+        z = used.noise_multiplier
         if sampling_rate is not None and sampling_rate != privacy.sampling_rate:
             raise ValueError(f"the policy fixes the sampling rate at {privacy.sampling_rate:g}; "
                              f"devices refuse a round at {sampling_rate:g}")  # fmt: skip
@@ -155,7 +153,6 @@ class RegionAggregator(UploadsPart):
             # A round belongs to the budget period it opens in and ends with it at the latest
             # (devices refuse a round that outlasts its period).
             deadline = min(deadline, start + privacy.period)
-            used = self._mechanism(z)
             spent = self._ledger.spent(start)
             after = self._ledger.epsilon_if(used.noise_multiplier, used.sampling_rate,
                                             sensitivity=used.sensitivity,
@@ -184,9 +181,15 @@ class RegionAggregator(UploadsPart):
             )
         return signed
 
-    def _mechanism(self, noise_multiplier: float) -> Mechanism:
+    def round_mechanism(self, noise_multiplier: float | None = None) -> Mechanism:
+        """What a round of the policy's mechanism is charged as, with ``noise_multiplier``
+        (default: the policy's least; a lower one is a ``ValueError``: devices refuse it)."""
         privacy = self._region.privacy
-        return mechanism(privacy.mode, noise_multiplier=noise_multiplier,
+        z = privacy.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
+        if not z >= privacy.noise_multiplier:
+            raise ValueError(f"the noise multiplier {z:g} is below the policy's minimum of "
+                             f"{privacy.noise_multiplier:g}")  # fmt: skip
+        return mechanism(privacy.mode, noise_multiplier=z,
                          sampling_rate=privacy.sampling_rate, dim=self._dim)  # fmt: skip
 
     def _new_round(
@@ -242,7 +245,7 @@ class RegionAggregator(UploadsPart):
             update = partial.mean()  # local mode: every device already added all of the noise
         inputs = {"round_id": spec.round_id, "version": spec.model_version + 1}
         try:
-            used = self._mechanism(spec.noise_multiplier)
+            used = self.round_mechanism(spec.noise_multiplier)
             epsilon = self._ledger.record_round(
                 spec.round_id, used.noise_multiplier, used.sampling_rate,
                 sensitivity=used.sensitivity, period_start=spec.period_start, at=now,
@@ -295,7 +298,7 @@ class RegionAggregator(UploadsPart):
         now = self._clock() if now is None else now
         retention = self._region.retention
         with write_transaction(self._conn, name="sweep"):
-            abandoned = self._end_expired(now)
+            ended = self._end_expired(now)
             deleted: dict[str, int] = {}
             cutoff = retention.get(DataClass.AGGREGATOR_DELTAS)
             if cutoff is not None:
@@ -316,9 +319,9 @@ class RegionAggregator(UploadsPart):
                         log_pruned_total=self._log.pruned_total(),
                     )
                 )
-            if abandoned or any(deleted.values()):
+            if ended or any(deleted.values()):
                 self._log.checkpoint()
-        return abandoned
+        return ended
 
     def _end_expired(self, now: datetime) -> list[str]:
         """End the open rounds whose deadline has passed (inside the caller's write)."""

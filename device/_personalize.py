@@ -282,7 +282,7 @@ class Personalizer:
         ):
             # In central mode the round's guarantee rests on the secret coin: a device that
             # could have taken part is charged for the round whether or not the coin picked it.
-            self.store.charge(charge, spec.mode.value)
+            self.store.charge(charge)
         if not sampled:
             return None
         period = period_label(spec)
@@ -308,7 +308,7 @@ class Personalizer:
         # it uploads to, with the upload, in one transaction.
         self.store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=model,
                                 state=state, decision=decision,
-                                charge=None if central else (charge, spec.mode.value))  # fmt: skip
+                                charge=None if central else charge)  # fmt: skip
         return sealed.idempotency_key
 
     def _train(

@@ -267,8 +267,8 @@ class EventStore(RankingReads, OutboxPart):
                         inputs = self._inputs("store_events", refs[user_id])
                         self._log(self._engine.store_events(state, inputs=inputs), refs[user_id])
                         noted[key] = seen
-                now = self._clock()
-                cutoff = to_ms(now) - self.region.ttl(DataClass.RAW_EVENTS) // _MS
+                horizon = self._clock() - self.region.ttl(DataClass.RAW_EVENTS)
+                cutoff = to_ms(horizon)
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.
                 live = [i for i, r in enumerate(rows) if r[3] >= cutoff]
@@ -276,8 +276,7 @@ class EventStore(RankingReads, OutboxPart):
                 kept = [(rows[i][0], refs[rows[i][1]], *rows[i][2:]) for i in live]
                 result = self._store(kept, [parsed[i] for i in live], expired)
                 if expired:
-                    result = replace(result, retention_cutoff=now - self.region.ttl(
-                        DataClass.RAW_EVENTS))  # fmt: skip
+                    result = replace(result, retention_cutoff=horizon)
         self._noted.update(noted)  # committed: these are in the log now
         if refusal is not None:
             raise refusal

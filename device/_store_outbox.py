@@ -18,6 +18,7 @@ from sottovoce.device._rows import (
 from sottovoce.device._store_core import ModelWeights, StoreCore
 from sottovoce.policy import (
     Decision,
+    PrivacyMode,
 )
 from sottovoce.sync import Charge, Mechanism, OutboxItem, SealedDelta, SpecRefused
 
@@ -91,23 +92,24 @@ class OutboxPart(StoreCore):
         """The device's privacy ledger for a region: every round it was charged for."""
         rows = self._conn.execute(
             "SELECT round_id, period_start_ts, noise_multiplier, sampling_rate, sensitivity, "
-            "charged_ts FROM privacy_spend WHERE region = ? ORDER BY charged_ts", (region,)
+            "charged_ts, mode FROM privacy_spend WHERE region = ? ORDER BY charged_ts", (region,)
         )  # fmt: skip
-        return [Charge(round_id, region, from_ms(start), Mechanism(z, q, c), from_ms(at))
-                for round_id, start, z, q, c, at in rows]  # fmt: skip
+        return [Charge(round_id, region, from_ms(start), Mechanism(z, q, c), from_ms(at),
+                       PrivacyMode(mode))
+                for round_id, start, z, q, c, at, mode in rows]  # fmt: skip
 
-    def charge(self, charge: Charge, mode: str) -> None:
+    def charge(self, charge: Charge) -> None:
         """Add a round to the device's privacy ledger (once per round)."""
         with self._write():
-            self._insert_charge(charge, mode)
+            self._insert_charge(charge)
 
-    def _insert_charge(self, charge: Charge, mode: str) -> None:
+    def _insert_charge(self, charge: Charge) -> None:
         m = charge.mechanism
         self._conn.execute(
             "INSERT OR IGNORE INTO privacy_spend (region, round_id, mode, period_start_ts, "
             "noise_multiplier, sampling_rate, sensitivity, charged_ts) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (charge.region, charge.round_id, mode, to_ms(charge.period_start),
+            (charge.region, charge.round_id, charge.mode.value, to_ms(charge.period_start),
              m.noise_multiplier, m.sampling_rate, m.sensitivity, to_ms(charge.at)),
         )  # fmt: skip
 
@@ -120,7 +122,7 @@ class OutboxPart(StoreCore):
         model: ModelWeights,
         state: npt.NDArray[np.float32],
         decision: Decision,
-        charge: tuple[Charge, str] | None = None,
+        charge: Charge | None = None,
     ) -> None:
         """Record a local round: the personal model, its sealed delta in the outbox, the
         decision and (local mode) the round's privacy charge, in one transaction (a crash leaves
@@ -128,7 +130,7 @@ class OutboxPart(StoreCore):
         now = to_ms(self._clock())
         with self._write():
             if charge is not None:
-                self._insert_charge(*charge)
+                self._insert_charge(charge)
             ref = self._ref(user_id, create=True)
             self._conn.execute(
                 "INSERT OR REPLACE INTO model_state (slot, user_ref, model_id, version, weights, "

@@ -93,6 +93,7 @@ class Charge:
     period_start: datetime
     mechanism: Mechanism
     at: datetime
+    mode: PrivacyMode
 
 
 def period_start_for(at: datetime, region: Region) -> datetime:
@@ -117,7 +118,7 @@ def _composed(
     counts: tuple[tuple[tuple[float, float], int], ...], delta: float, accountant: str
 ) -> float:
     # Cached: every device of a region asks the same question each round, and a subsampled
-    # RDP curve at a large sampling rate takes a fifth of a second to compute.
+    # RDP curve at a large sampling rate takes most of a second (0.86 s measured at q = 0.5).
     import dp_accounting
     from dp_accounting import pld, rdp
 
@@ -149,7 +150,7 @@ def charge_for(spec: RoundSpec, *, dim: int, at: datetime) -> Charge:
     """The charge of taking part in ``spec``'s round, from the spec's own parameters."""
     used = mechanism(spec.mode, noise_multiplier=spec.noise_multiplier,
                      sampling_rate=spec.sampling_rate, dim=dim)  # fmt: skip
-    return Charge(spec.round_id, spec.region, spec.period_start, used, at)
+    return Charge(spec.round_id, spec.region, spec.period_start, used, at, spec.mode)
 
 
 def check_budget(

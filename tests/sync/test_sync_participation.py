@@ -206,7 +206,7 @@ def test_a_round_of_the_policys_mechanism_is_charged_as_it_runs(eu: Region) -> N
     spec = _eu_round()
     charge = check_budget(spec, eu, history=[], dim=DIM, now=AT)
     assert charge == Charge("eu-r1", "eu", PERIOD, Mechanism(1.0, 0.002, sensitivity_factor(DIM)),
-                            AT)  # fmt: skip
+                            AT, PrivacyMode.CENTRAL)  # fmt: skip
     assert charge == charge_for(spec, dim=DIM, at=AT)
     # More noise than the policy's least is fine, and charged as what it is.
     louder = check_budget(_eu_round(noise_multiplier=2.5), eu, history=[], dim=DIM, now=AT)
