@@ -136,7 +136,10 @@ def _utc_now() -> datetime:
 class RoundsBase:
     """Rounds, uploads and releases of one region, stored in ``conn``'s database.
 
-    ``base_weights`` are the model's weights before any release (version 0). Central noise is
+    ``base_weights`` are the model's weights before any release (version 0). A release is the
+    previous release plus the round's noised mean (``accumulate``, for models trained by
+    deltas), or the round's noised mean alone (``accumulate=False``: a model whose rounds release
+    statistics, such as the collaborative model's counts and factor sums). Central noise is
     the exact discrete Gaussian from the OS CSPRNG; ``rng``, a seeded generator, replaces it
     with a seeded stand-in for simulations and tests only (see :mod:`sottovoce.sync._noise`).
     The signing and HPKE keys must be the region's keys in ``policy``, since devices check and
@@ -156,8 +159,10 @@ class RoundsBase:
         base_weights: npt.ArrayLike | None = None,
         clock: Callable[[], datetime] = _utc_now,
         rng: np.random.Generator | None = None,
+        accumulate: bool = True,
     ) -> None:
         self._conn = conn
+        self._accumulate = accumulate
         self._region = policy.region(region)
         self._signing_key = signing_key
         self._hpke_key = hpke_key

@@ -258,12 +258,14 @@ class RegionAggregator(UploadsPart):
                 epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
             self._log.checkpoint()
             return
-        latest = self.latest_release()
-        previous = self._base if latest is None else latest.weights_array().astype(np.float64)
+        if self._accumulate:
+            latest = self.latest_release()
+            previous = self._base if latest is None else latest.weights_array().astype(np.float64)
+            update = previous + update
         release = sign_release(
             model_id=self._model_id,
             version=spec.model_version + 1,
-            weights=previous + update,
+            weights=update,
             created=now,
             signing_key=self._signing_key,
             kid=self._kid,

@@ -67,8 +67,10 @@ class Device:
 class World:
     """An aggregator on a file, its keys and clock, and enrolled devices."""
 
-    def __init__(self, path: Path, keys: Keys, policy: Policy, *, seed: int = 7) -> None:
+    def __init__(self, path: Path, keys: Keys, policy: Policy, *, seed: int = 7,
+                 accumulate: bool = True) -> None:  # fmt: skip
         self.path, self.keys, self.policy, self.seed = path, keys, policy, seed
+        self.accumulate = accumulate
         self.clock = Clock()
         self.base = np.linspace(-1, 1, DIM)
         self.conn = sqlite3.connect(path)
@@ -86,6 +88,7 @@ class World:
             base_weights=self.base,
             clock=self.clock,
             rng=np.random.default_rng(self.seed),
+            accumulate=self.accumulate,
         )
 
     def restart(self) -> None:
@@ -230,6 +233,24 @@ def test_a_full_round_publishes_at_its_deadline_base_plus_the_noised_sum_over_th
     expected = central_update(np.sum(np.array(more, dtype=np.float64), axis=0), draws)
     np.testing.assert_allclose(step, expected, atol=1e-5)
     assert world.reasons("publish_release") == ["deadline_reached"] * 2
+
+
+def test_a_statistic_release_is_the_rounds_noised_mean_alone(tmp_path: Path, keys: Keys) -> None:
+    """``accumulate=False`` (the collaborative model's counts and factor sums): each release is
+    its own round's noised sum over the expected cohort, not the previous release plus it."""
+    world = World(tmp_path / "statistics.db", keys, keys.policy(), accumulate=False)
+    rng, draws = np.random.default_rng(3), np.random.default_rng(world.seed)
+    for version in (1, 2):
+        spec = world.open()
+        assert spec.model_version == version - 1
+        deltas = [small(rng) for _ in range(COHORT)]
+        for delta in deltas:
+            world.upload(world.device(spec).seal(delta, spec, world.keys.hpke))
+        world.end(spec)
+        expected = central_update(np.sum(np.array(deltas, dtype=np.float64), axis=0), draws)
+        np.testing.assert_allclose(world.weights(), expected, atol=1e-6)  # no base, no previous
+    world.check_log()
+    world.conn.close()
 
 
 @pytest.mark.parametrize("count", [0, 1, COHORT - 1])

@@ -1,0 +1,212 @@
+"""What listeners share, learned without their histories leaving the device: federated matrix
+factorisation over a DP-selected item table.
+
+The region's collaborative model is a sequence of released statistics, each one round's noised
+mean of the devices' uploads (the aggregator's ``statistic`` releases). Every upload is one
+vector in the layout :class:`Layout` fixes for the catalog:
+
+    [ counts (one per catalog item) | B (table x rank) | G (rank x rank) ]
+
+- the **count round** (the first): a device uploads ``C * c / |c|``, its own items' indicator
+  ``c`` scaled to the clipping norm; the release is a DP count of how many devices have each
+  item. It gives the popularity prior and picks the **item table**: the ``table`` items with
+  the highest counts, among those whose count clears four noise deviations (an item few devices
+  have is left out rather than learned from noise);
+- every **factor round** after it (alternating least squares): the device solves its own user
+  vector ``u`` in closed form against the current item table ``V`` (it never leaves the device)
+  and uploads ``B = c u'`` (its table items) and ``G = u u'``, together scaled to the clipping
+  norm; from the release anyone solves the next table, ``V = B (G + lambda I)^-1``. The first
+  factor round starts from a public random table (seeded by the layout).
+
+Scoring on the device: ``V u`` for table items, and every other item after them by its DP
+count. The ridge terms are set from the data and the published noise, never tuned per dataset:
+the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the larger of
+``0.1 trace(G) / rank`` and twice the spectral norm the noise on ``G`` can reach.
+
+What a release reveals (see docs/privacy.md): DP counts of items and DP sums of user-vector
+statistics per table item, under the region's mechanism; no user vector and no history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce.device._errors import DeviceError
+
+__all__ = ["CollaborativeModel", "Layout", "collaborative_upload"]
+
+Array = npt.NDArray[np.float64]
+RIDGE = 0.1  # both ridge terms, relative to the scale of what they regularise
+TABLE = 2_000  # at most this many items in the table (the DP count may admit fewer)
+RANK, PRIVATE_RANK = 32, 16  # under DP noise a lower rank keeps more signal per number
+ITEM_EXPONENT = 0.25
+NOISE_DEVIATIONS = 4.0  # a table item's count must clear this many noise deviations
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The public shape of a region's collaborative model: the catalog (its order), the item
+    table's size and rank, and the seed of the first factor round's table."""
+
+    catalog: tuple[str, ...]
+    table: int = TABLE
+    rank: int = RANK
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.catalog:
+            raise DeviceError("a collaborative layout needs a catalog")
+        if len(set(self.catalog)) != len(self.catalog):
+            raise DeviceError("the catalog lists an item twice")
+        if not 1 <= self.rank <= 256 or self.table < 1:
+            raise DeviceError("the rank must be 1 to 256 and the table at least 1 item")
+
+    @property
+    def items(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def table_size(self) -> int:
+        return min(self.table, self.items)
+
+    @property
+    def dim(self) -> int:
+        return self.items + self.table_size * self.rank + self.rank * self.rank
+
+    @cached_property
+    def model_id(self) -> str:
+        """SHA-256 of the layout: what the aggregator's rounds and releases name."""
+        digest = hashlib.sha256("\n".join(self.catalog).encode()).hexdigest()
+        text = json.dumps({"kind": "sottovoce.collaborative/1", "catalog": digest,
+                           "table": self.table_size, "rank": self.rank, "seed": self.seed},
+                          sort_keys=True)  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {item: n for n, item in enumerate(self.catalog)}
+
+    def indicator(self, items: Iterable[str]) -> Array:
+        """The catalog-order 0/1 vector of ``items`` (items not in the catalog are ignored)."""
+        out = np.zeros(self.items)
+        picked = [self.index[i] for i in items if i in self.index]
+        out[picked] = 1.0
+        return out
+
+    def split(self, vector: Array) -> tuple[Array, Array, Array]:
+        """A release or upload's (counts, B, G)."""
+        v = np.asarray(vector, np.float64)
+        if v.shape != (self.dim,):
+            raise DeviceError(f"expected {self.dim} numbers for this layout, got {v.shape}")
+        k, d = self.table_size, self.rank
+        counts, rest = v[: self.items], v[self.items :]
+        return counts, rest[: k * d].reshape(k, d), rest[k * d :].reshape(d, d)
+
+
+@dataclass(frozen=True)
+class CollaborativeModel:
+    """What a device knows of its region's collaborative model: the DP counts, the item table's
+    items (catalog positions) and, after a factor round, their vectors."""
+
+    layout: Layout
+    counts: Array  # DP count per catalog item (the popularity prior)
+    table: npt.NDArray[np.int64]  # catalog positions of the table's items, by count
+    vectors: Array  # table x rank
+    fitted: bool = False  # False after the count round: scores by count alone
+
+    @classmethod
+    def from_counts(cls, layout: Layout, release: Array, *, noise_std: float) -> CollaborativeModel:
+        """After the count round: the table and the public random starting vectors.
+
+        ``noise_std`` is the noise's standard deviation on one released count (clipping norm x
+        noise multiplier x sensitivity factor / expected cohort: all public)."""
+        counts, _, _ = layout.split(release)
+        order = np.argsort(-counts, kind="stable")[: layout.table_size]
+        clear = counts[order] > NOISE_DEVIATIONS * noise_std
+        table = order[clear] if clear.any() else order[:1]
+        rng = np.random.default_rng([layout.seed, 5])
+        start = rng.standard_normal((layout.table_size, layout.rank)) / np.sqrt(layout.rank)
+        return cls(layout, counts.copy(), table.astype(np.int64), start[: len(table)], False)
+
+    def refit(self, release: Array, *, noise_std: float) -> CollaborativeModel:
+        """After a factor round: the next item table, ``V = B (G + lambda_v I)^-1``."""
+        _, b, g = self.layout.split(release)
+        g = (g + g.T) / 2
+        d = self.layout.rank
+        floor = 2.0 * noise_std * 2.0 * np.sqrt(d)  # twice the noise's spectral reach
+        ridge = max(RIDGE * max(np.trace(g), 0.0) / d, floor, 1e-12)
+        vectors = np.linalg.solve(g + ridge * np.eye(d), b[: len(self.table)].T).T
+        return CollaborativeModel(self.layout, self.counts, self.table, vectors, True)
+
+    @cached_property
+    def item_weights(self) -> Array:
+        """Each table item's weight in a user's row, count^-1/4: popular items would otherwise
+        fill every user's vector (the scaling of EigenRec, Nikolakopoulos et al. 2019; one fixed
+        exponent for every dataset)."""
+        counts = self.counts[self.table]
+        floor = max(float(counts.max()) * 1e-3, 1e-12)
+        weights: Array = np.maximum(counts, floor) ** -ITEM_EXPONENT
+        return weights / float(weights.max())
+
+    def row(self, items: Iterable[str]) -> Array:
+        """The user's weighted, unit-length row over the table (zeros if none of its items)."""
+        c = self.layout.indicator(items)[self.table] * self.item_weights
+        norm = np.linalg.norm(c)
+        return c / norm if norm else c
+
+    def user_vector(self, items: Iterable[str]) -> Array:
+        """The user's vector against the table, solved on the device (it never leaves it)."""
+        c = self.row(items)
+        norm = np.linalg.norm(c)
+        if norm == 0:
+            return np.zeros(self.layout.rank)
+        v = self.vectors
+        gram = v.T @ v
+        ridge = max(RIDGE * np.trace(gram) / self.layout.rank, 1e-12)
+        return np.linalg.solve(gram + ridge * np.eye(self.layout.rank), v.T @ c)
+
+    def scores(self, items: Iterable[str]) -> Array:
+        """A score per catalog item for a user with ``items``: table items by ``V u``, above
+        every other item, which follow by DP count."""
+        counts = self.counts
+        spread = max(float(np.abs(counts).max()), 1e-12)
+        out = counts / spread / 2 - 2.0  # in [-2.5, -1.5]: below every table item
+        if self.fitted:
+            inside = self.vectors @ self.user_vector(items)
+            out[self.table] = inside - inside.min()  # >= 0
+        else:
+            out[self.table] = counts[self.table] / spread / 2  # by count alone
+        return out
+
+
+def collaborative_upload(
+    model: CollaborativeModel | None, layout: Layout, items: Iterable[str], *, clipping_norm: float
+) -> Array:
+    """The vector a device uploads in the next round: its count (no model yet) or its factor
+    statistics (a model with a table), scaled to exactly ``clipping_norm``."""
+    items = list(items)
+    out = np.zeros(layout.dim)
+    if model is None:
+        c = layout.indicator(items)
+        norm = np.linalg.norm(c)
+        if norm:
+            out[: layout.items] = clipping_norm * c / norm
+        return out
+    u = model.user_vector(items)
+    c = model.row(items)
+    if not np.any(c) or not np.any(u):
+        return out
+    k, d = layout.table_size, layout.rank
+    b = np.zeros((k, d))
+    b[: len(model.table)] = np.outer(c, u)
+    g = np.outer(u, u)
+    stats = np.concatenate([b.ravel(), g.ravel()])
+    out[layout.items :] = clipping_norm * stats / np.linalg.norm(stats)
+    return out

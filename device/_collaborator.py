@@ -1,0 +1,176 @@
+"""A device's part in its region's collaborative model (:mod:`._collaborative`): install the
+signed releases, join the rounds, score the catalog.
+
+Joining a round follows the same steps, checks and records as training the ranker
+(:meth:`~sottovoce.device.Personalizer.contribute`): the spec against the device's own policy
+and model, the device's own privacy ledger (it refuses what would exceed its budget), the
+charge (central mode: when the device could take part, before its coin), the spec's coin, the
+user's consent (logged), then the upload is sealed (clipped, noised in local mode, signed,
+HPKE-sealed to the region's key) and queued in the outbox with its decision, in one
+transaction. What the device uploads is :func:`~._collaborative.collaborative_upload` of the
+items the user listened to (a play of at least half the track or 30 s) or liked, minus
+disliked ones.
+
+The model lives in the store's ``collaborative`` slot (DP counts, table, vectors: all public,
+derived from signed releases).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
+from sottovoce.device._errors import DeviceError
+from sottovoce.device._store import EventStore, ModelWeights
+from sottovoce.policy import PrivacyMode, Purpose
+from sottovoce.sync import (
+    ModelRelease,
+    RoundSpec,
+    SpecRefused,
+    check_budget,
+    check_spec,
+    idempotency_key,
+    period_label,
+    sample_into_round,
+    seal_delta,
+    verify_release,
+)
+from sottovoce.sync._noise import sensitivity_factor
+
+__all__ = ["Collaborator", "listened_items"]
+
+SLOT = "collaborative"
+MIN_PLAY_MS = 30_000
+
+
+def listened_items(store: EventStore, user_id: str) -> list[str]:
+    """The tracks the user listened to (at least half of them, or 30 s) or liked, not disliked."""
+    liked: set[str] = set()
+    disliked: set[str] = set()
+    for fact in store.facts(user_id):
+        if fact.track is None:
+            continue
+        if fact.type == "like":
+            liked.add(fact.track)
+        elif fact.type == "dislike":
+            disliked.add(fact.track)
+        elif fact.type == "play_end" and (
+            fact.ms_played >= MIN_PLAY_MS or 2 * fact.ms_played >= max(fact.duration_ms, 1)
+        ):
+            liked.add(fact.track)
+    return sorted(liked - disliked)
+
+
+class Collaborator:
+    """Install releases, join rounds and score for one device store and one layout."""
+
+    def __init__(self, store: EventStore, layout: Layout, *,
+                 noise_rng: np.random.Generator | None = None) -> None:  # fmt: skip
+        self.store, self.layout, self._noise_rng = store, layout, noise_rng
+        self.version, self.model = 0, None
+        stored = store.load_model(SLOT)
+        if stored is not None and stored.model_id == layout.model_id:
+            self.version, self.model = stored.version, _unpack(layout, stored.weights)
+
+    def install(self, release: ModelRelease, spec: RoundSpec) -> CollaborativeModel:
+        """Verify the release of ``spec``'s round against the region's pinned key and derive
+        the model from it (the spec gives the noise's scale, which sets the table's ridge)."""
+        pinned = base64.b64decode(self.store.region.key("signing").key)
+        weights = verify_release(release, pinned)
+        if release.model_id != self.layout.model_id or spec.model_id != self.layout.model_id:
+            raise DeviceError("the release is not for this device's collaborative layout")
+        if release.version != spec.model_version + 1 or release.version <= self.version:
+            raise DeviceError(f"release {release.version} is not the release of round "
+                              f"{spec.round_id!r} after version {self.version}")  # fmt: skip
+        std = noise_std(spec, self.layout.dim)
+        vector = np.asarray(weights, np.float64)
+        model = (CollaborativeModel.from_counts(self.layout, vector, noise_std=std)
+                 if self.model is None else self.model.refit(vector, noise_std=std))  # fmt: skip
+        self.store.save_model(SLOT, model_id=self.layout.model_id, version=release.version,
+                              weights=_pack(model))  # fmt: skip
+        self.version, self.model = release.version, model
+        return model
+
+    def scores(self, user_id: str) -> npt.NDArray[np.float64]:
+        """A score per catalog item for the user (the layout's order)."""
+        if self.model is None:
+            raise DeviceError("no collaborative model installed yet")
+        return self.model.scores(listened_items(self.store, user_id))
+
+    def contribute(self, user_id: str, *, spec: RoundSpec, eligible: bool = True) -> str | None:
+        """Join the round of ``spec``; returns the queued upload's idempotency key, or ``None``
+        when the spec's coin keeps the device out (see the module docstring)."""
+        store, region = self.store, self.store.region
+        try:
+            check_spec(spec, region)
+            if spec.model_id != self.layout.model_id or spec.model_version != self.version:
+                raise SpecRefused(f"refusing round {spec.round_id!r}: it is for version "
+                                  f"{spec.model_version} of model {spec.model_id[:12]}…; this "
+                                  f"device has version {self.version} of "
+                                  f"{self.layout.model_id[:12]}…", rule="model")  # fmt: skip
+            charge = check_budget(spec, region, history=store.privacy_history(region.id),
+                                  dim=self.layout.dim, now=store.now())  # fmt: skip
+        except SpecRefused as refused:
+            store.contribution(user_id, spec.round_id, refused=refused)
+            raise
+        secret = store.device_secret()
+        central = spec.mode is PrivacyMode.CENTRAL
+        if central and eligible and store.allows(user_id, Purpose.FEDERATED_TRAINING):
+            store.charge(charge)  # the round's guarantee rests on the secret coin
+        if not sample_into_round(spec, secret):
+            return None
+        period = period_label(spec)
+        key = idempotency_key(secret, spec=spec, period=period)
+        if store.in_outbox(key):
+            return key
+        decision = store.contribution(user_id, spec.round_id)
+        if not decision.allowed:
+            refusal = store.refusal(user_id, Purpose.FEDERATED_TRAINING)
+            raise refusal if refusal is not None else DeviceError(decision.sentence)
+        if not eligible:
+            raise DeviceError("the device is not eligible for training now")
+        upload = collaborative_upload(self.model, self.layout, listened_items(store, user_id),
+                                      clipping_norm=spec.clipping_norm)  # fmt: skip
+        hpke = base64.b64decode(region.key("hpke").key)
+        sealed = seal_delta(delta=upload.astype(np.float32), spec=spec, device_secret=secret,
+                            signing_key=store.signing_key(period), aggregator_hpke_key=hpke,
+                            rng=self._noise_rng, period=period,
+                            idempotency_key=key)  # fmt: skip
+        current = ModelWeights(
+            self.layout.model_id,
+            self.version,
+            _pack(self.model) if self.model else np.zeros(1, np.float32),
+        )
+        store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=current,
+                           state=np.zeros(0, np.float32), decision=decision,
+                           charge=None if central else charge)  # fmt: skip
+        return sealed.idempotency_key
+
+
+def noise_std(spec: RoundSpec, dim: int) -> float:
+    """The standard deviation of the noise on one released number of the round: central, the
+    aggregator's ``z C s / n``; local, every upload's own noise averaged over the minimum cohort
+    (the least the mean of a published local round has)."""
+    s = sensitivity_factor(dim)
+    if spec.mode is PrivacyMode.CENTRAL:
+        return spec.noise_multiplier * spec.clipping_norm * s / max(spec.expected_cohort, 1.0)
+    return float(spec.noise_multiplier * spec.clipping_norm * s / np.sqrt(max(spec.min_cohort, 1)))
+
+
+def _pack(model: CollaborativeModel) -> npt.NDArray[np.float32]:
+    parts = [np.array([float(model.fitted), len(model.table)]), model.counts,
+             model.table.astype(np.float64), model.vectors.ravel()]  # fmt: skip
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _unpack(layout: Layout, packed: Iterable[float]) -> CollaborativeModel:
+    flat = np.asarray(packed, np.float64)
+    fitted, k = bool(flat[0]), int(flat[1])
+    counts = flat[2 : 2 + layout.items]
+    table = flat[2 + layout.items : 2 + layout.items + k].astype(np.int64)
+    vectors = flat[2 + layout.items + k :].reshape(k, layout.rank)
+    return CollaborativeModel(layout, counts, table, vectors, fitted)

@@ -1,0 +1,121 @@
+"""The collaborative model's arithmetic and a device's part in its rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import NOW, policy_where_all_take_part, round_spec
+
+from sottovoce.device import DeviceError, EventStore
+from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
+from sottovoce.device._collaborator import Collaborator, listened_items
+from sottovoce.policy import Purpose
+from sottovoce.sync import SpecRefused
+
+CATALOG = tuple(f"t{n}" for n in range(60))
+
+
+def _planted(users: int = 240, clusters: int = 4, seed: int = 0) -> list[list[str]]:
+    """Each user listens to 8 of its cluster's 15 items and one of the 60 at random: which
+    items go together is all the structure there is."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for u in range(users):
+        own = rng.choice(15, size=8, replace=False) + 15 * (u % clusters)
+        out.append([CATALOG[i] for i in (*own, rng.integers(60))])
+    return out
+
+
+def _fit(histories: list[list[str]], layout: Layout, rounds: int = 3,
+         noise: float = 0.0) -> CollaborativeModel:  # fmt: skip
+    rng = np.random.default_rng(1)
+    model = None
+    for _ in range(rounds):
+        total = sum(collaborative_upload(model, layout, h, clipping_norm=1.0) for h in histories)
+        mean = (np.asarray(total) + rng.normal(0, noise, layout.dim)) / len(histories)
+        std = noise / len(histories)
+        model = (CollaborativeModel.from_counts(layout, mean, noise_std=std) if model is None
+                 else model.refit(mean, noise_std=std))  # fmt: skip
+    assert model is not None
+    return model
+
+
+def test_every_upload_has_the_clipping_norm() -> None:
+    layout = Layout(CATALOG, table=20, rank=4)
+    histories = _planted()
+    count = collaborative_upload(None, layout, histories[0], clipping_norm=2.5)
+    assert np.linalg.norm(count) == pytest.approx(2.5)
+    assert not count[layout.items :].any()  # the count round sends counts only
+    model = _fit(histories, layout, rounds=1)
+    factors = collaborative_upload(model, layout, histories[0], clipping_norm=2.5)
+    assert np.linalg.norm(factors) == pytest.approx(2.5)
+    assert not factors[: layout.items].any()  # factor rounds send no counts
+    nothing = collaborative_upload(model, layout, ["not-in-the-catalog"], clipping_norm=2.5)
+    assert not nothing.any()
+
+
+def test_the_table_learns_which_items_go_together() -> None:
+    """Held-out items of a user's cluster rank above the rest; a count alone cannot tell."""
+    layout = Layout(CATALOG, table=60, rank=4)
+    model = _fit(_planted(), layout)
+    probe = [CATALOG[i] for i in (0, 1, 2, 3)]  # four items of cluster 0
+    scores = model.scores(probe)
+    cluster = scores[4:15].min()
+    others = scores[15:].max()
+    assert cluster > others
+
+
+def test_noise_shrinks_the_table_to_items_that_clear_it() -> None:
+    layout = Layout(CATALOG, table=60, rank=4)
+    clean = _fit(_planted(), layout, rounds=1)
+    noisy = _fit(_planted(), layout, rounds=1, noise=3.0)
+    assert len(clean.table) == 60 > len(noisy.table) >= 1
+
+
+def test_a_layout_is_checked() -> None:
+    with pytest.raises(DeviceError, match="twice"):
+        Layout(("a", "a"))
+    with pytest.raises(DeviceError, match="rank"):
+        Layout(CATALOG, rank=0)
+    assert Layout(CATALOG).model_id != Layout(CATALOG, rank=8).model_id
+
+
+# -- on a device ---------------------------------------------------------------------------
+
+
+def _device(tmp_path: Path) -> Any:
+    policy = policy_where_all_take_part()
+    store = EventStore.open(tmp_path / "device.db", policy=policy, region="us",
+                            clock=lambda: NOW)  # fmt: skip
+    store.set_age("u1", 30)
+    for purpose in (Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING):
+        store.grant("u1", purpose)
+    for n, track in enumerate(("t1", "t2", "t3")):
+        store.append({"event_id": f"e{n}", "user_id": "u1", "type": "play_end",
+                      "ts": NOW.isoformat(), "track_id": track, "ms_played": 200_000,
+                      "duration_ms": 200_000})  # fmt: skip
+    store.append({"event_id": "e9", "user_id": "u1", "type": "dislike", "ts": NOW.isoformat(),
+                  "track_id": "t3"})  # fmt: skip
+    return store, policy
+
+
+def test_a_device_joins_a_round_and_queues_a_sealed_upload(tmp_path: Path) -> None:
+    store, policy = _device(tmp_path)
+    assert listened_items(store, "u1") == ["t1", "t2"]  # disliked after it was played
+    layout = Layout(CATALOG, table=20, rank=4)
+    spec = round_spec(policy, "us", model_id=layout.model_id)
+    device = Collaborator(store, layout)
+    key = device.contribute("u1", spec=spec)
+    assert key is not None and store.in_outbox(key)
+    assert device.contribute("u1", spec=spec) == key  # once per round
+
+
+def test_a_device_refuses_a_round_of_another_model(tmp_path: Path) -> None:
+    store, policy = _device(tmp_path)
+    layout = Layout(CATALOG, table=20, rank=4)
+    spec = round_spec(policy, "us", model_id=Layout(CATALOG, rank=8).model_id)
+    with pytest.raises(SpecRefused, match="model"):
+        Collaborator(store, layout).contribute("u1", spec=spec)
