@@ -185,6 +185,7 @@ class ServiceConfig:
     schedule_rounds: bool = True
     max_body_bytes: int = 1 << 20
     clock: Clock = system_clock  # rounds, deadlines, retention and the schedule read this
+    accumulate: bool = True  # False: a model whose releases are statistics (collaborative)
 
     def __post_init__(self) -> None:
         if not self.enrollment_tokens:
@@ -230,6 +231,7 @@ def open_aggregator(config: ServiceConfig, *, clock: Clock | None = None) -> Reg
             dim=int(config.base_weights.shape[0]),
             base_weights=config.base_weights,
             clock=config.clock if clock is None else clock,
+            accumulate=config.accumulate,
         )
     except (ValueError, SottovoceError) as error:  # keys the policy does not publish, region
         conn.close()

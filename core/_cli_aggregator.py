@@ -109,6 +109,14 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     model: Annotated[
         Path | None, typer.Option(help="The .tflite model (default: the shipped ranker).")
     ] = None,
+    collaborative: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve the collaborative model instead of the ranker: its public "
+            "catalog, one item id per line, in the layout's order."
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option(help="The collaborative model's rank.")] = 16,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the region's aggregator over HTTP (JSON logs on stderr); restart-safe."""
@@ -126,20 +134,33 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
             f"the aggregator needs its extra: pip install 'sottovoce[aggregator]' ({error})"
         ) from None
     from sottovoce._clock import clock_from_env
-    from sottovoce.device import Ranker
 
     profiles = {"prod": (60.0, 60.0), "dev": (0.5, 1.0)}  # round minutes, sweep seconds
     if profile not in profiles:
         raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
     defaults = profiles[profile]
-    ranker = Ranker.load(model)
+    if collaborative is not None:
+        import numpy as np
+
+        from sottovoce.device._collaborative import Layout
+
+        catalog = tuple(line.strip() for line in collaborative.read_text().splitlines()
+                        if line.strip())  # fmt: skip
+        layout = Layout(catalog, rank=rank)
+        model_id, base, accumulate = layout.model_id, np.zeros(layout.dim, np.float32), False
+    else:
+        from sottovoce.device import Ranker
+
+        ranker = Ranker.load(model)
+        model_id, base, accumulate = ranker.model_id, ranker.get_weights(), True
     config = ServiceConfig(
         policy=_read_policy(policy),
         region=region,
         keys=load_keys(keys),
         database=db or Path(f"aggregator-{region}.db"),
-        model_id=ranker.model_id,
-        base_weights=ranker.get_weights(),
+        model_id=model_id,
+        base_weights=base,
+        accumulate=accumulate,
         enrollment_tokens=_tokens(token_file),
         noise_multiplier=noise_multiplier,
         round_seconds=60 * (round_minutes if round_minutes is not None else defaults[0]),

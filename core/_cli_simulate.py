@@ -7,8 +7,12 @@ two regions, a few minutes on two cores) with a short summary; ``simulate`` expo
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +44,29 @@ class _Bar:
         self._progress.console.print(f"  {text}")
 
 
+class Split(StrEnum):
+    RANDOM = "random"
+    TIME = "time"
+
+
+class _Notes(logging.Handler):
+    """The simulator's warnings (such as the malformed rows a CSV load skipped), printed with
+    its progress rather than as log records."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        out.print(f"  {record.getMessage()}", style="yellow", markup=False, soft_wrap=True)
+
+
+@contextmanager
+def _notes() -> Iterator[None]:
+    logger, handler = logging.getLogger("sottovoce.sim"), _Notes(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def run_simulation(config: Any, *, title: str) -> dict[str, Any]:
     # Worker processes inherit this: two cores, two workers, one BLAS thread each (more
     # threads than cores made numpy and torch many times slower here).
@@ -50,7 +77,7 @@ def run_simulation(config: Any, *, title: str) -> dict[str, Any]:
     out.print(f"[bold]{title}[/bold]")
     columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=out, transient=not out.is_terminal) as progress:
+    with _notes(), Progress(*columns, console=out, transient=not out.is_terminal) as progress:
         results = simulate(config, progress=_Bar(progress))
     report = write_report(results, config.workdir / "report.html")
     _summary(results)
@@ -63,11 +90,24 @@ def _summary(results: dict[str, Any]) -> None:
     table = Table(title=f"{results['dataset']}: {results['users']} devices, "
                         f"ε ≤ {results['epsilon']:.3g}, δ = {results['delta']:.2g}",
                   header_style="bold")  # fmt: skip
-    for column in ("row", "HR@10", "NDCG@10", "MRR"):
-        table.add_column(column, justify="left" if column == "row" else "right")
+    for column in ("row (full ranking)", "NDCG@10", "95 % interval", "Recall@10", "HR@10",
+                   "MRR", "coverage"):  # fmt: skip
+        table.add_column(column, justify="left" if column.startswith("row") else "right")
     for row, values in results["metrics"].items():
-        table.add_row(row, *(f"{values[m]:.4f}" for m in ("hr@10", "ndcg@10", "mrr")))
+        low, high = values["ci"].get("ndcg@10", (values["ndcg@10"],) * 2)
+        others = (f"{values[m]:.4f}" for m in ("recall@10", "hr@10", "mrr", "coverage"))
+        table.add_row(row, f"{values['ndcg@10']:.4f}", f"{low:.4f}–{high:.4f}", *others)
     out.print(table)
+    sampled = results.get("metrics_sampled")
+    if sampled:
+        reranker = Table(title="the session reranker (sampled: held-out items among "
+                               f"{results['config']['negatives']} never-touched ones)",
+                         header_style="bold")  # fmt: skip
+        for column in ("row (sampled)", "HR@10", "NDCG@10", "MRR"):
+            reranker.add_column(column, justify="left" if column.startswith("row") else "right")
+        for row, values in sampled.items():
+            reranker.add_row(row, *(f"{values[m]:.4f}" for m in ("hr@10", "ndcg@10", "mrr")))
+        out.print(reranker)
     for p in results["privacy"]:
         out.print(f"  {p['pipeline']:<18} {p['region']}: ε {p['epsilon']:.3f} of {p['budget']:g} "
                   f"(δ {p['delta']:.1g}; {p['mode']}, z {p['noise_multiplier']:.3f}, "
@@ -100,8 +140,23 @@ def register(app: typer.Typer) -> None:
         item_features: Annotated[
             Path | None, typer.Option(help="Item features CSV (item_id,f1,...) for --csv.")
         ] = None,
-        users: Annotated[int, typer.Option(help="Users (devices) to simulate.")] = 200,
-        rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 5,
+        skip_bad_rows: Annotated[
+            bool,
+            typer.Option(help="Skip and count malformed rows of --csv instead of stopping."),
+        ] = False,
+        split: Annotated[
+            Split, typer.Option(help="Held-out items: a seeded random 20 % or each user's latest.")
+        ] = Split.RANDOM,
+        users: Annotated[
+            int, typer.Option(help="Users (devices) to simulate; 0: every user of the data.")
+        ] = 200,
+        rounds: Annotated[int, typer.Option(help="The session reranker's rounds.")] = 5,
+        collaborative_rounds: Annotated[
+            int, typer.Option(help="The collaborative model's rounds (one count round first).")
+        ] = 3,
+        reranker: Annotated[
+            bool, typer.Option(help="Also train and measure the session reranker (sampled).")
+        ] = True,
         sampling_rate: Annotated[float, typer.Option(help="Share of devices per round.")] = 0.5,
         local_steps: Annotated[int, typer.Option(help="Training steps per device round.")] = 50,
         epsilon: Annotated[float, typer.Option(help="Cap on each region's ε.")] = 8.0,
@@ -119,16 +174,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Simulate devices on real data; write results.json and report.html."""
         from sottovoce.policy import example_policy, load_policy
-        from sottovoce.sim import SimulationConfig
+        from sottovoce.sim import DatasetError, SimulationConfig
 
         config = SimulationConfig(
-            workdir=workdir, lastfm=data, csv=csv, item_features=item_features, users=users,
-            rounds=rounds, sampling_rate=sampling_rate, local_steps=local_steps,
-            epsilon=epsilon, workers=workers, server=server, seed=seed,
-            regions=tuple(region) if region else ("eu", "us"),
+            workdir=workdir, lastfm=data, csv=csv, item_features=item_features,
+            users=users or None, rounds=rounds, collaborative_rounds=collaborative_rounds,
+            reranker=reranker, sampling_rate=sampling_rate, local_steps=local_steps,
+            epsilon=epsilon, workers=workers, server=server, seed=seed, split=split.value,
+            skip_bad_rows=skip_bad_rows, regions=tuple(region) if region else ("eu", "us"),
             policy=example_policy() if policy is None else load_policy(policy),
         )  # fmt: skip
-        run_simulation(config, title="sottovoce simulate")
+        try:
+            run_simulation(config, title="sottovoce simulate")
+        except DatasetError as error:
+            if csv is None or error.path != csv or (error.line or 0) < 2 or skip_bad_rows:
+                raise
+            raise DatasetError(f"{error.reason} (--skip-bad-rows skips and counts such rows)",
+                               path=error.path, line=error.line, field=error.field,
+                               code=error.code) from None  # fmt: skip
 
     @app.command()
     def demo(

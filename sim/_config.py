@@ -31,9 +31,13 @@ if TYPE_CHECKING:  # the aggregator extra is imported only when a run needs it
     from sottovoce.aggregator import RegionKeys
 
 T = TypeVar("T")
-ROWS = ("random", "popularity", "central", "central_dp", "federated", "federated_global_only",
-        "federated_dp", "federated_dp_global_only", "federated_dp_local",
-        "federated_dp_local_global_only")  # fmt: skip
+ROWS = ("random", "popularity", "itemknn", "ease", "local_only", "federated", "federated_dp")
+"""The full-ranking table (``metrics``): references, what a device does alone, and the
+collaborative model without and with DP."""
+RERANKER_ROWS = ("random", "popularity", "central", "central_dp", "federated",
+                 "federated_global_only", "federated_dp", "federated_dp_global_only",
+                 "federated_dp_local", "federated_dp_local_global_only")  # fmt: skip
+"""The session reranker's table (``metrics_sampled``: held-out items among sampled ones)."""
 END = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)  # the devices' clock: their history ends here
 TOKEN = "simulation-enrollment-token"
 RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.1)
@@ -61,8 +65,10 @@ class SimulationConfig:
     lastfm: Path | None = None  # default: default_lastfm_path()
     csv: Path | None = None  # a generic interactions CSV instead of Last.fm
     item_features: Path | None = None
-    users: int = 200
-    rounds: int = 5
+    users: int | None = 200  # None: every user of the dataset
+    rounds: int = 5  # the reranker's rounds
+    collaborative_rounds: int = 3  # the collaborative model's: one count round, then factor rounds
+    reranker: bool = True  # also train and measure the session reranker (metrics_sampled)
     sampling_rate: float = 0.5
     local_steps: int = 50
     epsilon: float = 8.0  # the run's cap on each region's ε (the policy's budget may be lower)
@@ -74,7 +80,9 @@ class SimulationConfig:
     server: bool = False
     seed: int = 0
     holdout: float = 0.2
-    negatives: int = 100
+    split: str = "random"  # "random": a seeded 20 % of each user's items; "time": the latest 20 %
+    negatives: int = 100  # for the labelled sampled metrics (metrics_sampled)
+    skip_bad_rows: bool = False  # a generic CSV's malformed rows: skipped and counted, not an error
     policy: Policy = field(default_factory=example_policy)
     # What leaves the devices can be observed (tests, audits): ``on_request`` sees every HTTP
     # request the simulated devices and operator send, at the transport seam; ``relay`` maps
@@ -84,13 +92,17 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "users must be at least 10": self.users >= 10,
+            "users must be at least 10": self.users is None or self.users >= 10,
             "rounds must be at least 1": self.rounds >= 1,
+            "collaborative_rounds must be at least 2 (a count round, then factor rounds)": (
+                self.collaborative_rounds >= 2
+            ),
             "sampling_rate must be in (0, 1]": 0 < self.sampling_rate <= 1,
             "local_steps must be at least 1": self.local_steps >= 1,
             "epsilon must be positive": self.epsilon > 0,
             "workers must be at least 1": self.workers >= 1,
             "regions must not be empty": bool(self.regions),
+            "split must be 'random' or 'time'": self.split in ("random", "time"),
         }
         for message, ok in checks.items():
             if not ok:
@@ -135,7 +147,7 @@ class RegionPlan:
         return self.sampling_rate * self.users
 
 
-Plans = dict[str, dict[str, RegionPlan]]  # pipeline ("central" | "local") -> region -> plan
+Plans = dict[str, dict[str, RegionPlan]]  # pipeline (central, local, collaborative) -> region
 
 
 def device_task(config: SimulationConfig, pipeline: str, user: str, region: str,
@@ -151,33 +163,35 @@ def safe_name(user: str) -> str:
 # -- policies and keys -----------------------------------------------------------------------
 
 
-def pipeline_policy(config: SimulationConfig, plans: Plans, mode: PrivacyMode) -> Policy:
+def pipeline_policy(config: SimulationConfig, plans: Plans, mode: PrivacyMode, *,
+                    pipeline: str | None = None) -> Policy:  # fmt: skip
     """The run's policy for one pipeline: the given policy with every simulated region in
     ``mode``, its population the devices simulated there, the run's sampling rate, the
     noise multiplier the plan chose (never below the policy's) and the simulation's aggregator
     keys (see :func:`region_keys`). Minimum cohort, epsilon, delta, clipping norm and period
-    are the policy's. Written to ``policy-<pipeline>.json`` in the workdir."""
+    are the policy's. ``pipeline`` names the plans and keys (default: the mode's name)."""
+    name = pipeline or mode.value
     data = config.policy.model_dump(mode="json")
-    regions = plans[mode.value]
+    regions = plans[name]
     for region in data["regions"]:
         if region["id"] not in regions:
             continue
         plan = regions[region["id"]]
-        public = region_keys(config, mode, region["id"]).public()
+        public = region_keys(config, name, region["id"]).public()
         for key in region["aggregator"]["public_keys"]:
             key["key"] = public[key["use"]]
         region["privacy"].update(mode=mode.value, population=plan.users,
                                  sampling_rate=plan.sampling_rate,
                                  noise_multiplier=plan.noise_multiplier)  # fmt: skip
-    return policy_from_data(data, source=f"simulation ({mode.value} mode)")
+    return policy_from_data(data, source=f"simulation ({name}, {mode.value} mode)")
 
 
-def region_keys(config: SimulationConfig, mode: PrivacyMode, region: str) -> RegionKeys:
+def region_keys(config: SimulationConfig, pipeline: str, region: str) -> RegionKeys:
     """The run's keys for a region and pipeline: made the first time, then read back from the
     workdir (where ``--server`` aggregators read them too)."""
     from sottovoce.aggregator import generate_keys, load_keys
 
-    directory = config.workdir / "keys" / mode.value / region
+    directory = config.workdir / "keys" / pipeline / region
     return load_keys(directory) if directory.exists() else generate_keys(directory)
 
 

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from sottovoce._errors import SottovoceError
 from sottovoce.device import Eligibility, EventStore, Personalizer
 from sottovoce.device._features import Snapshot, assemble
-from sottovoce.device._ranker import FEATURES
+from sottovoce.device._ranker import FEATURES, Ranker
 from sottovoce.policy import ConsentMode, Policy, Purpose, parse_policy
 from sottovoce.sync import ModelRelease, RoundSpec
 
@@ -108,10 +108,30 @@ def setup_device(
             pool_x = assemble(snapshot, candidates, artists, vectors)
             bare = Snapshot(now=snapshot.now)  # a device that knows nothing about its user
             pool_x_global = assemble(bare, candidates, artists, vectors)
-        data = Personalizer(store).examples(task.user, seed=task.seed, limit=examples)
+        if not examples:  # a device of the collaborative model alone: no ranker to train
+            return DeviceSetup(task.user, len(events), pool_x, pool_x_global, pool_x[:, 0],
+                               pool_x[:, 0], pool_x[:, 0])  # fmt: skip
+        data = Personalizer(store, ranker=_packaged_ranker()).examples(
+            task.user, seed=task.seed, limit=examples
+        )
         return DeviceSetup(task.user, len(events), pool_x, pool_x_global, data.x, data.y, data.w)
     finally:
         store.close()
+
+
+@cache
+def _packaged() -> tuple[Ranker, npt.NDArray[np.float32]]:
+    ranker = Ranker.load()
+    return ranker, ranker.get_weights()
+
+
+def _packaged_ranker() -> Ranker:
+    """The worker's one interpreter of the packaged model, at its packaged weights: every
+    device of a worker runs the same file, and loading it per task cost more than training
+    steps. (A device's own weights come from its store; the interpreter only runs them.)"""
+    ranker, weights = _packaged()
+    ranker.set_weights(weights)
+    return ranker
 
 
 @dataclass(frozen=True)
@@ -136,7 +156,7 @@ def contribute(
     store = task.open(now)
     try:
         rng = np.random.default_rng([task.seed, round_seed, int.from_bytes(task.secret()[:4])])
-        personalizer = Personalizer(store, noise_rng=rng)
+        personalizer = Personalizer(store, ranker=_packaged_ranker(), noise_rng=rng)
         if release is not None:
             parsed = ModelRelease.from_wire(release)
             if parsed.version > personalizer.version:

@@ -59,10 +59,18 @@ class Split:
 
 
 def split_holdout(
-    dataset: Dataset, *, fraction: float = 0.2, seed: int = 0, min_items: int = 5
-) -> Split:
-    """Hold out ``fraction`` of every user's positive items, chosen at random (the same user
-    gets the same items whatever else is in the dataset)."""
+    dataset: Dataset, *, fraction: float = 0.2, seed: int = 0, min_items: int = 5,
+    by: str = "random",
+) -> Split:  # fmt: skip
+    """Hold out ``fraction`` of every user's positive items: chosen at random (``by="random"``;
+    the same user gets the same items whatever else is in the dataset), or the user's latest
+    (``by="time"``: items by their last interaction's time; every interaction needs one)."""
+    if by not in ("random", "time"):
+        raise ValueError(f"by must be 'random' or 'time', not {by!r}")
+    if by == "time" and any(i.timestamp is None for rows in dataset.interactions.values()
+                            for i in rows):  # fmt: skip
+        raise ValueError("a time split needs a timestamp on every interaction; this dataset "
+                         "has interactions without one (use the random split)")  # fmt: skip
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be between 0 and 1, not {fraction}")
     if min_items < 2:
@@ -78,7 +86,16 @@ def split_holdout(
             train[user] = rows
             continue
         k = min(max(1, round(fraction * len(positives))), len(positives) - 1)
-        held = frozenset(random.Random(f"{seed}:holdout:{user}").sample(positives, k))
+        if by == "time":
+            last: dict[str, int] = {}
+            wanted = set(positives)
+            for row in rows:
+                if row.item in wanted:
+                    last[row.item] = max(last.get(row.item, 0), row.timestamp or 0)
+            latest = sorted(positives, key=lambda item: (last.get(item, 0), id_key(item)))
+            held = frozenset(latest[-k:])
+        else:
+            held = frozenset(random.Random(f"{seed}:holdout:{user}").sample(positives, k))
         heldout[user] = held
         train[user] = tuple(i for i in rows if i.item not in held)
     return Split(train, heldout, touched, fraction, seed)
@@ -209,7 +226,11 @@ class PopularityRanker:
 # --- Into a device store -------------------------------------------------------------------
 
 SESSION_PLAYS = (5, 15)  # plays per session when the data has no times
+MAX_INTERACTIONS = 2_000
+"""The most a device replays of a user's interactions: the most recent ones (a device trains
+on its recent history, ``SimulationConfig.examples`` examples)."""
 _DEVICES = ("phone", "desktop", "speaker", "tablet")
+_SKIP_MS = (2_000, 20_000)  # how long a skipped track plays
 
 
 def device_events(
@@ -233,35 +254,41 @@ def device_events(
     every interaction has a time, in that order and with proportional gaps; otherwise in
     sessions of 5 to 15 plays at seeded random times. Each session opens with a ``context``
     event. Track lengths are fixed per item (2.5 to 5 minutes).
+
+    Any user fits, however heavy: only the :data:`MAX_INTERACTIONS` most recent interactions
+    are replayed (by time, or the last rows when some have no time); if their plays back to
+    back would still outlast ``days``, each interaction gets fewer plays (down to one), then
+    the oldest are left out until the rest fit. An action is never placed so late that those
+    after it could not finish by ``end``.
     """
     if days < 2:
         raise ValueError("days must be at least 2")
     if end.tzinfo is None:
         raise ValueError("end must be timezone-aware")
     rng = random.Random(f"{seed}:events:{user}")
-    actions: list[tuple[int | None, Interaction]] = []
-    for row in interactions:
-        repeat = 1
-        if row.event_type == "play":
-            repeat = min(max_plays, 1 + int(math.log2(max(row.value, 1.0))))
-        actions += [(row.timestamp, row)] * repeat
+    rows = list(interactions)
+    timed = all(row.timestamp is not None for row in rows)
+    if timed:
+        rows.sort(key=lambda row: (row.timestamp or 0, id_key(row.item)))
+    plays, rows = _fit(rows[-MAX_INTERACTIONS:], window_ms=days * 86_400_000, max_plays=max_plays)
+    actions = [(row.timestamp, row) for row in rows for _ in range(_plays(row, plays))]
     if not actions:
         return []
     start = end - timedelta(days=days)
     span_ms = (days - 1) * 86_400_000  # the last day stays free for sessions to finish
-    timed = all(ts is not None for ts, _ in actions)
     if timed:
-        actions.sort(key=lambda a: (a[0], id_key(a[1].item)))
         first, last = actions[0][0] or 0, actions[-1][0] or 0
         scale = span_ms / max(last - first, 1)
         starts = [start + timedelta(milliseconds=((ts or 0) - first) * scale) for ts, _ in actions]
     else:
         rng.shuffle(actions)
         starts = _session_starts(len(actions), rng, start, span_ms)
+    latest = _latest_starts([row for _, row in actions], end)
     device = rng.choice(_DEVICES)
     out: list[dict[str, Any]] = []
     clock = start
-    for when, (_, row) in zip(starts, actions, strict=True):
+    for wanted, deadline, (_, row) in zip(starts, latest, actions, strict=True):
+        when = min(wanted, deadline)
         if when - clock > timedelta(minutes=30) or not out:
             out.append(
                 {
@@ -274,16 +301,56 @@ def device_events(
             )
         clock = max(clock, when) + timedelta(seconds=1)
         clock = _play(out, row, clock, artists.get(row.item), rng)
-    if clock > end:
-        raise ValueError(
-            f"{len(actions)} plays of user {user!r} do not fit in {days} days; "
-            "give more days or fewer max_plays"
-        )
     for n, event in enumerate(out):
         event.update(event_id=f"{user}.{n}", user_id=user, ts=event["ts"].isoformat())
         if device_id is not None:
             event["device_id"] = device_id
     return out
+
+
+def _plays(row: Interaction, most: int) -> int:
+    """How many actions an interaction becomes: a play's count, capped at ``most``; one for
+    anything else."""
+    if row.event_type != "play":
+        return 1
+    return min(most, 1 + int(math.log2(max(row.value, 1.0))))
+
+
+def _action_ms(row: Interaction) -> int:
+    """The most time one action of ``row`` takes on the device's clock: the second before it
+    starts and the part of the track it plays."""
+    if row.event_type in ("like", "dislike"):
+        return 1_000
+    return 1_000 + (_SKIP_MS[1] if row.event_type == "skip" else track_length(row.item))
+
+
+def _fit(
+    rows: list[Interaction], *, window_ms: float, max_plays: int
+) -> tuple[int, list[Interaction]]:
+    """The most plays per interaction (up to ``max_plays``) and the most recent rows whose
+    actions fit back to back in ``window_ms``: fewer plays first, then fewer rows."""
+    lengths = [_action_ms(row) for row in rows]
+    for most in range(max(max_plays, 1), 0, -1):
+        if sum(n * _plays(r, most) for n, r in zip(lengths, rows, strict=True)) <= window_ms:
+            return most, rows
+    total, keep = 0, 0
+    for length in reversed(lengths):  # one play each: keep the newest rows that fit
+        total += length
+        if total > window_ms:
+            break
+        keep += 1
+    return 1, rows[len(rows) - keep :]
+
+
+def _latest_starts(rows: Sequence[Interaction], end: datetime) -> list[datetime]:
+    """For each action, the latest start that still lets it and every action after it finish
+    by ``end`` when played back to back."""
+    latest: list[datetime] = []
+    at = end
+    for row in reversed(rows):
+        at -= timedelta(milliseconds=_action_ms(row))
+        latest.append(at)
+    return latest[::-1]
 
 
 def _session_starts(
@@ -313,7 +380,7 @@ def _play(
         out.append({**base, "type": row.event_type, "ts": at})
         return at
     duration = track_length(row.item)
-    played = duration if row.event_type in POSITIVE_TYPES else rng.randint(2_000, 20_000)
+    played = duration if row.event_type in POSITIVE_TYPES else rng.randint(*_SKIP_MS)
     out.append({**base, "type": "play_start", "ts": at, "duration_ms": duration})
     done = at + timedelta(milliseconds=played)
     if row.event_type == "skip":

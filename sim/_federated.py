@@ -10,11 +10,12 @@ import random
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -46,9 +47,16 @@ from sottovoce.sim._datasets import (
 from sottovoce.sim._devices import (
     Contribution,
     DeviceSetup,
+    DeviceTask,
     contribute,
 )
-from sottovoce.sync import SignedRoundSpec, period_label, sample_into_round, verify_round_spec
+from sottovoce.sync import (
+    RoundSpec,
+    SignedRoundSpec,
+    period_label,
+    sample_into_round,
+    verify_round_spec,
+)
 from sottovoce.sync.transport import Uploader, enroll, fetch_release
 
 # -- federated, non-private (plain FedAvg, here) ----------------------------------------------
@@ -92,21 +100,40 @@ def _local_delta(ranker: Ranker, start: npt.NDArray[Any], setup: DeviceSetup,
 # -- federated with DP, through the real aggregator ------------------------------------------
 
 
-class _Region:
+@dataclass(frozen=True)
+class Model:
+    """What a region's aggregator trains: the model's id and size, its weights before any
+    release, and whether a release adds to the previous one (see ``RegionAggregator``)."""
+
+    model_id: str
+    dim: int
+    base_weights: npt.NDArray[Any]
+    accumulate: bool = True
+    catalog: tuple[str, ...] = ()  # the collaborative model's layout, for a served aggregator
+    rank: int = 0
+
+    @classmethod
+    def of(cls, ranker: Ranker) -> Model:
+        return cls(ranker.model_id, ranker.parameter_count, ranker.get_weights())
+
+
+class Region:
     """One region's aggregator, as a device reaches it (an HTTP client) and as its operator
     does (the same SQLite file, for opening rounds)."""
 
     def __init__(self, config: SimulationConfig, mode: PrivacyMode, region: str, *,
-                 policy: Policy, ranker: Ranker, stack: ExitStack) -> None:  # fmt: skip
+                 policy: Policy, model: Model, stack: ExitStack,
+                 pipeline: str | None = None) -> None:  # fmt: skip
         from sottovoce.aggregator import RegionAggregator
 
+        name = pipeline or mode.value
         self.region, self.policy = region, policy
-        self.db = config.workdir / "aggregators" / mode.value / f"{region}.db"
+        self.db = config.workdir / "aggregators" / name / f"{region}.db"
         self.db.parent.mkdir(parents=True, exist_ok=True)
-        keys = region_keys(config, mode, region)
+        keys = region_keys(config, name, region)
         self.verify_key = keys.signing.public_key()
         seed = int.from_bytes(
-            hashlib.sha256(f"{config.seed}:{mode.value}:{region}".encode()).digest()[:8], "little"
+            hashlib.sha256(f"{config.seed}:{name}:{region}".encode()).digest()[:8], "little"
         )
         # Round ids, periods and so the devices' sampling coins follow the aggregator's clock:
         # simulated, so a run repeats on any date. A served aggregator starts on the same
@@ -121,11 +148,12 @@ class _Region:
                 region=region,
                 signing_key=keys.signing,
                 hpke_key=keys.hpke,
-                model_id=ranker.model_id,
-                dim=ranker.parameter_count,
-                base_weights=ranker.get_weights(),
+                model_id=model.model_id,
+                dim=model.dim,
+                base_weights=model.base_weights,
                 rng=rng,
                 clock=self.clock,
+                accumulate=model.accumulate,
             )
 
         # The operator closes central rounds at their deadline: its noise is seeded like the
@@ -133,7 +161,7 @@ class _Region:
         self.operator = aggregator(np.random.default_rng(seed + 1))
         stack.callback(self.operator.close)
         if config.server:
-            self.client, self.url = _serve(config, mode, region, policy, stack)
+            self.client, self.url = _serve(config, name, region, policy, stack, model=model)
         else:
             with warnings.catch_warnings():  # starlette's note on its httpx client: not ours
                 warnings.simplefilter("ignore")
@@ -153,14 +181,15 @@ class _Region:
         self.enrolled: set[tuple[str, str]] = set()
 
 
-def _serve(config: SimulationConfig, mode: PrivacyMode, region: str, policy: Policy,
-           stack: ExitStack) -> tuple[httpx.Client, str]:  # fmt: skip
-    """``sottovoce aggregator serve`` for the region, on a free loopback port."""
+def _serve(config: SimulationConfig, pipeline: str, region: str, policy: Policy,
+           stack: ExitStack, *, model: Model) -> tuple[httpx.Client, str]:  # fmt: skip
+    """``sottovoce aggregator serve`` for the region, on a free loopback port (the ranker, or
+    the collaborative model of ``model.catalog``)."""
     import socket
     import subprocess
     import sys
 
-    folder = config.workdir / "aggregators" / mode.value
+    folder = config.workdir / "aggregators" / pipeline
     policy_file = folder / f"{region}-policy.json"
     policy_file.write_text(policy.model_dump_json())
     with socket.socket() as sock:
@@ -170,8 +199,12 @@ def _serve(config: SimulationConfig, mode: PrivacyMode, region: str, policy: Pol
     stack.callback(log.close)
     command = [sys.executable, "-m", "sottovoce", "aggregator", "serve", "--region", region,
                "--policy", str(policy_file), "--keys",
-               str(config.workdir / "keys" / mode.value / region), "--db",
+               str(config.workdir / "keys" / pipeline / region), "--db",
                str(folder / f"{region}.db"), "--port", str(port), "--no-schedule"]  # fmt: skip
+    if model.catalog:
+        catalog = folder / "catalog.txt"
+        catalog.write_text("\n".join(model.catalog) + "\n")
+        command += ["--collaborative", str(catalog), "--rank", str(model.rank)]
     env = {**os.environ, "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN,
            NOW_ENV: _SimClock()().isoformat()}  # fmt: skip
     process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
@@ -208,7 +241,7 @@ def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
     per_round: list[dict[str, Any]] = []
     with ExitStack() as stack:
         services = {
-            r: _Region(config, mode, r, policy=policy, ranker=ranker, stack=stack)
+            r: Region(config, mode, r, policy=policy, model=Model.of(ranker), stack=stack)
             for r in config.regions
         }
         members = {r: sorted(u for u, g in region_of.items() if g == r) for r in config.regions}
@@ -219,9 +252,11 @@ def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
             record: dict[str, Any] = {"round": number}
             for region, service in services.items():
                 plan = regions[region]
-                outcome = _round(config, mode, service, plan=plan, users=members[region],
-                                 release=releases[region], number=number, pool=pool,
-                                 bar=bar)  # fmt: skip
+                join = partial(_train_and_seal, pool=pool, config=config,
+                               release=releases[region], number=number)  # fmt: skip
+                outcome = run_round(config, mode, service, plan=plan, users=members[region],
+                                    join=join, bar=bar)  # fmt: skip
+                outcome.pop("spec")
                 record[region] = outcome
                 if outcome.get("release") is not None:
                     releases[region] = outcome.pop("release")
@@ -230,14 +265,14 @@ def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
                     )
             record.update(evaluation.metrics(dict(weights)))
             per_round.append(record)
-        audit = {r: _audit(s) for r, s in services.items()}
-        privacy = [_privacy(services[r], regions[r], config.rounds) for r in config.regions]
-    audit["devices"] = _audit_devices(config, mode, data.users, region_of)
+        audit = {r: audit_log(s) for r, s in services.items()}
+        privacy = [privacy_entry(services[r], regions[r], config.rounds) for r in config.regions]
+    audit["devices"] = audit_devices(config, mode.value, data.users, region_of)
     return Run(evaluation.metrics(weights), evaluation.metrics(weights, personal=False),
                 per_round, audit, privacy)  # fmt: skip
 
 
-def _privacy(service: _Region, plan: RegionPlan, rounds: int) -> dict[str, Any]:
+def privacy_entry(service: Region, plan: RegionPlan, rounds: int) -> dict[str, Any]:
     """The region's privacy as its aggregator's ledger reports it, with the mechanism's
     parameters, so that anyone can recompute it (the results' ``privacy`` list)."""
     ledger = service.operator.ledger
@@ -254,10 +289,23 @@ def _privacy(service: _Region, plan: RegionPlan, rounds: int) -> dict[str, Any]:
             "expected_cohort": plan.expected_cohort}  # fmt: skip
 
 
-def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, plan: RegionPlan,
-           users: Sequence[str], release: bytes | None, number: int, pool: Executor,
-           bar: Progress) -> dict[str, Any]:  # fmt: skip
-    """One round in one region: open, train and seal on the devices, upload, close."""
+def _train_and_seal(task: DeviceTask, spec: RoundSpec, *, pool: Executor,
+                    config: SimulationConfig, release: bytes | None,
+                    number: int) -> Future[Contribution]:  # fmt: skip
+    return pool.submit(contribute, task, spec, release, END, steps=config.local_steps,
+                       examples=config.examples, round_seed=number)  # fmt: skip
+
+
+Join = Callable[[DeviceTask, RoundSpec], "Future[Contribution]"]
+"""Starts one device's part in a round (in a worker process)."""
+
+
+def run_round(config: SimulationConfig, mode: PrivacyMode, service: Region, *,
+              plan: RegionPlan, users: Sequence[str], join: Join, bar: Progress,
+              pipeline: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One round in one region: open, train and seal on the devices, upload, close. The
+    outcome has the verified ``spec`` and, when published, the ``release`` (wire JSON)."""
+    name = pipeline or mode.value
     service.clock.advance(timedelta(hours=2))
     now = service.clock()
     service.operator.open_round(noise_multiplier=plan.noise_multiplier,
@@ -266,13 +314,11 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
     if answer.status_code != 200:
         raise SimulationError(f"{service.region}: no round spec ({answer.status_code})")
     spec = verify_round_spec(SignedRoundSpec.from_wire(answer.content), service.verify_key)
-    tasks = [device_task(config, mode.value, u, service.region, service.policy) for u in users]
+    tasks = [device_task(config, name, u, service.region, service.policy) for u in users]
     # Each device flips the spec's coin itself; the simulator knows the devices' secrets, so
     # it skips waking the ones whose coin will say no (they would return at once).
     tasks = [t for t in tasks if sample_into_round(spec, t.secret())]
-    futures = [pool.submit(contribute, t, spec, release, END, steps=config.local_steps,
-                           examples=config.examples, round_seed=number)
-               for t in tasks]  # fmt: skip
+    futures = [join(t, spec) for t in tasks]
     taking_part: list[Contribution] = []
     refused: dict[str, int] = {}
     for future in futures:
@@ -282,7 +328,7 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
         elif done.refused is not None:
             refused[done.refused] = refused.get(done.refused, 0) + 1
         bar.advance()
-    uploaded = _upload(config, mode, service, spec, [c.user for c in taking_part])
+    uploaded = upload(config, name, service, spec, [c.user for c in taking_part])
     info = service.operator.round(spec.round_id)
     assert info is not None
     outcome: dict[str, Any] = {"round_id": spec.round_id, "sampled": len(taking_part),
@@ -290,7 +336,7 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
                                "min_cohort": spec.min_cohort,
                                "expected_cohort": spec.expected_cohort,
                                "epsilon_after": round(spec.epsilon_after, 4),
-                               "refused_on_device": refused}  # fmt: skip
+                               "refused_on_device": refused, "spec": spec}  # fmt: skip
     if info.state == "open":
         # The deadline passes: central mode publishes every on-time contribution's noised sum
         # over the expected cohort; local mode, still short of its cohort, is abandoned.
@@ -310,13 +356,13 @@ def _round(config: SimulationConfig, mode: PrivacyMode, service: _Region, *, pla
     return outcome
 
 
-def _upload(config: SimulationConfig, mode: PrivacyMode, service: _Region, spec: Any,
-            users: Iterable[str]) -> dict[str, int]:  # fmt: skip
+def upload(config: SimulationConfig, pipeline: str, service: Region, spec: Any,
+           users: Iterable[str]) -> dict[str, int]:  # fmt: skip
     """Each taking-part device enrolls its key for the period and runs its uploader."""
     counts: dict[str, int] = {}
     period = period_label(spec)
     for user in users:
-        task = device_task(config, mode.value, user, service.region, service.policy)
+        task = device_task(config, pipeline, user, service.region, service.policy)
         store = task.open(END)
         try:
             if (user, period) not in service.enrolled:
@@ -347,18 +393,18 @@ class _SimClock:
         self.now += by
 
 
-def _audit(service: _Region) -> dict[str, Any]:
+def audit_log(service: Region) -> dict[str, Any]:
     report = DecisionLog(sqlite3.connect(service.db)).verify()
     return {"entries": report.size, "checkpoints": report.checkpoints, "ok": report.ok,
             "problems": report.problems[:5]}  # fmt: skip
 
 
-def _audit_devices(config: SimulationConfig, mode: PrivacyMode, users: Sequence[str],
-                   region_of: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def audit_devices(config: SimulationConfig, pipeline: str, users: Sequence[str],
+                  region_of: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """Every device's own decision log verifies (each device keeps one)."""
     checked = failed = entries = 0
     for user in users:
-        path = config.workdir / "devices" / mode.value / region_of[user] / f"{safe_name(user)}.db"
+        path = config.workdir / "devices" / pipeline / region_of[user] / f"{safe_name(user)}.db"
         conn = sqlite3.connect(path)
         try:
             report = DecisionLog(conn).verify()

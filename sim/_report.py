@@ -22,6 +22,15 @@ _COLOURS = ("#0b63ce", "#c2410c", "#15803d", "#7e22ce", "#a16207", "#0f766e")
 _LABELS = {
     "random": "random order",
     "popularity": "most listened in training",
+    "itemknn": "ItemKNN (cosine), central, no privacy",
+    "ease": "EASE (closed form), central, no privacy",
+    "local_only": "the device alone: its own history against public content, nothing shared",
+    "federated": "collaborative model, federated, no DP",
+    "federated_dp": "collaborative model, federated DP (central mode), user-level ε",
+}
+_RERANKER_LABELS = {
+    "random": "random order",
+    "popularity": "most listened in training",
     "central": "centralized, pooled data, no privacy",
     "central_dp": "centralized DP-SGD (opacus), example-level ε",
     "federated": "federated (FedAvg), no privacy",
@@ -40,16 +49,15 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         "<!doctype html><html lang=en><meta charset=utf-8>",
         f"<title>sottovoce simulation — {e(results['dataset'])}</title><style>{_STYLE}</style>",
         f"<h1>sottovoce simulation: {e(results['dataset'])}</h1>",
-        f"<p class=note>{results['users']} users as devices ({results['evaluated_users']} "
-        f"evaluated on held-out items plus {results['config']['negatives']} never-touched "
-        f"items each), {results['items']} items, {results['config']['rounds']} rounds, user-level "
+        f"<p class=note>{results['users']} users as devices, {results['evaluated_users']} "
+        f"evaluated by full ranking: each one's held-out items ({results['split']} split) among "
+        f"every item they did not train on; {results['items']} items; user-level "
         f"ε ≤ {results['epsilon']:.3g} at δ = {results['delta']:.2g}. Policy "
         f"sha256:{e(results['config']['policy'][:16])}…; seed {results['config']['seed']}.</p>",
-        "<h2>Comparison</h2>",
+        "<h2>Comparison (full ranking; 95 % bootstrap intervals over users)</h2>",
         _comparison(results["metrics"]),
-        "<h2>Quality per round (NDCG@10)</h2>",
-        _quality_chart(results),
-        "<h2>Privacy spent per round (ε, central mode)</h2>",
+        *_reranker(results),
+        "<h2>Privacy spent per round (ε, collaborative model)</h2>",
         _epsilon_chart(results),
         "<h2>Privacy, per pipeline and region (recompute it from these parameters)</h2>",
         _privacy(results["privacy"]),
@@ -73,13 +81,39 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence
     return "".join(out) + "</table>"
 
 
-def _comparison(metrics: dict[str, dict[str, float]]) -> str:
+def _comparison(metrics: dict[str, dict[str, Any]]) -> str:
     rows, classes = [], []
     for name, values in metrics.items():
         label = f"<b>{html.escape(name)}</b><br><small>{html.escape(_LABELS.get(name, ''))}</small>"
+        low, high = values["ci"].get("ndcg@10", (values["ndcg@10"],) * 2)
+        others = (f"{values[m]:.4f}" for m in ("recall@10", "hr@10", "mrr", "coverage"))
+        rows.append([label, f"{values['ndcg@10']:.4f} <small>[{low:.4f}, {high:.4f}]</small>",
+                     *others])  # fmt: skip
+        classes.append("dp" if "dp" in name else "")
+    return _table(["row", "NDCG@10", "Recall@10", "HR@10", "MRR", "coverage"], rows, classes)
+
+
+def _reranker(results: dict[str, Any]) -> list[str]:
+    """The session reranker's table and per-round chart (sampled protocol), when it ran."""
+    sampled = results.get("metrics_sampled")
+    if not sampled:
+        return []
+    rows, classes = [], []
+    for name, values in sampled.items():
+        label = (f"<b>{html.escape(name)}</b><br>"
+                 f"<small>{html.escape(_RERANKER_LABELS.get(name, ''))}</small>")  # fmt: skip
         rows.append([label, *(f"{values[m]:.4f}" for m in ("hr@10", "ndcg@10", "mrr"))])
         classes.append("dp" if "dp" in name else "")
-    return _table(["row", "HR@10", "NDCG@10", "MRR"], rows, classes)
+    series = {name: [r["ndcg@10"] for r in rounds] for name, rounds in results["rounds"].items()
+              if rounds and "ndcg@10" in rounds[0]}  # fmt: skip
+    lines = {k: sampled[k]["ndcg@10"] for k in ("central", "popularity")}
+    return [
+        "<h2>The session reranker (sampled: held-out items among never-touched ones)</h2>",
+        f"<p class=note>{html.escape(results['protocol_sampled'])}</p>",
+        _table(["row", "HR@10", "NDCG@10", "MRR"], rows, classes),
+        "<h3>Reranker quality per round (NDCG@10, sampled)</h3>",
+        _series_chart(series, lines, label="NDCG@10 after each round"),
+    ]
 
 
 def _series_chart(series: dict[str, list[float]], lines: dict[str, float], *, label: str) -> str:
@@ -116,20 +150,14 @@ def _series_chart(series: dict[str, list[float]], lines: dict[str, float], *, la
     return "".join(svg) + "</svg>"
 
 
-def _quality_chart(results: dict[str, Any]) -> str:
-    series = {name: [r["ndcg@10"] for r in rounds] for name, rounds in results["rounds"].items()}
-    lines = {k: results["metrics"][k]["ndcg@10"] for k in ("central", "popularity")}
-    return _series_chart(series, lines, label="NDCG@10 after each round")
-
-
 def _epsilon_chart(results: dict[str, Any]) -> str:
     series: dict[str, list[float]] = {}
-    for record in results["rounds"].get("federated_dp", []):
+    for record in results["rounds"].get("collaborative", []):
         for region, outcome in record.items():
             if isinstance(outcome, dict) and "epsilon_after" in outcome:
                 series.setdefault(region, []).append(outcome["epsilon_after"])
     budgets = {f"{r} budget": p["epsilon_budget"]
-               for r, p in results["regions"]["central"].items()}  # fmt: skip
+               for r, p in results["regions"]["collaborative"].items()}  # fmt: skip
     return _series_chart(series, budgets, label="ε spent after each round, per region")
 
 

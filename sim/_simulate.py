@@ -1,32 +1,31 @@
-"""Many devices on real data: federated rounds through the real aggregator, and every row of
-the comparison table measured in the same run.
+"""Many devices on real data: the collaborative model and the session reranker through the real
+aggregators, and every row of the comparison table measured in the same run, by full ranking.
 
 Data flow (``sottovoce simulate``): a dataset adapter (:mod:`._datasets`) gives users and
-items; :func:`~sottovoce.sim.split_holdout` hides 20 % of each user's items; item vectors come
-from public catalog data that the holdout does not touch. Every user becomes a device
-(:mod:`._devices`, the real ``sottovoce.device`` code and its own SQLite store) in a region of
-the policy; each region gets its own aggregator — the real FastAPI service, called in process
-through its ASGI app by default, or ``sottovoce aggregator serve`` processes on 127.0.0.1 with
-``server=True``. Each round the aggregator opens a signed spec, devices flip the spec's coin,
-train locally, seal and queue their deltas, the uploader sends them over HTTP with
-``sottovoce.sync.transport``, the round closes at its minimum cohort into a signed release,
-and devices install it before their next round.
+items; :func:`~sottovoce.sim.split_holdout` hides 20 % of each user's items (random, or each
+user's latest); item vectors come from public catalog data that the holdout does not touch.
+:mod:`._full_ranking` ranks every item a user did not train on; :mod:`._references` gives
+popularity, ItemKNN, EASE and the device alone (content) on the same split.
 
-Two federated pipelines run on separate device stores: ``central`` privacy mode (the
-aggregator adds the noise) and ``local`` (every device adds it). The noise multiplier of each
-region is the smallest that keeps all rounds within the region's ε budget (and the run's ε
-cap). The other rows are trained in the same run on the same examples: ``central`` (pooled
-examples, same architecture), ``central_dp`` (DP-SGD with opacus at the same ε, example
-level), ``federated`` (FedAvg of the same local training without clipping or noise, averaged
-here: the aggregator refuses to run without DP), plus ``random`` and ``popularity``.
+Every user becomes a device (:mod:`._devices`, the real ``sottovoce.device`` code and its own
+SQLite store) in a region of the policy; each region gets its own aggregator per pipeline — the
+real FastAPI service, called in process through its ASGI app by default, or ``sottovoce
+aggregator serve`` processes on 127.0.0.1 with ``server=True``. Pipelines, each on its own
+device stores (its own deployment, with its own budget):
+
+- the collaborative model (:mod:`._collaborative`): a DP count round, then factor rounds, in
+  central mode; ``federated`` is the same model summed exactly, ``federated_dp`` the real thing;
+- the session reranker (``reranker=True``, :mod:`._federated`): the TFLite ranker trained by DP
+  rounds in ``central`` and ``local`` mode, plus ``central``, ``central_dp`` and plain FedAvg
+  baselines; scored on the sampled protocol (``metrics_sampled``).
+
+Each region's noise multiplier is the smallest that keeps the pipeline's rounds within the
+region's ε budget (and the run's ε cap).
 
 Reproducible: the same seed gives the same data, split, devices (secrets, sampling, local
 noise), central noise and baselines; the in-process aggregators run on a simulated clock.
 Region keys are fresh each run (signatures differ; nothing measured does). With
 ``server=True`` the services keep real time and draw their own noise: rows can differ.
-
-The orchestration is here; :mod:`._config` holds the configuration and what the parts share,
-:mod:`._federated` the federated pipelines, :mod:`._devices` what each device does.
 
 Device work runs in worker processes started with ``spawn``: a script that calls
 :func:`simulate` must do so under ``if __name__ == "__main__":``.
@@ -39,7 +38,7 @@ import multiprocessing
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -51,15 +50,22 @@ import numpy.typing as npt
 
 from sottovoce.device import Ranker
 from sottovoce.policy import PrivacyMode
+from sottovoce.sim import _references as references
 from sottovoce.sim._central import train_central, train_central_dp
+from sottovoce.sim._collaborative import (
+    PIPELINE,
+    federated_collaborative,
+    layout_for,
+    private_collaborative,
+)
 from sottovoce.sim._config import (
     END,
+    RERANKER_ROWS,
     ROWS,
     Evaluation,
     Plans,
     Progress,
     Quiet,
-    RegionPlan,
     SimulationConfig,
     SimulationError,
     default_lastfm_path,
@@ -89,8 +95,8 @@ from sottovoce.sim._evaluate import (
     split_holdout,
 )
 from sottovoce.sim._federated import fedavg, federated_dp
-from sottovoce.sync._budget import epsilon as budget_epsilon
-from sottovoce.sync._budget import mechanism
+from sottovoce.sim._full_ranking import Interactions, Scorer, evaluate_full
+from sottovoce.sim._plans import region_plans
 
 __all__ = ["SimulationConfig", "SimulationError", "default_lastfm_path", "simulate"]
 
@@ -116,16 +122,34 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
 
     with clock("data"):
         data = _load(config)
-        split = split_holdout(data, fraction=config.holdout, seed=config.seed)
+        try:
+            split = split_holdout(data, fraction=config.holdout, seed=config.seed,
+                                  by=config.split)  # fmt: skip
+        except ValueError as error:
+            raise SimulationError(f"--split {config.split}: {error}") from None
         vectors = build_item_vectors(data, train=split.train, seed=config.seed)
         catalog = catalog_items(data, vectors)
         pools = candidate_pools(split, universe=data.items, negatives=config.negatives,
                                 seed=config.seed)  # fmt: skip
+        matrix = Interactions.of(data, split.train, split.heldout)
     bar.note(f"{data.name}: {len(data.users)} users, {len(data.items)} items, "
              f"{data.size} interactions; {len(pools)} users evaluated")  # fmt: skip
     region_of = _assign_regions(data.users, config)
     ranker = Ranker.load()
-    regions = _region_plans(config, region_of)
+    layout = layout_for(data.items, config.seed, private=True)
+    regions = region_plans(config, region_of, {
+        "central": (PrivacyMode.CENTRAL, ranker.parameter_count, config.rounds),
+        "local": (PrivacyMode.LOCAL, ranker.parameter_count, config.rounds),
+        PIPELINE: (PrivacyMode.CENTRAL, layout.dim, config.collaborative_rounds),
+    })  # fmt: skip
+    with clock("references"):
+        full = _reference_rows(config, data, matrix, vectors, bar)
+    with clock("collaborative"):
+        exact = federated_collaborative(config, matrix,
+                                        layout_for(data.items, config.seed, private=False),
+                                        region_of=region_of,
+                                        rounds=config.collaborative_rounds)  # fmt: skip
+        full["federated"] = evaluate_full(exact, matrix, seed=config.seed)
 
     context = multiprocessing.get_context("spawn")  # no fork after torch or threads start
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=init_worker,
@@ -134,34 +158,22 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
             setups = _setup_devices(config, data, train=split.train, pools=pools,
                                     region_of=region_of, regions=regions, pool=pool,
                                     bar=bar)  # fmt: skip
-        evaluation = Evaluation(pools, setups, region_of)
-        metrics: dict[str, dict[str, float]] = {
-            "random": evaluate(RandomRanker(config.seed), pools),
-            "popularity": evaluate(PopularityRanker(split.train), pools),
-        }
-        with clock("central"):
-            central_rows, central_dp_info = _central_rows(config, setups, evaluation=evaluation,
-                                                          regions=regions, bar=bar)  # fmt: skip
-            metrics.update(central_rows)
-        with clock("federated"):
-            plain = fedavg(config, setups, ranker=ranker, evaluation=evaluation,
-                             region_of=region_of, bar=bar)  # fmt: skip
-        metrics["federated"] = plain.final
-        metrics["federated_global_only"] = plain.final_global
-        history = {"federated": plain.per_round}
-        audits = {}
-        privacy: list[dict[str, Any]] = []
-        for mode in (PrivacyMode.CENTRAL, PrivacyMode.LOCAL):
-            name = "federated_dp" if mode is PrivacyMode.CENTRAL else "federated_dp_local"
-            with clock(name):
-                run = federated_dp(config, mode, data=data, region_of=region_of,
-                                    plans=regions, ranker=ranker, evaluation=evaluation,
-                                    pool=pool, bar=bar)  # fmt: skip
-            metrics[name] = run.final
-            metrics[f"{name}_global_only"] = run.final_global
-            history[name] = run.per_round
-            audits[name] = run.audit
-            privacy.extend(dict(entry, pipeline=name) for entry in run.privacy)
+        with clock("federated_dp"):
+            private, collaborative = private_collaborative(
+                config, matrix, layout, region_of=region_of, plans=regions,
+                rounds=config.collaborative_rounds, pool=pool, bar=bar)  # fmt: skip
+            full["federated_dp"] = evaluate_full(private, matrix, seed=config.seed)
+        privacy: list[dict[str, Any]] = list(collaborative["privacy"])
+        history: dict[str, Any] = {PIPELINE: collaborative["rounds"]}
+        audits: dict[str, Any] = {PIPELINE: collaborative["audit"]}
+        reranker: dict[str, Any] = {}
+        if config.reranker:
+            reranker = _reranker_rows(config, data=data, train=split.train, pools=pools,
+                                      setups=setups, region_of=region_of, regions=regions,
+                                      ranker=ranker, pool=pool, bar=bar, clock=clock)  # fmt: skip
+            privacy += reranker.pop("privacy")
+            history |= reranker.pop("history")
+            audits |= reranker.pop("audit")
     epsilon = max(entry["epsilon"] for entry in privacy)
     results: dict[str, Any] = {
         "dataset": data.name,
@@ -170,20 +182,95 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         "delta": max(entry["delta"] for entry in privacy),
         "privacy": privacy,
         "noise": NOISE_NOTE,
-        "metrics": {row: metrics[row] for row in ROWS},
+        "protocol": "full",
+        "split": config.split,
+        "metrics": {row: full[row] for row in ROWS},
+        "protocol_sampled": f"each held-out item among {config.negatives} sampled items the user "
+        "never touched (the session reranker's table; sampled metrics can "
+        "reorder models: read the full-ranking table first)",
+        "metrics_sampled": reranker.get("metrics"),
+        "collaborative": {
+            "table": layout.table_size,
+            "rank": layout.rank,
+            "rounds": config.collaborative_rounds,
+            "model_id": layout.model_id,
+            "dim": layout.dim,
+        },
+        "skipped_rows": {
+            "count": data.skipped.count,
+            "first": [row._asdict() for row in data.skipped.first],
+        },
         "evaluated_users": len(pools),
         "items": len(data.items),
         "rounds": history,
         "regions": {
             p: {r: asdict(plan) for r, plan in plans.items()} for p, plans in regions.items()
         },
-        "central_dp": central_dp_info,
+        "central_dp": reranker.get("central_dp"),
         "audit": audits,
         "config": _config_summary(config),
         "timings_s": {**timings, "total": round(time.perf_counter() - started, 1)},
     }
     (config.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _reference_rows(
+    config: SimulationConfig, data: Dataset, matrix: Interactions, vectors: Mapping[str, Any],
+    bar: Progress,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Random, popularity, ItemKNN, EASE and the device alone (content), full ranking."""
+    bar.note("references: popularity, ItemKNN, EASE (lambda chosen on a validation slice)")
+    seed = config.seed
+    rows = {
+        "random": evaluate_full(_random_scores(matrix, seed), matrix, seed=seed),
+        "popularity": evaluate_full(references.popularity(matrix), matrix, seed=seed),
+        "itemknn": evaluate_full(references.item_knn(matrix), matrix, seed=seed),
+    }
+    ease, lam = references.ease(matrix, seed=seed)
+    rows["ease"] = evaluate_full(ease, matrix, seed=seed) | {"lambda": lam}
+    content = np.stack([vectors[i] for i in data.items])
+    rows["local_only"] = evaluate_full(references.content_profile(matrix, content), matrix,
+                                       seed=seed)  # fmt: skip
+    return rows
+
+
+def _reranker_rows(config: SimulationConfig, *, data: Dataset, train: Any, pools: Sequence[Pool],
+                   setups: dict[str, DeviceSetup], region_of: dict[str, str], regions: Plans,
+                   ranker: Ranker, pool: Executor, bar: Progress,
+                   clock: _Stopwatch) -> dict[str, Any]:  # fmt: skip
+    """The session reranker's rows (sampled protocol): pooled, FedAvg, and DP rounds through
+    the aggregators in central and local mode."""
+    evaluation = Evaluation(pools, setups, region_of)
+    metrics: dict[str, dict[str, float]] = {
+        "random": evaluate(RandomRanker(config.seed), pools),
+        "popularity": evaluate(PopularityRanker(train), pools),
+    }
+    with clock("reranker_central"):
+        central_rows, central_dp = _central_rows(config, setups, evaluation=evaluation,
+                                                 regions=regions, bar=bar)  # fmt: skip
+        metrics.update(central_rows)
+    with clock("reranker_federated"):
+        plain = fedavg(config, setups, ranker=ranker, evaluation=evaluation,
+                       region_of=region_of, bar=bar)  # fmt: skip
+    metrics["federated"] = plain.final
+    metrics["federated_global_only"] = plain.final_global
+    history: dict[str, Any] = {"reranker_federated": plain.per_round}
+    audits: dict[str, Any] = {}
+    privacy: list[dict[str, Any]] = []
+    for mode in (PrivacyMode.CENTRAL, PrivacyMode.LOCAL):
+        name = "federated_dp" if mode is PrivacyMode.CENTRAL else "federated_dp_local"
+        with clock(f"reranker_{name}"):
+            run = federated_dp(config, mode, data=data, region_of=region_of, plans=regions,
+                               ranker=ranker, evaluation=evaluation, pool=pool,
+                               bar=bar)  # fmt: skip
+        metrics[name] = run.final
+        metrics[f"{name}_global_only"] = run.final_global
+        history[f"reranker_{name}"] = run.per_round
+        audits[f"reranker_{name}"] = run.audit
+        privacy.extend(dict(entry, pipeline=f"reranker_{name}") for entry in run.privacy)
+    return {"metrics": {row: metrics[row] for row in RERANKER_ROWS}, "central_dp": central_dp,
+            "history": history, "audit": audits, "privacy": privacy}  # fmt: skip
 
 
 class _Stopwatch:
@@ -199,8 +286,9 @@ class _Stopwatch:
 
 def _load(config: SimulationConfig) -> Dataset:
     if config.csv is not None:
-        data = load_interactions_csv(config.csv, item_features=config.item_features)
-        if len(data.users) > config.users:
+        data = load_interactions_csv(config.csv, item_features=config.item_features,
+                                     skip_bad_rows=config.skip_bad_rows)  # fmt: skip
+        if config.users is not None and len(data.users) > config.users:
             data = sample_users(data, config.users, seed=config.seed, min_interactions=5)
         return data
     path = config.lastfm or default_lastfm_path()
@@ -213,75 +301,18 @@ def _assign_regions(users: Sequence[str], config: SimulationConfig) -> dict[str,
     return {user: config.regions[n % len(config.regions)] for n, user in enumerate(order)}
 
 
-def _region_plans(config: SimulationConfig, region_of: dict[str, str]) -> Plans:
-    """Per pipeline and region, the policy's mechanism for the simulated population, with the
-    least noise multiplier (not below the policy's) whose ``config.rounds`` rounds fit the
-    budget by both ledgers: the aggregator's (opacus) and the device's (dp-accounting)."""
-    from sottovoce.aggregator import epsilon_of
+def _random_scores(data: Interactions, seed: int) -> Scorer:
+    def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        rng = np.random.default_rng([seed, 3, int(users[0]) if len(users) else 0])
+        return rng.random((len(users), len(data.items)))
 
-    plans: Plans = {"central": {}, "local": {}}
-    dim = Ranker.load().parameter_count
-    for region_id in config.regions:
-        privacy = config.policy.region(region_id).privacy
-        users = sum(1 for r in region_of.values() if r == region_id)
-        budget = min(privacy.epsilon, config.epsilon)
-        q = config.sampling_rate
-        if q * users < privacy.min_cohort:
-            need = privacy.min_cohort / max(users, 1)
-            fix = (f"use --sampling-rate {need:.3g} or more, more users" if need <= 1
-                   else "use more users")  # fmt: skip
-            raise SimulationError(
-                f"region {region_id} has {users} simulated devices: at sampling rate {q:g} a round "
-                f"expects {q * users:.3g} of them, below the policy's minimum cohort of "
-                f"{privacy.min_cohort} (the simulator runs the policy as declared); {fix}, or "
-                "pass a policy with a smaller minimum cohort (--policy)"
-            )
-        for pipeline in ("central", "local"):
-            mode = PrivacyMode(pipeline)
-
-            def server(z: float, mode: PrivacyMode = mode, q: float = q,
-                       privacy: Any = privacy) -> float:  # fmt: skip
-                used = mechanism(mode, noise_multiplier=z, sampling_rate=q, dim=dim)
-                return epsilon_of(
-                    [(used.noise_multiplier, used.sampling_rate, config.rounds, used.sensitivity)],
-                    delta=privacy.delta, accountant=privacy.accountant,
-                )  # fmt: skip
-
-            def spent(z: float, mode: PrivacyMode = mode, q: float = q,
-                      privacy: Any = privacy) -> float:  # fmt: skip
-                used = mechanism(mode, noise_multiplier=z, sampling_rate=q, dim=dim)
-                device = budget_epsilon([used] * config.rounds, delta=privacy.delta)
-                return max(server(z), device)
-
-            low, high = privacy.noise_multiplier, 256.0
-            if server(high) > budget:
-                raise SimulationError(f"{config.rounds} rounds in {pipeline} mode cannot fit "
-                                      f"region {region_id}'s ε {budget}: use fewer rounds or a "
-                                      "lower sampling rate")  # fmt: skip
-            if server(low) > budget * 0.999:
-                # Bisect on the aggregator's (fast) ledger, then make sure the devices' own
-                # ledger agrees (they are within 0.1 % of each other; its RDP is slower).
-                for _ in range(30):
-                    middle = (low + high) / 2
-                    fits = server(middle) <= budget * 0.999
-                    low, high = (low, middle) if fits else (middle, high)
-            else:
-                high = low  # the policy's minimum already fits
-            while spent(high) > budget:
-                high *= 1.001
-            used = mechanism(mode, noise_multiplier=high, sampling_rate=q, dim=dim)
-            plans[pipeline][region_id] = RegionPlan(
-                mode=pipeline, users=users, min_cohort=privacy.min_cohort,
-                noise_multiplier=high, sampling_rate=q, sensitivity=used.sensitivity,
-                epsilon_budget=budget, epsilon=spent(high), delta=privacy.delta,
-                accountant=str(privacy.accountant),
-            )  # fmt: skip
-    return plans
+    return score
 
 
 def _config_summary(config: SimulationConfig) -> dict[str, Any]:
-    keep = ("users", "rounds", "sampling_rate", "local_steps", "epsilon", "central_epochs",
-            "regions", "workers", "server", "seed", "holdout", "negatives")  # fmt: skip
+    keep = ("users", "rounds", "collaborative_rounds", "reranker", "split", "sampling_rate",
+            "local_steps", "epsilon", "central_epochs", "regions", "workers", "server", "seed",
+            "holdout", "negatives")  # fmt: skip
     return {k: getattr(config, k) for k in keep} | {"policy": config.policy.hash}
 
 
@@ -299,11 +330,14 @@ def _setup_devices(
     pool: Executor,
     bar: Progress,
 ) -> dict[str, DeviceSetup]:
-    """Create every device of both pipelines; returns the first pipeline's setups by user."""
+    """Create every device of the reranker's two pipelines and, as a copy of the central
+    pipeline's fresh stores, the collaborative pipeline's; returns the first's setups by user."""
     candidates = {p.user: p.candidates for p in pools}
     setups: dict[str, DeviceSetup] = {}
-    for pipeline in ("central", "local"):
-        policy = pipeline_policy(config, regions, PrivacyMode(pipeline))
+    names = ("central", "local") if config.reranker else (PIPELINE,)
+    for pipeline in names:
+        mode = PrivacyMode.CENTRAL if pipeline == PIPELINE else PrivacyMode(pipeline)
+        policy = pipeline_policy(config, regions, mode, pipeline=pipeline)
         (config.workdir / f"policy-{pipeline}.json").write_text(policy.model_dump_json(indent=2))
         jobs = []
         for user in data.users:
@@ -316,13 +350,21 @@ def _setup_devices(
             task.path.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((task, events, candidates.get(user, ()), tuple(sorted(cached))))
         bar.start(f"devices ({pipeline} mode)", len(jobs))
-        futures = [pool.submit(setup_device, t, e, c, END, examples=config.examples, catalog=k)
+        examples = config.examples if config.reranker else 0  # the reranker's only
+        futures = [pool.submit(setup_device, t, e, c if config.reranker else (), END,
+                               examples=examples, catalog=k)
                    for t, e, c, k in jobs]  # fmt: skip
         for future in futures:
             setup = future.result()
-            if pipeline == "central":
+            if pipeline == names[0]:
                 setups[setup.user] = setup
             bar.advance()
+        if pipeline == "central":  # the same devices, before any round, in their own world
+            devices = config.workdir / "devices"
+            shutil.copytree(devices / "central", devices / PIPELINE)
+            policy = pipeline_policy(config, regions, PrivacyMode.CENTRAL, pipeline=PIPELINE)
+            (config.workdir / f"policy-{PIPELINE}.json").write_text(
+                policy.model_dump_json(indent=2))  # fmt: skip
     return setups
 
 

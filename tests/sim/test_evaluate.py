@@ -239,10 +239,12 @@ def test_timed_interactions_keep_their_order(open_store: StoreFactory) -> None:
     store = open_store("us")
     store.set_age("ann", 30)
     assert store.append_many(events).accepted == len(events)
-    with pytest.raises(ValueError, match="do not fit"):
-        device_events(
-            "ann", [Interaction("x", None, "play", 8.0)] * 2_000, artists={}, end=NOW, days=2
-        )
+    # more than fits in the days: fewer plays each, then only the newest, never an error
+    heavy = device_events(
+        "ann", [Interaction("x", None, "play", 8.0)] * 2_000, artists={}, end=NOW, days=2
+    )
+    assert heavy and heavy[-1]["ts"] <= NOW.isoformat()
+    assert heavy[0]["ts"] >= (NOW - timedelta(days=2)).isoformat()
 
 
 def test_catalog_items_fill_missing_vectors() -> None:
@@ -256,3 +258,17 @@ def test_catalog_items_fill_missing_vectors() -> None:
         "artist_id": None,
         "vector": [0.0] * 16,
     }
+
+
+def test_a_time_split_holds_out_each_users_latest_items() -> None:
+    rows = {
+        "u1": tuple(Interaction(f"i{n}", 1_000 + n, "play", 1.0) for n in range(10)),
+        "u2": tuple(Interaction(f"i{n}", 5_000 - n, "play", 1.0) for n in range(10)),
+    }
+    data = Dataset.build("timed", rows)
+    split = split_holdout(data, fraction=0.2, by="time")
+    assert split.heldout == {"u1": frozenset({"i8", "i9"}), "u2": frozenset({"i0", "i1"})}
+    untimed = Dataset.build("untimed", {"u": tuple(Interaction(f"i{n}", None, "play", 1.0)
+                                                   for n in range(6))})  # fmt: skip
+    with pytest.raises(ValueError, match="timestamp"):
+        split_holdout(untimed, by="time")

@@ -219,7 +219,7 @@ def run_captured(workdir: Path, csv: Path, features: Path) -> Capture:
     finally:
         for proxy in relays:
             proxy.stop()
-    assert len(relays) == 4  # two regions, two pipelines: every aggregator behind a relay
+    assert len(relays) == 6  # two regions, three pipelines: every aggregator behind a relay
     return Capture(results, workdir, seam, [b for r in relays for b in r.sent])
 
 
@@ -312,7 +312,7 @@ def store_canaries(workdir: Path) -> Canaries:
     stamps: set[bytes] = set()
     device_ids: set[bytes] = set()
     stores = sorted((workdir / "devices").glob("*/*/*.db"))
-    assert len(stores) == 2 * USERS
+    assert len(stores) == 3 * USERS  # the ranker's two pipelines and the collaborative model
     for path in stores:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             meta = dict(db.execute("SELECT key, value FROM meta"))
@@ -342,18 +342,23 @@ def test_the_capture_is_every_request_and_is_not_empty(captured: Capture) -> Non
         return [r for record in captured.results["rounds"][pipeline]
                 for r in (record["eu"], record["us"])]  # fmt: skip
 
-    central, local = rounds("federated_dp"), rounds("federated_dp_local")
-    assert all(r["state"] == "published" for r in central + local)
+    central, local = rounds("reranker_federated_dp"), rounds("reranker_federated_dp_local")
+    collaborative = rounds("collaborative")
+    assert all(r["state"] == "published" for r in central + local + collaborative)
     # central rounds count every device's delta (they close at the deadline); local rounds
     # close at the policy's minimum cohort of 6, and the region's other 2 devices come too late
     assert sum(r["uploaded"]["acknowledged"] for r in central) == 2 * USERS // 2
     assert sum(r["uploaded"]["acknowledged"] for r in local) == 2 * 6
+    rounds_of_collaborative = captured.results["config"]["collaborative_rounds"]
+    assert sum(r["uploaded"]["acknowledged"] for r in collaborative) == (
+        rounds_of_collaborative * USERS
+    )
     deltas = [r for r in captured.seam if r.method == "POST" and r.url.endswith("/deltas")]
     enrolls = [r for r in captured.seam if r.method == "POST" and r.url.endswith("/v1/enroll")]
-    assert len(deltas) >= 2 * USERS  # every device of both pipelines uploaded once
-    assert len(enrolls) >= 2 * USERS
+    assert len(deltas) >= (2 + rounds_of_collaborative) * USERS  # every device, every pipeline
+    assert len(enrolls) >= 3 * USERS
     wire = b"".join(captured.wire)
-    assert len(wire) > len(deltas) * DELTA_BYTES * 4 / 3  # base64 on the wire
+    assert len(wire) > 2 * USERS * DELTA_BYTES * 4 / 3  # the ranker's deltas alone, in base64
     # The two captures agree: each request seen at the seam went over a relay, byte for byte.
     for request in captured.seam:
         path = urlsplit(request.url).path.encode()
@@ -387,7 +392,9 @@ def test_no_id_secret_or_event_field_leaves_a_device(captured: Capture) -> None:
     # What the aggregators decrypt: the delta's values and the device's attestation.
     plaintexts = _decrypted(captured)
     assert len(plaintexts) == sum(1 for r in captured.seam if r.url.endswith("/deltas"))
-    assert all(len(p) > DELTA_BYTES for p in plaintexts)
+    sizes = (DELTA_BYTES, 4 * captured.results["collaborative"]["dim"])  # float32 values
+    assert all(len(p) > min(sizes) for p in plaintexts)
+    assert {max(s for s in sizes if len(p) > s) for p in plaintexts} == set(sizes)  # both kinds
     assert leaks(b"\n".join(plaintexts), canaries) == {}
 
 
@@ -395,7 +402,7 @@ def test_the_aggregators_keep_no_device_data(captured: Capture) -> None:
     canaries = store_canaries(captured.workdir)
     kept = [p.read_bytes() for p in (captured.workdir / "aggregators").glob("*/*")
             if p.is_file() and (".db" in p.name or p.name.endswith(".log"))]  # fmt: skip
-    assert len(kept) >= 8  # four databases and four service logs at least
+    assert len(kept) >= 12  # six databases and six service logs at least
     assert leaks(haystack(kept), canaries) == {}
 
 
@@ -403,7 +410,7 @@ def test_the_search_finds_what_the_device_stores_hold(captured: Capture) -> None
     canaries = store_canaries(captured.workdir)
     # one device of each pipeline and region (with its WAL file, if any) is enough
     devices = [sorted(d.glob("*.db"))[0] for d in (captured.workdir / "devices").glob("*/*")]
-    assert len(devices) == 4
+    assert len(devices) == 6
     stores = [p.read_bytes() for d in devices for p in d.parent.glob(d.name + "*")]
     found = leaks(haystack(stores), canaries)
     assert set(found) == {"ids", "event fields", "secrets", "values", "timestamps"}
@@ -442,7 +449,7 @@ def _decrypted(captured: Capture) -> list[bytes]:
     from sottovoce.aggregator import load_keys
 
     keys = [load_keys(d).hpke for d in (captured.workdir / "keys").glob("*/*") if d.is_dir()]
-    assert len(keys) == 4
+    assert len(keys) == 6  # three pipelines, two regions
     out = []
     for request in captured.seam:
         if not request.url.endswith("/deltas"):

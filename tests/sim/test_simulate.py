@@ -35,11 +35,17 @@ from sottovoce.sim import (
 
 pytest.importorskip("opacus")
 
-ROWS = ("random", "popularity", "central", "central_dp", "federated", "federated_global_only",
-        "federated_dp", "federated_dp_global_only", "federated_dp_local",
-        "federated_dp_local_global_only")  # fmt: skip
+ROWS = ("random", "popularity", "itemknn", "ease", "local_only", "federated", "federated_dp")
+FULL_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr", "coverage")
+RERANKER_ROWS = ("random", "popularity", "central", "central_dp", "federated",
+                 "federated_global_only", "federated_dp", "federated_dp_global_only",
+                 "federated_dp_local", "federated_dp_local_global_only")  # fmt: skip
 METRICS = ("hr@10", "ndcg@10", "mrr")
-PIPELINES = ("federated_dp", "federated_dp_local")
+PIPELINES = ("reranker_federated_dp", "reranker_federated_dp_local")
+MODE = {"reranker_federated_dp": "central", "reranker_federated_dp_local": "local",
+        "collaborative": "central"}  # fmt: skip
+PLAN = {"reranker_federated_dp": "central", "reranker_federated_dp_local": "local",
+        "collaborative": "collaborative"}  # fmt: skip
 SMALL: dict[str, Any] = {"rounds": 2, "sampling_rate": 1.0, "local_steps": 10,
                          "central_epochs": 1, "examples": 100, "catalog_sample": 50,
                          "negatives": 50, "workers": 2, "policy": small_policy()}  # fmt: skip
@@ -67,11 +73,19 @@ def lastfm_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
 def check_results(results: dict[str, Any], *, users: int, rounds: int) -> None:
     """The schema of the results, the metrics' ranges and the run's privacy bookkeeping."""
     assert results["users"] == users and isinstance(results["dataset"], str)
+    assert results["protocol"] == "full" and results["split"] == "random"
     assert set(results["metrics"]) == set(ROWS)
     for row, values in results["metrics"].items():
+        assert all(0.0 <= values[m] <= 1.0 for m in FULL_METRICS), (row, values)
+        assert values["users"] == results["evaluated_users"]
+        # binary relevance: NDCG@10 never exceeds HR@10; every user has a relevant item
+        assert values["ndcg@10"] <= values["hr@10"] + 1e-12 and values["mrr"] > 0, (row, values)
+        low, high = values["ci"]["ndcg@10"]
+        assert low <= values["ndcg@10"] <= high, (row, values)
+    assert set(results["metrics_sampled"]) == set(RERANKER_ROWS)
+    for row, values in results["metrics_sampled"].items():
         assert set(values) == set(METRICS), row
         assert all(0.0 <= v <= 1.0 for v in values.values()), (row, values)
-        # binary relevance: NDCG@10 never exceeds HR@10; every pool has a relevant item
         assert values["ndcg@10"] <= values["hr@10"] + 1e-12 and values["mrr"] > 0, (row, values)
     assert 0 < results["epsilon"] <= 8.0 and 0 < results["delta"] <= 0.1 / (users / 2)
     assert results["noise"].startswith("seeded")
@@ -82,7 +96,7 @@ def check_results(results: dict[str, Any], *, users: int, rounds: int) -> None:
         assert logs["devices"] == {"devices": users, "entries": logs["devices"]["entries"],
                                    "failed": 0, "ok": True}  # fmt: skip
     check_history(results, rounds=rounds)
-    check_privacy(results, rounds=rounds)
+    check_privacy(results, rounds=rounds, collaborative=results["config"]["collaborative_rounds"])
 
 
 PRIVACY_FIELDS = {"pipeline", "region", "mode", "noise_multiplier", "sampling_rate", "rounds",
@@ -108,21 +122,23 @@ def pld_epsilon(entry: dict[str, Any]) -> float:
     return float(accountant.get_epsilon(entry["delta"]))
 
 
-def check_privacy(results: dict[str, Any], *, rounds: int) -> None:
+def check_privacy(results: dict[str, Any], *, rounds: int, collaborative: int) -> None:
     """One entry per pipeline, region and mode, each reproducible from its parameters: the
     reported (ledger) epsilon is never below an independent PLD recomputation, and within the
     budget."""
     entries = results["privacy"]
     regions = set(results["regions"]["central"])
     assert {(e["pipeline"], e["region"]) for e in entries} == {
-        (p, r) for p in PIPELINES for r in regions
+        (p, r) for p in (*PIPELINES, "collaborative") for r in regions
     }
     for entry in entries:
         assert set(entry) >= PRIVACY_FIELDS, entry
-        assert entry["mode"] == ("central" if entry["pipeline"] == "federated_dp" else "local")
-        expected_factor = 1.000137 if entry["mode"] == "central" else 2.000275
-        assert entry["sensitivity_factor"] == pytest.approx(expected_factor, abs=1e-6)
-        assert entry["rounds"] == rounds or entry["mode"] == "local", entry
+        assert entry["mode"] == MODE[entry["pipeline"]]
+        if entry["pipeline"] != "collaborative":
+            expected_factor = 1.000137 if entry["mode"] == "central" else 2.000275
+            assert entry["sensitivity_factor"] == pytest.approx(expected_factor, abs=1e-6)
+        expected = collaborative if entry["pipeline"] == "collaborative" else rounds
+        assert entry["rounds"] == expected or entry["mode"] == "local", entry
         independent = pld_epsilon(entry)
         assert entry["epsilon"] >= independent - 1e-9, (entry, independent)
         assert entry["epsilon"] <= entry["budget"] + 1e-9, entry
@@ -131,19 +147,23 @@ def check_privacy(results: dict[str, Any], *, rounds: int) -> None:
 
 def check_history(results: dict[str, Any], *, rounds: int) -> None:
     """Per-round quality, and rounds published or abandoned as the mode and counts say."""
-    assert set(results["rounds"]) == {"federated", *PIPELINES}
+    assert set(results["rounds"]) == {"reranker_federated", "collaborative", *PIPELINES}
     for pipeline, history in results["rounds"].items():
+        if pipeline == "collaborative":
+            assert len(history) == results["config"]["collaborative_rounds"]
+            continue
         assert [r["round"] for r in history] == list(range(1, rounds + 1)), pipeline
         for record in history:
             assert all(0.0 <= record[m] <= 1.0 for m in METRICS), record
-    for mode, regions in results["regions"].items():
+    for name, regions in results["regions"].items():
         for region, plan in regions.items():
             assert plan["epsilon"] <= plan["epsilon_budget"] <= 8.0, (region, plan)
-            assert plan["users"] > 0 and plan["noise_multiplier"] > 0 and plan["mode"] == mode
+            assert plan["users"] > 0 and plan["noise_multiplier"] > 0
+            assert plan["mode"] == MODE.get(name, name)
         assert sum(plan["users"] for plan in regions.values()) == results["users"]
-    for pipeline in PIPELINES:
-        mode = "central" if pipeline == "federated_dp" else "local"
-        for region, plan in results["regions"][mode].items():
+    for pipeline in (*PIPELINES, "collaborative"):
+        mode = MODE[pipeline]
+        for region, plan in results["regions"][PLAN[pipeline]].items():
             spent = 0.0
             for record in results["rounds"][pipeline]:
                 outcome = record[region]
@@ -193,6 +213,7 @@ def test_the_same_seed_gives_the_same_table(
     different = {row: (first["metrics"][row], second["metrics"][row]) for row in ROWS
                  if first["metrics"][row] != second["metrics"][row]}  # fmt: skip
     assert different == {}
+    assert first["metrics_sampled"] == second["metrics_sampled"]
     assert _history(first) == _history(second)
 
 
@@ -211,6 +232,9 @@ def test_the_demo_sampling_rate_is_reproducible(tmp_path: Path) -> None:
                 for region in run["regions"]["central"]}
                for run in runs]  # fmt: skip
     different = [row for row in ROWS if runs[0]["metrics"][row] != runs[1]["metrics"][row]]
+    sampled = [run["metrics_sampled"] for run in runs]
+    different += [f"{row} (sampled)" for row in RERANKER_ROWS
+                  if sampled[0][row] != sampled[1][row]]  # fmt: skip
     assert different == [], f"rows {different} differ; round ids and cohorts: {cohorts}"
 
 
@@ -277,8 +301,12 @@ def test_the_report_is_one_self_contained_page(
     assert "url(" not in text and "@import" not in text
     assert {"table", "svg", "title"} <= page.tags
     for row, values in results["metrics"].items():
-        cells = "".join(f"<td>{values[m]:.4f}</td>" for m in METRICS)
+        cells = "".join(f"<td>{values[m]:.4f}</td>" for m in FULL_METRICS[1:])
         assert f"<b>{row}</b>" in text and cells in text, row
+        assert f"<td>{values['ndcg@10']:.4f} <small>" in text, row
+    for row, values in results["metrics_sampled"].items():
+        cells = "".join(f"<td>{values[m]:.4f}</td>" for m in METRICS)
+        assert cells in text, row
     assert "verified" in text and "FAILED" not in text
 
 
@@ -375,10 +403,10 @@ def test_a_run_against_aggregator_processes(tmp_path: Path) -> None:
     results = simulate(config)
     check_results(results, users=12, rounds=1)
     assert results["config"]["server"] is True
-    for pipeline in PIPELINES:
+    for pipeline in (*PIPELINES, "collaborative"):
         assert results["rounds"][pipeline][0]["us"]["state"] == "published"
     logs = sorted((tmp_path / "sim" / "aggregators").glob("*/us-serve.log"))
-    assert len(logs) == 2
+    assert len(logs) == 3  # the reranker's two pipelines and the collaborative model
     for log in logs:
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         routes = {line.get("route") for line in lines}

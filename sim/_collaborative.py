@@ -1,0 +1,219 @@
+"""The collaborative rows: federated matrix factorisation over a DP-selected item table
+(:mod:`sottovoce.device._collaborative`), with and without DP.
+
+- ``federated_dp``: the real thing, through each region's real aggregator (statistic releases,
+  central noise, the policy's budget): a count round, then factor rounds. Every device is the
+  real device code (:class:`~sottovoce.device._collaborator.Collaborator`) on its own store,
+  in a worker process: it checks the spec against its own policy and ledger, flips the coin,
+  computes its upload from its own history, seals it and queues it; the coordinator uploads
+  it over HTTP. Devices install every signed release before their next round.
+- ``federated``: the same uploads and the same model, summed exactly (no clipping beyond the
+  uploads' own scaling, no noise) here: what the design reaches without DP.
+
+Evaluation scores every catalog item for every evaluated user with the device's own scoring
+(:meth:`CollaborativeModel.scores`) on the model its region released, from the user's training
+items (exactly what the device's store holds: its listened-to items).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future
+from contextlib import ExitStack
+from datetime import datetime
+from functools import cache, partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce.device._collaborative import (
+    PRIVATE_RANK,
+    RANK,
+    CollaborativeModel,
+    Layout,
+    collaborative_upload,
+)
+from sottovoce.device._collaborator import Collaborator, noise_std
+from sottovoce.policy import PrivacyMode
+from sottovoce.sim._config import (
+    END,
+    Plans,
+    Progress,
+    SimulationConfig,
+    pipeline_policy,
+)
+from sottovoce.sim._devices import Contribution, DeviceTask
+from sottovoce.sim._federated import (
+    Model,
+    Region,
+    audit_devices,
+    audit_log,
+    privacy_entry,
+    run_round,
+)
+from sottovoce.sim._full_ranking import Interactions, Scorer
+from sottovoce.sync import ModelRelease, RoundSpec
+
+__all__ = ["PIPELINE", "federated_collaborative", "layout_for", "private_collaborative"]
+
+PIPELINE = "collaborative"
+
+
+def layout_for(items: Sequence[str], seed: int, *, private: bool) -> Layout:
+    """The catalog's layout: rank 32 without noise, 16 under DP (see ``_collaborative``)."""
+    return Layout(tuple(items), rank=PRIVATE_RANK if private else RANK, seed=seed)
+
+
+# -- without DP ------------------------------------------------------------------------------
+
+
+def federated_collaborative(config: SimulationConfig, data: Interactions, layout: Layout, *,
+                            region_of: Mapping[str, str], rounds: int) -> Scorer:  # fmt: skip
+    """Per region, the rounds' uploads summed exactly over the devices the coin picks."""
+    items_of = _items_of(data)
+    models: dict[str, CollaborativeModel] = {}
+    for region in config.regions:
+        members = [n for n, u in enumerate(data.users) if region_of[u] == region]
+        model: CollaborativeModel | None = None
+        for number in range(1, rounds + 1):
+            rng = random.Random(f"{config.seed}:collaborative:{region}:{number}")
+            cohort = [n for n in members if rng.random() < config.sampling_rate] or members
+            total = sum(collaborative_upload(model, layout, items_of[n], clipping_norm=1.0)
+                        for n in cohort)  # fmt: skip
+            mean = np.asarray(total, np.float64) / len(cohort)
+            model = (CollaborativeModel.from_counts(layout, mean, noise_std=0.0)
+                     if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
+        assert model is not None
+        models[region] = model
+    return scorer(data, models, region_of)
+
+
+def scorer(data: Interactions, models: Mapping[str, CollaborativeModel],
+           region_of: Mapping[str, str]) -> Scorer:  # fmt: skip
+    items_of = _items_of(data)
+
+    def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        return np.stack([models[region_of[data.users[n]]].scores(items_of[n]) for n in users])
+
+    return score
+
+
+def _items_of(data: Interactions) -> list[list[str]]:
+    return [[data.items[j] for j in data.train[n].indices] for n in range(len(data.users))]
+
+
+# -- with DP, through the aggregators ---------------------------------------------------------
+
+
+def private_collaborative(
+    config: SimulationConfig, data: Interactions, layout: Layout, *, region_of: Mapping[str, str],
+    plans: Plans, rounds: int, pool: Executor, bar: Progress,
+) -> tuple[Scorer, dict[str, Any]]:  # fmt: skip
+    """Run the rounds through the regions' aggregators; returns the scorer on the last
+    releases, and the per-round outcomes, audit and privacy entries."""
+    mode = PrivacyMode.CENTRAL
+    policy = pipeline_policy(config, plans, mode, pipeline=PIPELINE)
+    folder = config.workdir / "releases" / PIPELINE
+    folder.mkdir(parents=True, exist_ok=True)
+    model = Model(
+        layout.model_id,
+        layout.dim,
+        np.zeros(layout.dim, np.float32),
+        accumulate=False,
+        catalog=layout.catalog,
+        rank=layout.rank,
+    )
+    models: dict[str, CollaborativeModel] = {}
+    history: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        services = {r: Region(config, mode, r, policy=policy, model=model, stack=stack,
+                              pipeline=PIPELINE) for r in config.regions}  # fmt: skip
+        members = {r: sorted(u for u, g in region_of.items() if g == r) for r in config.regions}
+        published: dict[str, list[tuple[Path, Path]]] = {r: [] for r in config.regions}
+        bar.start(f"collaborative, federated DP ({rounds} rounds)",
+                  round(rounds * config.sampling_rate * len(data.users)))  # fmt: skip
+        for number in range(1, rounds + 1):
+            record: dict[str, Any] = {"round": number}
+            for region, service in services.items():
+                join = partial(_join, pool, tuple(published[region]), layout)
+                outcome = run_round(config, mode, service, plan=plans[PIPELINE][region],
+                                    users=members[region], join=join, bar=bar,
+                                    pipeline=PIPELINE)  # fmt: skip
+                spec: RoundSpec = outcome.pop("spec")
+                release = outcome.pop("release", None)
+                outcome.pop("weights", None)
+                if release is not None:
+                    paths = (folder / f"{region}-{number}.spec", folder / f"{region}-{number}.json")
+                    paths[0].write_bytes(spec.to_wire())
+                    paths[1].write_bytes(release)
+                    published[region].append(paths)
+                    parsed = ModelRelease.from_wire(release)
+                    vector = parsed.weights_array().astype(np.float64)
+                    std = noise_std(spec, layout.dim)
+                    current = models.get(region)
+                    models[region] = (CollaborativeModel.from_counts(layout, vector, noise_std=std)
+                                      if current is None
+                                      else current.refit(vector, noise_std=std))  # fmt: skip
+                    outcome["table"] = len(models[region].table)
+                record[region] = outcome
+            history.append(record)
+        audit: dict[str, Any] = {r: audit_log(s) for r, s in services.items()}
+        privacy = [dict(privacy_entry(services[r], plans[PIPELINE][r], rounds), pipeline=PIPELINE)
+                   for r in config.regions]  # fmt: skip
+    audit["devices"] = audit_devices(config, PIPELINE, list(region_of), dict(region_of))
+    missing = [r for r in config.regions if r not in models]
+    if missing:
+        raise RuntimeError(f"no collaborative release in {', '.join(missing)}")
+    return scorer(data, models, region_of), {"rounds": history, "audit": audit,
+                                             "privacy": privacy}  # fmt: skip
+
+
+def _join(pool: Executor, published: tuple[tuple[Path, Path], ...], layout: Layout,
+          task: DeviceTask, spec: RoundSpec) -> Future[Contribution]:  # fmt: skip
+    return pool.submit(collaborate, task, spec, published, END, table=layout.table,
+                       rank=layout.rank, seed=layout.seed)  # fmt: skip
+
+
+# -- on the device (worker processes) ---------------------------------------------------------
+
+
+def collaborate(task: DeviceTask, spec: RoundSpec, published: tuple[tuple[Path, Path], ...],
+                now: datetime, *, table: int, rank: int, seed: int) -> Contribution:  # fmt: skip
+    """Install the region's releases the device lacks, then join the round."""
+    from sottovoce._errors import SottovoceError
+    from sottovoce.sim._devices import _CATALOG, ELIGIBLE
+
+    layout = _layout(tuple(_CATALOG), table, rank, seed)  # the catalog's order: Dataset.items
+    store = task.open(now)
+    try:
+        rng = np.random.default_rng([task.seed, int.from_bytes(task.secret()[:4])])
+        device = Collaborator(store, layout, noise_rng=rng)
+        for spec_path, release_path in published:
+            release = _read_release(release_path)
+            if release.version > device.version:
+                device.install(release, _read_spec(spec_path))
+        try:
+            key = device.contribute(task.user, spec=spec, eligible=not ELIGIBLE.missing())
+        except SottovoceError as error:
+            return Contribution(task.user, None, device.version, error.code)
+        return Contribution(task.user, key, device.version)
+    finally:
+        store.close()
+
+
+@cache
+def _layout(catalog: tuple[str, ...], table: int, rank: int, seed: int) -> Layout:
+    return Layout(catalog, table=table, rank=rank, seed=seed)
+
+
+@cache
+def _read_release(path: Path) -> ModelRelease:
+    return ModelRelease.from_wire(path.read_bytes())
+
+
+@cache
+def _read_spec(path: Path) -> RoundSpec:
+    return RoundSpec.from_wire(path.read_bytes())
