@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,10 @@ def test_a_layout_is_checked() -> None:
 # -- on a device ---------------------------------------------------------------------------
 
 
-def _device(tmp_path: Path) -> Any:
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[tuple[EventStore, Any]]:
+    """A US device whose user listened to t1 to t3 and then disliked t3, in a policy where
+    every device takes part in every round."""
     policy = policy_where_all_take_part()
     store = EventStore.open(tmp_path / "device.db", policy=policy, region="us",
                             clock=lambda: NOW)  # fmt: skip
@@ -99,22 +103,23 @@ def _device(tmp_path: Path) -> Any:
                       "duration_ms": 200_000})  # fmt: skip
     store.append({"event_id": "e9", "user_id": "u1", "type": "dislike", "ts": NOW.isoformat(),
                   "track_id": "t3"})  # fmt: skip
-    return store, policy
+    yield store, policy
+    store.close()
 
 
-def test_a_device_joins_a_round_and_queues_a_sealed_upload(tmp_path: Path) -> None:
-    store, policy = _device(tmp_path)
+def test_a_device_joins_a_round_and_queues_a_sealed_upload(device: Any) -> None:
+    store, policy = device
     assert listened_items(store, "u1") == ["t1", "t2"]  # disliked after it was played
     layout = Layout(CATALOG, table=20, rank=4)
     spec = round_spec(policy, "us", model_id=layout.model_id)
-    device = Collaborator(store, layout)
-    key = device.contribute("u1", spec=spec)
+    collaborator = Collaborator(store, layout)
+    key = collaborator.contribute("u1", spec=spec)
     assert key is not None and store.in_outbox(key)
-    assert device.contribute("u1", spec=spec) == key  # once per round
+    assert collaborator.contribute("u1", spec=spec) == key  # once per round
 
 
-def test_a_device_refuses_a_round_of_another_model(tmp_path: Path) -> None:
-    store, policy = _device(tmp_path)
+def test_a_device_refuses_a_round_of_another_model(device: Any) -> None:
+    store, policy = device
     layout = Layout(CATALOG, table=20, rank=4)
     spec = round_spec(policy, "us", model_id=Layout(CATALOG, rank=8).model_id)
     with pytest.raises(SpecRefused, match="model"):
