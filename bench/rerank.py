@@ -7,7 +7,17 @@ everything around the model. The store keeps the user's state in memory between 
 ``rerank_after_event_*`` times the first rerank after an appended skip (a reload).
 ``train_step_ms`` is one batch-32 step inside the model;
 ``local_round_ms`` a whole local round on 1,000 examples (replaying the history into examples,
-one epoch of batch-32 steps, storing the weights). One thread. Usage: ``python bench/rerank.py``.
+one epoch of batch-32 steps, storing the weights).
+
+The full-catalog case (``catalog_*``) ranks every track of a 20,000-track catalog for the user
+with ``Personalizer.rank_catalog`` (features for every item, the model on every item, the same
+guards, exploration and reasons as ``rerank`` over the whole list): ``catalog_rank_*`` returns
+the first 100 (a shelf), ``catalog_rank_all_items_*`` all 20,000 ``RankedItem``s (a tuple
+subclass per item, which the garbage collector tracks: its p99 shows full collections);
+``catalog_infer_*`` times the model alone on the same
+20,000 feature rows (from ``store.snapshot`` and ``assemble``), invoked in the chunks
+``rank_catalog`` uses, which is the fastest way to run this model over them (one 20,000-row
+call is slower: its activations do not fit in cache). One thread. Usage: ``python bench/rerank.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import numpy as np
 from sottovoce._demo import START, listen, make_catalog
 from sottovoce.device import EventStore
 from sottovoce.device._features import assemble
-from sottovoce.device._personalize import Eligibility, Personalizer, RerankOptions
+from sottovoce.device._personalize import CHUNK_SIZE, Eligibility, Personalizer, RerankOptions
 from sottovoce.policy import Purpose, example_policy
 
 
@@ -36,11 +46,60 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+SHELF = 100  # items an app shows from a ranked catalog
+
+
+def full_catalog(
+    workdir: Path, *, now: datetime, tracks: int, history: int, repeats: int
+) -> dict[str, float | int]:
+    """Rank a whole catalog of ``tracks`` tracks for a user with ``history`` events."""
+    store = EventStore.open(workdir / "catalog.db", policy=example_policy(), region="us",
+                            clock=lambda: now)  # fmt: skip
+    rng = random.Random(11)
+    per_artist = 10
+    catalog, rows = make_catalog(rng, artists_per_genre=tracks // (8 * per_artist),
+                                 tracks_per_artist=per_artist)  # fmt: skip
+    store.upsert_catalog(rows)
+    store.append_many(listen(rng, "ann", catalog, {0, 3}, history))
+    personalizer = Personalizer(store)
+    options = RerankOptions(seed=1)
+    for _ in range(3):  # warm the catalog cache, the user's arrays and the interpreter
+        personalizer.rank_catalog("ann", now=now, options=options)
+    ids = list(store.catalog())
+    snapshot, artists, vectors = store.snapshot("ann", ids, now=now)
+    x = assemble(snapshot, ids, artists, vectors)
+    shelf, whole, infer = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        personalizer.rank_catalog("ann", now=now, options=options, limit=SHELF)
+        shelf.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        personalizer.rank_catalog("ann", now=now, options=options)
+        whole.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        for start in range(0, len(x), CHUNK_SIZE):
+            personalizer.ranker.infer(x[start : start + CHUNK_SIZE])
+        infer.append((time.perf_counter() - t) * 1000)
+    store.close()
+    return {
+        "catalog_items": len(ids),
+        "catalog_rank_p50_ms": round(statistics.median(shelf), 3),
+        "catalog_rank_p99_ms": round(percentile(shelf, 0.99), 3),
+        "catalog_rank_all_items_p50_ms": round(statistics.median(whole), 3),
+        "catalog_rank_all_items_p99_ms": round(percentile(whole, 0.99), 3),
+        "catalog_infer_p50_ms": round(statistics.median(infer), 3),
+        "catalog_infer_p99_ms": round(percentile(infer, 0.99), 3),
+        "ratio_catalog_vs_infer": round(statistics.median(shelf) / statistics.median(infer), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--history", type=int, default=4_000, help="events of listening")
+    parser.add_argument("--catalog", type=int, default=20_000, help="tracks, full-catalog case")
+    parser.add_argument("--catalog-repeats", type=int, default=100)
     args = parser.parse_args()
     now = START + timedelta(days=60)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +152,8 @@ def main() -> None:
                                           steps=1_000 // 32 + 1, examples=1_000)  # fmt: skip
         local_round = (time.perf_counter() - t) * 1000
         store.close()
+        catalog = full_catalog(Path(tmp), now=now, tracks=args.catalog, history=args.history,
+                               repeats=args.catalog_repeats)  # fmt: skip
     print(json.dumps({
         "candidates": args.candidates,
         "rerank_p50_ms": round(statistics.median(rerank), 3),
@@ -107,6 +168,7 @@ def main() -> None:
         "local_round_examples": result.examples,
         "history_events": args.history,
         "catalog_tracks": len(tracks),
+        **catalog,
         "threads": 1,
         "python": sys.version.split()[0],
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,9 +1,12 @@
 """Feature rows for the ranker: one row of ``FEATURES`` floats per candidate track.
 
-Data flow position: :mod:`._rerank` loads a :class:`Snapshot` of the user's state from the store
-(a fixed number of queries, whatever the number of candidates) and local training builds
-snapshots by replaying events; both turn a snapshot and candidates into a matrix with
-:func:`assemble`, vectorized with numpy, so serving and training see identical features.
+Data flow position: the store gives a :class:`Snapshot` of the user's state (a fixed number of
+queries, whatever the number of candidates) and local training builds snapshots by replaying
+events; :func:`features` turns a snapshot and the candidates' columns (:class:`Candidates`)
+into the matrix, vectorized with numpy, so serving and training see identical features. The
+candidates' columns come either from the snapshot's mappings (:func:`assemble`) or, when
+ranking, from arrays the store caches per user (:class:`HistoryTable` rows gathered by index,
+``_store_ranking.RankingInputs``); ``tests/device/test_rerank.py`` holds the two equal.
 
 Layout (columns): item vector (16), short-term taste vector (16), their elementwise product
 (16), cosine, has-taste; the user's history with the track (8) and with its artist (8): log
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +99,16 @@ def fit_vector(vector: npt.NDArray[np.float64] | None) -> npt.NDArray[np.float64
     return out / norm if norm > 0 else out
 
 
+class Candidates(NamedTuple):
+    """What the feature rows need of each candidate, as columns (``n`` rows each)."""
+
+    items: npt.NDArray[np.floating[Any]]  # fitted item vectors, ITEM_DIM columns
+    tracks: npt.NDArray[np.float64]  # the user's history with the track, 8 columns
+    artists: npt.NDArray[np.float64]  # ... and with its artist, 8 columns
+    artist_skips: npt.NDArray[np.float64]  # the artist's skips in this session
+    artist_plays: npt.NDArray[np.float64]  # ... and plays
+
+
 def assemble(
     snapshot: Snapshot,
     tracks: Sequence[str],
@@ -108,38 +121,56 @@ def assemble(
     of ``ITEM_DIM`` columns, as the store hands out for ranking.
     """
     n = len(tracks)
-    x = np.zeros((n, FEATURES), dtype=np.float32)
     if n == 0:
-        return x
+        return np.zeros((0, FEATURES), dtype=np.float32)
     items = vectors if isinstance(vectors, np.ndarray) else fit_rows(vectors)
-    x[:, ITEM : ITEM + ITEM_DIM] = items
+    track_rows = HistoryTable.of([snapshot.tracks.get(t) for t in tracks])
+    # Candidates share artists: look each one up once, then index (-1, the table's last row,
+    # serves candidates without an artist).
+    unique = {a: i for i, a in enumerate(dict.fromkeys(a for a in artists if a))}
+    where = np.fromiter((unique[a] if a else -1 for a in artists), np.int64, n)
+    artist_rows = HistoryTable.of([snapshot.artists.get(a) for a in unique])
+    session = [
+        np.array([*(counts.get(a, 0) for a in unique), 0], dtype=np.float64)[where]
+        for counts in (snapshot.session_artist_skips, snapshot.session_artist_plays)
+    ]
+    return features(
+        snapshot,
+        Candidates(items, track_rows.gather(np.arange(n), snapshot.now),
+                   artist_rows.gather(where, snapshot.now), *session),
+    )  # fmt: skip
+
+
+def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
+    """The feature matrix: the user's state in ``snapshot``, the candidates' columns in
+    ``candidates`` (the one place that knows the layout)."""
+    # What every row shares (the user's state) is written once, into a row copied to all.
+    shared = np.zeros(FEATURES, dtype=np.float32)
+    taste: npt.NDArray[np.float64] | None = None
     if snapshot.taste is not None:
         taste = fit_vector(snapshot.taste)
-        x[:, TASTE : TASTE + ITEM_DIM] = taste
-        x[:, PRODUCT : PRODUCT + ITEM_DIM] = items * taste
-        x[:, COSINE] = items @ taste
-        x[:, HAS_TASTE] = 1.0
-    x[:, TRACK : TRACK + 8] = _history([snapshot.tracks.get(t) for t in tracks], snapshot.now)
-    # Candidates share artists: compute each artist's columns once, then index (the extra
-    # last row, "never played", serves candidates without an artist).
-    unique = {a: i for i, a in enumerate(dict.fromkeys(a for a in artists if a))}
-    per_artist = _history([*(snapshot.artists.get(a) for a in unique), None], snapshot.now)
-    where = np.fromiter((unique[a] if a else -1 for a in artists), np.int64, n)
-    x[:, ARTIST : ARTIST + 8] = per_artist[where]
-    x[:, SESSION] = math.log1p(snapshot.session_skips)
-    x[:, SESSION + 1] = math.log1p(snapshot.session_plays)
-    for column, counts in ((SESSION + 2, snapshot.session_artist_skips),
-                           (SESSION + 3, snapshot.session_artist_plays)):  # fmt: skip
-        if counts:  # per unique artist, then indexed like the artist history above
-            per = np.log1p([*(counts.get(a, 0) for a in unique), 0])
-            x[:, column] = per[where]
+        shared[TASTE : TASTE + ITEM_DIM] = taste
+        shared[HAS_TASTE] = 1.0
+    shared[SESSION] = math.log1p(snapshot.session_skips)
+    shared[SESSION + 1] = math.log1p(snapshot.session_plays)
     if snapshot.local_hour is not None:
         angle = 2 * math.pi * snapshot.local_hour / 24
-        x[:, TIME_OF_DAY], x[:, TIME_OF_DAY + 1] = math.sin(angle), math.cos(angle)
+        shared[TIME_OF_DAY], shared[TIME_OF_DAY + 1] = math.sin(angle), math.cos(angle)
     if snapshot.device_type is not None:
-        x[:, DEVICE + _DEVICE_INDEX.get(snapshot.device_type, 5)] = 1.0
-    x[:, CELLULAR] = float(snapshot.network == "cellular")
-    x[:, OFFLINE] = float(snapshot.network == "offline")
+        shared[DEVICE + _DEVICE_INDEX.get(snapshot.device_type, 5)] = 1.0
+    shared[CELLULAR] = float(snapshot.network == "cellular")
+    shared[OFFLINE] = float(snapshot.network == "offline")
+    items = candidates.items
+    x = np.empty((len(items), FEATURES), dtype=np.float32)
+    x[:] = shared
+    x[:, ITEM : ITEM + ITEM_DIM] = items
+    if taste is not None:
+        x[:, PRODUCT : PRODUCT + ITEM_DIM] = items * taste
+        x[:, COSINE] = items @ taste
+    x[:, TRACK : TRACK + 8] = candidates.tracks
+    x[:, ARTIST : ARTIST + 8] = candidates.artists
+    x[:, SESSION + 2] = np.log1p(candidates.artist_skips)
+    x[:, SESSION + 3] = np.log1p(candidates.artist_plays)
     return x
 
 
@@ -156,25 +187,53 @@ def fit_rows(vectors: Sequence[npt.NDArray[np.float64] | None]) -> npt.NDArray[n
     return out
 
 
-def _history(rows: Sequence[History | None], now: int) -> npt.NDArray[np.float64]:
-    """Eight columns per row: log plays, completion rate, log skips, early-skip rate, liked,
-    disliked, recency, never played."""
-    out = np.zeros((len(rows), 8))
-    out[:, 7] = 1.0
-    known = [i for i, h in enumerate(rows) if h is not None]
-    if not known:
+NO_HISTORY = History()
+"""What a track or artist the user never met looks like (zero counts, never played)."""
+
+
+class HistoryTable(NamedTuple):
+    """History columns of many tracks (or artists) of one user, and a last row for "none".
+
+    Eight columns per row: log plays, completion rate, log skips, early-skip rate, liked,
+    disliked, recency, never played. Recency depends on the time of ranking, so the table
+    keeps when each was last played and :meth:`gather` fills recency in.
+    """
+
+    columns: npt.NDArray[np.float64]  # (n + 1, 8), recency left at zero
+    last_played: npt.NDArray[np.float64]  # (n + 1,), -1 when never played
+
+    @classmethod
+    def of(cls, rows: Sequence[History | None]) -> HistoryTable:
+        stats = np.array([*(NO_HISTORY if h is None else h for h in rows), NO_HISTORY],
+                         dtype=np.float64)  # fmt: skip
+        plays, completions, skips, early, feedback, last = stats.T
+        columns = np.column_stack([
+            np.log1p(plays),
+            completions / np.maximum(plays, 1),
+            np.log1p(skips),
+            early / np.maximum(plays + skips, 1),
+            feedback > 0,
+            feedback < 0,
+            np.zeros_like(last),
+            (plays == 0) & (skips == 0),
+        ])  # fmt: skip
+        return cls(columns, np.ascontiguousarray(last))
+
+    def gather(self, rows: npt.NDArray[np.int64], now: int) -> npt.NDArray[np.float64]:
+        """The columns of ``rows`` (-1: the "none" row) as of ``now`` (epoch ms)."""
+        out = self.columns[rows]
+        out[:, 6] = _recency(self.last_played[rows], now)
         return out
-    stats = np.array([rows[i] for i in known], dtype=np.float64)
-    plays, completions, skips, early, feedback, last = stats.T
+
+    def at(self, now: int) -> npt.NDArray[np.float64]:
+        """Every row's columns as of ``now``: gather from this when ranking more candidates
+        than the table has rows."""
+        out = self.columns.copy()
+        out[:, 6] = _recency(self.last_played, now)
+        return out
+
+
+def _recency(last: npt.NDArray[np.float64], now: int) -> npt.NDArray[np.float64]:
     days = np.maximum(now - last, 0) / 86_400_000
-    out[known] = np.column_stack([
-        np.log1p(plays),
-        completions / np.maximum(plays, 1),
-        np.log1p(skips),
-        early / np.maximum(plays + skips, 1),
-        feedback > 0,
-        feedback < 0,
-        np.where(last >= 0, np.exp(-days / RECENCY_DAYS), 0.0),
-        (plays == 0) & (skips == 0),
-    ])  # fmt: skip
-    return out
+    recency: npt.NDArray[np.float64] = np.where(last >= 0, np.exp(-days / RECENCY_DAYS), 0.0)
+    return recency

@@ -6,6 +6,8 @@ queries), :mod:`._features` turns it into rows, the ranker scores them, and the 
 here applies guards no model may override: disliked tracks never in the top k, at most
 ``max_per_artist`` of one artist there, an artist skipped in this session pushed down, and a
 bounded, seeded share of exploration. Each item comes back with a short reason.
+:meth:`Personalizer.rank_catalog` does the same for the device's whole catalog, scoring it in
+chunks (``CHUNK_SIZE`` rows: the model's activations stay in cache) and returning its top.
 
 When the app reports the device eligible and the user consents to federated training,
 :meth:`Personalizer.local_round` trains the ranker on the user's own history (inside the TFLite
@@ -15,9 +17,11 @@ model) and returns ``local weights - global weights``, the delta that sync will 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
-from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, assemble
+from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, features
 from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
 from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
@@ -47,6 +51,7 @@ from sottovoce.sync import (
 
 MAX_EXPLORE_SHARE = 0.3
 MAX_STEPS = 2_000
+CHUNK_SIZE = 1_024  # feature rows scored at a time: the model's activations stay in cache
 
 
 class NotEligible(DeviceError):
@@ -87,6 +92,11 @@ class RankedItem(NamedTuple):
     score: float
     reason: str
     explored: bool = False
+
+
+# RankedItem from a complete tuple without the Python-level __new__ (a fifth of building a
+# long ranking).
+_item = functools.partial(tuple.__new__, RankedItem)
 
 
 @dataclass(frozen=True)
@@ -193,22 +203,82 @@ class Personalizer:
         """Order ``candidates`` (track ids) for the user, each with a short reason."""
         decision = self.store.personalization(user_id)
         if not decision.allowed:
-            items = tuple(RankedItem(t, 0.0, "in the app's order") for t in candidates)
-            return Ranking(items, personalized=False,
-                           note=f"not personalized: {decision.sentence}")  # fmt: skip
+            return _unpersonalized(candidates, decision.sentence)
         if not candidates:
             return Ranking((), personalized=True)
+        return self._rank(user_id, candidates, now=now, options=options, chunk_size=CHUNK_SIZE)
+
+    def rank_catalog(
+        self,
+        user_id: str,
+        *,
+        now: datetime | None = None,
+        options: RerankOptions = RerankOptions(),
+        limit: int | None = None,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> Ranking:
+        """Order the device's whole catalog for the user (a "for you" shelf, a radio seed).
+
+        The result is what ``rerank(user_id, list(store.catalog()), ...)`` returns (the same
+        guards, exploration and reasons), cut to its first ``limit`` items when given: a
+        shelf needs its top, and building an item per catalog track costs more than scoring
+        it. Scoring runs ``chunk_size`` items at a time, with features gathered from arrays the
+        store caches between writes, so memory stays at a chunk of feature rows.
+        """
+        if chunk_size < 1 or (limit is not None and limit < 0):
+            raise ValueError("chunk_size must be at least 1 and limit at least 0")
+        decision = self.store.personalization(user_id)
+        if not decision.allowed:
+            return _unpersonalized(list(self.store.catalog())[:limit], decision.sentence)
+        return self._rank(user_id, None, now=now, options=options, chunk_size=chunk_size,
+                          limit=limit)  # fmt: skip
+
+    def _rank(
+        self,
+        user_id: str,
+        candidates: Sequence[str] | None,
+        *,
+        now: datetime | None,
+        options: RerankOptions,
+        chunk_size: int,
+        limit: int | None = None,
+    ) -> Ranking:
+        """Score in chunks, then apply the guards and exploration to the whole list."""
         self._serve(user_id)
-        snapshot, artists, vectors = self.store.snapshot(user_id, candidates, now=now)
-        x = assemble(snapshot, candidates, artists, vectors)
-        scores = self.ranker.infer(x).astype(np.float64)
-        # the session's skips of each candidate's artist, recovered from its log1p feature
-        scores -= options.session_skip_penalty * np.expm1(x[:, SESSION + 2]).round()
-        order = _arrange(scores, x, artists, options)
-        values, codes = scores.tolist(), _reasons(x)
-        rows = [(candidates[i], values[i], _REASONS[0 if explored else codes[i]], explored)
-                for i, explored in order]  # fmt: skip
-        return Ranking(tuple(map(RankedItem._make, rows)), personalized=True)
+        snapshot, inputs = self.store.ranking_inputs(user_id, candidates, now=now)
+        n = len(inputs)
+        if not n:
+            return Ranking((), personalized=True)
+        parts = []
+        for start in range(0, n, chunk_size):
+            chunk = inputs.chunk(start, min(n, start + chunk_size))
+            x = features(snapshot, chunk)
+            parts.append((
+                self.ranker.infer(x),
+                chunk.artist_skips,  # the session's skips of the candidate's artist
+                chunk.tracks[:, 5] > 0,  # disliked
+                (chunk.tracks[:, 7] > 0) & (chunk.artist_skips == 0),  # may be explored
+                _reasons(x),
+            ))  # fmt: skip
+        logits, skips, disliked, fresh, codes = (
+            np.concatenate(column) if len(column) > 1 else column[0]
+            for column in zip(*parts, strict=True)
+        )
+        scores = logits.astype(np.float64) - options.session_skip_penalty * skips
+        order, explored = _arrange(scores, disliked, fresh, inputs.artist_codes, options)
+        if limit is not None:
+            order = order[:limit]
+        reasons = _REASON_TEXTS[codes[order]]
+        flags = np.zeros(n, dtype=bool)
+        flags[list(explored)] = True
+        flags = flags[order]
+        reasons[flags] = _REASONS[0]
+        ids = inputs.track_ids
+        # Built in C (zip, map): a whole catalog's items would otherwise take longer than
+        # scoring it.
+        items = tuple(map(_item, zip(map(ids.__getitem__, order.tolist()), scores[order].tolist(),
+                                     reasons.tolist(), flags.tolist(), strict=True)))  # fmt: skip
+        return Ranking(items, personalized=True)
 
     # -- local training ----------------------------------------------------------------------
     def local_round(
@@ -327,14 +397,13 @@ class Personalizer:
         if len(data) == 0:
             raise DeviceError("no training examples in the user's history yet")
         # A second interpreter of the same file: reranks keep serving while this trains.
-        trainer = self._trainer = self._trainer or Ranker.load(Path(self.ranker.source))
+        trainer = self._trainer = self._trainer or _trainer_for(self.ranker)
         trainer.set_weights(self.global_weights)
         trainer.reset_optimizer()
         rng = np.random.default_rng(seed)
-        losses = []
-        for _ in range(steps):
-            pick = rng.choice(len(data), size=min(batch, len(data)), replace=False)
-            losses.append(trainer.train_step(data.x[pick], data.y[pick], data.w[pick], lr=lr))
+        size = min(batch, len(data))
+        picks = np.array([rng.choice(len(data), size=size, replace=False) for _ in range(steps)])
+        losses = trainer.train_batches(data.x, data.y, data.w, picks, lr=lr)
         local = trainer.get_weights()
         head = float(np.mean(losses[: max(1, steps // 10)]))
         tail = float(np.mean(losses[-max(1, steps // 10) :]))
@@ -353,48 +422,95 @@ def _local_slot(store: EventStore, user_id: str) -> str:
     return f"local:{store.user_hash(user_id)}"
 
 
+_TRAINERS = threading.local()
+
+
+def _trainer_for(ranker: Ranker) -> Ranker:
+    """This thread's training interpreter for the ranker's model file, loaded once per thread.
+
+    Training sets the trainer's weights and optimizer state before its first step and a
+    thread trains one round at a time, so every personalizer of a thread (a simulation's worker
+    opens one per device and round) can share it; serving rankers never do.
+    """
+    trainers: dict[tuple[str, str], Ranker] = _TRAINERS.__dict__.setdefault("by_model", {})
+    key = (ranker.source, ranker.model_id)
+    trainer = trainers.get(key)
+    if trainer is None:
+        trainer = Ranker.load(Path(ranker.source))
+        if trainer.model_id != ranker.model_id:
+            raise DeviceError(f"{ranker.source} changed on disk since the ranker was loaded")
+        trainers[key] = trainer
+    return trainer
+
+
+def _unpersonalized(candidates: Sequence[str], why: str) -> Ranking:
+    items = tuple(RankedItem(t, 0.0, "in the app's order") for t in candidates)
+    return Ranking(items, personalized=False, note=f"not personalized: {why}")
+
+
 def _arrange(
     scores: npt.NDArray[np.float64],
-    x: npt.NDArray[np.float32],
-    artists: Sequence[str | None],
+    disliked: npt.NDArray[np.bool_],
+    fresh: npt.NDArray[np.bool_],
+    artists: npt.NDArray[np.int64],
     options: RerankOptions,
-) -> list[tuple[int, bool]]:
-    """Final order as (candidate index, explored): guards first, then exploration."""
-    ranked: list[int] = np.argsort(-scores, kind="stable").tolist()
-    disliked = set(np.flatnonzero(x[:, TRACK + 5] > 0).tolist())
-    k = min(options.top_k, len(ranked) - len(disliked))
+) -> tuple[npt.NDArray[np.int64], set[int]]:
+    """Final order (candidate indices) and the explored candidates: guards first, then
+    exploration. ``artists`` are artist codes, -1 for none. What is linear in the number of
+    candidates runs in numpy; Python walks only the top of the list."""
+    n = len(scores)
+    ranked = np.argsort(-scores, kind="stable")
+    k = min(options.top_k, n - int(disliked.sum()))
     top: list[int] = []
-    per_artist: dict[str, int] = {}
-    for i in ranked:  # the best k that respect the artist cap; stops once the top is full
+    per_artist: dict[int, int] = {}
+    for i, artist, refused in _walk(ranked, artists, disliked):  # stops once top is full
         if len(top) == k:
             break
-        artist = artists[i]
-        capped = artist is not None and per_artist.get(artist, 0) >= options.max_per_artist
-        if i in disliked or capped:
+        capped = artist >= 0 and per_artist.get(artist, 0) >= options.max_per_artist
+        if refused or capped:
             continue
         top.append(i)
-        if artist is not None:
+        if artist >= 0:
             per_artist[artist] = per_artist.get(artist, 0) + 1
-    chosen = set(top) | disliked
-    rest = [i for i in ranked if i not in chosen]  # still in score order
+    chosen = disliked.copy()
+    chosen[top] = True
+    rest = ranked[~chosen[ranked]]  # still in score order
     if len(top) < k:  # too few artists to honour the cap: fill in score order
-        top += rest[: k - len(top)]
-        top.sort(key=ranked.index)
-        chosen = set(top) | disliked
-        rest = [i for i in ranked if i not in chosen]
-    explored = _explore(top, rest, x, artists, options)
+        fill = rest[: k - len(top)].tolist()
+        position = np.empty(n, dtype=np.int64)
+        position[ranked] = np.arange(n)
+        top = sorted(top + fill, key=position.__getitem__)
+        chosen[fill] = True
+        rest = ranked[~chosen[ranked]]
+    before = list(top)
+    explored = _explore(top, rest, fresh, artists, options)
     if explored:  # what exploration displaced leads the rest, in score order
-        displaced = sorted((set(ranked) - set(top) - disliked) - set(rest), key=ranked.index)
-        rest = displaced + [i for i in rest if i not in explored]
-    tail = [i for i in ranked if i in disliked]
-    return [(i, i in explored) for i in top + rest + tail]
+        kept = set(top)
+        displaced = np.array([i for i in before if i not in kept], dtype=np.int64)
+        chosen[list(explored)] = True
+        rest = np.concatenate([displaced, rest[~chosen[rest]]])
+    tail = ranked[disliked[ranked]]
+    return np.concatenate([np.array(top, dtype=np.int64), rest, tail]), explored
+
+
+def _walk(
+    order: npt.NDArray[np.int64],
+    artists: npt.NDArray[np.int64],
+    disliked: npt.NDArray[np.bool_],
+    step: int = 64,
+) -> Iterator[tuple[int, int, bool]]:
+    """(index, artist, disliked) in ``order``, as Python values, converted a slice at a time
+    (the walk usually stops within the first slice)."""
+    for start in range(0, len(order), step):
+        part = order[start : start + step]
+        yield from zip(part.tolist(), artists[part].tolist(), disliked[part].tolist(), strict=True)
 
 
 def _explore(
     top: list[int],
-    rest: list[int],
-    x: npt.NDArray[np.float32],
-    artists: Sequence[str | None],
+    rest: npt.NDArray[np.int64],
+    fresh: npt.NDArray[np.bool_],
+    artists: npt.NDArray[np.int64],
     options: RerankOptions,
 ) -> set[int]:
     """Swap a bounded, seeded share of the top k (never the first two places) for tracks the
@@ -404,26 +520,26 @@ def _explore(
     first = min(2, len(top))
     if not slots or len(top) <= first:
         return set()
-    new = ((x[:, TRACK + 7] > 0) & (x[:, SESSION + 2] == 0)).tolist()
-    pool = [i for i in rest if new[i]]
+    pool: list[int] = rest[fresh[rest]].tolist()
+    artist_of: list[int] = []  # artists as a list, made when the cap first excludes some
     rng = random.Random(options.seed)
-    counts: dict[str, int] = {}
+    counts: dict[int, int] = {}
 
     def bump(i: int, by: int) -> None:
-        artist = artists[i]
-        if artist is not None:
+        artist = int(artists[i])
+        if artist >= 0:
             counts[artist] = counts.get(artist, 0) + by
-
-    def room(i: int) -> bool:
-        artist = artists[i]
-        return artist is None or counts.get(artist, 0) < options.max_per_artist
 
     for i in top:
         bump(i, 1)
     explored: set[int] = set()
     for place in rng.sample(range(first, len(top)), min(slots, len(top) - first)):
         bump(top[place], -1)
-        fits = [i for i in pool if room(i)]
+        full = {a for a, c in counts.items() if c >= options.max_per_artist}
+        fits = pool
+        if full:
+            artist_of = artist_of or artists.tolist()
+            fits = [i for i in pool if artist_of[i] not in full]
         if not fits:
             bump(top[place], 1)
             continue
@@ -435,7 +551,7 @@ def _explore(
     return explored
 
 
-_REASONS = (
+_REASONS: tuple[str, ...] = (
     "something new to explore",
     "you disliked this",
     "lower: you skipped this artist just now",
@@ -448,9 +564,12 @@ _REASONS = (
 )
 
 
-def _reasons(x: npt.NDArray[np.float32]) -> list[int]:
+_REASON_TEXTS = np.array(_REASONS, dtype=object)
+
+
+def _reasons(x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
     """Index into ``_REASONS`` for every row: the first rule that holds (0 is exploration)."""
-    rules = [
+    rules = (
         x[:, TRACK + 5] > 0,  # disliked
         x[:, SESSION + 2] > 0,  # artist skipped this session
         x[:, TRACK + 4] > 0,  # liked
@@ -458,6 +577,8 @@ def _reasons(x: npt.NDArray[np.float32]) -> list[int]:
         (x[:, ARTIST] >= math.log1p(3)) & (x[:, ARTIST + 1] >= 0.6),
         x[:, COSINE] >= 0.5,
         (x[:, TRACK + 7] > 0) & (x[:, ARTIST + 7] > 0),
-    ]
-    codes: list[int] = np.select(rules, list(range(1, 8)), default=8).tolist()
+    )
+    codes = np.full(len(x), len(rules) + 1, dtype=np.int64)
+    for code in range(len(rules), 0, -1):  # the earliest rule that holds is written last
+        codes[rules[code - 1]] = code
     return codes

@@ -410,6 +410,53 @@ class Ranker:
         out = self._call("train", x=rows, y=labels, w=weights, lr=np.float32(lr))
         return float(out["loss"])
 
+    def train_batches(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        w: npt.ArrayLike | None,
+        batches: npt.ArrayLike,
+        lr: float = 1e-3,
+    ) -> npt.NDArray[np.float64]:
+        """One Adam step per row of ``batches`` (row indices into ``x``, ``y``, ``w``): what
+        :meth:`train_step` on each picked batch does, with the inputs checked once, not per
+        step. Returns each step's loss (before its step).
+
+        ``batches`` is [steps, batch] integers. Nothing changes if a check fails; every batch
+        must have a row of weight > 0.
+        """
+        rows = self._rows(x)
+        n = rows.shape[0]
+        if not np.isfinite(rows).all():
+            raise RankerError("x: feature rows must be finite (no NaN or infinity)")
+        labels = self._vector(y, n, "y (one label per row)")
+        if ((labels < 0) | (labels > 1)).any():
+            raise RankerError("y: labels must lie in [0, 1]")
+        weights = np.ones(n, dtype=np.float32) if w is None else self._vector(w, n, "w (per row)")
+        if (weights < 0).any():
+            raise RankerError("w: row weights must be >= 0 and not all zero")
+        picks = np.asarray(batches)
+        if picks.ndim != 2 or picks.shape[1] == 0 or not np.issubdtype(picks.dtype, np.integer):
+            raise RankerError(f"batches: expected [steps, batch] row indices, got {picks.shape}")
+        if picks.size and (picks.min() < 0 or picks.max() >= n):
+            raise RankerError(f"batches: row indices must lie in [0, {n})")
+        if not weights[picks].any(axis=1).all():
+            raise RankerError("w: row weights must be >= 0 and not all zero in every batch")
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise RankerError(f"lr: the learning rate must be a finite number > 0, not {lr!r}")
+        rate = np.float32(lr)
+        train = self._runners["train"]
+        losses = np.empty(picks.shape[0], dtype=np.float64)
+        with self._lock:  # all the steps as one call: nothing else runs between them
+            for step, pick in enumerate(picks):
+                try:
+                    out = train(x=rows[pick], y=labels[pick], w=weights[pick], lr=rate)
+                except (ValueError, RuntimeError) as error:
+                    raise RankerError(f"{self.source}: train failed in the runtime at step "
+                                      f"{step}: {error}") from None  # fmt: skip
+                losses[step] = out["loss"]
+        return losses
+
     def get_weights(self) -> FloatArray:
         """The flat weight vector: ``PARAMETER_COUNT`` floats in ``LAYERS`` order."""
         weights: FloatArray = self._call("get_weights")["weights"]

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from pydantic import ValidationError
 
-from sottovoce.device._derive import Fact
+from sottovoce.device._derive import Fact, FactBatch
 from sottovoce.device._errors import InvalidEvent, InvalidEventBatch
 from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
 from sottovoce.device._schema import COUNTER_COLUMNS
@@ -100,12 +102,44 @@ def _item_id(items: list[Any], index: int | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def encode(events: Sequence[Event]) -> tuple[list[int], list[str]]:
+    """Each event's time (epoch ms) and body: the canonical JSON kept in the store
+    (pydantic's, without the user id), which replays are compared against byte for byte."""
+    # The serializer is called directly: model_dump_json's wrapper costs a fifth of the call.
+    bodies = [e.__pydantic_serializer__.to_json(e, exclude=_NOT_STORED).decode() for e in events]
+    return [(e.ts - _EPOCH) // _MS for e in events], bodies
+
+
+def fact_batch(
+    events: Sequence[Event], *, first_seq: int, refs: Mapping[str, int], times: Sequence[int]
+) -> FactBatch:
+    """The facts of events about to be stored (with sequence numbers from ``first_seq``, the
+    users' references and the events' times in ms), as columns: what :func:`_fact` makes of
+    each, all at once. Built column by column, so no tuple is made per event."""
+    fields = [e.__dict__ for e in events]  # pydantic's __getattr__ is slow for absent fields
+    kind = list(map(itemgetter("type"), fields))
+    return FactBatch(
+        range(first_seq, first_seq + len(events)),
+        list(map(refs.__getitem__, map(itemgetter("user_id"), fields))),
+        kind,
+        times,
+        list(map(dict.get, fields, repeat("track_id"))),
+        list(map(dict.get, fields, repeat("artist_id"))),
+        list(map(dict.get, fields, repeat("ms_played"), repeat(0))),
+        [f.get("duration_ms") or 0 for f in fields],
+        list(map(dict.get, fields, repeat("position_ms"), repeat(0))),
+        [_context(f) if k == "context" else None for f, k in zip(fields, kind, strict=True)],
+    )
+
+
+def _context(fields: Mapping[str, Any]) -> tuple[str, str, str]:
+    return fields["device_type"], fields["network"], fields["local_time"].isoformat()
+
+
 def _fact(row: Sequence[Any], event: Event) -> Fact:
     """A derivation fact from a stored row (seq, id, user, type, ts, track, artist, body)."""
     fields = event.__dict__
-    context = None
-    if event.type == "context":
-        context = (fields["device_type"], fields["network"], fields["local_time"].isoformat())
+    context = _context(fields) if event.type == "context" else None
     return Fact(
         seq=row[0],
         user=row[2],
@@ -127,12 +161,6 @@ def _row_order(row: dict[str, Any]) -> list[tuple[bool, Any]]:
 
 def _revive(body: str) -> Event:
     return EVENT_ADAPTER.validate_python({**json.loads(body), "user_id": "-"})
-
-
-def _counter_values(c: Any) -> tuple[Any, ...]:
-    fb_ts, fb_seq = c.feedback_at if c.feedback_at is not None else (None, None)
-    return (c.plays, c.completions, c.skips, c.early_skips, c.ms_played, c.likes,
-            c.dislikes, c.feedback, fb_ts, fb_seq, c.last_played_ts, c.last_event_ts)  # fmt: skip
 
 
 def _chunks(values: Sequence[str], size: int) -> Iterator[Sequence[str]]:

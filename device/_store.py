@@ -12,6 +12,12 @@ decision log); once ``append`` returns, the events survive a crash of the proces
 ``durability="full"`` also survives power loss); replaying an event id with the same content is
 a no-op reported as a duplicate.
 
+Cost (``bench/ingest.py``): a batch is validated and encoded by pydantic in one call each, its
+rows are inserted without first asking which ids exist (the unique index on ``event_id`` refuses
+a replay; a savepoint then undoes the batch's rows and the slow path sorts replays out), and
+its derived state is computed column-wise (:func:`._derive.derive_batch`), so no Python loop
+runs per event beyond building each stored row.
+
 The class is assembled from parts: :mod:`._store_core` (connection, users, consent state,
 decision logging, catalog), :mod:`._store_ranking` (what reranking reads, cached between
 writes) and :mod:`._store_outbox` (model weights and the outbox); this module holds opening,
@@ -24,7 +30,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -35,10 +41,12 @@ from sqlite_utils import Database
 
 from sottovoce.device._derive import (
     SESSION_GAP_MS,
-    Derived,
+    DerivedRows,
+    FactBatch,
     Run,
     Taste,
     derive,
+    derive_batch,
 )
 from sottovoce.device._errors import (
     EventConflict,
@@ -49,16 +57,16 @@ from sottovoce.device._events import Event
 from sottovoce.device._rows import (
     _INSERT_EVENT,
     _MS,
-    _NOT_STORED,
     _UPSERT_ARTIST,
     _UPSERT_TRACK,
     _chunks,
-    _counter_values,
     _fact,
     _revive,
     _row_order,
     _utcnow,
     _validate,
+    encode,
+    fact_batch,
     from_ms,
     to_ms,
 )
@@ -229,26 +237,14 @@ class EventStore(RankingReads, OutboxPart):
         parsed = _validate(list(events))
         if not parsed:
             return AppendResult(0)
-        # Fields are read from __dict__: pydantic's __getattr__ is slow for absent ones.
-        rows: list[tuple[Any, ...]] = [
-            (
-                e.event_id,
-                e.user_id,
-                e.type,
-                to_ms(e.ts),
-                e.__dict__.get("track_id"),
-                e.__dict__.get("artist_id"),
-                e.model_dump_json(exclude=_NOT_STORED),
-            )
-            for e in parsed
-        ]
+        times, bodies = encode(parsed)
         refusal: PolicyViolation | None = None
         result = AppendResult(0)
         noted: dict[tuple[str, str], tuple[str, str]] = {}
         with self._write():
             refs: dict[str, int] = {}
             verdicts = []
-            for user_id in sorted({row[1] for row in rows}):
+            for user_id in sorted({e.user_id for e in parsed}):
                 ref = self._ref(user_id, create=False)
                 state = self._consent_state(ref, self.user_hash(user_id))
                 refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, state)
@@ -271,83 +267,105 @@ class EventStore(RankingReads, OutboxPart):
                 cutoff = to_ms(horizon)
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.
-                live = [i for i, r in enumerate(rows) if r[3] >= cutoff]
-                expired = tuple(r[0] for r in rows if r[3] < cutoff)
-                kept = [(rows[i][0], refs[rows[i][1]], *rows[i][2:]) for i in live]
-                result = self._store(kept, [parsed[i] for i in live], expired)
+                live = [i for i, ts in enumerate(times) if ts >= cutoff]
+                expired = tuple(parsed[i].event_id for i, ts in enumerate(times) if ts < cutoff)
+                result = self._store(parsed, times=times, bodies=bodies, live=live, refs=refs,
+                                     expired=expired)  # fmt: skip
                 if expired:
                     result = replace(result, retention_cutoff=horizon)
         self._noted.update(noted)  # committed: these are in the log now
         if refusal is not None:
             raise refusal
-        if result.expired and result.expired == len(rows):
+        if result.expired and result.expired == len(parsed):
             log.warning("append: every event of the batch was dropped: %s (check the events' "
                         "timestamps and the store's clock)", result)  # fmt: skip
         return result
 
     def _store(
-        self, rows: list[tuple[Any, ...]], parsed: list[Event], expired: tuple[str, ...]
+        self,
+        parsed: list[Event],
+        *,
+        times: list[int],
+        bodies: list[str],
+        live: list[int],
+        refs: Mapping[str, int],
+        expired: tuple[str, ...],
     ) -> AppendResult:
-        """Write the new events of an allowed batch and merge their derived state."""
-        fresh, duplicates = self._dedupe(rows)
-        if not fresh:
-            return AppendResult(0, tuple(duplicates), expired)
-        fresh = self._resolve_artists(fresh)
-        first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
-        stored = [(first[0] + i, *row) for i, (_, row) in enumerate(fresh)]
-        self._conn.executemany(_INSERT_EVENT, stored)
-        facts = [_fact(row, parsed[i]) for (i, _), row in zip(fresh, stored, strict=True)]
-        self._merge(derive(facts, self._vectors(f.track for f in facts)))
-        return AppendResult(len(fresh), tuple(duplicates), expired)
+        """Write the events ``live`` (indices into ``parsed``) of an allowed batch that are
+        new, and merge their derived state."""
+        if not live:
+            return AppendResult(0, (), expired)
+        first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
+
+        def rows(indices: list[int]) -> tuple[FactBatch, list[str], list[str]]:
+            """The facts, ids and bodies of ``parsed[indices]``, numbered from ``first``."""
+            events = [parsed[i] for i in indices]
+            batch = fact_batch(events, first_seq=first, refs=refs,
+                               times=[times[i] for i in indices])  # fmt: skip
+            return (
+                self._resolve_artists(batch),
+                [e.event_id for e in events],
+                [bodies[i] for i in indices],
+            )
+
+        batch, ids, texts = rows(live)
+        duplicates: list[str] = []
+        try:
+            # Most batches are all new: insert first, and sort out replays only when the
+            # unique index on event_id refuses one (the savepoint undoes the partial insert).
+            with _immediate(self._conn, name="new_events"):
+                self._conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
+        except sqlite3.IntegrityError:
+            fresh, duplicates = self._dedupe(ids, batch.user, texts, live)
+            if not fresh:
+                return AppendResult(0, tuple(duplicates), expired)
+            batch, ids, texts = rows([live[k] for k in fresh])
+            self._conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
+        self._merge(derive_batch(batch, self._vectors(set(batch.track))))
+        return AppendResult(len(ids), tuple(duplicates), expired)
+
+    def _resolve_artists(self, batch: FactBatch) -> FactBatch:
+        """Fill in, from the local catalog, the artists the app left out."""
+        missing = {k: track for k, (track, artist) in enumerate(zip(batch.track, batch.artist,
+                   strict=True)) if artist is None and track is not None}  # fmt: skip
+        if not missing:
+            return batch
+        self._load_catalog(missing.values())
+        catalog, artists = self._items.entries, list(batch.artist)
+        for k, track in missing.items():
+            known = catalog.get(track)
+            if known is not None:
+                artists[k] = known[0]
+        return batch._replace(artist=artists)
 
     def _dedupe(
-        self, rows: list[tuple[Any, ...]]
-    ) -> tuple[list[tuple[int, tuple[Any, ...]]], list[str]]:
-        ids = [row[0] for row in rows]
+        self, ids: list[str], users: Sequence[int], bodies: list[str], live: list[int]
+    ) -> tuple[list[int], list[str]]:
+        """Which of the rows ``ids`` (users, bodies) are new (positions), and the ids of
+        replays; an id stored (or repeated in the batch) with other content is an
+        ``EventConflict`` (its ``index`` is its place in the batch as sent: ``live``)."""
         known: dict[str, tuple[int, str]] = {}
         for chunk in _chunks(ids, 500):
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT event_id, user_ref, body FROM events WHERE event_id IN ({marks})"
             known.update((r[0], (r[1], r[2])) for r in self._conn.execute(sql, chunk))
-        fresh: list[tuple[int, tuple[Any, ...]]] = []
+        fresh: list[int] = []
         duplicates: list[str] = []
-        for index, row in enumerate(rows):
-            prior = known.get(row[0])
+        for k, (event_id, user, body) in enumerate(zip(ids, users, bodies, strict=True)):
+            prior = known.get(event_id)
             if prior is not None:
-                if prior != (row[1], row[6]):
-                    raise EventConflict(row[0], index=index)
-                duplicates.append(row[0])
+                if prior != (user, body):
+                    raise EventConflict(event_id, index=live[k])
+                duplicates.append(event_id)
                 continue
-            known[row[0]] = (row[1], row[6])
-            fresh.append((index, row))
+            known[event_id] = (user, body)
+            fresh.append(k)
         return fresh, duplicates
 
-    def _resolve_artists(
-        self, fresh: list[tuple[int, tuple[Any, ...]]]
-    ) -> list[tuple[int, tuple[Any, ...]]]:
-        """Fill in artists the app left out from the local catalog."""
-        missing = [row[4] for _, row in fresh if row[4] is not None and row[5] is None]
-        if not missing:
-            return fresh
-        self._load_catalog(missing)
-        out = []
-        for index, row in fresh:
-            track = row[4]
-            if track is not None and row[5] is None and track in self._catalog:
-                out.append((index, (*row[:5], self._catalog[track][0], row[6])))
-            else:
-                out.append((index, row))
-        return out
-
-    def _merge(self, derived: Derived) -> None:
+    def _merge(self, derived: DerivedRows) -> None:
         conn = self._conn
-        conn.executemany(
-            _UPSERT_TRACK,
-            [(u, t, c.artist, *_counter_values(c)) for (u, t), c in derived.tracks.items()],
-        )
-        conn.executemany(
-            _UPSERT_ARTIST, [(u, a, *_counter_values(c)) for (u, a), c in derived.artists.items()]
-        )
+        conn.executemany(_UPSERT_TRACK, derived.tracks)
+        conn.executemany(_UPSERT_ARTIST, derived.artists)
         for user, runs in derived.runs.items():
             self._merge_runs(user, runs)
         for user, new in derived.taste.items():
@@ -424,7 +442,9 @@ class EventStore(RankingReads, OutboxPart):
                         (user,),
                     )
                 ]
-                self._merge(derive(facts, self._vectors(f.track for f in facts)))
+                # The fact-by-fact reference derivation (append derives large batches
+                # column-wise), so a rebuild also checks what appends maintained.
+                self._merge(derive(facts, self._vectors(f.track for f in facts)).rows())
                 replayed += len(facts)
         return replayed
 
@@ -566,6 +586,13 @@ class EventStore(RankingReads, OutboxPart):
             )
             self._log(decision, user)
         return PurgeReport(deleted)
+
+
+def _event_rows(batch: FactBatch, ids: list[str], bodies: list[str]) -> Iterator[tuple[Any, ...]]:
+    """The stored rows (seq, id, user, type, ts, track, artist, body), made one at a time as
+    SQLite takes them."""
+    return zip(batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist,
+               bodies, strict=True)  # fmt: skip
 
 
 def _has_meta(conn: sqlite3.Connection) -> bool:

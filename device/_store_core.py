@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, NamedTuple, Self, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +26,7 @@ from sottovoce.device._errors import (
     CatalogError,
     StoreError,
 )
-from sottovoce.device._features import ITEM_DIM, History, fit_rows
+from sottovoce.device._features import ITEM_DIM, History, HistoryTable, fit_rows
 from sottovoce.device._rows import (
     _chunks,
     _utcnow,
@@ -47,6 +47,7 @@ from sottovoce.policy import (
 )
 
 Durability = Literal["normal", "full"]
+WHOLE_CATALOG = 20_000  # a catalog up to this size is cached whole on first use
 _CACHE_KIB = 8192  # page cache per connection; the hot upserts are B-tree work
 
 
@@ -115,6 +116,65 @@ class _UserState:
     session_totals: tuple[int, int] = (0, 0)  # skips, plays in it
     session_artists: tuple[dict[str, int], dict[str, int]] = ({}, {})  # per artist
     context: tuple[str, str, str, int] | None = None
+    tables: RankingTables | None = None  # built from the above on first use by ranking
+    # (catalog epoch, the row in tables.tracks of every catalog row), see _store_ranking
+    history_by_item: tuple[int, npt.NDArray[np.int64]] | None = None
+
+
+class RankingTables(NamedTuple):
+    """One user's history as arrays, so that ranking gathers rows instead of looking up
+    candidates one by one. Artist arrays are indexed by artist code (:class:`CatalogCache`)
+    and end with the entry for "no artist" (or an artist the user never met)."""
+
+    track_rows: dict[str, int]  # track -> row of tracks
+    tracks: HistoryTable
+    artist_rows: npt.NDArray[np.int64]  # artist code -> row of artists, -1 for none
+    artists: HistoryTable
+    session_skips: npt.NDArray[np.float64]  # artist code -> skips in the latest session
+    session_plays: npt.NDArray[np.float64]
+
+    def by_code(self, codes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Artist codes as indices of the artist arrays: codes made after these tables were
+        built (artists the user never met) and -1 point at the last entry."""
+        return np.where(codes < len(self.artist_rows) - 1, codes, -1)
+
+
+class CatalogCache:
+    """The catalog as loaded so far, for ranking: entries, feature-ready vectors (a row per
+    track, in load order, so ranking indexes instead of stacking) and an integer code per
+    artist (kept through :meth:`clear`: cached user state refers to artists by code)."""
+
+    def __init__(self) -> None:
+        self.artist_codes: dict[str, int] = {}
+        self.epoch = -1  # counts clears: row numbers are valid within one epoch
+        self.clear()
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self.entries: dict[str, tuple[str | None, Vector]] = {}
+        self.rows: dict[str, int] = {}  # track -> row of fitted and artist_of_row
+        self.fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
+        self.artist_of_row = np.zeros(0, dtype=np.int64)  # artist code, -1 when none
+        self.complete = False  # every catalog track is loaded
+
+    def code(self, artist: str) -> int:
+        return self.artist_codes.setdefault(artist, len(self.artist_codes))
+
+    def add(self, rows: Iterable[tuple[str, str | None, bytes]]) -> None:
+        """Add catalog rows (track id, artist id, float32 vector bytes) not loaded yet."""
+        loaded: list[tuple[str, str | None, Vector]] = []
+        for track, artist, blob in rows:
+            vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
+            self.entries[track] = (artist, vector)
+            loaded.append((track, artist, vector))
+        if not loaded:
+            return
+        start = len(self.rows)
+        self.rows.update((t, start + i) for i, (t, _, _) in enumerate(loaded))
+        fitted = fit_rows([v for _, _, v in loaded]).astype(np.float32)
+        codes = [-1 if a is None else self.code(a) for _, a, _ in loaded]
+        self.fitted = np.concatenate([self.fitted, fitted])
+        self.artist_of_row = np.concatenate([self.artist_of_row, codes])
 
 
 @dataclass(frozen=True)
@@ -156,16 +216,13 @@ class StoreCore:
         self.policy = policy
         self.region = policy.region(region_id)
         self._salt = bytes.fromhex(self._meta("salt"))
-        self._catalog: dict[str, tuple[str | None, Vector]] = {}
+        self._items = CatalogCache()
         self._hashes: dict[str, str] = {}
-        self._catalog_complete = False
         # Routine decisions (allowed appends, personalization) are logged only when their
         # reason or policy changes, or the log would become a listening timeline kept for
         # years; this remembers, per (action, user), the (reason, policy hash) last logged.
         self._noted: dict[tuple[str, str], tuple[str, str]] = {}
         self._states: dict[int, _UserState] = {}  # see snapshot()
-        self._fitted_rows: dict[str, int] = {}  # catalog track -> row of self._fitted
-        self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
         self._data_version: int | None = None
         self._generation = 0
         self._verdicts: dict[str, tuple[int, Decision]] = {}  # personalization, per user
@@ -231,39 +288,37 @@ class StoreCore:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('catalog_dim', ?)",
                 (str(dims.pop()),),
             )
-        self._catalog.clear()
-        self._fitted_rows.clear()
-        self._fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
-        self._catalog_complete = False
+        self._items.clear()
         return len(parsed)
 
     def _load_catalog(self, track_ids: Iterable[str]) -> None:
-        wanted = list(dict.fromkeys(t for t in track_ids if t not in self._catalog))
+        items = self._items
+        wanted = list(dict.fromkeys(t for t in track_ids if t not in items.entries))
+        first_use = not items.entries and not items.complete
+        if wanted and first_use and self.count("catalog") <= WHOLE_CATALOG:
+            self.catalog()  # one scan now instead of a query for every batch of new tracks
+            return
         for chunk in _chunks(wanted, 500):
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT track_id, artist_id, vector FROM catalog WHERE track_id IN ({marks})"
-            loaded = []
-            for track, artist, blob in self._conn.execute(sql, chunk):
-                vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
-                self._catalog[track] = (artist, vector)
-                loaded.append((track, vector))
-            if loaded:  # feature-ready rows, so ranking indexes instead of stacking
-                start = len(self._fitted_rows)
-                self._fitted_rows.update((t, start + i) for i, (t, _) in enumerate(loaded))
-                fitted = fit_rows([v for _, v in loaded])
-                self._fitted = np.concatenate([self._fitted, fitted.astype(np.float32)])
+            items.add(self._conn.execute(sql, chunk))
 
     def _vectors(self, track_ids: Iterable[str | None]) -> dict[str, Vector]:
         tracks = {t for t in track_ids if t is not None}
         self._load_catalog(tracks)
-        return {t: self._catalog[t][1] for t in tracks if t in self._catalog}
+        entries = self._items.entries
+        return {t: entries[t][1] for t in tracks if t in entries}
 
     def catalog(self) -> Mapping[str, tuple[str | None, Vector]]:
-        """The whole local catalog, track id -> (artist, vector), from the in-memory cache."""
-        if not self._catalog_complete:
-            self._load_catalog([r[0] for r in self._conn.execute("SELECT track_id FROM catalog")])
-            self._catalog_complete = True
-        return self._catalog
+        """The whole local catalog, track id -> (artist, vector), in track id order, from the
+        in-memory cache."""
+        items = self._items
+        if not items.complete:
+            items.clear()  # loaded again as a whole, so that rows follow track id order
+            items.add(self._conn.execute(
+                "SELECT track_id, artist_id, vector FROM catalog ORDER BY track_id"))  # fmt: skip
+            items.complete = True
+        return items.entries
 
     def generation(self) -> int:
         """A number that changes whenever the store's contents may have changed, by this

@@ -1,10 +1,20 @@
-"""What reranking and training read from the store: the user's state, cached between writes."""
+"""What reranking and training read from the store: the user's state, cached between writes.
+
+Ranking reads it through :meth:`RankingReads.ranking_inputs`: the user's history as arrays
+(:class:`._store_core.RankingTables`, built on first use after a write) and, per candidate, a
+catalog row, a history row and an artist code, so feature columns are gathered by index a chunk
+at a time (:class:`RankingInputs`); only finding a candidate's catalog row is a dictionary lookup,
+and ranking the whole catalog needs none.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -15,13 +25,20 @@ from sottovoce.device._derive import (
     Taste,
     is_play,
 )
-from sottovoce.device._features import ITEM_DIM, History, Snapshot, apply_context
+from sottovoce.device._features import (
+    ITEM_DIM,
+    Candidates,
+    History,
+    HistoryTable,
+    Snapshot,
+    apply_context,
+)
 from sottovoce.device._rows import (
     _fact,
     _revive,
     to_ms,
 )
-from sottovoce.device._store_core import StoreCore, _UserState
+from sottovoce.device._store_core import RankingTables, StoreCore, _UserState
 from sottovoce.policy import (
     Decision,
 )
@@ -73,25 +90,141 @@ class RankingReads(StoreCore):
         connection: ``PRAGMA data_version``), so reranking costs no query per candidate and
         usually none at all.
         """
+        snap, _ = self._user_snapshot(user_id, now)
+        rows = self._item_rows(tracks)
+        entries = self._items.entries
+        known = [entries.get(t) for t in tracks]
+        return snap, [k[0] if k else None for k in known], self._fitted(rows)
+
+    def ranking_inputs(
+        self, user_id: str, tracks: Sequence[str] | None = None, *, now: datetime | None = None
+    ) -> tuple[Snapshot, RankingInputs]:
+        """What ranking ``tracks`` (default: the whole catalog, in :meth:`catalog` order)
+        needs: the user's state, and per candidate row numbers into cached arrays, from which
+        :meth:`RankingInputs.chunk` gathers feature columns a slice at a time. Equivalent to
+        :meth:`snapshot` (``tests/device/test_rerank.py`` holds the features equal), without
+        a dictionary lookup per candidate beyond finding its catalog row and history."""
+        snap, state = self._user_snapshot(user_id, now)
+        items = self._items
+        if tracks is None:
+            ids: Sequence[str] = list(self.catalog())
+            rows = np.arange(len(ids), dtype=np.int64)
+        else:
+            ids, rows = tracks, self._item_rows(tracks)
+        tables = _NO_TABLES if state is None else self._tables(state)
+        all_known = bool(len(rows) == 0 or rows.min() >= 0)
+        codes = np.full(len(ids), -1, dtype=np.int64)
+        if len(items.artist_of_row):
+            codes = items.artist_of_row[rows]
+            if not all_known:
+                codes[rows < 0] = -1  # row -1 is not in the catalog
+        track_rows = self._track_rows(state, tables, ids, rows, all_known=all_known)
+        by_code = tables.by_code(codes)
+        in_session = bool(snap.session_artist_skips or snap.session_artist_plays)
+        inputs = RankingInputs(
+            track_ids=ids, artist_codes=codes, now=snap.now, items=items.fitted, item_rows=rows,
+            tables=tables, track_rows=track_rows, artist_rows=tables.artist_rows[by_code],
+            session_rows=by_code if in_session else None, all_known=all_known,
+        )  # fmt: skip
+        return snap, inputs
+
+    def _user_snapshot(
+        self, user_id: str, now: datetime | None
+    ) -> tuple[Snapshot, _UserState | None]:
         now_ms = to_ms(now or self._clock())
-        self._load_catalog(tracks)
-        known = [self._catalog.get(t) for t in tracks]
-        artists = [k[0] if k else None for k in known]
-        rows = np.fromiter((self._fitted_rows.get(t, -1) for t in tracks), np.int64, len(tracks))
-        vectors = self._fitted[np.maximum(rows, 0)] if len(self._fitted) else (
-            np.zeros((len(tracks), ITEM_DIM), dtype=np.float32))  # fmt: skip
-        vectors[rows < 0] = 0.0
         ref = self._ref(user_id, create=False)
         snap = Snapshot(now=now_ms)
         if ref is None:
-            return snap, artists, vectors
+            return snap, None
         state = self._user_state(ref)
         snap.tracks, snap.artists, snap.taste = state.tracks, state.artists, state.taste
         if state.session is not None and now_ms - state.session[1] <= SESSION_GAP_MS:
             snap.session_skips, snap.session_plays = state.session_totals
             snap.session_artist_skips, snap.session_artist_plays = state.session_artists
         apply_context(snap, state.context)
-        return snap, artists, vectors
+        return snap, state
+
+    def _item_rows(self, tracks: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Each track's row in the catalog cache (loading what is missing), -1 if unknown."""
+        found = _lookup(self._items.rows, tracks)
+        if (found < 0).any():
+            self._load_catalog(t for t, r in zip(tracks, found.tolist(), strict=True) if r < 0)
+            found = _lookup(self._items.rows, tracks)
+        return found
+
+    def _track_rows(
+        self,
+        state: _UserState | None,
+        tables: RankingTables,
+        ids: Sequence[str],
+        rows: npt.NDArray[np.int64],
+        *,
+        all_known: bool,
+    ) -> npt.NDArray[np.int64]:
+        """Each candidate's row in the user's track history (-1: none), through its catalog
+        row (an array gather); only candidates outside the catalog are looked up by id."""
+        if state is None or not tables.track_rows:
+            return np.full(len(ids), -1, dtype=np.int64)
+        by_item = self._history_by_item(state, tables)
+        found = by_item[rows]
+        if not all_known:
+            outside = np.flatnonzero(rows < 0)
+            index = tables.track_rows
+            found[outside] = [index.get(ids[i], -1) for i in outside.tolist()]
+        return found
+
+    def _history_by_item(self, state: _UserState, tables: RankingTables) -> npt.NDArray[np.int64]:
+        """The row in the user's track history of every catalog row loaded (-1: none).
+
+        Built once per user state and catalog epoch: the tracks the user met are loaded into
+        the catalog cache first, so rows loaded later (padded with -1) are tracks they never
+        met."""
+        items = self._items
+        if state.history_by_item is None or state.history_by_item[0] != items.epoch:
+            self._load_catalog(tables.track_rows)
+            known = [(items.rows[t], i) for t, i in tables.track_rows.items() if t in items.rows]
+            by_item = np.full(len(items.rows) + 1, -1, dtype=np.int64)  # [-1]: not in catalog
+            if known:
+                where, history = zip(*known, strict=True)
+                by_item[list(where)] = history
+            state.history_by_item = (items.epoch, by_item)
+        by_item = state.history_by_item[1]
+        if len(by_item) < len(items.rows) + 1:  # rows loaded since: tracks they never met
+            by_item = np.concatenate([by_item, np.full(len(items.rows) + 1 - len(by_item), -1)])
+            state.history_by_item = (items.epoch, by_item)
+        return by_item
+
+    def _fitted(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        fitted = self._items.fitted
+        if not len(fitted):
+            return np.zeros((len(rows), ITEM_DIM), dtype=np.float32)
+        vectors = fitted[np.maximum(rows, 0)]
+        vectors[rows < 0] = 0.0
+        return vectors
+
+    def _tables(self, state: _UserState) -> RankingTables:
+        if state.tables is None:
+            code = self._items.code
+            artists = {code(a): h for a, h in state.artists.items()}
+            skips, plays = state.session_artists
+            for artist in (*skips, *plays):
+                code(artist)
+            size = len(self._items.artist_codes) + 1  # every artist above has a code now
+            artist_rows = np.full(size, -1, dtype=np.int64)
+            artist_rows[list(artists)] = np.arange(len(artists))
+            session = []
+            for counts in (skips, plays):
+                column = np.zeros(size)
+                column[[code(a) for a in counts]] = list(counts.values())
+                session.append(column)
+            state.tables = RankingTables(
+                {t: i for i, t in enumerate(state.tracks)},
+                HistoryTable.of(list(state.tracks.values())),
+                artist_rows,
+                HistoryTable.of(list(artists.values())),
+                *session,
+            )
+        return state.tables
 
     def _user_state(self, ref: int) -> _UserState:
         self.generation()
@@ -150,3 +283,66 @@ class RankingReads(StoreCore):
                         plays[artist] = plays.get(artist, 0) + 1
         state.session_totals = (total_skips, total_plays)
         state.session_artists = (skips, plays)
+
+
+def _lookup(index: Mapping[str, int], keys: Sequence[str]) -> npt.NDArray[np.int64]:
+    """``index[key]`` for every key, -1 when absent (the lookups run in C: no Python loop)."""
+    return np.fromiter(map(index.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+
+
+_NO_TABLES = RankingTables({}, HistoryTable.of([]), np.full(1, -1, dtype=np.int64),
+                           HistoryTable.of([]), np.zeros(1), np.zeros(1))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RankingInputs:
+    """Candidates as row numbers into the store's cached arrays (see
+    :meth:`RankingReads.ranking_inputs`); :meth:`chunk` gathers the feature columns of a
+    slice, so ranking many items never holds more than a chunk of feature rows."""
+
+    track_ids: Sequence[str]
+    artist_codes: npt.NDArray[np.int64]  # -1: no artist (the artist cap counts by code)
+    now: int
+    items: npt.NDArray[np.float32]
+    item_rows: npt.NDArray[np.int64]
+    tables: RankingTables
+    track_rows: npt.NDArray[np.int64]
+    artist_rows: npt.NDArray[np.int64]
+    session_rows: npt.NDArray[np.int64] | None  # None outside a session
+    all_known: bool  # every candidate is in the catalog
+    _at: dict[int, npt.NDArray[np.float64]] = field(default_factory=dict)  # see _history
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def chunk(self, start: int, stop: int) -> Candidates:
+        rows = self.item_rows[start:stop]
+        if not len(self.items):
+            items = np.zeros((len(rows), ITEM_DIM), dtype=np.float32)
+        elif self.all_known:
+            items = self.items[rows]
+        else:
+            items = self.items[np.maximum(rows, 0)]
+            items[rows < 0] = 0.0  # not in the catalog
+        tables = self.tables
+        if self.session_rows is None:
+            skips = plays = np.zeros(len(rows))
+        else:
+            session = self.session_rows[start:stop]
+            skips, plays = tables.session_skips[session], tables.session_plays[session]
+        return Candidates(
+            items,
+            self._history(tables.tracks, self.track_rows[start:stop]),
+            self._history(tables.artists, self.artist_rows[start:stop]),
+            skips,
+            plays,
+        )
+
+    def _history(self, table: HistoryTable, rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        if len(table.columns) > len(self.track_ids):
+            return table.gather(rows, self.now)
+        # More candidates than the user has history rows: recency once per row, not candidate.
+        at = self._at.get(id(table))
+        if at is None:
+            at = self._at[id(table)] = table.at(self.now)
+        return at[rows]

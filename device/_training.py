@@ -5,14 +5,20 @@ completed play does not teach "tracks already completed get completed"): complet
 are positives, early skips, short plays and dislikes negatives, and every positive brings a few
 catalog tracks sampled uniformly as negatives. (Sampling only tracks the user had never
 touched taught the model "unplayed means bad", a shortcut that hurt held-out ranking.) The
-replay reuses the store's own counters (:class:`._derive.Counters`) so training sees the
-features serving sees.
+replay reuses the store's own counters (:class:`._derive.Counters`) and taste weights, and the
+rows come from :func:`._features.features`, so training sees the features serving sees.
+
+Cost: a round trains on the most recent ``limit`` rows only, so a first pass draws every
+event's negatives (the same draws, in the same order, whatever is kept) and finds the first
+event that reaches those rows; the replay then updates counters for every event but collects
+rows only from there on, and the rows' history columns are computed for all of them at once.
+Each kept event still gets its own :func:`._features.features` call (its user-level state).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +31,22 @@ from sottovoce.device._derive import (
     Fact,
     Taste,
     Vector,
-    derive,
+    _taste_weight,  # derive's definition of what an engagement weighs
     is_completion,
     is_play,
 )
-from sottovoce.device._features import History, Snapshot, apply_context, assemble
+from sottovoce.device._features import (
+    Candidates,
+    History,
+    HistoryTable,
+    Snapshot,
+    apply_context,
+    features,
+    fit_rows,
+)
 from sottovoce.device._ranker import FEATURES
+
+Catalog = Mapping[str, tuple[str | None, Vector]]
 
 
 @dataclass(frozen=True)
@@ -63,20 +79,120 @@ def label(fact: Fact) -> tuple[float, float] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Labelled:
+    """One labelled event: where it is in the replay, its label and weight, the tracks of its
+    rows (the event's own track first, then its sampled negatives)."""
+
+    index: int
+    label: float
+    weight: float
+    tracks: list[str]
+
+
 def build_examples(
     facts: Sequence[Fact],
-    catalog: Mapping[str, tuple[str | None, Vector]],
+    catalog: Catalog,
     *,
     negatives: int = 4,
     limit: int = 2_000,
     seed: int = 0,
 ) -> Examples:
-    """Examples from one user's ``facts`` (any order), the most recent ``limit`` kept."""
+    """Examples from one user's ``facts`` (any order), the most recent ``limit`` rows kept."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    ordered = sorted(facts, key=lambda f: (f.ts, f.seq))
+    plan = _plan(ordered, sorted(catalog), negatives=negatives, seed=seed)
+    # The first event whose rows reach the most recent `limit` rows: the replay collects rows
+    # from there on (the final cut drops the part of its rows before the limit).
+    first, rows = len(plan), 0
+    while first > 0 and rows < limit:
+        first -= 1
+        rows += len(plan[first].tracks)
+    rows_x = _replay(ordered, plan[first:], catalog)
+    if rows_x.shape[0] == 0:
+        empty = np.zeros((0, FEATURES), dtype=np.float32)
+        return Examples(empty, np.zeros(0, np.float32), np.zeros(0, np.float32))
+    kept = plan[first:]
+    y = np.array([v for e in kept for v in [e.label] + [0.0] * (len(e.tracks) - 1)], np.float32)
+    w = np.array([v for e in kept for v in [e.weight] + [1.0] * (len(e.tracks) - 1)], np.float32)
+    return Examples(rows_x[-limit:], y[-limit:], w[-limit:])
+
+
+def _plan(ordered: Sequence[Fact], pool: list[str], *, negatives: int,
+          seed: int) -> list[_Labelled]:  # fmt: skip
+    """Every labelled event with its rows' tracks; negatives drawn in event order, so the
+    draws do not depend on which events end up kept."""
     rng = random.Random(seed)
-    pool = sorted(catalog)
-    rows: list[npt.NDArray[np.float32]] = []
-    labels: list[float] = []
-    weights: list[float] = []
+    plan = []
+    for index, fact in enumerate(ordered):
+        verdict = label(fact) if fact.track is not None else None
+        if verdict is None or fact.track is None:
+            continue
+        chosen = [fact.track]
+        if verdict[0] == 1.0 and pool:
+            others = [t for t in rng.sample(pool, min(len(pool), negatives + 1))
+                      if t != fact.track]  # fmt: skip
+            chosen += others[:negatives]
+        plan.append(_Labelled(index, verdict[0], verdict[1], chosen))
+    return plan
+
+
+class _Rows:
+    """What the kept events' rows need, collected during the replay; turned into feature rows
+    at the end (history columns for all rows at once, then one ``features`` call per event).
+
+    Recency is measured from each event's time, but one ``gather`` measures from one time,
+    ``now``: a row's last play is stored moved forward by ``now`` minus its event's time.
+    Epoch milliseconds are exact in float64, so the differences, and the rows, are unchanged.
+    """
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+        self.snapshots: list[tuple[Snapshot, int]] = []  # per event: its state, its row count
+        self.vectors: list[Vector | None] = []
+        self.tracks: list[History | None] = []
+        self.artists: list[History | None] = []
+        self.artist_skips: list[int] = []
+        self.artist_plays: list[int] = []
+
+    def history(self, counters: Counters | None, at: int) -> History | None:
+        """The ``History`` that features read, as of an event at ``at``."""
+        if counters is None:
+            return None
+        last = -1 if counters.last_played_ts is None else counters.last_played_ts
+        moved = last + (self.now - at) if last >= 0 else last  # negative: never played
+        return History(counters.plays, counters.completions, counters.skips,
+                       counters.early_skips, counters.feedback, moved)  # fmt: skip
+
+    def matrix(self) -> npt.NDArray[np.float32]:
+        if not self.snapshots:
+            return np.zeros((0, FEATURES), dtype=np.float32)
+        every = np.arange(len(self.vectors))
+        items = fit_rows(self.vectors)
+        tracks = HistoryTable.of(self.tracks).gather(every, self.now)
+        artists = HistoryTable.of(self.artists).gather(every, self.now)
+        skips = np.array(self.artist_skips, dtype=np.float64)
+        plays = np.array(self.artist_plays, dtype=np.float64)
+        parts, start = [], 0
+        for snapshot, count in self.snapshots:
+            stop = start + count
+            candidates = Candidates(items[start:stop], tracks[start:stop], artists[start:stop],
+                                    skips[start:stop], plays[start:stop])  # fmt: skip
+            parts.append(features(snapshot, candidates))
+            start = stop
+        return np.concatenate(parts)
+
+
+def _replay(ordered: Sequence[Fact], kept: Sequence[_Labelled],
+            catalog: Catalog) -> npt.NDArray[np.float32]:  # fmt: skip
+    """Replay the events in order, collecting the rows of the ``kept`` events from the state
+    just before each of them."""
+    if not kept:
+        return np.zeros((0, FEATURES), dtype=np.float32)
+    last = kept[-1].index
+    rows = _Rows(now=ordered[last].ts)
+    wanted = {event.index: event for event in kept}
     tracks: dict[str, Counters] = {}
     artists: dict[str, Counters] = {}
     taste: Taste | None = None
@@ -84,66 +200,45 @@ def build_examples(
     session: dict[str, dict[str, int]] = {"skips": {}, "plays": {}}
     totals = {"skips": 0, "plays": 0}
     context: tuple[str, str, str, int] | None = None
-    for fact in sorted(facts, key=lambda f: (f.ts, f.seq)):
+    for index, fact in enumerate(ordered[: last + 1]):
         if fact.context is not None:
             context = (*fact.context, fact.ts)
         if fact.ts - session_end > SESSION_GAP_MS:
             session = {"skips": {}, "plays": {}}
             totals = {"skips": 0, "plays": 0}
         session_end = fact.ts
-        verdict = label(fact) if fact.track is not None else None
-        if verdict is not None and fact.track is not None:
-            snap = Snapshot(
-                now=fact.ts,
-                tracks=_Histories(tracks),  # live views: used before the next event applies
-                artists=_Histories(artists),
-                taste=None if taste is None else taste.mean(),
-                session_skips=totals["skips"],
-                session_plays=totals["plays"],
-                session_artist_skips=session["skips"],
-                session_artist_plays=session["plays"],
-            )
-            apply_context(snap, context)  # as serving does
-            chosen = [fact.track]
-            if verdict[0] == 1.0 and pool:
-                others = [t for t in rng.sample(pool, min(len(pool), negatives + 1))
-                          if t != fact.track]  # fmt: skip
-                chosen += others[:negatives]
-            info = [catalog.get(t) for t in chosen]
-            artists_of = [fact.artist] + [i[0] if i else None for i in info[1:]]
-            x = assemble(snap, chosen, artists_of, [i[1] if i else None for i in info])
-            rows.append(x)
-            labels += [verdict[0]] + [0.0] * (len(chosen) - 1)
-            weights += [verdict[1]] + [1.0] * (len(chosen) - 1)
+        event = wanted.get(index)
+        if event is not None:
+            snapshot = Snapshot(now=fact.ts, taste=None if taste is None else taste.mean(),
+                                session_skips=totals["skips"],
+                                session_plays=totals["plays"])  # fmt: skip
+            apply_context(snapshot, context)  # as serving does
+            rows.snapshots.append((snapshot, len(event.tracks)))
+            for n, track in enumerate(event.tracks):
+                known = catalog.get(track)
+                # The event's own track has the event's artist; a negative its catalog artist.
+                artist = fact.artist if n == 0 else (known[0] if known else None)
+                artist = artist or None  # an empty artist id is no artist, as in serving
+                rows.vectors.append(known[1] if known else None)
+                rows.tracks.append(rows.history(tracks.get(track), fact.ts))
+                rows.artists.append(rows.history(artists.get(artist), fact.ts) if artist else None)
+                rows.artist_skips.append(session["skips"].get(artist, 0) if artist else 0)
+                rows.artist_plays.append(session["plays"].get(artist, 0) if artist else 0)
         _apply(fact, tracks=tracks, artists=artists, session=session, totals=totals)
-        known = catalog.get(fact.track) if fact.track is not None else None
-        step = derive([fact], {fact.track: known[1]} if fact.track and known else {})
-        for piece in step.taste.values():
-            taste = piece if taste is None else taste.merge(piece)
-    if not rows:
-        empty = np.zeros((0, FEATURES), dtype=np.float32)
-        return Examples(empty, np.zeros(0, np.float32), np.zeros(0, np.float32))
-    x = np.concatenate(rows)[-limit:]
-    y = np.array(labels, np.float32)[-limit:]
-    return Examples(x, y, np.array(weights, np.float32)[-limit:])
+        taste = _taste(taste, fact, catalog)
+    return rows.matrix()
 
 
-class _Histories(Mapping[str, History]):
-    """Counters seen as the ``History`` rows the features read, converted on access."""
-
-    def __init__(self, counters: dict[str, Counters]) -> None:
-        self._counters = counters
-
-    def __getitem__(self, key: str) -> History:
-        c = self._counters[key]
-        return History(c.plays, c.completions, c.skips, c.early_skips, c.feedback,
-                       c.last_played_ts if c.last_played_ts is not None else -1)  # fmt: skip
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._counters)
-
-    def __len__(self) -> int:
-        return len(self._counters)
+def _taste(taste: Taste | None, fact: Fact, catalog: Catalog) -> Taste | None:
+    """The taste after ``fact``: what ``derive`` computes for it alone, merged in."""
+    if fact.track is None or fact.type not in OUTCOMES:
+        return taste
+    weight = _taste_weight(fact)
+    known = catalog.get(fact.track) if weight else None
+    if known is None:
+        return taste
+    piece = Taste(fact.ts, weight, weight * known[1])
+    return piece if taste is None else taste.merge(piece)
 
 
 def _apply(

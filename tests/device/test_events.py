@@ -6,6 +6,7 @@ import pytest
 from conftest import Events, StoreFactory
 
 from sottovoce.device import DeviceError, EventStore, InvalidEvent, InvalidEventBatch, PlayEnd
+from sottovoce.device._events import EVENT_ADAPTER
 
 
 def _refused(store: EventStore, batch: list[Any]) -> list[InvalidEvent]:
@@ -86,3 +87,21 @@ def test_model_instances_are_accepted(open_store: StoreFactory, events: Events) 
     assert store.append(event).accepted == 1
     with pytest.raises(DeviceError):  # the one base class of device errors
         store.append({"type": "play_end"})
+
+
+def test_the_stored_body_is_pydantics_canonical_json(
+    open_store: StoreFactory, events: Events
+) -> None:
+    """Replays are compared with the stored body byte for byte: the body must stay exactly
+    ``model_dump_json`` without the user id, whatever the append path does to get it."""
+    kinds = ["play_start", "play_end", "pause", "resume", "skip", "seek", "like", "dislike",
+             "search", "navigate", "context"]  # fmt: skip
+    store = open_store()
+    batch = [events(kind) for kind in kinds]
+    batch[0]["ts"] = "2026-11-01T10:00:00.123456+02:00"  # an offset and microseconds
+    batch[8]["query"] = 'nuit "blanche" \u00e9t\u00e9 \\ \n'  # escapes and non-ASCII
+    store.append_many(batch)
+    bodies = [r[0] for r in store.db.execute("SELECT body FROM events ORDER BY seq")]
+    expected = [EVENT_ADAPTER.validate_python(e).model_dump_json(exclude={"user_id"})
+                for e in batch]  # fmt: skip
+    assert bodies == expected

@@ -6,12 +6,14 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import T0, Events, StoreFactory
 
 from sottovoce._demo import listen, make_catalog
-from sottovoce.device import DeviceError, EventStore
-from sottovoce.device._personalize import Personalizer, RerankOptions
+from sottovoce.device import DeviceError, EventStore, _store_core
+from sottovoce.device._features import assemble, features
+from sottovoce.device._personalize import Personalizer, Ranking, RerankOptions
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,96 @@ def test_a_write_by_another_connection_is_seen_at_once(
     other.append(events("dislike", track_id=first, artist_id=None))
     other.close()
     assert first not in listened.rerank("ann", tracks, options=options).track_ids[:10]
+
+
+# -- the whole catalog -------------------------------------------------------------------------
+def test_ranking_the_catalog_is_reranking_all_of_it(
+    listened: Personalizer,
+    catalog: tuple,  # type: ignore[type-arg]
+) -> None:
+    store = listened.store
+    events = Events("ann")
+    events.clock = _now(store)
+    tracks = [t.track_id for t in catalog[0]]
+    store.append_many([
+        events("dislike", track_id=tracks[7], artist_id=None),
+        events("skip", track_id=tracks[9], artist_id=None, position_ms=2_000),
+    ])  # fmt: skip
+    now = _now(store)
+    listened.rerank("ann", tracks[:50], now=now)  # part of the catalog cached, in another order
+    for options in (RerankOptions(seed=3), RerankOptions(seed=4, top_k=25, explore_share=0.3,
+                                                         max_per_artist=1)):  # fmt: skip
+        whole = listened.rank_catalog("ann", now=now, options=options)
+        assert [i.track_id for i in whole.items] != tracks, "ranked, not in catalog order"
+        assert whole == listened.rerank("ann", list(store.catalog()), now=now, options=options)
+        for chunk_size in (1, 7, 10_000):  # the runtime's kernels differ a little by batch size
+            chunked = listened.rank_catalog("ann", now=now, options=options,
+                                            chunk_size=chunk_size)  # fmt: skip
+            assert chunked.track_ids == whole.track_ids
+            assert [i.score for i in chunked.items] == pytest.approx(
+                [i.score for i in whole.items], abs=1e-5)  # fmt: skip
+        shelf = listened.rank_catalog("ann", now=now, options=options, limit=12)
+        assert shelf.items == whole.items[:12]
+    assert len(whole.items) == len(tracks) and any(i.explored for i in whole.items[:25])
+    assert whole.items[-1].reason == "you disliked this"
+
+
+def test_the_catalog_in_the_apps_order_without_consent(open_store: StoreFactory) -> None:
+    store = open_store("eu")  # no age, no consent: not personalized
+    store.upsert_catalog({"track_id": t, "vector": [1.0, 0.0]} for t in ("b", "c", "a"))
+    ranking = Personalizer(store).rank_catalog("bob", limit=2)
+    assert not ranking.personalized and ranking.track_ids == ["a", "b"]
+    with pytest.raises(ValueError, match="chunk_size"):
+        Personalizer(store).rank_catalog("bob", chunk_size=0)
+    empty = open_store("us", name="empty.db")  # opt-out region: personalized, nothing to rank
+    assert Personalizer(empty).rank_catalog("bob") == Ranking((), personalized=True)
+
+
+def test_features_from_the_stores_arrays_equal_assembled_ones(
+    listened: Personalizer,
+    catalog: tuple,  # type: ignore[type-arg]
+) -> None:
+    """Ranking gathers feature columns from arrays the store caches; training and the
+    simulator assemble them from the snapshot's mappings. Both must give the same rows."""
+    store = listened.store
+    tracks = [t.track_id for t in catalog[0]]
+    events = Events("ann")
+    events.clock = _now(store)
+    store.append_many([
+        events("skip", track_id=tracks[0], artist_id=None, position_ms=1_000),
+        events("like", track_id="not-in-catalog", artist_id="an-artist-only-ann-knows"),
+        events("play_end", track_id=tracks[1], artist_id=None),
+        events("context", device_type="car", network="cellular", local_time="23:50"),
+    ])  # fmt: skip
+    candidates = [*tracks[:120:3], "not-in-catalog", "nowhere", tracks[0], tracks[1]]
+    for user, now in (("ann", _now(store)), ("ann", _now(store) + timedelta(hours=3)),
+                      ("nobody", _now(store))):  # fmt: skip
+        snapshot, inputs = store.ranking_inputs(user, candidates, now=now)
+        x = features(snapshot, inputs.chunk(0, len(candidates)))
+        state, artists, vectors = store.snapshot(user, candidates, now=now)
+        assert np.array_equal(x, assemble(state, candidates, artists, vectors))
+        halves = [inputs.chunk(0, 20), inputs.chunk(20, len(candidates))]
+        assert np.array_equal(x, np.concatenate([features(snapshot, c) for c in halves]))
+
+
+def test_a_catalog_too_large_to_cache_whole_is_loaded_as_needed(
+    open_store: StoreFactory,
+    catalog: tuple,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_store_core, "WHOLE_CATALOG", 10)
+    tracks, rows = catalog
+    store = open_store("us")
+    store.upsert_catalog(rows)
+    store.append_many(listen(random.Random(6), "ann", tracks, {2}, 300))
+    personalizer = Personalizer(store)
+    ids = [t.track_id for t in tracks]
+    now = _now(store)
+    for candidates in (ids[200:230], ids[::-7], ids[100:260]):  # the cache grows in between
+        snapshot, inputs = store.ranking_inputs("ann", candidates, now=now)
+        state, artists, vectors = store.snapshot("ann", candidates, now=now)
+        x = features(snapshot, inputs.chunk(0, len(candidates)))
+        assert np.array_equal(x, assemble(state, candidates, artists, vectors))
+    options = RerankOptions(seed=8)
+    whole = personalizer.rank_catalog("ann", now=now, options=options)
+    assert whole == personalizer.rerank("ann", sorted(ids), now=now, options=options)

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import random
 import sqlite3
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import T0, Events, StoreFactory
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventConflict, EventStore, StoreError
+from sottovoce.device._derive import SMALL_BATCH, Fact, FactBatch, derive, derive_columns
 from sottovoce.policy import (
     AgeRestricted,
     ConsentMissing,
@@ -282,3 +288,99 @@ def test_a_simulation_can_fix_the_device_secret_of_a_new_store_only(tmp_path: Pa
     with pytest.raises(ValueError, match="32 bytes"):
         EventStore.open(tmp_path / "c.db", policy=example_policy(), region="us",
                         device_secret=b"short")  # fmt: skip
+
+
+def test_a_replay_among_new_events_stores_only_the_new_ones(
+    open_store: StoreFactory, events: Events
+) -> None:
+    store = open_store()
+    old = events("play_end")
+    store.append(old)
+    batch = [events("play_end"), old, events("skip"), dict(old)]
+    result = store.append_many(batch)
+    assert (result.accepted, result.duplicate_ids) == (2, (old["event_id"], old["event_id"]))
+    seqs = [r[0] for r in store.db.execute("SELECT seq FROM events ORDER BY seq")]
+    assert seqs == [1, 2, 3], "the new events follow on, without a gap"
+    stats = store.derived_state()["track_stats"][0]
+    assert (stats["plays"], stats["skips"]) == (2, 1)
+
+
+def test_a_conflict_names_its_place_in_the_batch_as_sent(
+    open_store: StoreFactory, events: Events
+) -> None:
+    store = open_store()
+    play = events("play_end")
+    store.append(play)
+    expired = events("like")
+    expired["ts"] = (T0 - timedelta(days=400)).isoformat()  # dropped by retention, not stored
+    with pytest.raises(EventConflict) as caught:
+        store.append_many([expired, events("like"), {**play, "ms_played": 1}])
+    assert caught.value.index == 2
+
+
+_KINDS = ["play_start", "play_end", "pause", "skip", "seek", "like", "dislike", "search",
+          "context"]  # fmt: skip
+
+
+@st.composite
+def _facts(draw: st.DrawFn) -> list[Fact]:
+    """Facts of two users with ties in time, gaps beyond a session, missing artists."""
+    unit = draw(st.sampled_from([1, 1_000, 20 * 60_000]))
+    facts = []
+    for seq in draw(st.lists(st.integers(1, 10_000), unique=True, max_size=80)):
+        kind = draw(st.sampled_from(_KINDS))
+        track = None
+        if kind not in ("search", "context"):
+            track = draw(st.sampled_from(["t0", "t1", "t2", "t-uncatalogued"]))
+        facts.append(Fact(
+            seq=seq, user=draw(st.sampled_from([1, 2])), type=kind,
+            ts=draw(st.integers(0, 6)) * unit, track=track,
+            artist=draw(st.sampled_from([None, "a0", "a1"])) if track else None,
+            ms_played=draw(st.integers(0, 300_000)) if kind == "play_end" else 0,
+            duration_ms=draw(st.integers(1, 300_000)) if kind in ("play_start", "play_end") else 0,
+            position_ms=draw(st.integers(0, 60_000)) if kind == "skip" else 0,
+            context=(draw(st.sampled_from(["phone", "car"])), "wifi", "08:30:00")
+            if kind == "context" else None,
+        ))  # fmt: skip
+    return facts
+
+
+@settings(max_examples=300, deadline=None)
+@given(facts=_facts())
+def test_the_batch_derivation_equals_the_fact_by_fact_one(facts: list[Fact]) -> None:
+    vectors = {f"t{i}": np.array([i, 1.0 - i, 0.5]) for i in range(3)}
+    expected = derive(facts, vectors).rows()
+    got = derive_columns(FactBatch.of(facts), vectors)
+    assert sorted(got.tracks, key=repr) == sorted(expected.tracks, key=repr)
+    assert sorted(got.artists, key=repr) == sorted(expected.artists, key=repr)
+    assert {u: sorted(r, key=repr) for u, r in got.runs.items()} == {
+        u: sorted(r, key=repr) for u, r in expected.runs.items()
+    }
+    assert got.context == expected.context
+    assert got.taste.keys() == expected.taste.keys()
+    for user, taste in expected.taste.items():
+        mine = got.taste[user]
+        assert (mine.ref, mine.weight) == (taste.ref, pytest.approx(taste.weight, rel=1e-9))
+        assert np.allclose(mine.total, taste.total, rtol=1e-9, atol=1e-9)  # exp: C vs numpy
+
+
+def test_large_batches_derive_what_a_rebuild_derives(open_store: StoreFactory) -> None:
+    """Batches this large take the column-wise derivation; a rebuild goes fact by fact."""
+    assert SMALL_BATCH < 300
+    rng = random.Random(4)
+    tracks, rows = make_catalog(rng, artists_per_genre=3, tracks_per_artist=4)
+    history = listen(rng, "ann", tracks, {0, 1}, 1_200)
+    end = max(datetime.fromisoformat(e["ts"]) for e in history) + timedelta(minutes=1)
+    store = open_store(clock=lambda: end)
+    store.upsert_catalog(rows[: len(rows) // 2])  # the other half is not in the catalog
+    history += [{**e, "user_id": "bob", "event_id": f"bob-{e['event_id']}"} for e in history[:300]]
+    for start in range(0, len(history), 500):
+        batch = history[start : start + 500]
+        assert store.append_many(batch).accepted == len(batch)
+    appended = store.derived_state()
+    assert store.rebuild_derived() == len(history)
+    rebuilt = store.derived_state()
+    for table in ("track_stats", "artist_stats", "sessions", "context"):
+        assert appended[table] == rebuilt[table], table
+    for mine, theirs in zip(appended["taste"], rebuilt["taste"], strict=True):
+        assert mine["vector"] == pytest.approx(theirs["vector"], rel=1e-9, abs=1e-12)

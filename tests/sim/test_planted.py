@@ -15,7 +15,7 @@ from sottovoce.sim import SimulationConfig, simulate
 
 pytest.importorskip("opacus")
 
-USERS, CLUSTERS, PER_CLUSTER = 240, 6, 20
+USERS, CLUSTERS, PER_CLUSTER = 160, 4, 20
 
 
 def _write(folder: Path) -> tuple[Path, Path]:

@@ -48,7 +48,8 @@ PLAN = {"reranker_federated_dp": "central", "reranker_federated_dp_local": "loca
         "collaborative": "collaborative"}  # fmt: skip
 SMALL: dict[str, Any] = {"rounds": 2, "sampling_rate": 1.0, "local_steps": 10,
                          "central_epochs": 1, "examples": 100, "catalog_sample": 50,
-                         "negatives": 50, "workers": 2, "policy": small_policy()}  # fmt: skip
+                         "negatives": 50, "workers": 2, "policy": small_policy(),
+                         "collaborative_rounds": 2}  # fmt: skip
 LASTFM_USERS = 20
 _XMLNS = re.compile(r"""\sxmlns(:\w+)?=("[^"]*"|'[^']*'|\S+)""")
 
