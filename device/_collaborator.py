@@ -1,15 +1,11 @@
 """A device's part in its region's collaborative model (:mod:`._collaborative`): install the
 signed releases, join the rounds, score the catalog.
 
-Joining a round follows the same steps, checks and records as training the ranker
-(:meth:`~sottovoce.device.Personalizer.contribute`): the spec against the device's own policy
-and model, the device's own privacy ledger (it refuses what would exceed its budget), the
-charge (central mode: when the device could take part, before its coin), the spec's coin, the
-user's consent (logged), then the upload is sealed (clipped, noised in local mode, signed,
-HPKE-sealed to the region's key) and queued in the outbox with its decision, in one
-transaction. What the device uploads is :func:`~._collaborative.collaborative_upload` of the
-items the user listened to (a play of at least half the track or 30 s) or liked, minus
-disliked ones.
+Joining a round takes the same steps, checks and records as training the ranker: both go
+through :mod:`._join` (the spec against the device's own policy, model and ledger, the charge,
+the coin, consent, then sealing and the outbox in one transaction). What the device uploads
+is :func:`~._collaborative.collaborative_upload` of the items the user listened to (a play of
+at least half the track or 30 s) or liked, minus disliked ones.
 
 The model lives in the store's ``collaborative`` slot (DP counts, table, vectors: all public,
 derived from signed releases).
@@ -25,20 +21,10 @@ import numpy.typing as npt
 
 from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
 from sottovoce.device._errors import DeviceError
+from sottovoce.device._join import Ticket, enter_round, seal_and_record
 from sottovoce.device._store import EventStore, ModelWeights
-from sottovoce.policy import PrivacyMode, Purpose
-from sottovoce.sync import (
-    ModelRelease,
-    RoundSpec,
-    SpecRefused,
-    check_budget,
-    check_spec,
-    idempotency_key,
-    period_label,
-    sample_into_round,
-    seal_delta,
-    verify_release,
-)
+from sottovoce.policy import PrivacyMode
+from sottovoce.sync import ModelRelease, RoundSpec, verify_release
 from sottovoce.sync._noise import sensitivity_factor
 
 __all__ = ["Collaborator", "listened_items"]
@@ -104,51 +90,23 @@ class Collaborator:
     def contribute(self, user_id: str, *, spec: RoundSpec, eligible: bool = True) -> str | None:
         """Join the round of ``spec``; returns the queued upload's idempotency key, or ``None``
         when the spec's coin keeps the device out (see the module docstring)."""
-        store, region = self.store, self.store.region
-        try:
-            check_spec(spec, region)
-            if spec.model_id != self.layout.model_id or spec.model_version != self.version:
-                raise SpecRefused(f"refusing round {spec.round_id!r}: it is for version "
-                                  f"{spec.model_version} of model {spec.model_id[:12]}…; this "
-                                  f"device has version {self.version} of "
-                                  f"{self.layout.model_id[:12]}…", rule="model")  # fmt: skip
-            charge = check_budget(spec, region, history=store.privacy_history(region.id),
-                                  dim=self.layout.dim, now=store.now())  # fmt: skip
-        except SpecRefused as refused:
-            store.contribution(user_id, spec.round_id, refused=refused)
-            raise
-        secret = store.device_secret()
-        central = spec.mode is PrivacyMode.CENTRAL
-        if central and eligible and store.allows(user_id, Purpose.FEDERATED_TRAINING):
-            store.charge(charge)  # the round's guarantee rests on the secret coin
-        if not sample_into_round(spec, secret):
-            return None
-        period = period_label(spec)
-        key = idempotency_key(secret, spec=spec, period=period)
-        if store.in_outbox(key):
-            return key
-        decision = store.contribution(user_id, spec.round_id)
-        if not decision.allowed:
-            refusal = store.refusal(user_id, Purpose.FEDERATED_TRAINING)
-            raise refusal if refusal is not None else DeviceError(decision.sentence)
+        ticket = enter_round(self.store, user_id, spec, model_id=self.layout.model_id,
+                             version=self.version, dim=self.layout.dim,
+                             eligible=eligible)  # fmt: skip
+        if not isinstance(ticket, Ticket):
+            return ticket  # the coin said no (None), or this round's upload is queued already
         if not eligible:
             raise DeviceError("the device is not eligible for training now")
-        upload = collaborative_upload(self.model, self.layout, listened_items(store, user_id),
+        items = listened_items(self.store, user_id)
+        upload = collaborative_upload(self.model, self.layout, items,
                                       clipping_norm=spec.clipping_norm)  # fmt: skip
-        hpke = base64.b64decode(region.key("hpke").key)
-        sealed = seal_delta(delta=upload.astype(np.float32), spec=spec, device_secret=secret,
-                            signing_key=store.signing_key(period), aggregator_hpke_key=hpke,
-                            rng=self._noise_rng, period=period,
-                            idempotency_key=key)  # fmt: skip
         current = ModelWeights(
             self.layout.model_id,
             self.version,
             _pack(self.model) if self.model else np.zeros(1, np.float32),
         )
-        store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=current,
-                           state=np.zeros(0, np.float32), decision=decision,
-                           charge=None if central else charge)  # fmt: skip
-        return sealed.idempotency_key
+        return seal_and_record(self.store, user_id, spec, ticket, upload=upload, model=current,
+                               state=np.zeros(0, np.float32), rng=self._noise_rng)  # fmt: skip
 
 
 def noise_std(spec: RoundSpec, dim: int) -> float:

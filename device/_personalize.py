@@ -32,20 +32,14 @@ import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
 from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, features
+from sottovoce.device._join import Ticket, enter_round, seal_and_record
 from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
 from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
-from sottovoce.policy import PrivacyMode, Purpose
+from sottovoce.policy import Purpose
 from sottovoce.sync import (
     ModelRelease,
     RoundSpec,
-    SpecRefused,
-    check_budget,
-    check_spec,
-    idempotency_key,
-    period_label,
-    sample_into_round,
-    seal_delta,
     verify_release,
 )
 
@@ -325,61 +319,17 @@ class Personalizer:
         charge in one transaction. In central mode a device that could take part is charged when
         it evaluates the round, before its coin (see docs/privacy.md).
         """
-        region = self.store.region
-        try:
-            check_spec(spec, region)
-            if spec.model_id != self.ranker.model_id or spec.model_version != self.version:
-                raise SpecRefused(f"refusing round {spec.round_id!r}: it trains version "
-                                  f"{spec.model_version} of model {spec.model_id[:12]}…; this "
-                                  f"device has version {self.version} of "
-                                  f"{self.ranker.model_id[:12]}…", rule="model")  # fmt: skip
-            # The device's own ledger, whatever the spec claims (dp-accounting, no torch).
-            history = self.store.privacy_history(region.id)
-            charge = check_budget(
-                spec, region, history=history, dim=self.ranker.parameter_count,
-                now=self.store.now(),
-            )  # fmt: skip
-        except SpecRefused as refused:
-            self.store.contribution(user_id, spec.round_id, refused=refused)  # logged
-            raise
-        secret = self.store.device_secret()
-        sampled = sample_into_round(spec, secret)
-        central = spec.mode is PrivacyMode.CENTRAL
-        if (
-            central
-            and not eligibility.missing()
-            and self.store.allows(user_id, Purpose.FEDERATED_TRAINING)
-        ):
-            # In central mode the round's guarantee rests on the secret coin: a device that
-            # could have taken part is charged for the round whether or not the coin picked it.
-            self.store.charge(charge)
-        if not sampled:
-            return None
-        period = period_label(spec)
-        key = idempotency_key(secret, spec=spec, period=period)
-        if self.store.in_outbox(key):
-            return key  # this round's delta is queued already (or was sent): once per round
-        decision = self.store.contribution(user_id, spec.round_id)
-        if not decision.allowed:
-            refusal = self.store.refusal(user_id, Purpose.FEDERATED_TRAINING)
-            if refusal is not None:
-                raise refusal
-            raise DeviceError(decision.sentence)  # the consent rules and the engine disagree
+        ticket = enter_round(self.store, user_id, spec, model_id=self.ranker.model_id,
+                             version=self.version, dim=self.ranker.parameter_count,
+                             eligible=not eligibility.missing())  # fmt: skip
+        if not isinstance(ticket, Ticket):
+            return ticket  # the coin said no (None), or this round's delta is queued already
         result, state = self._train(user_id, eligibility=eligibility, steps=steps, batch=32,
                                     lr=3e-3, seed=seed, examples=examples)  # fmt: skip
-        hpke = base64.b64decode(self.store.region.key("hpke").key)
-        sealed = seal_delta(delta=result.delta, spec=spec, device_secret=secret,
-                            signing_key=self.store.signing_key(period), aggregator_hpke_key=hpke,
-                            rng=self._noise_rng, period=period,
-                            idempotency_key=key)  # fmt: skip
         model = ModelWeights(self.ranker.model_id, self.version,
                              result.delta + self.global_weights)  # fmt: skip
-        # Local mode: the aggregator sees the upload, so the device is charged for the rounds
-        # it uploads to, with the upload, in one transaction.
-        self.store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=model,
-                                state=state, decision=decision,
-                                charge=None if central else charge)  # fmt: skip
-        return sealed.idempotency_key
+        return seal_and_record(self.store, user_id, spec, ticket, upload=result.delta,
+                               model=model, state=state, rng=self._noise_rng)  # fmt: skip
 
     def _train(
         self, user_id: str, *, eligibility: Eligibility, steps: int, batch: int, lr: float,
