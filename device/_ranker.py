@@ -393,22 +393,32 @@ class Ranker:
         ``x`` is [N, FEATURES], ``y`` the labels in [0, 1], ``w`` optional row weights >= 0
         (default 1). Returns the batch loss before the step. Nothing changes if a check fails.
         """
+        rows, labels, weights = self._labelled(x, y, w)
+        if rows.shape[0] == 0:
+            raise RankerError("x: a training batch needs at least one row")
+        if not weights.any():
+            raise RankerError("w: row weights must be >= 0 and not all zero")
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise RankerError(f"lr: the learning rate must be a finite number > 0, not {lr!r}")
+        out = self._call("train", x=rows, y=labels, w=weights, lr=np.float32(lr))
+        return float(out["loss"])
+
+    def _labelled(
+        self, x: npt.ArrayLike, y: npt.ArrayLike, w: npt.ArrayLike | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """A labelled batch checked for training: finite rows, labels in [0, 1], weights >= 0
+        (default 1)."""
         rows = self._rows(x)
         n = rows.shape[0]
-        if n == 0:
-            raise RankerError("x: a training batch needs at least one row")
         if not np.isfinite(rows).all():
             raise RankerError("x: feature rows must be finite (no NaN or infinity)")
         labels = self._vector(y, n, "y (one label per row)")
         if ((labels < 0) | (labels > 1)).any():
             raise RankerError("y: labels must lie in [0, 1]")
         weights = np.ones(n, dtype=np.float32) if w is None else self._vector(w, n, "w (per row)")
-        if (weights < 0).any() or not weights.any():
+        if (weights < 0).any():
             raise RankerError("w: row weights must be >= 0 and not all zero")
-        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-            raise RankerError(f"lr: the learning rate must be a finite number > 0, not {lr!r}")
-        out = self._call("train", x=rows, y=labels, w=weights, lr=np.float32(lr))
-        return float(out["loss"])
+        return rows, labels, weights
 
     def train_batches(
         self,
@@ -425,16 +435,8 @@ class Ranker:
         ``batches`` is [steps, batch] integers. Nothing changes if a check fails; every batch
         must have a row of weight > 0.
         """
-        rows = self._rows(x)
+        rows, labels, weights = self._labelled(x, y, w)
         n = rows.shape[0]
-        if not np.isfinite(rows).all():
-            raise RankerError("x: feature rows must be finite (no NaN or infinity)")
-        labels = self._vector(y, n, "y (one label per row)")
-        if ((labels < 0) | (labels > 1)).any():
-            raise RankerError("y: labels must lie in [0, 1]")
-        weights = np.ones(n, dtype=np.float32) if w is None else self._vector(w, n, "w (per row)")
-        if (weights < 0).any():
-            raise RankerError("w: row weights must be >= 0 and not all zero")
         picks = np.asarray(batches)
         if picks.ndim != 2 or picks.shape[1] == 0 or not np.issubdtype(picks.dtype, np.integer):
             raise RankerError(f"batches: expected [steps, batch] row indices, got {picks.shape}")
