@@ -163,9 +163,11 @@ class CollaborativeModel:
 
     def user_vector(self, items: Iterable[str]) -> Array:
         """The user's vector against the table, solved on the device (it never leaves it)."""
-        c = self.row(items)
-        norm = np.linalg.norm(c)
-        if norm == 0:
+        return self.solve(self.row(items))
+
+    def solve(self, c: Array) -> Array:
+        """The user vector of a row from :meth:`row`."""
+        if not np.any(c):
             return np.zeros(self.layout.rank)
         v = self.vectors
         gram = v.T @ v
@@ -199,8 +201,8 @@ def collaborative_upload(
         if norm:
             out[: layout.items] = clipping_norm * c / norm
         return out
-    u = model.user_vector(items)
     c = model.row(items)
+    u = model.solve(c)
     if not np.any(c) or not np.any(u):
         return out
     k, d = layout.table_size, layout.rank

@@ -88,12 +88,15 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
                      if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
         assert model is not None
         models[region] = model
-    return scorer(data, models, region_of)
+    return scorer(data, models, region_of, items_of)
 
 
-def scorer(data: Interactions, models: Mapping[str, CollaborativeModel],
-           region_of: Mapping[str, str]) -> Scorer:  # fmt: skip
-    items_of = _items_of(data)
+def scorer(
+    data: Interactions, models: Mapping[str, CollaborativeModel], region_of: Mapping[str, str],
+    items_of: list[list[str]] | None = None,
+) -> Scorer:  # fmt: skip
+    """Each user's scores from their region's model and their training items."""
+    items_of = _items_of(data) if items_of is None else items_of
 
     def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
         return np.stack([models[region_of[data.users[n]]].scores(items_of[n]) for n in users])
