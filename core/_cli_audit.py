@@ -10,6 +10,7 @@ import base64
 import csv
 import io
 import json
+import re
 import sqlite3
 import sys
 from datetime import UTC, datetime
@@ -23,14 +24,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from sottovoce.policy import (
+    CheckpointError,
     CheckpointSigner,
     Decision,
     DecisionLog,
     LogError,
+    Policy,
+    load_policy,
     open_checkpoint,
     parse_verifier_key,
     verify_inclusion,
 )
+from sottovoce.policy._checkpoint import verifier_key
+from sottovoce.sync._wire import b64decode
 
 audit_app = typer.Typer(
     no_args_is_help=True, help="Verify, query, prove and report on a tamper-evident decision log."
@@ -42,6 +48,13 @@ LogArg = Annotated[Path, typer.Argument(help="A file holding a decision log, e.g
 KeyOption = Annotated[
     str | None,
     typer.Option("--key", help="The published verifier key to pin (default: the log's own)."),
+]
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="For an aggregator's log: pin the signing key this policy publishes for its region.",
+    ),
 ]
 KeptOption = Annotated[
     Path | None,
@@ -78,32 +91,70 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+_AGGREGATOR_ORIGIN = "sottovoce.aggregator/"  # + region id: an aggregator's log
+
+
+def _pinned(decisions: DecisionLog, key: str | None, policy: Path | None) -> tuple[str | None, str]:
+    """The verifier key to check with (``None``: the log's own) and where it came from."""
+    if key is not None and policy is not None:
+        raise LogError("pin the key with either --key or --policy, not both")
+    if key is not None:
+        if not key.strip():
+            raise CheckpointError(
+                "--key is empty: pass the log's published verifier key, or leave --key out to "
+                "check with the key the log records"
+            )
+        return key, "the key you pinned"
+    if policy is None:
+        return None, "the key the log records"
+    return _policy_key(decisions, load_policy(policy))
+
+
+def _policy_key(decisions: DecisionLog, policy: Policy) -> tuple[str, str]:
+    """An aggregator signs its log with its region's signing key, under the log's origin."""
+    origin = decisions.origin
+    if not origin.startswith(_AGGREGATOR_ORIGIN):
+        raise LogError(f"--policy pins an aggregator's key, and {origin!r} is not an aggregator's "
+                       "log (a device's log key is pinned with --key)")  # fmt: skip
+    region = policy.region(origin.removeprefix(_AGGREGATOR_ORIGIN))
+    published = [verifier_key(origin, b64decode(k.key))
+                 for k in region.aggregator.public_keys if k.use == "signing"]  # fmt: skip
+    # A region may list a retired key too: check with the one the log says it uses if the
+    # policy publishes it (a key the policy does not publish then fails on every signature).
+    chosen = decisions.verifier_key if decisions.verifier_key in published else published[0]
+    return chosen, f"the key region {region.id}'s policy publishes"
+
+
 @audit_app.command("verify")
-def verify(log: LogArg, key: KeyOption = None, checkpoint: KeptOption = None) -> None:
+def verify(
+    log: LogArg, key: KeyOption = None, policy: PolicyOption = None, checkpoint: KeptOption = None
+) -> None:
     """Re-derive the whole log from its entries and check every signed checkpoint.
 
-    Exit status 0 when verified, 1 when anything is wrong (each problem is printed).
+    Exit status 0 when verified: no problem found and at least one signature checked (a stored
+    checkpoint or your kept one). 1 otherwise, with each problem printed; 2 for bad arguments
+    (an empty or malformed --key, a missing file).
     """
     decisions = _open(log)
-    report = decisions.verify(verifier_key=key, kept=_kept(checkpoint))
-    verdict = "[green]verified[/green]" if report.ok else "[red]NOT verified[/red]"
+    pinned, key_from = _pinned(decisions, key, policy)
+    report = decisions.verify(verifier_key=pinned, kept=_kept(checkpoint), key_from=key_from)
+    verdict = "[green]verified[/green]" if report.verified else "[red]NOT verified[/red]"
     out.print(f"{verdict}  {escape(decisions.origin)}: {report.size} entries, "
               f"root {report.root.hex()}")  # fmt: skip
+    for what, sentence in report.checks():
+        out.print(f"  {what}: {escape(sentence)}")
     if report.latest is not None:
         out.print(f"  latest signed checkpoint: size {report.latest.size}; "
                   f"{report.unsigned} entries after it are not yet signed")  # fmt: skip
-    else:
-        out.print("  no valid signed checkpoint yet")
     if report.pruned:
         out.print(f"  {report.pruned} oldest entries were emptied by retention (hashes kept)")
-    if report.kept is not None and report.ok:
-        out.print(f"  consistent with your kept checkpoint at size {report.kept.size}")
-    if key is None:
-        out.print("  [yellow]note[/yellow]: checked against the key the log records; pass --key "
-                  "with the published key to rule out a replaced key")  # fmt: skip
+    if pinned is None:
+        out.print("  [yellow]note[/yellow]: checked with the key the log records; pin the "
+                  "published one (--key, or --policy for an aggregator's log) to rule out a "
+                  "replaced key")  # fmt: skip
     for problem in report.problems:
         out.print(f"  [red]problem[/red]: {escape(problem)}")
-    if not report.ok:
+    if not report.verified:
         raise typer.Exit(1)
 
 
@@ -124,8 +175,10 @@ def show(
 @audit_app.command("query")
 def query(  # noqa: PLR0917 - typer maps parameters to options
     log: LogArg,
-    since: Annotated[datetime | None, typer.Option(help="From this time (UTC if no zone).")] = None,
-    until: Annotated[datetime | None, typer.Option(help="Before this time.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this time: YYYY-MM-DD[THH:MM[:SS]][zone], UTC if none.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (the same forms).")] = None,
     region: Annotated[str | None, typer.Option(help="Region id.")] = None,
     action: Annotated[str | None, typer.Option(help="e.g. store_events, accept_delta.")] = None,
     outcome: Annotated[str | None, typer.Option(help="allow or deny.")] = None,
@@ -133,11 +186,11 @@ def query(  # noqa: PLR0917 - typer maps parameters to options
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
     limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 10_000,
 ) -> None:
-    """List decisions matching every filter given."""
+    """List decisions matching every filter given (a filter that cannot match is an error)."""
     rows: list[tuple[int, Decision]] = []
     for row in _open(log).query(
-        since=_aware(since), until=_aware(until), region=region, action=action,
-        outcome=outcome, reason=reason,
+        since=_moment("--since", since), until=_moment("--until", until), region=region,
+        action=action, outcome=outcome, reason=reason,
     ):  # fmt: skip
         rows.append(row)
         if len(rows) >= limit:
@@ -168,19 +221,36 @@ def query(  # noqa: PLR0917 - typer maps parameters to options
         out.print(f"{len(rows)} decisions")
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
+_ISO_MOMENT = re.compile(
+    r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?"
+)
+
+
+def _moment(option: str, text: str | None) -> datetime | None:
+    """An ISO 8601 date or time (UTC when it names no zone); anything else is an error, never
+    read as something else (such as ``2026`` as seconds since 1970)."""
+    if text is None:
+        return None
+    try:
+        if not _ISO_MOMENT.fullmatch(text.strip()):
+            raise ValueError
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{option}: {text!r} is not a date or time such as 2026-11-01 or "
+            "2026-11-01T09:30:00+01:00"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @audit_app.command("prove")
-def prove(
+def prove(  # noqa: PLR0917 - typer maps parameters to options
     log: LogArg,
     index: Annotated[int, typer.Argument(help="The entry to prove.")],
     size: Annotated[int | None, typer.Option(help="Tree size (default: the log's size).")] = None,
     checkpoint: KeptOption = None,
     key: KeyOption = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Print an inclusion proof (JSON, base64 hashes), checked before it is printed.
 
@@ -188,8 +258,9 @@ def prove(
     its signed root, so it can be verified by anyone holding the checkpoint.
     """
     decisions = _open(log)
+    pinned = _pinned(decisions, key, policy)[0] or decisions.verifier_key
     if checkpoint is not None:
-        point = open_checkpoint(_kept(checkpoint) or b"", key or decisions.verifier_key,
+        point = open_checkpoint(_kept(checkpoint) or b"", pinned,
                                 origin=decisions.origin)  # fmt: skip
         size = point.size
     proof = decisions.prove(index, size=size)
@@ -208,19 +279,32 @@ def checkpoint_cmd(
     log: LogArg,
     key_file: Annotated[
         Path | None,
-        typer.Option(help="Hex Ed25519 private key (default: the key the log keeps, if any)."),
+        typer.Option(
+            help="The log's private key: for an aggregator's log the region's signing.pem (as "
+            "`sottovoce aggregator keygen` wrote it), or an Ed25519 key in 64 hex digits "
+            "(default: the key the log keeps, as a device's does)."
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save here.")] = None,
 ) -> None:
     """Sign a checkpoint of the log as it is now, store it, and print it (keep a copy!)."""
     decisions = _open(log)
     if key_file is not None:
-        name = parse_verifier_key(decisions.verifier_key)[0]
         try:
-            raw = bytes.fromhex(key_file.read_text().strip())
-        except ValueError:
-            raise LogError(f"{key_file} does not hold a hex Ed25519 private key") from None
-        decisions = decisions.with_signer(CheckpointSigner.from_private_bytes(name, raw))
+            data = key_file.read_bytes()
+        except OSError as error:
+            raise LogError(f"cannot read the key file {key_file}: {error.strerror}") from None
+        name = parse_verifier_key(decisions.verifier_key)[0]
+        signer = CheckpointSigner.from_key_file(name, data, source=str(key_file))
+        if signer.verifier_key != decisions.verifier_key:
+            raise LogError(f"{key_file} is not the key this log is signed with (its verifier "
+                           f"key is {decisions.verifier_key})")  # fmt: skip
+        decisions = decisions.with_signer(signer)
+    elif not decisions.can_sign:
+        hint = ""
+        if decisions.origin.startswith(_AGGREGATOR_ORIGIN):
+            hint = " (an aggregator's log: its region's signing key, --key-file KEYS/signing.pem)"
+        raise LogError(f"{log} keeps no signing key: pass the log's key with --key-file{hint}")
     with decisions.transaction():
         note = decisions.checkpoint()
     if output is not None:
@@ -236,15 +320,20 @@ def report_cmd(
     ),
     checkpoint: KeptOption = None,
     key: KeyOption = None,
+    policy: PolicyOption = None,
 ) -> None:
-    """Write a self-contained HTML report: verdict, decisions over time, refusals, budgets."""
+    """Write a self-contained HTML report: verdict, what was checked, decisions over time,
+    refusals, budgets, and the policies that governed the decisions."""
     from sottovoce._clock import clock_from_env
     from sottovoce.policy import render_report
 
     decisions = _open(log)
-    verification = decisions.verify(verifier_key=key, kept=_kept(checkpoint))
+    pinned, key_from = _pinned(decisions, key, policy)
+    verification = decisions.verify(verifier_key=pinned, kept=_kept(checkpoint), key_from=key_from)
+    labels = {} if policy is None else {(p := load_policy(policy)).hash: f"{p.name} {p.version}"}
     html = render_report(decisions=list(decisions.query()), verification=verification,
-                         origin=decisions.origin, generated_at=clock_from_env()())  # fmt: skip
+                         origin=decisions.origin, policies=labels,
+                         generated_at=clock_from_env()())  # fmt: skip
     output.write_text(html, encoding="utf-8")
-    verdict = "verified" if verification.ok else "NOT verified"
+    verdict = "verified" if verification.verified else "NOT verified"
     out.print(f"{verdict}; report written to {output}")

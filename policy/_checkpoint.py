@@ -23,9 +23,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
 
 from sottovoce.policy._errors import CheckpointError
 from sottovoce.policy._merkle import HASH_SIZE
@@ -36,6 +40,7 @@ __all__ = [
     "key_id",
     "open_checkpoint",
     "parse_verifier_key",
+    "verifier_key",
 ]
 
 _ED25519 = b"\x01"  # signed-note signature type of plain Ed25519
@@ -46,6 +51,7 @@ _MAX_SIGNATURES = 100  # signed-note: verifiers must accept 16 and should cap th
 _MAX_SIZE = 2**64 - 1  # sizes are uint64 in every other implementation
 _SIZE_LINE = re.compile(r"0|[1-9][0-9]*")
 _HEX_KEY_ID = re.compile(r"[0-9a-fA-F]{8}")
+_HEX_PRIVATE_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _b64decode(text: str) -> bytes | None:
@@ -68,6 +74,20 @@ def _is_key_name(name: str) -> bool:
 def key_id(name: str, public_key: bytes) -> bytes:
     """The 4-byte key ID of an Ed25519 key: SHA-256(name || 0x0A || 0x01 || key)[:4]."""
     return hashlib.sha256(name.encode() + b"\n" + _ED25519 + public_key).digest()[:_KEY_ID_SIZE]
+
+
+def verifier_key(name: str, public_key: bytes) -> str:
+    """The verifier key (``name+hexid+base64key``) of the 32-byte Ed25519 ``public_key``.
+
+    An aggregator signs its log's checkpoints with its region's signing key under the name
+    ``sottovoce.aggregator/<region>``, so an auditor derives its verifier key from the policy.
+    """
+    if not _is_key_name(name):
+        raise CheckpointError(f"the key name {name!r} must be non-empty, without spaces or '+'")
+    if len(public_key) != 32:
+        raise CheckpointError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    encoded = base64.b64encode(_ED25519 + public_key).decode("ascii")
+    return f"{name}+{key_id(name, public_key).hex()}+{encoded}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,33 @@ class CheckpointSigner:
         return cls(name, Ed25519PrivateKey.from_private_bytes(raw))
 
     @classmethod
+    def from_key_file(cls, name: str, data: bytes, *, source: str) -> CheckpointSigner:
+        """A signer from the bytes of a key file: an unencrypted PEM Ed25519 private key (what
+        ``sottovoce aggregator keygen`` writes as ``signing.pem``), or the 32-byte key as 64
+        hexadecimal digits. Raises ``CheckpointError`` naming ``source`` and what it holds."""
+        text = data.strip()
+        if _HEX_PRIVATE_KEY.fullmatch(text.decode("ascii", "replace")):
+            return cls.from_private_bytes(name, bytes.fromhex(text.decode("ascii")))
+        if not text.startswith(b"-----BEGIN "):
+            raise CheckpointError(
+                f"{source} holds neither a PEM private key (as `sottovoce aggregator keygen` "
+                "writes: the region's signing.pem) nor an Ed25519 private key in 64 hex digits"
+            )
+        try:
+            key = load_pem_private_key(text, password=None)
+        except TypeError:
+            raise CheckpointError(f"{source} is an encrypted PEM key; decrypt it first") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise CheckpointError(f"{source} is not a readable PEM private key") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            kind = type(key).__name__.removeprefix("_").removesuffix("PrivateKey") or "another"
+            raise CheckpointError(
+                f"{source} holds an {kind} private key, not an Ed25519 one: checkpoints are "
+                "signed with the region's signing key (signing.pem), not its HPKE key"
+            )
+        return cls(name, key)
+
+    @classmethod
     def generate(cls, name: str) -> CheckpointSigner:
         """A signer with a fresh random key; keep ``private_bytes()`` to sign again later."""
         return cls(name, Ed25519PrivateKey.generate())
@@ -127,8 +174,7 @@ class CheckpointSigner:
     @property
     def verifier_key(self) -> str:
         """What auditors need to open this signer's notes: ``name+hexid+base64key``."""
-        key = base64.b64encode(_ED25519 + self._public).decode("ascii")
-        return f"{self._name}+{self._key_id.hex()}+{key}"
+        return verifier_key(self._name, self._public)
 
     def private_bytes(self) -> bytes:
         """The raw 32-byte private key, for the log to store and reload."""
@@ -145,8 +191,11 @@ def parse_verifier_key(vkey: str) -> tuple[str, bytes, Ed25519PublicKey]:
     """Split a verifier key into its name, 4-byte key ID and Ed25519 public key.
 
     Raises ``CheckpointError`` unless the key is well formed, is Ed25519, and its key ID is the
-    one its name and key imply.
+    one its name and key imply. Spaces around it (a key pasted with its newline) are ignored.
     """
+    vkey = vkey.strip()
+    if not vkey:
+        raise CheckpointError("the verifier key is empty")
     parts = vkey.split("+", 2)  # names hold no '+', base64 may
     if len(parts) != 3:
         raise CheckpointError("a verifier key has the form <name>+<hex key ID>+<base64 key>")

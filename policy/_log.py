@@ -16,30 +16,32 @@ outside the log.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.policy._checkpoint import (
     Checkpoint,
     CheckpointSigner,
-    open_checkpoint,
     parse_verifier_key,
 )
-from sottovoce.policy._decision import Decision
-from sottovoce.policy._errors import CheckpointError, PolicyError, ProofError
+from sottovoce.policy._decision import REASONS, Action, Decision, Outcome
+from sottovoce.policy._errors import PolicyError
 from sottovoce.policy._merkle import (
     CompactRange,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
     root_from_leaf_hashes,
-    verify_consistency,
     verify_inclusion,
 )
+from sottovoce.policy._verify import PRUNED, VerifyReport, verify_log
+
+__all__ = ["DecisionLog", "InclusionProof", "LogError", "VerifyReport"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decision_log (
@@ -54,9 +56,6 @@ CREATE TABLE IF NOT EXISTS decision_log_checkpoints (
     note TEXT NOT NULL
 );
 """
-
-
-_PRUNED = ""  # the text of an entry whose retention ran out
 
 
 class LogError(PolicyError):
@@ -77,28 +76,6 @@ class InclusionProof:
         verify_inclusion(self.leaf_hash, self.index, self.size, self.proof, self.root)
 
 
-@dataclass
-class VerifyReport:
-    """What verification found. ``ok`` only if there are no problems."""
-
-    size: int = 0
-    root: bytes = b""
-    checkpoints: int = 0
-    latest: Checkpoint | None = None
-    kept: Checkpoint | None = None
-    problems: list[str] = field(default_factory=list)
-    pruned: int = 0  # oldest entries whose text retention removed (their hashes remain)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def unsigned(self) -> int:
-        """Entries after the latest signed checkpoint (not yet covered by a signature)."""
-        return self.size - (self.latest.size if self.latest else 0)
-
-
 class DecisionLog:
     """A decision log in ``conn``'s database. Appends join the caller's transaction."""
 
@@ -116,7 +93,8 @@ class DecisionLog:
             )
             self._signer = signer
         if self._signer is not None and self._signer.verifier_key != self.verifier_key:
-            raise LogError("the signing key does not match the log's verifier key")
+            raise LogError(f"the signing key is not the key this log is signed with (its "
+                           f"verifier key is {self.verifier_key})")  # fmt: skip
 
     @classmethod
     def create(
@@ -134,6 +112,12 @@ class DecisionLog:
             rows.append(("signing_key", signer.private_bytes().hex()))
         conn.executemany("INSERT OR IGNORE INTO decision_log_meta (key, value) VALUES (?, ?)", rows)
         return cls(conn, signer=signer)
+
+    @property
+    def can_sign(self) -> bool:
+        """Whether this log holds a signing key (a device's keeps its own; an aggregator's is
+        given its region's signing key)."""
+        return self._signer is not None
 
     def with_signer(self, signer: CheckpointSigner) -> DecisionLog:
         """The same log, signing checkpoints with ``signer`` (it must match the log's key)."""
@@ -180,11 +164,11 @@ class DecisionLog:
         while True:
             batch = self._conn.execute(
                 "SELECT idx, entry FROM decision_log WHERE entry != ? ORDER BY idx LIMIT 256",
-                (_PRUNED,),
+                (PRUNED,),
             ).fetchall()
             old = [i for i, e in batch if Decision.model_validate_json(e).at < before]
             self._conn.executemany(
-                "UPDATE decision_log SET entry = ? WHERE idx = ?", [(_PRUNED, i) for i in old]
+                "UPDATE decision_log SET entry = ? WHERE idx = ?", [(PRUNED, i) for i in old]
             )
             pruned += len(old)
             if len(old) < len(batch) or not batch:
@@ -192,13 +176,14 @@ class DecisionLog:
 
     def pruned_total(self) -> int:
         """How many of the oldest entries retention has emptied."""
-        row = self._conn.execute("SELECT count(*) FROM decision_log WHERE entry = ?", (_PRUNED,))
+        row = self._conn.execute("SELECT count(*) FROM decision_log WHERE entry = ?", (PRUNED,))
         return int(row.fetchone()[0])
 
     def checkpoint(self) -> bytes:
         """Sign and store a checkpoint of the log as it is now; returns the signed note."""
         if self._signer is None:
-            raise LogError("no signing key for this log; pass a CheckpointSigner")
+            raise LogError("this log keeps no signing key: give it its owner's key "
+                           "(DecisionLog.with_signer)")  # fmt: skip
         tree = self._tree()
         point = Checkpoint(origin=self.origin, size=tree.size, root=tree.root())
         note = self._signer.sign(point)
@@ -256,7 +241,14 @@ class DecisionLog:
         outcome: str | None = None,
         reason: str | None = None,
     ) -> Iterator[tuple[int, Decision]]:
-        """Decisions matching every filter given, in log order."""
+        """Decisions matching every filter given, in log order.
+
+        The filters are checked first: an unknown action, outcome or reason code, a region id
+        that cannot be one, a time without a zone, or ``since`` not before ``until`` raise
+        ``LogError`` (a filter that can never match is a mistake, not an empty answer).
+        """
+        _check_filters(since=since, until=until, region=region, action=action, outcome=outcome,
+                       reason=reason)  # fmt: skip
         where, args = [], []
         for key, value in (("region", region), ("action", action), ("outcome", outcome),
                            ("reason", reason)):  # fmt: skip
@@ -266,8 +258,14 @@ class DecisionLog:
         sql = "SELECT idx, entry FROM decision_log"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        for index, entry in self._conn.execute(sql + " ORDER BY idx", args):
-            if entry == _PRUNED:
+        return self._matching(self._conn.execute(sql + " ORDER BY idx", args), since, until)
+
+    @staticmethod
+    def _matching(
+        rows: Iterable[tuple[int, str]], since: datetime | None, until: datetime | None
+    ) -> Iterator[tuple[int, Decision]]:
+        for index, entry in rows:
+            if entry == PRUNED:
                 continue
             decision = Decision.model_validate_json(entry)
             if since is not None and decision.at < since:
@@ -299,139 +297,52 @@ class DecisionLog:
         return consistency_proof(self._leaves(size2), size1)
 
     # -- auditing --------------------------------------------------------------------------
-    def verify(self, *, verifier_key: str | None = None, kept: bytes | None = None) -> VerifyReport:
-        """Check the whole log from its entries alone. See the module docstring.
+    def verify(
+        self,
+        *,
+        verifier_key: str | None = None,
+        kept: bytes | None = None,
+        key_from: str = "the key you pinned",
+    ) -> VerifyReport:
+        """Check the whole log from its entries alone (see :mod:`._verify`).
 
         ``verifier_key`` pins the key checkpoints must be signed with (default: the one the log
-        records, which an insider could replace; an auditor should pass the published key).
-        ``kept`` is a signed checkpoint the auditor saved earlier.
+        records, which an insider could replace; an auditor should pass the published key). A
+        pinned key that is empty or malformed raises ``CheckpointError``: it never falls back
+        to the log's own. ``key_from`` says in words where the pinned key came from. ``kept``
+        is a signed checkpoint the auditor saved earlier.
         """
-        vkey = verifier_key or self.verifier_key
-        report = VerifyReport()
-        kept_point = None
-        if kept is not None:
-            kept_point = self._open(kept, vkey, "the kept checkpoint", report.problems)
-        rows = self._conn.execute("SELECT size FROM decision_log_checkpoints")
-        sizes = {int(r[0]) for r in rows}
-        if kept_point is not None:
-            sizes.add(kept_point.size)
-        roots = self._replay(report, sizes)
-        try:
-            stored = self._tree()
-            if (stored.size, stored.root()) != (report.size, report.root):
-                report.problems.append("the stored tree state does not match the entries")
-        except (ValueError, TypeError):
-            report.problems.append("the stored tree state is unreadable")
-        self._check_checkpoints(report, vkey, roots)
-        if kept_point is not None:
-            report.kept = kept_point
-            report.problems.extend(self._check_kept(kept_point, report, roots))
-        return report
-
-    def _replay(self, report: VerifyReport, sizes: set[int]) -> dict[int, bytes]:
-        """Rebuild the tree from the entries; returns its root at each size in ``sizes``."""
-        problems = report.problems
-        roots: dict[int, bytes] = {0: CompactRange().root()}
-        tree = CompactRange()
-        justified = 0  # emptied entries that logged retention purges account for
-        rows = self._conn.execute("SELECT idx, entry, leaf FROM decision_log ORDER BY idx")
-        for index, entry, stored_leaf in rows:
-            if index != tree.size:
-                problems.append(f"entry {tree.size} is missing (next stored index is {index})")
-            if entry == _PRUNED:
-                # Retention removed the text and kept the hash: the tree still verifies, the
-                # content no longer can. Only the oldest entries may be pruned.
-                leaf = bytes(stored_leaf)
-                report.pruned += 1
-                if report.pruned != tree.size + 1:
-                    problems.append(f"entry {index} was emptied but newer than kept entries")
-            else:
-                data = str(entry).encode()
-                leaf = leaf_hash(data)
-                if leaf != bytes(stored_leaf):
-                    problems.append(f"entry {index} does not match its stored leaf hash")
-                problems.extend(_entry_problems(index, data))
-                justified = max(justified, _pruned_claim(data))
-            if len(leaf) != len(leaf_hash(b"")):
-                problems.append(f"entry {index} has a malformed stored hash")
-                leaf = leaf_hash(b"")
-            tree.append(leaf)
-            if tree.size in sizes:
-                roots[tree.size] = tree.root()
-        report.size, report.root = tree.size, tree.root()
-        if report.pruned > justified:
-            problems.append(f"{report.pruned} entries are emptied but logged retention purges "
-                            f"account for {justified}")  # fmt: skip
-        return roots
-
-    def _check_checkpoints(self, report: VerifyReport, vkey: str, roots: dict[int, bytes]) -> None:
-        problems = report.problems
-        for size, note in self._conn.execute(
-            "SELECT size, note FROM decision_log_checkpoints ORDER BY size"
-        ):
-            point = self._open(str(note).encode(), vkey, f"checkpoint at size {size}", problems)
-            if point is None:
-                continue
-            report.checkpoints += 1
-            if point.size != size:
-                problems.append(f"checkpoint stored at size {size} says size {point.size}")
-            elif point.size > report.size:
-                problems.append(f"a signed checkpoint covers {point.size} entries; "
-                                f"only {report.size} remain (entries were removed)")  # fmt: skip
-            elif roots.get(point.size) != point.root:
-                problems.append(f"entries 0..{point.size - 1} no longer match the signed "
-                                f"checkpoint at size {point.size} (altered, inserted, removed "
-                                "or reordered)")  # fmt: skip
-            else:
-                report.latest = point
-
-    def _check_kept(
-        self, kept: Checkpoint, report: VerifyReport, roots: dict[int, bytes]
-    ) -> list[str]:
-        if kept.origin != self.origin:
-            return [f"the kept checkpoint is for log {kept.origin!r}, not {self.origin!r}"]
-        if kept.size > report.size:
-            return [f"the log has {report.size} entries but the kept checkpoint shows "
-                    f"{kept.size}: it was truncated"]  # fmt: skip
-        # Prove the current tree extends the kept one, as an auditor without the entries would.
-        try:
-            proof = self.consistency(kept.size, report.size)
-            verify_consistency(kept.size, report.size, kept.root, report.root, proof)
-        except (ProofError, LogError) as error:
-            return [f"the log is not an extension of the kept checkpoint at size {kept.size}: "
-                    f"history was rewritten ({error})"]  # fmt: skip
-        if roots.get(kept.size) != kept.root:
-            return [f"entries 0..{kept.size - 1} differ from the kept checkpoint"]
-        return []
-
-    def _open(self, note: bytes, vkey: str, what: str, problems: list[str]) -> Checkpoint | None:
-        try:
-            return open_checkpoint(note, vkey, origin=self.origin)
-        except CheckpointError as error:
-            problems.append(f"{what} does not verify: {error}")
-            return None
+        return verify_log(self._conn, origin=self.origin, recorded_key=self.verifier_key,
+                          tree_state=self._tree, verifier_key=verifier_key, kept=kept,
+                          key_from=key_from)  # fmt: skip
 
 
-def _entry_problems(index: int, data: bytes) -> list[str]:
-    try:
-        decision = Decision.model_validate_json(data)
-    except ValueError:
-        return [f"entry {index} is not a valid decision"]
-    if decision.canonical() != data:
-        return [f"entry {index} is not in canonical form"]
-    return []
+_REGION_ID = re.compile(r"^[a-z][a-z0-9-]{0,31}$")  # a policy's region ids
 
 
-def _pruned_claim(data: bytes) -> int:
-    """The prune count a retention-purge entry vouches for (0 for other entries)."""
-    try:
-        decision = Decision.model_validate_json(data)
-    except ValueError:
-        return 0
-    if decision.action != "purge_retention":
-        return 0
-    claim = decision.metrics.get("log_pruned_total", 0)
-    return claim if isinstance(claim, int) and not isinstance(claim, bool) else 0
+def _check_filters(
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    region: str | None,
+    action: str | None,
+    outcome: str | None,
+    reason: str | None,
+) -> None:
+    """Raise ``LogError`` for a query filter that can never match a decision."""
+    for name, value, known in (("action", action, {a.value for a in Action}),
+                               ("outcome", outcome, {o.value for o in Outcome}),
+                               ("reason code", reason, set(REASONS))):  # fmt: skip
+        if value is not None and value not in known:
+            raise LogError(f"unknown {name} {value!r}; known: {', '.join(sorted(known))}")
+    if region is not None and not _REGION_ID.fullmatch(region):
+        raise LogError(f"{region!r} is not a region id (lower-case letters, digits and '-')")
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and moment.utcoffset() is None:
+            raise LogError(f"the time {name} {moment.isoformat()} has no time zone")
+    if since is not None and until is not None and not since < until:
+        raise LogError(f"--since {since.isoformat()} is not before --until {until.isoformat()}: "
+                       "no decision can match")  # fmt: skip
 
 
 def _dump(tree: CompactRange) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sottovoce.policy._decision import Action, Decision, Outcome
-from sottovoce.policy._log import VerifyReport
+from sottovoce.policy._verify import VerifyReport
 
 __all__ = ["render_report"]
 
@@ -126,11 +126,15 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 # -- header ---------------------------------------------------------------------------------
 def _header(report: VerifyReport, origin: str, generated_at: datetime, shown: int) -> str:
-    if report.ok:
+    # Green only when a signature vouched for entries that all agree: a log with no checkpoint
+    # is consistent with itself, which a rewritten log is too.
+    if report.verified:
         verdict = '<p class="verdict ok">verified</p>'
     else:
-        items = "".join(f"<li>{_e(p)}</li>" for p in report.problems)
+        found = report.problems or [dict(report.checks())["signatures"]]
+        items = "".join(f"<li>{_e(p)}</li>" for p in found)
         verdict = f'<p class="verdict bad">NOT verified</p><ul class="problems">{items}</ul>'
+    checked = "".join(f"<li><b>{_e(what)}</b>: {_e(text)}</li>" for what, text in report.checks())
     latest, kept = report.latest, report.kept
     facts: list[tuple[str, str]] = [
         ("Log origin", origin),
@@ -138,7 +142,8 @@ def _header(report: VerifyReport, origin: str, generated_at: datetime, shown: in
         ("Entries in the log", str(report.size)),
         ("Decisions in this report", str(shown)),
         ("Tree root (recomputed)", report.root.hex() or "none"),
-        ("Signed checkpoints verified", str(report.checkpoints)),
+        ("Signed checkpoints verified", f"{report.checkpoints} of {report.stored_checkpoints}"),
+        ("Checked with", f"{report.key_from}: {report.verifier_key}"),
         ("Latest signed checkpoint",
          f"size {latest.size}, root {latest.root.hex()}" if latest else "none"),
         ("Entries not yet covered by a signature", str(report.unsigned)),
@@ -147,7 +152,8 @@ def _header(report: VerifyReport, origin: str, generated_at: datetime, shown: in
          "none checked: a log rewritten and re-signed with its own key would go unnoticed"),
     ]  # fmt: skip
     rows = "".join(f'<dt>{_e(k)}</dt><dd class="hash">{_e(v)}</dd>' for k, v in facts)
-    return f"<header><h1>Decision log report</h1>{verdict}<dl>{rows}</dl></header>"
+    return (f"<header><h1>Decision log report</h1>{verdict}<p>What was checked:</p>"
+            f'<ul class="checked">{checked}</ul><dl>{rows}</dl></header>')  # fmt: skip
 
 
 # -- time axis shared by the plots over time ------------------------------------------------

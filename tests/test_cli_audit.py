@@ -18,6 +18,7 @@ from conftest import NOW, T0, Events
 from sottovoce.device import EventStore
 from sottovoce.policy import (
     AgeRestricted,
+    CheckpointSigner,
     Policy,
     Purpose,
     example_policy_path,
@@ -75,7 +76,9 @@ def test_verify_with_a_pinned_key(store_path: Path) -> None:
     other = (
         published.split("+")[0] + "+00000000+" + base64.b64encode(b"\x01" + b"\x07" * 32).decode()
     )
-    assert run("audit", "verify", str(store_path), "--key", other).returncode == 1
+    assert run("audit", "verify", str(store_path), "--key", other).returncode == 2  # malformed
+    another = CheckpointSigner.generate(published.split("+")[0]).verifier_key
+    assert run("audit", "verify", str(store_path), "--key", another).returncode == 1
 
 
 def test_query_formats(store_path: Path) -> None:

@@ -273,7 +273,9 @@ def test_an_empty_log_renders() -> None:
     doc = render_report(decisions=[], verification=VerifyReport(), origin=ORIGIN)
     _assert_well_formed(doc)
     _assert_self_contained(doc)
-    assert '<p class="verdict ok">verified</p>' in doc and "No decisions in the log yet" in doc
+    # Nothing signed, nothing verified: an empty log is not shown as a green "verified".
+    assert '<p class="verdict bad">NOT verified</p>' in doc and "no signature was checked" in doc
+    assert "No decisions in the log yet" in doc
     assert "No rounds yet" in doc and "No refusals." in doc and "<svg" not in doc
 
 
