@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS releases (
     body TEXT NOT NULL,
     created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS service_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -197,7 +198,23 @@ class RoundsBase:
                 self._log = DecisionLog(conn, signer=signer)
             else:
                 self._log = DecisionLog.create(conn, origin=origin, signer=signer, keep_key=False)
+            self._follow(policy)
         self._ledger = PrivacyLedger(conn, region=self._region)
+
+    def _follow(self, policy: Policy) -> None:
+        """Record which policy the region now enforces: a first policy, or a change, is an
+        ``apply_policy`` decision, signed at once (inside the caller's transaction)."""
+        row = self._conn.execute("SELECT value FROM service_meta WHERE key = 'policy_hash'")
+        previous = (row.fetchone() or (None,))[0]
+        if previous == policy.hash:
+            return
+        self._conn.execute(
+            "INSERT OR REPLACE INTO service_meta (key, value) VALUES ('policy_hash', ?)",
+            (policy.hash,),
+        )
+        inputs = {"policy": policy.hash, "previous": previous}
+        self._log.append(self._engine.apply_policy(previous=previous, inputs=inputs))
+        self._log.checkpoint()
 
     def close(self) -> None:
         """Close the database connection (the aggregator is unusable after)."""

@@ -315,9 +315,16 @@ class DecisionEngine:
                            metrics={f"deleted_{k}": v for k, v in deleted.items()})  # fmt: skip
 
     def apply_policy(self, *, previous: str | None, inputs: Mapping[str, Any]) -> Decision:
-        """The store or service now enforces this engine's policy (first time, or a change)."""
+        """The store or service now enforces this engine's policy (first time, or a change).
+
+        The decision's ``policy_hash`` is the new policy's; its metrics name it (``policy_name``,
+        ``policy_version``) and give the whole hash of the one it replaced, so an audit can tell
+        which policies governed a period from the log alone."""
         before = (previous or "none")[:16]
-        return self.decide(Action.APPLY_POLICY, "policy_applied", inputs=inputs,
+        metrics: dict[str, Metric] = {"policy_name": self.policy.name,
+                                      "policy_version": self.policy.version,
+                                      "previous_policy_hash": previous or "none"}  # fmt: skip
+        return self.decide(Action.APPLY_POLICY, "policy_applied", inputs=inputs, metrics=metrics,
                            policy=self.policy.hash[:16], previous=before)  # fmt: skip
 
     def record_consent(

@@ -67,7 +67,9 @@ def render_report(
         _section("epsilon", "Privacy budget (ε) spent per region", _epsilon(plain, timeline)),
         _section("purges", "Retention purges", _purges(plain, timeline)),
         _section("counts", "Decisions by region, action and outcome", _counts(plain)),
-        _section("policies", "Policies seen", _policies(plain, policies or {})),
+        _section(
+            "policies", "Policies that governed these decisions", _policies(plain, policies or {})
+        ),
         _section("recent", f"Last {RECENT} decisions (newest first)", _recent(ordered)),
     ]
     return "\n".join([
@@ -374,16 +376,34 @@ def _counts(decisions: Sequence[Decision]) -> str:
 
 
 def _policies(decisions: Sequence[Decision], labels: Mapping[str, str]) -> str:
-    seen: dict[str, list[Decision]] = defaultdict(list)
+    """Each run of decisions made under one policy, in log order: the policy, named by its
+    ``apply_policy`` entry (or ``labels``), from its first decision until the next policy's."""
+    named = dict(labels)
+    runs: list[list[Decision]] = []
     for d in decisions:
-        seen[d.policy_hash].append(d)
-    rows = [
-        (labels.get(h, "unknown"), h, len(ds), _time(min(d.at for d in ds)),
-         _time(max(d.at for d in ds)), ", ".join(sorted({d.region for d in ds})))
-        for h, ds in sorted(seen.items(), key=lambda item: min(d.at for d in item[1]))
-    ]  # fmt: skip
-    head = ["policy", "hash", "decisions", "first", "last", "regions"]
-    return _table(head, rows) if rows else _note("None.")
+        if d.action is Action.APPLY_POLICY:
+            name, version = d.metrics.get("policy_name"), d.metrics.get("policy_version")
+            if isinstance(name, str) and isinstance(version, str):
+                named.setdefault(d.policy_hash, f"{name} {version}")
+        if runs and runs[-1][0].policy_hash == d.policy_hash:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    if not runs:
+        return _note("None.")
+    rows = []
+    for i, run in enumerate(runs):
+        until = (f"until the next policy ({_time(runs[i + 1][0].at)})" if i + 1 < len(runs)
+                 else f"the latest in this log (last decision {_time(run[-1].at)})")  # fmt: skip
+        rows.append((named.get(run[0].policy_hash, "not named in this log"), run[0].policy_hash,
+                     _time(run[0].at), until, len(run),
+                     ", ".join(sorted({d.region for d in run}))))  # fmt: skip
+    note = ""
+    if any(r[0] == "not named in this log" for r in rows):
+        note = _note("A policy is named by the apply_policy entry logged when it began to "
+                     "apply; for one without, `sottovoce policy hash FILE` tells which file "
+                     "it is, and `audit report --policy FILE` names it here.")  # fmt: skip
+    return _table(["policy", "hash", "from", "until", "decisions", "regions"], rows) + note
 
 
 def _recent(decisions: Sequence[tuple[int, Decision]]) -> str:

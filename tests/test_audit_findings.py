@@ -22,6 +22,7 @@ from unittest.mock import patch
 import pytest
 from conftest import NOW, T0, Events
 
+from sottovoce.cli import main
 from sottovoce.device import EventStore
 from sottovoce.policy import (
     CheckpointSigner,
@@ -32,7 +33,6 @@ from sottovoce.policy import (
     example_policy,
     load_policy,
 )
-from sottovoce.cli import main
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ def store_path(device_log: Path, tmp_path: Path) -> Path:
 
 def _published_key(path: Path) -> str:
     conn = sqlite3.connect(path)
-    (key,) = conn.execute("SELECT value FROM decision_log_meta WHERE key = 'verifier_key'").fetchone()
+    (key,) = conn.execute(
+        "SELECT value FROM decision_log_meta WHERE key = 'verifier_key'"
+    ).fetchone()
     conn.close()
     return str(key)
 
@@ -257,7 +259,8 @@ def test_query_takes_dates_and_zones_as_written(store_path: Path) -> None:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``sottovoce aggregator keygen``'s keys and policy, and an aggregator's database on them."""
     home = tmp_path_factory.mktemp("region")
-    made = run("aggregator", "keygen", "-r", "eu", "--out", str(home / "region"), "--profile", "dev")
+    made = run("aggregator", "keygen", "-r", "eu", "--out", str(home / "region"), "--profile",
+               "dev")  # fmt: skip
     assert made.returncode == 0, made.stderr
     from sottovoce.aggregator import RegionAggregator, load_keys
 
@@ -308,7 +311,9 @@ def test_checkpoint_says_which_key_it_needs(region: Path, tmp_path: Path) -> Non
 
 def test_checkpoint_still_takes_a_hex_key(store_path: Path, tmp_path: Path) -> None:
     conn = sqlite3.connect(store_path)
-    (raw,) = conn.execute("SELECT value FROM decision_log_meta WHERE key = 'signing_key'").fetchone()
+    (raw,) = conn.execute(
+        "SELECT value FROM decision_log_meta WHERE key = 'signing_key'"
+    ).fetchone()
     conn.close()
     hexfile = tmp_path / "device.hex"
     hexfile.write_text(raw + "\n")
@@ -317,7 +322,8 @@ def test_checkpoint_still_takes_a_hex_key(store_path: Path, tmp_path: Path) -> N
 
 def test_verify_pins_the_key_the_policy_publishes(region: Path, tmp_path: Path) -> None:
     db = tmp_path / "aggregator-eu.db"
-    assert run("audit", "checkpoint", str(db), "--key-file", str(region / "signing.pem")).returncode == 0
+    signed = run("audit", "checkpoint", str(db), "--key-file", str(region / "signing.pem"))
+    assert signed.returncode == 0, signed.stderr
     conn = sqlite3.connect(db)
     conn.execute("UPDATE decision_log_meta SET value = ? WHERE key = 'verifier_key'",
                  (CheckpointSigner.generate("sottovoce.aggregator/eu").verifier_key,))  # fmt: skip

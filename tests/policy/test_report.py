@@ -249,7 +249,7 @@ def test_counts_and_policies_tables(decided: Decided, policy: Policy) -> None:
     policies = _section(doc, "policies")
     assert f"<td>{policy.name} {policy.version}</td><td>{policy.hash}</td>" in policies
     assert f'<td class="num">{len(decided)}</td>' in policies
-    assert "unknown" in _section(_render(decided), "policies")
+    assert "not named in this log" in _section(_render(decided), "policies")
 
 
 def test_recent_lists_the_last_decisions_newest_first(decided: Decided) -> None:
