@@ -1,0 +1,71 @@
+"""The device ledger's cached RDP curves give dp-accounting's own figure, bit for bit.
+
+``sync._budget.epsilon`` caches one round's RDP curve per (effective noise multiplier,
+sampling rate) and composes charges from the cache; these tests recompute each epsilon by
+composing the same events into a fresh dp-accounting ``RdpAccountant`` and compare with ``==``.
+"""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+
+from sottovoce.policy import PrivacyMode
+from sottovoce.sync._budget import RDP_ORDERS, Mechanism, _rdp_curve, epsilon, mechanism
+
+DELTA = 1e-6
+DIM = 20_737  # the ranker's parameters
+
+CENTRAL_EU = mechanism(PrivacyMode.CENTRAL, noise_multiplier=1.8261, sampling_rate=0.5, dim=DIM)
+CENTRAL_US = mechanism(PrivacyMode.CENTRAL, noise_multiplier=1.1065, sampling_rate=0.5, dim=DIM)
+LOCAL = mechanism(PrivacyMode.LOCAL, noise_multiplier=4.0, sampling_rate=0.5, dim=DIM)
+SPARSE = Mechanism(noise_multiplier=1.3, sampling_rate=0.05, sensitivity=1.0)
+
+HISTORIES = {
+    "one round": [CENTRAL_US],
+    "five rounds": [CENTRAL_US] * 5,
+    "two mechanisms": [CENTRAL_EU, CENTRAL_US, CENTRAL_EU],
+    "unsampled": [LOCAL] * 3,
+    "mixed": [SPARSE] * 30 + [LOCAL, CENTRAL_EU] + [SPARSE] * 5,
+}
+
+
+def independent_epsilon(history: list[Mechanism], delta: float) -> float:
+    """The same charges through dp-accounting's public accountant, nothing cached."""
+    counts: dict[tuple[float, float], int] = {}
+    for m in history:
+        key = (m.effective_noise_multiplier, m.sampling_rate)
+        counts[key] = counts.get(key, 0) + 1
+    events = []
+    for (z, q), count in sorted(counts.items()):
+        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+        if q < 1.0:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        events.append(dp_accounting.SelfComposedDpEvent(event, count))
+    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
+    accountant.compose(dp_accounting.ComposedDpEvent(events))
+    return float(accountant.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("name", list(HISTORIES))
+def test_cached_curves_give_dp_accounting_figure_exactly(name: str) -> None:
+    history = HISTORIES[name]
+    _rdp_curve.cache_clear()
+    cold = epsilon(history, delta=DELTA)
+    warm = epsilon(history, delta=DELTA)
+    assert _rdp_curve.cache_info().hits >= 1  # the second answer came from the cache
+    assert cold == warm == independent_epsilon(history, DELTA)
+
+
+def test_a_device_ledger_growing_round_by_round_matches_at_every_round() -> None:
+    for k in range(1, 8):
+        history = [CENTRAL_US] * k
+        assert epsilon(history, delta=DELTA) == independent_epsilon(history, DELTA)
+    assert epsilon([], delta=DELTA) == 0.0
+
+
+def test_curves_are_read_only() -> None:
+    curve = _rdp_curve(CENTRAL_US.effective_noise_multiplier, 0.5)
+    with pytest.raises(ValueError):
+        curve[0] = 0.0  # a caller cannot change what later charges compose
