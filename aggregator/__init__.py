@@ -21,6 +21,7 @@ from sottovoce.aggregator._ledger import (
     epsilon_of,
 )
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
+from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen
 from sottovoce.aggregator._service import (
     RegionKeys,
@@ -38,6 +39,7 @@ __all__ = [
     "LedgerEntry",
     "PartialSum",
     "PrivacyLedger",
+    "RefusalLimit",
     "RegionAggregator",
     "RegionKeys",
     "RoundInfo",

@@ -40,14 +40,15 @@ Tables (created if missing, next to the privacy ledger and the decision log)::
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 
 import numpy as np
 
 from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._ed25519 import is_device_key
 from sottovoce.aggregator._ledger import BudgetExceeded
 from sottovoce.aggregator._partial_sum import PartialSum, central_release
-from sottovoce.aggregator._round_state import _PERIOD, STATUS, RoundInfo, RoundStillOpen, _iso
+from sottovoce.aggregator._round_state import STATUS, RoundInfo, RoundStillOpen, _iso
 from sottovoce.aggregator._uploads import UploadsPart
 from sottovoce.policy import (
     DataClass,
@@ -60,7 +61,7 @@ from sottovoce.sync import (
     sign_round_spec,
 )
 from sottovoce.sync._budget import Mechanism, mechanism
-from sottovoce.sync._wire import b64decode
+from sottovoce.sync._wire import b64decode, b64encode
 
 __all__ = ["STATUS", "RegionAggregator", "RoundInfo", "RoundStillOpen"]
 
@@ -75,11 +76,15 @@ class RegionAggregator(UploadsPart):
 
     # -- enrollment and rounds ---------------------------------------------------------------
 
-    def enroll(self, device_key_b64: str, period: str) -> None:
+    def enroll(self, device_key_b64: str, period: str, *, record: bool = True) -> None:
         """Enroll a device's per-period Ed25519 public key (the HTTP layer checks tokens).
 
-        Every answer is a logged ``enroll_device`` decision; a refusal raises ``ValueError``
-        after its decision is committed."""
+        The key must be one a device could have made (:func:`._ed25519.is_device_key`), in
+        canonical base64; the period must be one of the policy's budget periods open for
+        enrollment: the current one or an adjacent one (:meth:`enrollable_periods`). Every
+        answer is a logged ``enroll_device`` decision (a refusal only with ``record``); a
+        refusal raises ``ValueError`` after its decision is committed, with a message that
+        quotes at most a short prefix of what was sent and never names another period."""
         inputs = {"device_key": device_key_b64[:64], "period": period[:64]}
         refusal: ValueError | None = None
         with write_transaction(self._conn, name="enroll"):
@@ -87,7 +92,8 @@ class RegionAggregator(UploadsPart):
                 self._check_enrollment(device_key_b64, period)
             except ValueError as error:
                 refusal = error
-                self._log.append(self._engine.enroll_device(inputs=inputs, refusal="malformed"))
+                if record:
+                    self._log.append(self._engine.enroll_device(inputs=inputs, refusal="malformed"))
             else:
                 self._conn.execute(
                     "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
@@ -103,6 +109,14 @@ class RegionAggregator(UploadsPart):
         with write_transaction(self._conn, name="enroll_refused"):
             self._log.append(self._engine.enroll_device(inputs={"token": code}, refusal=code))
 
+    def enrollable_periods(self) -> tuple[str, str, str]:
+        """The labels of the budget periods a key can be enrolled for now: the previous, the
+        current and the next (as ``sottovoce.sync.period_label`` spells a period's start)."""
+        start = self._ledger.period_start_for(self._clock())
+        length = self._region.privacy.period
+        before, now, after = (_period_label(start + k * length) for k in (-1, 0, 1))
+        return before, now, after
+
     def _check_enrollment(self, device_key_b64: str, period: str) -> None:
         try:
             raw = b64decode(device_key_b64)
@@ -110,15 +124,27 @@ class RegionAggregator(UploadsPart):
             raise ValueError("the device key is not standard base64") from None
         if len(raw) != 32:
             raise ValueError("a device key is a 32-byte Ed25519 public key")
-        if not _PERIOD.match(period):
-            raise ValueError(f"{period[:64]!r} is not a period label")
+        if b64encode(raw) != device_key_b64:
+            raise ValueError("the device key is not in canonical base64 (one spelling per key)")
+        if not is_device_key(raw):
+            raise ValueError(
+                "the device key is not an Ed25519 public key a device could have made (not a "
+                "point of the curve's prime-order group: a small-order or malformed key)"
+            )
+        if period not in self.enrollable_periods():
+            raise ValueError(
+                f"the period {_quoted(period)} is not a budget period of region "
+                f"{self._region.id} open for enrollment (a device enrolls for the period of the "
+                "round it joins)"
+            )
         row = self._conn.execute(
             "SELECT period FROM enrollments WHERE device_key = ?", (device_key_b64,)
         ).fetchone()
         if row is not None and row[0] != period:
             # Devices make a new key every period; moving a key to another period would let
-            # whoever holds a token lock that key's device out of its rounds.
-            raise ValueError(f"the device key is already enrolled for period {row[0]!r}")
+            # whoever holds a token lock that key's device out of its rounds. Which period
+            # the key has is not said: a refusal must not reveal where a key exists.
+            raise ValueError("the device key is already enrolled for another period")
 
     def open_round(
         self,
@@ -344,3 +370,15 @@ class RegionAggregator(UploadsPart):
                     epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
             ended.append(round_id)
         return ended
+
+
+def _period_label(start: datetime) -> str:
+    # The spelling of sottovoce.sync.period_label: the date, or the full UTC time when the
+    # period does not start at midnight.
+    start = start.astimezone(UTC)
+    return start.date().isoformat() if start.time() == time(0) else f"{start:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _quoted(value: str, limit: int = 24) -> str:
+    """``value`` for a message: a short prefix, so an answer never echoes a large field."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -40,7 +41,9 @@ from fastapi import FastAPI
 from sottovoce._clock import Clock, system_clock
 from sottovoce._errors import SottovoceError
 from sottovoce.aggregator._app import create_app
+from sottovoce.aggregator._connections import ConnectionLimits, uvicorn_config
 from sottovoce.aggregator._ledger import BudgetExceeded, epsilon_of
+from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.policy import Policy, format_duration, policy_from_data
 from sottovoce.sync._wire import b64encode
@@ -186,6 +189,11 @@ class ServiceConfig:
     max_body_bytes: int = 1 << 20
     clock: Clock = system_clock  # rounds, deadlines, retention and the schedule read this
     accumulate: bool = True  # False: a model whose releases are statistics (collaborative)
+    docs: bool = False  # serve /docs and /redoc (the OpenAPI document is always served)
+    # Slow clients and connections (see ._connections), and refusals logged one by one per
+    # source before they are only counted (see ._refusals).
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    refusal_limit: RefusalLimit = field(default_factory=RefusalLimit)
 
     def __post_init__(self) -> None:
         if not self.enrollment_tokens:
@@ -302,7 +310,18 @@ def build_app(config: ServiceConfig) -> FastAPI:
         scheduler=scheduler.tick,
         tick_seconds=config.sweep_seconds,
         max_body_bytes=config.max_body_bytes,
+        refusal_limit=config.refusal_limit,
+        docs=config.docs,
     )
+
+
+def server_config(
+    config: ServiceConfig, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn's config for :func:`build_app` of ``config``: its connection limits and JSON
+    logs (what ``sottovoce aggregator serve`` runs)."""
+    return uvicorn_config(build_app(config), host=host, port=port, limits=config.connections,
+                          log_config=json_log_config(log_level))  # fmt: skip
 
 
 def check_one_round_fits(aggregator: RegionAggregator, noise_multiplier: float | None) -> float:

@@ -1,18 +1,28 @@
 """Deciding on uploads: every sealed delta gets a logged verdict, and an accepted one is added
 to its round's running sum; a device can take back a pending delta (erasure).
 
+An idempotency key binds to the first content *accepted* under it: a replay of that content gets
+its first answer, other content under the key is refused (409). A refused attempt binds nothing:
+a replay of the same refused body gets the same answer, and a different body under the same key
+(a device's retry after a corrupted first attempt) is decided on its merits.
+
+Every method that can refuse takes ``record``: ``False`` leaves a refusal out of the log and out
+of the stored answers (the service then counts it into one logged decision per reason, see
+:mod:`._refusals` and :meth:`UploadsPart.log_refusal_counts`); an acceptance is always logged.
+
 Part of :class:`~sottovoce.aggregator.RegionAggregator` (see :mod:`._round_state`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import datetime
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import _IDEMPOTENCY_KEY, STATUS, RoundsBase, _iso, _Refusal
-from sottovoce.policy import PrivacyMode
+from sottovoce.policy import Action, PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
     RoundSpec,
@@ -30,31 +40,37 @@ __all__ = ["UploadsPart"]
 class UploadsPart(RoundsBase):
     """Uploads and erasures of pending deltas."""
 
-    def accept(self, body: bytes, idempotency_key: str) -> tuple[int, str]:
+    def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> tuple[int, str]:
         """Decide on one uploaded sealed delta; returns (HTTP status, reason code)."""
         digest = hashlib.sha256(body).hexdigest()
-        prior = self._prior(idempotency_key, digest)
+        prior = self._prior(idempotency_key, digest, record=record)
         if prior is not None:
             return prior
         try:
             sealed, spec = self._precheck(body, idempotency_key)
             opened = self._open(sealed, spec)
         except _Refusal as refusal:
-            return self._refuse(idempotency_key, digest, refusal)
+            return self._refuse(idempotency_key, digest, refusal, record=record)
         except SyncError as error:
             failed = _Refusal(error.code, round_id=sealed.round_id, pseudonym=sealed.pseudonym)
-            return self._refuse(idempotency_key, digest, failed)
+            return self._refuse(idempotency_key, digest, failed, record=record)
         now = self._clock()
         with write_transaction(self._conn, name="accept"):
             # Checked again under the write lock: a concurrent upload or sweep may have won.
-            prior = self._prior(idempotency_key, digest)
+            prior = self._prior(idempotency_key, digest, record=record)
             if prior is not None:
                 return prior
             try:
                 partial = self._open_partial(spec, sealed, now)
             except _Refusal as refusal:
-                return self._refuse(idempotency_key, digest, refusal)
+                return self._refuse(idempotency_key, digest, refusal, record=record)
             partial = partial.add(opened.delta)
+            # A refused earlier attempt under this key gives way to the accepted one.
+            self._conn.execute(
+                "DELETE FROM contributions WHERE idempotency_key = ? AND status != 200"
+                " AND code != 'erased'",
+                (idempotency_key,),
+            )
             self._conn.execute(
                 "INSERT INTO contributions (idempotency_key, round_id, pseudonym, device_key,"
                 " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, 200, 'within_policy', ?)",
@@ -93,20 +109,26 @@ class UploadsPart(RoundsBase):
             dim=self._dim,
         )
 
-    def _prior(self, idempotency_key: str, digest: str) -> tuple[int, str] | None:
+    def _prior(self, idempotency_key: str, digest: str, *, record: bool) -> tuple[int, str] | None:
+        """The stored answer to this key and body, a 409 for other content under a key that
+        was accepted, or ``None``: decide (see the module docstring)."""
         row = self._conn.execute(
             "SELECT body_sha256, status, code FROM contributions WHERE idempotency_key = ?",
             (idempotency_key,),
         ).fetchone()
         if row is None:
             return None
-        if row[0] != digest:
-            # Not recorded: the key stays bound to its first body.
+        body_sha256, status, code = str(row[0]), int(row[1]), str(row[2])
+        if body_sha256 == digest:
+            return status, code
+        if status != STATUS["within_policy"] and code != "erased":
+            return None  # only refused so far: this other body is decided on its merits
+        # Not stored: the key stays bound to the content it accepted.
+        if record:
             inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
             with write_transaction(self._conn, name="accept_conflict"):
                 self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
-            return 409, "malformed"
-        return int(row[1]), str(row[2])
+        return 409, "malformed"
 
     def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
         """The envelope checks before decryption; raises ``_Refusal``."""
@@ -166,15 +188,25 @@ class UploadsPart(RoundsBase):
         self._check_duplicate(spec.round_id, sealed.pseudonym, sealed.device_key)
         return PartialSum.from_bytes(row[1])
 
-    def _refuse(self, idempotency_key: str, digest: str, refusal: _Refusal) -> tuple[int, str]:
+    def _refuse(
+        self, idempotency_key: str, digest: str, refusal: _Refusal, *, record: bool
+    ) -> tuple[int, str]:
         status = STATUS[refusal.code]
+        if not record:
+            return status, refusal.code
         inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
         with write_transaction(self._conn, name="refuse"):
             if _IDEMPOTENCY_KEY.match(idempotency_key):
-                # Kept so a retry of the same upload gets the same answer.
+                # Kept so a retry of the same upload gets the same answer; a later body under
+                # the key replaces it (a refusal binds nothing, see the module docstring).
+                # Never over an accepted row (a concurrent writer may have just stored one).
                 self._conn.execute(
-                    "INSERT OR IGNORE INTO contributions (idempotency_key, round_id, pseudonym,"
-                    " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO contributions (idempotency_key, round_id, pseudonym,"
+                    " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (idempotency_key) DO UPDATE SET round_id = excluded.round_id,"
+                    " pseudonym = excluded.pseudonym, body_sha256 = excluded.body_sha256,"
+                    " status = excluded.status, code = excluded.code, at = excluded.at"
+                    " WHERE status != 200 AND code != 'erased'",
                     (
                         idempotency_key,
                         refusal.round_id,
@@ -190,7 +222,7 @@ class UploadsPart(RoundsBase):
 
     # -- erasure -----------------------------------------------------------------------------
 
-    def erase(self, body: bytes) -> tuple[int, str]:
+    def erase(self, body: bytes, *, record: bool = True) -> tuple[int, str]:
         """Take a pending delta back out of its round; returns (HTTP status, reason code).
 
         A delta is pending while its round is open: it is in the running sum, not yet in a
@@ -206,10 +238,10 @@ class UploadsPart(RoundsBase):
         try:
             sealed = SealedDelta.from_wire(body)
         except SyncError as error:
-            return self._erase_refused({"body_sha256": digest}, error.code)
+            return self._erase_refused({"body_sha256": digest}, error.code, record=record)
         inputs = {"idempotency_key": sealed.idempotency_key, "body_sha256": digest}
         if sealed.region != self._region.id:
-            return self._erase_refused(inputs, "wrong_region")
+            return self._erase_refused(inputs, "wrong_region", record=record)
         with write_transaction(self._conn, name="erase"):
             row = self._conn.execute(
                 "SELECT c.round_id, r.spec, r.partial FROM contributions c JOIN rounds r"
@@ -218,7 +250,7 @@ class UploadsPart(RoundsBase):
                 (sealed.idempotency_key, digest, sealed.pseudonym),
             ).fetchone()
             if row is None:
-                return self._erase_refused(inputs, "nothing_pending")
+                return self._erase_refused(inputs, "nothing_pending", record=record)
             round_id, spec_json, blob = row
             # It opened when it was accepted; the same key and spec open it again.
             opened = self._open(sealed, SignedRoundSpec.from_wire(spec_json).spec)
@@ -237,24 +269,49 @@ class UploadsPart(RoundsBase):
             self._log.append(self._engine.erase(deleted=deleted, inputs=inputs))
         return 200, "user_request"
 
-    def _erase_refused(self, inputs: dict[str, str], code: str) -> tuple[int, str]:
-        with write_transaction(self._conn, name="erase_refused"):
-            self._log.append(self._engine.erase(deleted={}, inputs=inputs, refusal=code))
+    def _erase_refused(self, inputs: dict[str, str], code: str, *, record: bool) -> tuple[int, str]:
+        if record:
+            with write_transaction(self._conn, name="erase_refused"):
+                self._log.append(self._engine.erase(deleted={}, inputs=inputs, refusal=code))
         return {"nothing_pending": 404, "wrong_region": 403}.get(code, 400), code
 
-    def refuse(self, body: bytes, idempotency_key: str, code: str) -> tuple[int, str]:
+    def refuse(
+        self, body: bytes, idempotency_key: str, code: str, *, record: bool = True
+    ) -> tuple[int, str]:
         """Refuse and log an upload the HTTP layer found wrong before deciding, e.g. a body
         for another round than its path names. Not remembered under its idempotency key: the
         same body sent to the right path is still decided on its merits."""
-        inputs = {"idempotency_key": idempotency_key,
-                  "body_sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
-        with write_transaction(self._conn, name="refuse_request"):
-            self._log.append(self._engine.accept_delta(inputs=inputs, refusal=code))
+        if record:
+            inputs = {"idempotency_key": idempotency_key,
+                      "body_sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
+            with write_transaction(self._conn, name="refuse_request"):
+                self._log.append(self._engine.accept_delta(inputs=inputs, refusal=code))
         return STATUS[code], code
 
-    def refuse_too_large(self, idempotency_key: str, size: int | None) -> tuple[int, str]:
+    def refuse_too_large(
+        self, idempotency_key: str, size: int | None, *, record: bool = True
+    ) -> tuple[int, str]:
         """Log the refusal of an upload the service would not read (above its body limit)."""
-        inputs = {"idempotency_key": idempotency_key, "bytes": -1 if size is None else size}
-        with write_transaction(self._conn, name="refuse_too_large"):
-            self._log.append(self._engine.accept_delta(inputs=inputs, refusal="too_large"))
+        if record:
+            inputs = {"idempotency_key": idempotency_key, "bytes": -1 if size is None else size}
+            with write_transaction(self._conn, name="refuse_too_large"):
+                self._log.append(self._engine.accept_delta(inputs=inputs, refusal="too_large"))
         return STATUS["too_large"], "too_large"
+
+    def log_refusal_counts(self, counts: Mapping[tuple[str, str], int]) -> int:
+        """Log refusals that were answered but not logged one by one: one decision per
+        (action, reason) with ``metrics["refusals"]``, the count; returns how many entries.
+
+        Their ``inputs_digest`` binds the action, reason, count and time, nothing a device sent
+        (see :mod:`._refusals` for when the service counts instead of logging)."""
+        entries = [(Action(action), reason, n) for (action, reason), n in sorted(counts.items())
+                   if n > 0]  # fmt: skip
+        if not entries:
+            return 0
+        at = _iso(self._clock())
+        with write_transaction(self._conn, name="refusal_counts"):
+            for action, reason, n in entries:
+                inputs = {"counted": action.value, "reason": reason, "refusals": n, "at": at}
+                self._log.append(self._engine.decide(action, reason, inputs=inputs,
+                                                     metrics={"refusals": n}))  # fmt: skip
+        return len(entries)

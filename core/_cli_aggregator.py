@@ -118,17 +118,25 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     ] = None,
     rank: Annotated[int, typer.Option(help="The collaborative model's rank.")] = 16,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    docs: Annotated[
+        bool, typer.Option(help="Serve the interactive API docs at /docs and /redoc.")
+    ] = False,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive (then 408).")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's body may take after its headers.")
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections at most; more are answered 503 and closed.")
+    ] = 1000,
 ) -> None:
     """Serve the region's aggregator over HTTP (JSON logs on stderr); restart-safe."""
     try:
         import uvicorn
 
-        from sottovoce.aggregator._service import (
-            ServiceConfig,
-            build_app,
-            json_log_config,
-            load_keys,
-        )
+        from sottovoce.aggregator._connections import ConnectionLimits
+        from sottovoce.aggregator._service import ServiceConfig, load_keys, server_config
     except ImportError as error:
         raise typer.BadParameter(
             f"the aggregator needs its extra: pip install 'sottovoce[aggregator]' ({error})"
@@ -139,6 +147,11 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     if profile not in profiles:
         raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
     defaults = profiles[profile]
+    try:
+        limits = ConnectionLimits(header_seconds=header_timeout, body_seconds=body_timeout,
+                                  max_connections=max_connections)  # fmt: skip
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     if collaborative is not None:
         import numpy as np
 
@@ -167,14 +180,10 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         sweep_seconds=sweep_seconds if sweep_seconds is not None else defaults[1],
         schedule_rounds=schedule,
         clock=clock_from_env(),
+        docs=docs,
+        connections=limits,
     )
-    uvicorn.run(
-        build_app(config),
-        host=host,
-        port=port,
-        log_config=json_log_config(log_level),
-        access_log=False,
-    )
+    uvicorn.Server(server_config(config, host=host, port=port, log_level=log_level)).run()
 
 
 def _tokens(path: Path | None) -> frozenset[str]:

@@ -47,7 +47,8 @@ PUBLIC = {
     ],
     "sottovoce.aggregator": [
         "AggregationError", "BudgetExceeded", "LedgerEntry", "PartialSum", "PrivacyLedger",
-        "RegionAggregator", "RegionKeys", "RoundInfo", "RoundScheduler", "RoundStillOpen",
+        "RefusalLimit", "RegionAggregator", "RegionKeys", "RoundInfo", "RoundScheduler",
+        "RoundStillOpen",
         "ServiceConfig", "ServiceConfigError", "build_app", "central_release", "create_app",
         "epsilon_of", "generate_keys", "load_keys",
     ],

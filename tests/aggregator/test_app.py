@@ -276,7 +276,9 @@ def test_refusals_come_back_with_their_code(service: Service) -> None:
 
     big = service.seal(key, small(2))
     url = f"{service.url}/v1/rounds/{big.round_id}/deltas"
-    answer = service.client.post(url, content=big.to_wire())  # no Idempotency-Key
+    answer = service.client.post(
+        url, content=big.to_wire(), headers={"Content-Type": "application/json"}
+    )  # no key
     assert answer.status_code == 400
     assert answer.json() == {
         "code": "malformed",
@@ -297,7 +299,9 @@ def test_refusals_come_back_with_their_code(service: Service) -> None:
     assert second.json()["message"]
     reused = service.client.post(url, content=twice.to_wire(), headers=headers)
     assert (reused.status_code, reused.json()["code"]) == (409, "malformed")
-    garbage = service.client.post(url, content=b"{}", headers={"Idempotency-Key": "k" * 20})
+    garbage = service.client.post(
+        url, content=b"{}", headers=headers | {"Idempotency-Key": "k" * 20}
+    )
     assert garbage.status_code == 400 and garbage.json()["code"] in {
         "malformed",
         "unsupported_protocol",
@@ -326,7 +330,9 @@ def test_enrollment_needs_a_valid_token(service: Service) -> None:
         url, json={"protocol": 99, "device_key": "AAAA", "period": "2026-11-01"}, headers=auth
     )
     assert (old.status_code, old.json()["code"]) == (400, "unsupported_protocol")
-    shapeless = service.client.post(url, content=b"[1]", headers=auth)
+    shapeless = service.client.post(
+        url, content=b"[1]", headers=auth | {"Content-Type": "application/json"}
+    )
     assert (shapeless.status_code, shapeless.json()["code"]) == (400, "malformed")
     service.device()
     # Every enrollment decision, accepted or refused, is in the policy log: the two token

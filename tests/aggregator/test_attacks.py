@@ -295,8 +295,11 @@ def _relabelled(c: Contributed) -> Upload:
 
 def _other_period(c: Contributed) -> Upload:
     scene, device = c.scene, Device()
+    # The budget period before the round's: a key may be enrolled for it, not used in this round.
+    length = scene.region.policy.region("eu").privacy.period
+    before = period_label(_spec(c, period_start=scene.spec.period_start - length))
     enroll(scene.client, base_url=scene.url, token=TOKEN, retry=FAST_RETRY,
-           device_public_key=device.key.public_key(), period="2026-10-01")  # fmt: skip
+           device_public_key=device.key.public_key(), period=before)  # fmt: skip
     return upload_of(craft(device, scene.spec, small(4), scene.hpke))
 
 

@@ -404,9 +404,10 @@ def test_one_enrolled_key_contributes_once_whatever_secret_it_uses(world: World)
 def test_a_key_enrolled_for_another_period_is_not_enrolled_for_this_round(world: World) -> None:
     spec = world.open()
     device = Device()
-    world.agg.enroll(device.public, "1999-01-01")
+    before, _, _ = world.agg.enrollable_periods()  # the budget period before the round's
+    world.agg.enroll(device.public, before)
     sealed = device.seal(small(np.random.default_rng(5)), spec, world.keys.hpke,
-                         period="1999-01-01")  # fmt: skip
+                         period=before)  # fmt: skip
     assert world.upload(sealed) == (403, "not_enrolled")
     assert world.reasons() == ["not_enrolled"]
 
@@ -415,8 +416,9 @@ def test_an_enrolled_key_cannot_be_moved_to_another_period(world: World) -> None
     spec = world.open()
     device = world.device(spec)
     world.agg.enroll(device.public, period_label(spec))  # again, same period: harmless
-    with pytest.raises(ValueError, match="already enrolled for period"):
-        world.agg.enroll(device.public, "2030-01-01")
+    _, _, after = world.agg.enrollable_periods()
+    with pytest.raises(ValueError, match="already enrolled for another period"):
+        world.agg.enroll(device.public, after)
     sealed = device.seal(small(np.random.default_rng(6)), spec, world.keys.hpke)
     assert world.upload(sealed) == (200, "within_policy")  # its device is not locked out
 

@@ -446,10 +446,12 @@ def test_a_device_takes_its_pending_delta_back_and_it_cannot_come_back(server: S
     assert (again.status_code, again.json()["code"]) == (410, "erased")
     assert retract(server.client, base_url=server.url, sealed=taken, retry=RETRY) is False
     # Someone else's pseudonym in the path, or a body that is not a sealed delta: refused.
+    json_body = {"Content-Type": "application/json"}
     wrong = server.client.post(f"{server.url}/v1/pseudonyms/{kept.pseudonym}/erasure",
-                               content=taken.to_wire())  # fmt: skip
+                               content=taken.to_wire(), headers=json_body)  # fmt: skip
     assert (wrong.status_code, wrong.json()["code"]) == (400, "malformed")
-    junk = server.client.post(f"{server.url}/v1/pseudonyms/x/erasure", content=b"{}")
+    junk = server.client.post(f"{server.url}/v1/pseudonyms/x/erasure", content=b"{}",
+                              headers=json_body)  # fmt: skip
     assert (junk.status_code, junk.json()["code"]) == (400, "malformed")
     assert server.rows(count, spec.round_id) == [(1,)]
     server.stop()

@@ -1,0 +1,275 @@
+"""What the aggregator service's routes share at the HTTP edge (no decisions here).
+
+The refusal shape (``{"code", "message"}``, :func:`problem`, never quoting more than
+``MESSAGE_CHARS`` of anything), reading a request body within the limit and only when it is
+declared JSON, the enrollment token check, the one thread that owns the aggregator
+(:class:`Worker`), the Prometheus counters (:class:`Metrics`), and which refusals are logged one
+by one (:class:`Refusals`, over :mod:`._refusals`). Routes are in :mod:`._routes`, the app in
+:mod:`._app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Final, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+
+from sottovoce.aggregator._refusals import RefusalBudget, RefusalLimit, RefusalTally
+from sottovoce.aggregator._rounds import RegionAggregator
+from sottovoce.sync import SealedDelta, SyncError
+
+T = TypeVar("T")
+
+# A sentence a person understands, for every code an answer can carry.
+MESSAGES: Final[dict[str, str]] = {
+    "unsupported_protocol": "The request speaks a protocol version this aggregator does not.",
+    "malformed": "The request is not a well-formed message for this endpoint.",
+    "undecryptable": "The delta could not be decrypted with this region's key.",
+    "bad_signature": "The delta's signature does not match the enrolled device key.",
+    "not_enrolled": "The device key is not enrolled for this period, or the token is refused.",
+    "wrong_region": "The delta is for another region; it is refused here by policy.",
+    "duplicate_contribution": "This device already contributed to the round.",
+    "round_closed": "The round is closed, unknown or past its deadline.",
+    "wrong_model_version": "The delta was trained on another model version than the round's.",
+    "non_finite": "The delta holds values that are not finite numbers.",
+    "norm_exceeded": "The delta's norm is above the round's clipping bound.",
+    "too_large": "The request body is larger than this service accepts.",
+    "unsupported_media_type": "The request body must be JSON (Content-Type: application/json).",
+    "too_slow": "The request did not arrive in time; the connection is closed.",
+    "busy": "The service has too many open connections; try again later.",
+    "erased": "The device took this delta back (erasure); it is not counted.",
+    "nothing_pending": "No pending delta matches: it was never accepted, or its round closed.",
+    "no_open_round": "No round is open at the moment.",
+    "no_release": "No model release has been published yet.",
+    "not_found": "There is no such endpoint.",
+    "method_not_allowed": "The endpoint does not take this method.",
+    "internal": "The aggregator failed to process the request.",
+}
+
+JSON: Final = "application/json"
+PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+MESSAGE_CHARS: Final = 300  # an answer never quotes more than this, whatever it was sent
+
+
+class EnrollRequest(BaseModel):
+    """``POST /v1/enroll``: a device's Ed25519 key (standard base64) for one period."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    protocol: int
+    device_key: Annotated[str, Field(max_length=64)]
+    period: Annotated[str, Field(max_length=32)]
+
+
+def problem(status: int, code: str, message: str | None = None, **headers: str) -> JSONResponse:
+    text = message or MESSAGES.get(code, code)
+    if len(text) > MESSAGE_CHARS:
+        text = text[: MESSAGE_CHARS - 1] + "…"
+    content = {"code": code, "message": text}
+    return JSONResponse(content, status_code=status, headers=headers or None)
+
+
+def invalid_body(error: ValidationError) -> str:
+    """What is wrong with a request body, by field, without quoting any value sent."""
+    wrong = []
+    for item in error.errors(include_input=False, include_url=False)[:3]:
+        field = ".".join(str(part) for part in item["loc"]) or "the body"
+        wrong.append(f"{field}: {item['msg']}")
+    return "The request body is not valid: " + "; ".join(wrong) + "."
+
+
+class Worker:
+    """The one thread that owns the aggregator (made by ``factory`` on that thread)."""
+
+    def __init__(self, factory: Callable[[], RegionAggregator]) -> None:
+        self._factory = factory
+        self._executor: ThreadPoolExecutor | None = None
+        self._aggregator: RegionAggregator | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregator")
+        await self.run(lambda _: None)  # a factory that fails stops the start, not a request
+
+    def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._executor = self._aggregator = None
+
+    async def run(self, call: Callable[[RegionAggregator], T]) -> T:
+        if self._executor is None:
+            raise RuntimeError("the aggregator service is not running")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, call)
+
+    def _call(self, call: Callable[[RegionAggregator], T]) -> T:
+        if self._aggregator is None:
+            self._aggregator = self._factory()
+        return call(self._aggregator)
+
+
+class Metrics:
+    """Counters since the process started, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.refused: Counter[str] = Counter()
+        self.published = 0
+        self.enrolled = 0
+        self.erased = 0
+
+    def count(self, **increments: int) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def refuse(self, code: str) -> None:
+        with self._lock:
+            self.refused[code] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            families = [
+                ("sottovoce_deltas_accepted_total",
+                 "Sealed deltas added to a round (a replayed upload is counted once).",
+                 [("", self.accepted)]),
+                ("sottovoce_deltas_refused_total",
+                 "Upload answers that refused a delta, by reason code.",
+                 [(f'{{code="{code}"}}', n) for code, n in sorted(self.refused.items())]),
+                ("sottovoce_rounds_published_total",
+                 "Rounds closed into a signed model release.",
+                 [("", self.published)]),
+                ("sottovoce_deltas_erased_total",
+                 "Pending deltas their devices took back before the round closed.",
+                 [("", self.erased)]),
+                ("sottovoce_enrollments_total",
+                 "Device keys enrolled (again, for a repeated enrollment).",
+                 [("", self.enrolled)]),
+            ]  # fmt: skip
+        lines: list[str] = []
+        for name, help_text, samples in families:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f"{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(lines) + "\n"
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def matches(if_none_match: str | None, etag: str) -> bool:
+    if if_none_match is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+def token_ok(authorization: str | None, tokens: frozenset[str]) -> bool | None:
+    """``None`` without a bearer token, else whether it is one of ``tokens``."""
+    if authorization is None or not authorization.startswith("Bearer "):
+        return None
+    given = authorization.removeprefix("Bearer ").strip().encode()
+    # Every token is compared, in constant time each, so the answer's timing says nothing.
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(given, token.encode())
+    return found
+
+
+class Refusals:
+    """Which refusals the aggregator logs one by one, and the count of the rest (per source,
+    see :mod:`._refusals`); without a limit, every refusal is logged."""
+
+    def __init__(self, limit: RefusalLimit | None) -> None:
+        self._budget = None if limit is None else RefusalBudget(limit, now=time.monotonic())
+        self.tally = RefusalTally()
+
+    def take(self, request: Request) -> bool:
+        """Whether a refusal of ``request`` is to be logged on its own (spends the budget)."""
+        if self._budget is None:
+            return True
+        return self._budget.take(source_of(request), now=time.monotonic())
+
+    def settle(self, request: Request, logged: bool, action: str, status: int, code: str) -> None:
+        """After the aggregator answered: a logged token comes back if nothing was refused; a
+        refusal that was not logged is counted."""
+        if 200 <= status < 300:
+            if logged and self._budget is not None:
+                self._budget.give_back(source_of(request))
+        elif not logged:
+            self.tally.count(action, code)
+
+
+def source_of(request: Request) -> str:
+    return request.client.host if request.client is not None else "-"
+
+
+def is_json(request: Request) -> bool:
+    """Whether the body is declared as JSON (``application/json``, UTF-8 if a charset is said)."""
+    media, _, parameters = request.headers.get("content-type", "").partition(";")
+    if media.strip().lower() != JSON:
+        return False
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request's body, or ``None`` (without reading further) once it exceeds ``limit``."""
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        return None
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except ClientDisconnect:  # the device went away mid-body: nothing to decide, nobody to tell
+        raise Gone from None
+    return b"".join(chunks)
+
+
+class Gone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def declared_length(request: Request) -> int | None:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def pseudonym_of(body: bytes) -> str | None:
+    try:
+        return SealedDelta.from_wire(body).pseudonym
+    except (SyncError, ValueError, RecursionError):
+        return None
+
+
+def other_round(body: bytes, round_id: str) -> bool:
+    """Whether ``body`` is a sealed delta for another round than the path names.
+
+    Anything else (including an unparsable body) is left to the aggregator to decide.
+    """
+    try:
+        return SealedDelta.from_wire(body).round_id != round_id
+    except (SyncError, ValueError, RecursionError):
+        return False
