@@ -1,22 +1,29 @@
 """HTTP transport of sync: the one module of sottovoce that does network I/O (with httpx).
 
-Data flow position: the device's outbox (:mod:`._outbox`) holds sealed deltas; an
-:class:`Uploader` posts what is due to the region's aggregator and records each outcome the pure
-:func:`~._outbox.decide` picks. :func:`fetch_release` downloads a signed model release
-conditionally (ETag) and checks it; :func:`enroll` registers the device's per-period key.
-``docs/protocol.md`` ("HTTP") documents the endpoints.
+Data flow position: :func:`fetch_round` polls the region's open round and checks its signed
+spec; :func:`enroll` registers the device's per-period key; the device's outbox
+(:mod:`._outbox`) holds sealed deltas, and an :class:`Uploader` posts what is due to the region's
+aggregator and records each outcome the pure :func:`~._outbox.decide` picks; :func:`fetch_release`
+downloads a signed model release conditionally (ETag) and checks it. ``docs/protocol.md``
+("HTTP") documents the endpoints, ``docs/device.md`` the device's side end to end.
+
+Every call takes ``base_url``: the region's ``aggregator.endpoint`` from the policy, which is the
+service's root URL (``https://eu.example.org``, or a path prefix behind a proxy). The API's
+paths, ``/v1/...``, are added here, by :func:`api_url`; a base URL that already ends in ``/v1``
+is refused with :class:`BadEndpoint` rather than turned into ``/v1/v1/...``.
 
 Within one call, transient failures (no connection, timeouts, dropped or truncated responses,
 bodies that are not JSON, 5xx, 429) are retried a few times with exponential backoff and full
 jitter (tenacity), waiting as long as a short ``Retry-After`` asks. What is still failing after
 that is left to the outbox, which tries again later: nothing here waits for long.
 
-Errors beyond those of :mod:`._errors` (to move there when they are exported)::
+The errors met here (all but the last are defined in :mod:`._errors`)::
 
     SyncError
     ├── WrongModel              wrong_model             a release for another model file
     ├── EnrollmentRefused       not_enrolled            the aggregator refused the enrollment
-    └── AggregatorUnavailable   aggregator_unavailable  no usable answer after the retries
+    ├── AggregatorUnavailable   aggregator_unavailable  no usable answer after the retries
+    └── BadEndpoint             bad_endpoint            a base URL that is not a service's root
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import tenacity
@@ -37,14 +45,59 @@ from sottovoce.policy._canonical import canonical_json
 from sottovoce.sync._errors import (
     AggregatorUnavailable,
     EnrollmentRefused,
+    SyncError,
     WrongModel,
     WrongModelVersion,
 )
 from sottovoce.sync._outbox import Acknowledged, Drop, Outbox, OutboxItem, RetryAt, decide
-from sottovoce.sync._sign import SigningPublicKey, signing_public_key, verify_release
-from sottovoce.sync._wire import PROTOCOL_VERSION, ModelRelease, SealedDelta, b64encode
+from sottovoce.sync._sign import (
+    SigningPublicKey,
+    signing_public_key,
+    verify_release,
+    verify_round_spec,
+)
+from sottovoce.sync._wire import (
+    PROTOCOL_VERSION,
+    ModelRelease,
+    RoundSpec,
+    SealedDelta,
+    SignedRoundSpec,
+    b64encode,
+)
 
 Sleep = Callable[[float], None]
+API_PREFIX = "/v1"  # every path of the protocol's HTTP API starts with it
+
+
+class BadEndpoint(SyncError, ValueError):
+    """A base URL that is not the root of a service: not http(s), no host, a query or
+    fragment, or a path that already ends in the API's ``/v1``."""
+
+    code = "bad_endpoint"
+
+
+def api_url(base_url: str, path: str) -> str:
+    """The URL of the API ``path`` (``/v1/...``) on the service whose root is ``base_url``.
+
+    ``base_url`` is a region's ``aggregator.endpoint``: ``https://eu.example.org`` or, behind a
+    proxy, ``https://example.org/sottovoce/eu``; a trailing ``/`` is ignored. Raises
+    :class:`BadEndpoint` for anything else, naming what is wrong with it.
+    """
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadEndpoint(f"the endpoint {base_url!r} is not an http(s) URL with a host")
+    if parts.query or parts.fragment or "\x00" in base_url or any(c.isspace() for c in base_url):
+        raise BadEndpoint(f"the endpoint {base_url!r} has a query, a fragment or spaces")
+    root = base_url.rstrip("/")
+    if root.endswith(API_PREFIX):
+        raise BadEndpoint(
+            f"the endpoint {base_url!r} ends in {API_PREFIX}, but an endpoint is the service's "
+            f"root and the API's {API_PREFIX}/... paths are added to it: use "
+            f"{root.removesuffix(API_PREFIX)!r}"
+        )
+    if not path.startswith(API_PREFIX + "/"):
+        raise ValueError(f"{path!r} is not a path of the API (they start with {API_PREFIX}/)")
+    return root + path
 
 
 @dataclass(frozen=True)
@@ -157,7 +210,9 @@ def _with_retries(
 
 
 class Uploader:
-    """Posts the outbox's due deltas to ``{base_url}/v1/rounds/{round_id}/deltas``."""
+    """Posts the outbox's due deltas to ``{base_url}/v1/rounds/{round_id}/deltas``.
+
+    Raises :class:`BadEndpoint` at once for a ``base_url`` that is not a service's root."""
 
     def __init__(
         self,
@@ -170,7 +225,8 @@ class Uploader:
         sleep: Sleep = time.sleep,
     ) -> None:
         self._client = client
-        self._base_url = base_url.rstrip("/")
+        self._base_url = base_url
+        api_url(base_url, "/v1/rounds")  # a wrong endpoint fails here, not on every upload
         self._outbox = outbox
         self._clock = clock
         self._retry = retry
@@ -197,7 +253,7 @@ class Uploader:
     def _send(self, item: OutboxItem) -> _Reply:
         def send() -> httpx.Response:
             return self._client.post(
-                f"{self._base_url}/v1/rounds/{item.round_id}/deltas",
+                api_url(self._base_url, f"/v1/rounds/{item.round_id}/deltas"),
                 content=item.body,
                 headers={
                     "Content-Type": "application/json",
@@ -233,6 +289,34 @@ def _unavailable(what: str, reply: _Reply) -> AggregatorUnavailable:
     return AggregatorUnavailable(f"{what}: the aggregator answered HTTP {reply.status}")
 
 
+def fetch_round(
+    client: httpx.Client,
+    *,
+    base_url: str,
+    verify_key: SigningPublicKey,
+    retry: RetryPolicy = RetryPolicy(),
+    sleep: Sleep = time.sleep,
+    clock: Clock = system_clock,
+) -> RoundSpec | None:
+    """The region's open round, its signature checked with the region's pinned ``verify_key``;
+    ``None`` when no round is open (404 ``no_open_round``: poll again later).
+
+    Raises ``BadSignature`` for a spec the region's key did not sign, ``Malformed`` or
+    ``UnsupportedProtocol`` for an answer that is not a spec of this protocol, and
+    :class:`AggregatorUnavailable` when there is no usable answer (a 404 without the service's
+    code means the URL is not the service's). The spec is not yet checked against the device's
+    own policy and privacy ledger: taking part does that (``check_spec``, ``check_budget``).
+    """
+    url = api_url(base_url, "/v1/round")
+    headers = {"Accept": "application/json"}
+    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep, clock)
+    if reply.status == 404 and reply.code == "no_open_round":
+        return None
+    if reply.status != 200 or reply.body is None:
+        raise _unavailable("round", reply)
+    return verify_round_spec(SignedRoundSpec.from_wire(reply.body), verify_key)
+
+
 def fetch_release(
     client: httpx.Client,
     *,
@@ -255,7 +339,7 @@ def fetch_release(
     headers = {"Accept": "application/json"}
     if etag is not None:
         headers["If-None-Match"] = etag
-    url = f"{base_url.rstrip('/')}/v1/model/release"
+    url = api_url(base_url, "/v1/model/release")
     reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep, clock)
     if reply.status == 304:
         return None
@@ -295,7 +379,7 @@ def enroll(
     key = signing_public_key(device_public_key).public_bytes_raw()
     body = canonical_json({"protocol": PROTOCOL_VERSION, "device_key": b64encode(key),
                            "period": period})  # fmt: skip
-    url = f"{base_url.rstrip('/')}/v1/enroll"
+    url = api_url(base_url, "/v1/enroll")
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     reply = _with_retries(
         lambda: client.post(url, content=body, headers=headers), retry, sleep, clock
@@ -327,7 +411,7 @@ def retract(
     pending (never accepted, or the round closed: a published round's deltas are part of its
     release). Raises :class:`AggregatorUnavailable` when the aggregator does not answer.
     """
-    url = f"{base_url.rstrip('/')}/v1/pseudonyms/{sealed.pseudonym}/erasure"
+    url = api_url(base_url, f"/v1/pseudonyms/{sealed.pseudonym}/erasure")
     body, headers = sealed.to_wire(), {"Content-Type": "application/json"}
     reply = _with_retries(
         lambda: client.post(url, content=body, headers=headers), retry, sleep, clock

@@ -111,10 +111,10 @@ def test_retention_durations_are_not_compared_as_text(policy: Policy) -> None:
         (lambda d: d.update(version="2027.1.0"), "version", "2026.11.1", "2027.1.0"),
         (lambda d: _eu(d).update(name="EEA"), "regions[eu].name", "European Economic Area", "EEA"),
         (
-            lambda d: _eu(d)["aggregator"].update(endpoint="https://eu2.example.org/v1"),
+            lambda d: _eu(d)["aggregator"].update(endpoint="https://eu2.example.org"),
             "regions[eu].aggregator.endpoint",
-            "https://eu.aggregator.example.org/v1",
-            "https://eu2.example.org/v1",
+            "https://eu.aggregator.example.org",
+            "https://eu2.example.org",
         ),
         (
             lambda d: _eu(d)["privacy"].update(accountant="prv"),
