@@ -143,6 +143,7 @@ def verify(
               f"root {report.root.hex()}")  # fmt: skip
     for what, sentence in report.checks():
         out.print(f"  {what}: {escape(sentence)}")
+    out.print(f"  verifier key: {escape(report.verifier_key)}")
     if report.latest is not None:
         out.print(f"  latest signed checkpoint: size {report.latest.size}; "
                   f"{report.unsigned} entries after it are not yet signed")  # fmt: skip

@@ -334,3 +334,25 @@ def test_verify_pins_the_key_the_policy_publishes(region: Path, tmp_path: Path) 
     assert "the log records another verifier key than the one you pinned" in result.stdout
     both = run("audit", "verify", str(db), "--policy", str(region / "policy.json"), "--key", "x")
     assert both.returncode == 2 and "either --key or --policy" in both.stderr
+
+
+def test_the_guides_recipe_derives_the_aggregators_key_from_the_policy(
+    region: Path, tmp_path: Path
+) -> None:
+    """docs/compliance.md says where an aggregator's verifier key is; its recipe (standard
+    library only) derives the key the log is signed with from the published policy."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "compliance.md").read_text()
+    recipe = next(b for b in guide.split("```python\n")[1:] if "sottovoce.aggregator/" in b)
+    script = tmp_path / "vkey.py"
+    script.write_text(recipe.split("```", 1)[0])
+    derived = subprocess.run(
+        [sys.executable, str(script), str(region / "policy.json"), "eu"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    db = tmp_path / "aggregator-eu.db"
+    assert derived.strip() == DecisionLog(sqlite3.connect(db)).verifier_key
+    shown = run("audit", "verify", str(db), "--policy", str(region / "policy.json"))
+    assert f"verifier key: {derived.strip()}" in shown.stdout
+    assert "with the key region eu's policy publishes" in shown.stdout
+    pinned = run("audit", "verify", str(db), "--key", derived.strip())
+    assert pinned.returncode == 0 and "with the key you pinned" in pinned.stdout
