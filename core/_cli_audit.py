@@ -36,7 +36,6 @@ from sottovoce.policy import (
     verify_inclusion,
 )
 from sottovoce.policy._checkpoint import verifier_key
-from sottovoce.sync._wire import b64decode
 
 audit_app = typer.Typer(
     no_args_is_help=True, help="Verify, query, prove and report on a tamper-evident decision log."
@@ -117,7 +116,7 @@ def _policy_key(decisions: DecisionLog, policy: Policy) -> tuple[str, str]:
         raise LogError(f"--policy pins an aggregator's key, and {origin!r} is not an aggregator's "
                        "log (a device's log key is pinned with --key)")  # fmt: skip
     region = policy.region(origin.removeprefix(_AGGREGATOR_ORIGIN))
-    published = [verifier_key(origin, b64decode(k.key))
+    published = [verifier_key(origin, base64.b64decode(k.key))
                  for k in region.aggregator.public_keys if k.use == "signing"]  # fmt: skip
     # A region may list a retired key too: check with the one the log says it uses if the
     # policy publishes it (a key the policy does not publish then fails on every signature).
