@@ -83,10 +83,11 @@ def problem(status: int, code: str, message: str | None = None, **headers: str) 
 
 
 def invalid_body(error: ValidationError) -> str:
-    """What is wrong with a request body, by field, without quoting any value sent."""
+    """What is wrong with a request body, by field, without quoting any value sent (a field
+    name the client made up is cut short too)."""
     wrong = []
     for item in error.errors(include_input=False, include_url=False)[:3]:
-        field = ".".join(str(part) for part in item["loc"]) or "the body"
+        field = ".".join(str(part)[:32] for part in item["loc"]) or "the body"
         wrong.append(f"{field}: {item['msg']}")
     return "The request body is not valid: " + "; ".join(wrong) + "."
 

@@ -343,6 +343,27 @@ def test_enrollment_refuses_a_period_the_policy_does_not_open(scene: Scene, name
     assert scene.region.enrolled() == before
 
 
+HUGE = "z" * (LIMIT - 1000)
+OVERSIZED_FIELDS = {  # a body of nearly 1 MiB, and what the refusal names
+    "period": ({"protocol": 1, "device_key": "A" * 43 + "=", "period": HUGE}, "period"),
+    "device_key": ({"protocol": 1, "device_key": HUGE, "period": "2026-11-03"}, "device_key"),
+    "field_name": ({"protocol": 1, "device_key": "A" * 43 + "=", "period": "x", HUGE: 1},
+                   "not permitted"),
+    "protocol": ({"protocol": HUGE, "device_key": "A" * 43 + "=", "period": "x"}, "protocol"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OVERSIZED_FIELDS))
+def test_an_error_quotes_at_most_a_short_prefix_of_what_was_sent(scene: Scene, name: str) -> None:
+    fields, named = OVERSIZED_FIELDS[name]
+    body = json.dumps(fields).encode()
+    assert len(body) <= LIMIT
+    answer = scene.client.post(f"{scene.url}/v1/enroll", content=body, headers=AUTH)
+    assert (answer.status_code, answer.json()["code"]) == (400, "malformed"), answer.text[:200]
+    assert len(answer.content) < 512 and "z" * 40 not in answer.text
+    assert named in answer.json()["message"]
+
+
 def test_a_refusal_does_not_say_which_period_a_key_is_enrolled_for(scene: Scene) -> None:
     spec = scene.region.spec
     length = scene.region.policy.region("eu").privacy.period
