@@ -118,6 +118,8 @@ def _policy_key(decisions: DecisionLog, policy: Policy) -> tuple[str, str]:
     region = policy.region(origin.removeprefix(_AGGREGATOR_ORIGIN))
     published = [verifier_key(origin, base64.b64decode(k.key))
                  for k in region.aggregator.public_keys if k.use == "signing"]  # fmt: skip
+    if not published:
+        raise LogError(f"the policy publishes no signing key for region {region.id}")
     # A region may list a retired key too: check with the one the log says it uses if the
     # policy publishes it (a key the policy does not publish then fails on every signature).
     chosen = decisions.verifier_key if decisions.verifier_key in published else published[0]
