@@ -22,7 +22,9 @@ from sottovoce.device._errors import (
     EventConflict,
     InvalidEvent,
     InvalidEventBatch,
+    StoreCorrupt,
     StoreError,
+    StoreFull,
 )
 from sottovoce.device._events import (
     SCHEMA_VERSION,
@@ -108,7 +110,9 @@ __all__ = [
     "Search",
     "Seek",
     "Skip",
+    "StoreCorrupt",
     "StoreError",
+    "StoreFull",
     "check_builtin_only",
     "from_ms",
     "is_completion",

@@ -8,7 +8,10 @@
     ├── EventConflict       an event id already stored with different content
     ├── InvalidInput        an argument out of range (e.g. an age of -3)
     ├── CatalogError        catalog rows that do not fit the store (e.g. vector dimension)
-    ├── StoreError          a file that cannot be used as this store (newer schema, other region)
+    ├── StoreError          a file that cannot be used as this store (newer schema, other region),
+    │   │                   or SQLite failed under a call (code store_busy, store_io, ...)
+    │   ├── StoreFull       no space left (disk, quota or size limit); nothing of the call written
+    │   └── StoreCorrupt    a damaged page of the file met by a call; nothing of it written
     ├── RankerError         a model file that is not a usable ranker, or an input it cannot take
     └── NotEligible         training asked for while the device is not charging/unmetered/idle
 
@@ -98,3 +101,15 @@ class CatalogError(DeviceError):
 
 class StoreError(DeviceError):
     code = "store_error"
+
+
+class StoreFull(StoreError):
+    """No space left for the store's file: the call wrote nothing; what was stored is intact."""
+
+    code = "store_full"
+
+
+class StoreCorrupt(StoreError):
+    """The store's file is damaged where the call read or wrote; the call wrote nothing."""
+
+    code = "store_corrupt"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -15,8 +15,16 @@ from pydantic import ValidationError
 
 from sottovoce.device._derive import Fact, FactBatch
 from sottovoce.device._errors import InvalidEvent, InvalidEventBatch
-from sottovoce.device._events import EVENT_ADAPTER, EVENT_LIST_ADAPTER, Event
+from sottovoce.device._events import (
+    EVENT_ADAPTER,
+    EVENT_LIST_ADAPTER,
+    INSTANCE,
+    MESSAGES,
+    PATTERN_RULES,
+    Event,
+)
 from sottovoce.device._schema import COUNTER_COLUMNS
+from sottovoce.policy import format_duration
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -83,15 +91,45 @@ def _event_errors(error: ValidationError, items: list[Any]) -> list[InvalidEvent
         loc = item["loc"]
         index = loc[0] if loc and isinstance(loc[0], int) else None
         rule = item["type"]
+        member = loc[-1] if len(loc) > 3 and (loc[-1] == INSTANCE or loc[-1] in MESSAGES) else None
+        if member is not None:
+            # A time given as an instance or as text: report what the way it was given broke,
+            # and a value given neither way (a number) as the text member's rule.
+            loc = loc[:-1]
+            if (member == INSTANCE) != isinstance(item["input"], datetime | time):
+                continue
+            if rule in {"string_type", "string_pattern_mismatch"}:
+                rule = str(member)
+        elif rule == "string_pattern_mismatch":
+            rule = PATTERN_RULES.get((item.get("ctx") or {}).get("pattern", ""), rule)
         if rule.startswith("union_tag"):
             field = "type"
         else:
             field = ".".join(str(p) for p in loc[2:]) or "(event)"
         out.append(
-            InvalidEvent(field=field, rule=rule, message=item["msg"], index=index,
-                         event_id=_item_id(items, index))
+            InvalidEvent(field=field, rule=rule, message=MESSAGES.get(rule, item["msg"]),
+                         index=index, event_id=_item_id(items, index))
         )  # fmt: skip
     return out
+
+
+def refuse_ahead(
+    events: Sequence[Event], times: Sequence[int], *, now: datetime, skew: timedelta
+) -> None:
+    """Refuse, as one ``InvalidEventBatch``, events timed more than ``skew`` after ``now``
+    (``times`` in epoch ms): such an event would count as the latest listening, steering the
+    session and taste until its time came, and outlive retention as long."""
+    limit = to_ms(now + skew)
+    if not times or max(times) <= limit:  # the common case: one pass in C
+        return
+    clock, allowed = now.isoformat(timespec="seconds"), format_duration(skew)
+    errors = [
+        InvalidEvent(field="ts", rule="ts_ahead_of_clock", index=i, event_id=events[i].event_id,
+                     message=f"{events[i].ts.isoformat()} is more than the allowed clock skew "
+                     f"({allowed}) ahead of the device's clock ({clock})")
+        for i, ms in enumerate(times) if ms > limit
+    ]  # fmt: skip
+    raise InvalidEventBatch(errors, size=len(events))
 
 
 def _item_id(items: list[Any], index: int | None) -> str | None:

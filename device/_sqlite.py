@@ -1,16 +1,20 @@
-"""SQLite plumbing of the store: migrations, write transactions, background WAL checkpoints."""
+"""SQLite plumbing of the store: migrations, write transactions, background WAL checkpoints,
+and SQLite's failures as the store's typed errors."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from sqlite_utils import Database
 
 from sottovoce._sqlite import write_transaction
-from sottovoce.device._errors import StoreError
+from sottovoce.device._errors import StoreCorrupt, StoreError, StoreFull
 from sottovoce.device._schema import MIGRATIONS, STORE_SCHEMA
 
 
@@ -65,3 +69,74 @@ class _Checkpointer(threading.Thread):
 
 
 _immediate = write_transaction  # the store's name for it
+
+
+def store_failure(error: sqlite3.Error, *, path: Path, doing: str) -> StoreError:
+    """What a failure of SQLite under a store call means to its caller, as a typed error."""
+    # SQLite rolls a whole transaction back by itself after some failures (SQLITE_FULL among
+    # them); undoing a savepoint then fails too, and that second error hides the first.
+    while isinstance(error.__context__, sqlite3.Error):
+        error = error.__context__
+    primary = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF  # extended codes: low byte
+    if primary == sqlite3.SQLITE_FULL:
+        return StoreFull(
+            f"{path}: no space left while {doing} ({error}); nothing of it was written and what "
+            "the store held before is intact: free some space and try again"
+        )
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreCorrupt(
+            f"{path} is damaged ({error}), met while {doing}; nothing of it was written. What "
+            "the damaged pages held cannot be read: restore the file from a backup, or erase "
+            "and recreate the store"
+        )
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreError(f"{path}: another connection kept the store locked while {doing}; "
+                          "nothing of it was written: try again", code="store_busy")  # fmt: skip
+    if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        return StoreError(f"{path}: the file could not be read or written while {doing} "
+                          f"({error}); nothing of it was written", code="store_io")  # fmt: skip
+    return StoreError(f"{path}: SQLite failed while {doing} ({error}); nothing of it was written")
+
+
+@contextmanager
+def store_errors(conn: sqlite3.Connection, *, path: Path, doing: str) -> Iterator[None]:
+    """Run a store call, turning SQLite's failures into the store's typed errors.
+
+    A transaction this call began is rolled back if SQLite left it open (a failed ``COMMIT``
+    can), so that the connection takes the next call; one it nests in is its owner's to end.
+    """
+    owner = not conn.in_transaction
+    try:
+        yield
+    except sqlite3.Error as error:
+        if owner and conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.rollback()
+        raise store_failure(error, path=path, doing=doing) from None
+
+
+class _Store(Protocol):
+    _conn: sqlite3.Connection
+    path: Path
+
+
+S = TypeVar("S", bound=_Store)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def guarded(
+    doing: str,
+) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concatenate[S, P], R]]:
+    """A store method whose SQLite failures reach its caller as typed errors (``doing`` says
+    what the method was doing, in the error's sentence)."""
+
+    def wrap(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+        @functools.wraps(method)
+        def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            with store_errors(self._conn, path=self.path, doing=doing):
+                return method(self, *args, **kwargs)
+
+        return call
+
+    return wrap

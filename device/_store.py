@@ -68,6 +68,7 @@ from sottovoce.device._rows import (
     encode,
     fact_batch,
     from_ms,
+    refuse_ahead,
     to_ms,
 )
 from sottovoce.device._schema import (
@@ -76,7 +77,7 @@ from sottovoce.device._schema import (
     RETENTION_FILTER,
     USER_TABLES,
 )
-from sottovoce.device._sqlite import _immediate, _migrate
+from sottovoce.device._sqlite import _immediate, _migrate, guarded
 from sottovoce.device._store_core import (
     _CACHE_KIB,
     AppendResult,
@@ -213,6 +214,7 @@ class EventStore(RankingReads, OutboxPart):
         """Record a withdrawal and purge, in the same transaction, what ``purpose`` covered."""
         return self._record_consent(user_id, purpose, granted=False, at=at)
 
+    @guarded("reading the user's consent")
     def consent_state(self, user_id: str) -> ConsentState:
         return self._consent_state(self._ref(user_id, create=False), self.user_hash(user_id))
 
@@ -230,18 +232,20 @@ class EventStore(RankingReads, OutboxPart):
     def append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         """Store a batch of events in one transaction, all or nothing.
 
-        Raises ``InvalidEventBatch`` listing every invalid event, ``EventConflict`` for an id
-        stored with other content, or the policy's ``ConsentMissing``/``AgeRestricted`` when a
-        user's events may not be kept; in each case nothing of the batch is stored.
+        Raises ``InvalidEventBatch`` listing every invalid event (an event timed further ahead
+        of the store's clock than the region's ``clock_skew`` is invalid), ``EventConflict`` for
+        an id stored with other content, or the policy's ``ConsentMissing``/``AgeRestricted``
+        when a user's events may not be kept; in each case nothing of the batch is stored.
         """
         parsed = _validate(list(events))
         if not parsed:
             return AppendResult(0)
         times, bodies = encode(parsed)
+        refuse_ahead(parsed, times, now=self._clock(), skew=self.region.clock_skew)
         refusal: PolicyViolation | None = None
         result = AppendResult(0)
         noted: dict[tuple[str, str], tuple[str, str]] = {}
-        with self._write():
+        with self._write(f"storing a batch of {len(parsed)} events"):
             refs: dict[str, int] = {}
             verdicts = []
             for user_id in sorted({e.user_id for e in parsed}):
@@ -448,8 +452,12 @@ class EventStore(RankingReads, OutboxPart):
                 replayed += len(facts)
         return replayed
 
+    @guarded("reading derived state")
     def derived_state(self, user_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """All derived state (of one user, or everyone), as plain rows for export and checks."""
+        return self._derived_state(user_id)
+
+    def _derived_state(self, user_id: str | None) -> dict[str, list[dict[str, Any]]]:
         where, args = "", []
         if user_id is not None:
             where, args = "WHERE user_ref = ?", [self._ref(user_id, create=False)]
@@ -470,7 +478,7 @@ class EventStore(RankingReads, OutboxPart):
         moment = now or self._clock()
         now_ms = to_ms(moment)
         deleted: dict[str, int] = {}
-        with self._write():
+        with self._write("purging by retention"):
             for data_class, tables in DATA_TABLES.items():
                 cutoff = now_ms - self.region.ttl(data_class) // _MS
                 for table, column in tables:
@@ -495,7 +503,7 @@ class EventStore(RankingReads, OutboxPart):
         erasing an opted-out user never opts them back in.
         """
         deleted: dict[str, int] = {}
-        with self._write():
+        with self._write("erasing the user's data"):
             ref = self._ref(user_id, create=False)
             inputs = self._inputs("erase", None)  # a one-off subject: nothing to link
             for table in (*USER_TABLES, "consent", "users"):
@@ -506,7 +514,7 @@ class EventStore(RankingReads, OutboxPart):
 
     def export_user(self, user_id: str) -> dict[str, Any]:
         """Everything stored for the user, as JSON-ready data (an access request)."""
-        with self._write():  # a write: the export itself is a logged decision
+        with self._write("exporting the user's data"):  # the export is a logged decision
             ref = self._ref(user_id, create=False)
             profile = next(self._rows("SELECT * FROM users WHERE user_ref = ?", [ref]), None)
             consent = [
@@ -523,7 +531,7 @@ class EventStore(RankingReads, OutboxPart):
                     "SELECT seq, body FROM events WHERE user_ref = ? ORDER BY seq", [ref]
                 )
             ]
-            derived = self.derived_state(user_id)
+            derived = self._derived_state(user_id)
             models = [
                 {"model_id": row["model_id"], "version": row["version"],
                  "updated_at": from_ms(row["updated_ts"]).isoformat(),
@@ -531,6 +539,13 @@ class EventStore(RankingReads, OutboxPart):
                 for row in self._rows(
                     "SELECT model_id, version, updated_ts, weights FROM model_state "
                     "WHERE user_ref = ?", [ref])
+            ]  # fmt: skip
+            uploads = [
+                _upload(row)
+                for row in self._rows(
+                    "SELECT round_id, region, state, reason, attempts AS retries, "
+                    "length(body) AS bytes, created_ts AS queued_ts, deadline_ts, done_ts "
+                    "FROM outbox WHERE user_ref = ? ORDER BY created_ts", [ref])
             ]  # fmt: skip
             inputs = self._inputs("export", ref)
             decision = self._engine.export(inputs=inputs, count=len(events))
@@ -555,6 +570,9 @@ class EventStore(RankingReads, OutboxPart):
             "events": events,
             "derived": derived,
             "personal_models": models,  # trained on the user's events (weights not listed)
+            # Model updates queued to leave the device, and what became of each (never the
+            # update itself); the decisions below keep the trail after outbox retention.
+            "uploads": uploads,
             "decisions": decisions,
         }
 
@@ -593,6 +611,14 @@ def _event_rows(batch: FactBatch, ids: list[str], bodies: list[str]) -> Iterator
     SQLite takes them."""
     return zip(batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist,
                bodies, strict=True)  # fmt: skip
+
+
+def _upload(row: dict[str, Any]) -> dict[str, Any]:
+    """An outbox row as an access export shows it: times in ISO 8601; no delta, no key."""
+    queued, deadline, done = row.pop("queued_ts"), row.pop("deadline_ts"), row.pop("done_ts")
+    return {**row, "queued_at": from_ms(queued).isoformat(),
+            "deadline": from_ms(deadline).isoformat(),
+            "finished_at": None if done is None else from_ms(done).isoformat()}  # fmt: skip
 
 
 def _has_meta(conn: sqlite3.Connection) -> bool:

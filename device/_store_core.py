@@ -35,7 +35,7 @@ from sottovoce.device._rows import (
 from sottovoce.device._schema import (
     DATA_TABLES,
 )
-from sottovoce.device._sqlite import _Checkpointer, _immediate
+from sottovoce.device._sqlite import _Checkpointer, _immediate, guarded, store_errors
 from sottovoce.policy import (
     PURPOSE_DATA,
     ConsentState,
@@ -309,6 +309,7 @@ class StoreCore:
         entries = self._items.entries
         return {t: entries[t][1] for t in tracks if t in entries}
 
+    @guarded("reading the catalog")
     def catalog(self) -> Mapping[str, tuple[str | None, Vector]]:
         """The whole local catalog, track id -> (artist, vector), in track id order, from the
         in-memory cache."""
@@ -330,6 +331,7 @@ class StoreCore:
             self._generation += 1
         return self._generation
 
+    @guarded("counting rows")
     def count(self, table: str = "events") -> int:
         return int(self._conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0])
 
@@ -346,10 +348,11 @@ class StoreCore:
         return {"action": action, "subject": subject or secrets.token_hex(16), **details}
 
     @contextmanager
-    def _write(self) -> Iterator[None]:
-        """A write transaction; whatever it changes, cached user state is stale after it."""
+    def _write(self, doing: str = "writing to the store") -> Iterator[None]:
+        """A write transaction; whatever it changes, cached user state is stale after it.
+        SQLite's failures leave it as typed errors (``StoreFull``, ``StoreCorrupt``, ...)."""
         try:
-            with _immediate(self._conn):
+            with store_errors(self._conn, path=self.path, doing=doing), _immediate(self._conn):
                 yield
         finally:
             self._states.clear()

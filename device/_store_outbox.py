@@ -15,8 +15,10 @@ from sottovoce.device._rows import (
     from_ms,
     to_ms,
 )
+from sottovoce.device._sqlite import guarded
 from sottovoce.device._store_core import ModelWeights, StoreCore
 from sottovoce.policy import (
+    Action,
     Decision,
     PrivacyMode,
 )
@@ -45,6 +47,7 @@ class OutboxPart(StoreCore):
                  to_ms(self._clock())),
             )  # fmt: skip
 
+    @guarded("reading model weights")
     def load_model(self, slot: str) -> ModelWeights | None:
         row = self._conn.execute(
             "SELECT model_id, version, weights, state FROM model_state WHERE slot = ?", (slot,)
@@ -88,6 +91,7 @@ class OutboxPart(StoreCore):
             ).fetchone()
         return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(row[0]))
 
+    @guarded("reading the privacy ledger")
     def privacy_history(self, region: str) -> list[Charge]:
         """The device's privacy ledger for a region: every round it was charged for."""
         rows = self._conn.execute(
@@ -126,9 +130,20 @@ class OutboxPart(StoreCore):
     ) -> None:
         """Record a local round: the personal model, its sealed delta in the outbox, the
         decision and (local mode) the round's privacy charge, in one transaction (a crash leaves
-        all of them or none)."""
+        all of them or none).
+
+        The decision is logged with what is queued to leave the device (round, model version,
+        budget period, size, deadline): facts an auditor can match against the round, never
+        the delta, its pseudonym or its idempotency key."""
         now = to_ms(self._clock())
-        with self._write():
+        wire = sealed.to_wire()
+        queued: dict[str, str | int] = {
+            "round": sealed.round_id, "model_version": sealed.model_version,
+            "period": sealed.period, "bytes": len(wire),
+            "deadline": deadline.isoformat(timespec="seconds"),
+        }  # fmt: skip
+        decision = decision.model_copy(update={"metrics": {**decision.metrics, **queued}})
+        with self._write("queuing a model update"):
             if charge is not None:
                 self._insert_charge(charge)
             ref = self._ref(user_id, create=True)
@@ -144,10 +159,11 @@ class OutboxPart(StoreCore):
                 "body, state, attempts, next_attempt_ts, created_ts) "
                 "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
                 (sealed.idempotency_key, ref, sealed.region, sealed.round_id, to_ms(deadline),
-                 sealed.to_wire(), now, now),
+                 wire, now, now),
             )  # fmt: skip
             self._log(decision, ref)
 
+    @guarded("reading the outbox")
     def due(self, *, now: datetime, limit: int = 100) -> list[OutboxItem]:
         rows = self._conn.execute(
             "SELECT idempotency_key, region, round_id, deadline_ts, body, attempts FROM outbox "
@@ -165,25 +181,49 @@ class OutboxPart(StoreCore):
             )  # fmt: skip
 
     def acknowledge(self, key: str, *, now: datetime) -> None:
+        """The aggregator took the delta: logged (``delta_acknowledged``) for its user."""
         self._finish(key, "acknowledged", None, now)
 
     def drop(self, key: str, *, reason: str, now: datetime) -> None:
+        """The delta will never count (``reason``: the aggregator's refusal, ``round_closed`` or
+        ``deadline_passed``): logged (``delta_dropped``) for its user."""
         self._finish(key, "dropped", reason, now)
 
     def _finish(self, key: str, state: str, reason: str | None, now: datetime) -> None:
         # Only a pending delta moves on: an acknowledgement never turns into a drop or back.
-        with self._write():
+        with self._write("recording an upload's outcome"):
+            row = self._conn.execute(
+                "SELECT user_ref, round_id, length(body), attempts, created_ts FROM outbox "
+                "WHERE idempotency_key = ? AND state = 'pending'", (key,)
+            ).fetchone()  # fmt: skip
+            if row is None:
+                return
             self._conn.execute(
-                "UPDATE outbox SET state = ?, reason = ?, done_ts = ? "
-                "WHERE idempotency_key = ? AND state = 'pending'",
+                "UPDATE outbox SET state = ?, reason = ?, done_ts = ? WHERE idempotency_key = ?",
                 (state, reason, to_ms(now), key),
             )
+            ref, round_id, size, attempts, created = row
+            metrics: dict[str, str | int] = {
+                "round": round_id, "bytes": size, "retries": attempts,
+                "queued_at": from_ms(created).isoformat(timespec="seconds"),
+            }  # fmt: skip
+            # The same inputs as the decision that queued it: one digest ties the two entries.
+            inputs = self._inputs("contribute_delta", ref, round=round_id)
+            code, fill = "delta_acknowledged", {}
+            if reason is not None:
+                code, fill = "delta_dropped", {"cause": reason}
+                metrics["cause"] = reason
+            decision = self._engine.decide(Action.CONTRIBUTE_DELTA, code, inputs=inputs,
+                                           metrics=metrics, round=round_id, **fill)  # fmt: skip
+            self._log(decision, ref)
 
+    @guarded("reading the outbox")
     def in_outbox(self, key: str) -> bool:
         """Whether a delta with this idempotency key was queued (in any state)."""
         row = self._conn.execute("SELECT 1 FROM outbox WHERE idempotency_key = ?", (key,))
         return row.fetchone() is not None
 
+    @guarded("reading the outbox")
     def outbox_states(self) -> dict[str, int]:
         """How many deltas are in each state."""
         rows = self._conn.execute("SELECT state, count(*) FROM outbox GROUP BY state")

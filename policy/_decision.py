@@ -64,6 +64,7 @@ REASONS: dict[str, str] = {
     "consent_recorded": "the user's choice about {purpose} was recorded",
     "policy_applied": "policy {policy} now applies (before: {previous})",
     "age_recorded": "the user's declared age was recorded",
+    "delta_acknowledged": "the region's aggregator acknowledged the update for round {round}",
     # deny: consent and age
     "consent_missing": "{purpose} needs consent the user has not given or has withdrawn",
     "age_restricted": "the user is below the region's minimum age or has not declared an age",
@@ -84,12 +85,13 @@ REASONS: dict[str, str] = {
     "malformed": "the message is malformed",
     "too_large": "the message is larger than the service accepts",
     "nothing_pending": "there is no pending delta to erase: none was accepted, or its round closed",
+    "delta_dropped": "the update for round {round} was dropped and is in no release ({cause})",
 }
 DENY_REASONS = frozenset(
     code for code in REASONS if code not in {
         "consent_given", "opt_out_default", "within_policy", "within_budget", "cohort_met",
         "deadline_reached", "retention_ttl", "user_request", "consent_recorded",
-        "policy_applied", "age_recorded",
+        "policy_applied", "age_recorded", "delta_acknowledged",
     }
 )  # fmt: skip
 

@@ -97,6 +97,20 @@ def _positive_duration(value: timedelta) -> timedelta:
     return value
 
 
+MAX_CLOCK_SKEW = timedelta(days=1)
+
+
+def _bounded_skew(value: timedelta) -> timedelta:
+    if value > MAX_CLOCK_SKEW:
+        raise PydanticCustomError(
+            "clock_skew_bound",
+            "a clock skew allowance is at most {limit}: events further ahead of the device's "
+            "clock would steer its state for that long",
+            {"limit": format_duration(MAX_CLOCK_SKEW)},
+        )
+    return value
+
+
 def format_duration(value: timedelta) -> str:
     """The canonical text of a duration: the largest whole unit (``"30d"``, ``"36h"``)."""
     seconds = int(value.total_seconds())
@@ -254,6 +268,9 @@ class Region(_Frozen):
     ]
     privacy: PrivacyBudget
     age: AgeGate
+    # How far ahead of the device's clock an event's time may be (clocks drift); an event
+    # further ahead is refused, or it would count as the latest listening until that time.
+    clock_skew: Annotated[Duration, AfterValidator(_bounded_skew)] = timedelta(minutes=5)
 
     @model_validator(mode="after")
     def _complete(self) -> Self:

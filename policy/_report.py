@@ -66,6 +66,7 @@ def render_report(
         _section("refusals", "Refusals by reason", _refusals(plain)),
         _section("epsilon", "Privacy budget (ε) spent per region", _epsilon(plain, timeline)),
         _section("purges", "Retention purges", _purges(plain, timeline)),
+        _section("uploads", "Model updates sent from the device", _uploads(plain)),
         _section("counts", "Decisions by region, action and outcome", _counts(plain)),
         _section(
             "policies", "Policies that governed these decisions", _policies(plain, policies or {})
@@ -362,6 +363,38 @@ def _purges(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
         )
     chart = _stacked_bars(timeline, [("rows deleted", _PURGE, rows)], "Rows deleted by purges")
     return chart + _note(f"{len(purges)} purges deleted {_num(sum(rows))} rows in all.")
+
+
+def _uploads(decisions: Sequence[Decision]) -> str:
+    """Each model update a device queued (a ``contribute_delta`` allowance with its round) and
+    what became of it (``delta_acknowledged`` or ``delta_dropped``), one row per round."""
+    queued: dict[tuple[str, str], Decision] = {}
+    outcome: dict[tuple[str, str], Decision] = {}
+    for d in decisions:
+        round_id = d.metrics.get("round")
+        if d.action is Action.CONTRIBUTE_DELTA and isinstance(round_id, str):
+            if d.reason in ("delta_acknowledged", "delta_dropped"):
+                outcome[d.region, round_id] = d
+            elif d.allowed:
+                queued[d.region, round_id] = d
+    if not queued and not outcome:
+        return _note("No model update was queued to leave a device.")
+    first_seen = {k: (queued.get(k) or outcome[k]).at for k in queued.keys() | outcome.keys()}
+    keys = sorted(first_seen, key=lambda k: (first_seen[k], k))
+    rows = []
+    for key in keys:
+        first, last = queued.get(key), outcome.get(key)
+        size = next((d.metrics.get("bytes") for d in (first, last) if d), None)
+        fate = ("pending: not acknowledged yet" if last is None else "acknowledged" if last.allowed
+                else f"dropped ({last.metrics.get('cause', 'no cause logged')})")  # fmt: skip
+        rows.append((*key, _time(first.at) if first else "not in this log",
+                     size if isinstance(size, int) else "", fate,
+                     _time(last.at) if last else ""))  # fmt: skip
+    head = ["region", "round", "queued", "bytes", "outcome", "outcome at"]
+    return _table(head, rows) + _note(
+        "Only updates are listed, never their contents: a delta leaves a device sealed to the "
+        "region's aggregator, and the log holds its round, size and outcome."
+    )
 
 
 def _counts(decisions: Sequence[Decision]) -> str:

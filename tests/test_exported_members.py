@@ -29,7 +29,8 @@ PUBLIC = {
         "Like", "LocalRound", "ModelWeights", "Navigate", "NotEligible", "PARAMETER_COUNT",
         "Pause", "Personalizer", "PlayEnd", "PlayStart", "PurgeReport", "QUALIFIED_PLAY_MS",
         "RankedItem", "Ranker", "RankerError", "Ranking", "RerankOptions", "Resume",
-        "SCHEMA_VERSION", "SESSION_GAP_MS", "Search", "Seek", "Skip", "StoreError",
+        "SCHEMA_VERSION", "SESSION_GAP_MS", "Search", "Seek", "Skip", "StoreCorrupt", "StoreError",
+        "StoreFull",
         "TASTE_HALF_LIFE_MS", "check_builtin_only", "from_ms", "is_completion", "is_play", "to_ms",
     ],
     "sottovoce.sync": [

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sottovoce.device import EventStore
 from sottovoce.policy import example_policy
 
+LATER = T0 + timedelta(days=3)  # after every event a stream holds
 TRACKS = ["t0", "t1", "t2", "t3", "t4", "t-uncatalogued"]
 KINDS = ["play_start", "play_end", "pause", "resume", "skip", "seek", "like", "dislike",
          "search", "navigate", "context"]  # fmt: skip
@@ -80,8 +81,9 @@ def test_incremental_equals_rebuilt(
 ) -> None:
     events, cuts = stream
     with tempfile.TemporaryDirectory() as tmp:
+        # The device's clock reads after the last event: the stream spans two days from T0.
         store = EventStore.open(
-            Path(tmp) / "d.db", policy=example_policy(), region="us", clock=lambda: NOW
+            Path(tmp) / "d.db", policy=example_policy(), region="us", clock=lambda: LATER
         )
         try:
             store.upsert_catalog(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import T0, Events, StoreFactory
+from conftest import NOW, T0, Events, StoreFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +58,7 @@ def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> 
     )
     db.conn.commit()
     db.close()
-    store = EventStore.open(path, policy=policy, region="us")
+    store = EventStore.open(path, policy=policy, region="us", clock=lambda: NOW)
     assert store.count() == 1
     assert [d.action.value for _, d in store.decisions.query()] == ["apply_policy"]
     store.append(Events()("like"))
