@@ -15,7 +15,7 @@ The corpus is the same every run (``corpus`` gives the count of each kind):
   send complete headers and then a body one byte every half second, and clients that connect
   and send nothing; all are opened first and held while the rest runs;
 - ``oversized``: bodies declaring 64 MiB (Content-Length) on every body route, 64 KiB sent;
-- ``streamed``: chunked bodies that never end (up to 16 MiB sent each, 8 at a time) to
+- ``streamed``: chunked bodies that never end (up to 64 MiB sent each, 8 at a time) to
   enrollment without a token, with a wrong one, with the right one, to uploads and erasure;
 - ``malformed``: uploads that are not sealed deltas (broken JSON, deep nesting, wrong types,
   garbage fields), each under a fresh idempotency key;
@@ -225,11 +225,11 @@ def declared_too_large(port: int, path: str, headers: dict[str, str]) -> int | N
 
 
 def streamed_forever(port: int, path: str, headers: dict[str, str]) -> int | None:
-    """A chunked body that does not end (up to 16 MiB) until the service answers."""
+    """A chunked body that does not end (up to 64 MiB) until the service answers."""
     with closing(socket.create_connection(("127.0.0.1", port), timeout=30)) as sock:
         sock.sendall(_head("POST", path, headers | {"Transfer-Encoding": "chunked"}))
         chunk = b"%x\r\n%s\r\n" % (65536, b"{" * 65536)
-        for _ in range(16 * MIB // 65536):
+        for _ in range(64 * MIB // 65536):
             if select.select([sock], [], [], 0)[0]:
                 break
             try:
