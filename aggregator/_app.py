@@ -36,7 +36,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sottovoce.aggregator._edge import (
-    MESSAGES,
     Gone,
     Metrics,
     Refusals,
@@ -49,7 +48,7 @@ from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.aggregator._routes import Edge, device_routes, operator_routes, upload_routes
 
-__all__ = ["MESSAGES", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("sottovoce.aggregator")
 

@@ -32,13 +32,13 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sottovoce.aggregator._app import MESSAGES
+from sottovoce.aggregator._edge import MESSAGES
 
 __all__ = ["ConnectionLimits", "guarded_protocol", "uvicorn_config"]
 
 log = logging.getLogger("sottovoce.aggregator")
 
-_REASONS: Final = {408: b"Request Timeout", 503: b"Service Unavailable"}
+_REASONS: Final = {408: "Request Timeout", 503: "Service Unavailable"}
 _CODES: Final = {408: "too_slow", 503: "busy"}
 
 
@@ -63,7 +63,7 @@ def _answer(status: int) -> bytes:
     code = _CODES[status]
     body = json.dumps({"code": code, "message": MESSAGES[code]}).encode()
     head = (
-        f"HTTP/1.1 {status} {_REASONS[status].decode()}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
