@@ -266,16 +266,17 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from sottovoce.sim import _federated as federated
 
     rounds: list[tuple[float, int]] = []
-    original: Callable[..., dict[str, Any]] = federated.run_round
+    original: Callable[..., list[dict[str, Any]]] = federated.run_rounds
 
-    def timed(config: Any, mode: PrivacyMode, service: Any, **kwargs: Any) -> dict[str, Any]:
+    def timed(config: Any, mode: PrivacyMode, parts: Any, **kwargs: Any) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        outcome = original(config, mode, service, **kwargs)
+        outcomes = original(config, mode, parts, **kwargs)
         if mode is PrivacyMode.CENTRAL and kwargs.get("pipeline") is None:  # the reranker's
-            rounds.append((time.perf_counter() - started, int(outcome.get("sampled", 0))))
-        return outcome
+            trained = sum(int(outcome.get("sampled", 0)) for outcome in outcomes)
+            rounds.append((time.perf_counter() - started, trained))
+        return outcomes
 
-    federated.run_round = timed
+    federated.run_rounds = timed
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = SimulationConfig(workdir=Path(tmp) / "sim", users=args.clients,
@@ -285,13 +286,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             log(f"ours: sottovoce simulate, {args.clients} users, {args.rounds} rounds")
             results = simulate(config)
     finally:
-        federated.run_round = original
-    regions = len(config.regions)
-    per_round = [(sum(s for s, _ in rounds[i : i + regions]),
-                  sum(n for _, n in rounds[i : i + regions]))
-                 for i in range(0, len(rounds), regions)]  # fmt: skip
+        federated.run_rounds = original
     phase = results["timings_s"].get("reranker_federated_dp")
-    return {**summary(per_round),
+    return {**summary(rounds),
             "simulate_per_round_s": None if phase is None else round(phase / args.rounds, 3),
             "timings_s": results["timings_s"]}  # fmt: skip
 

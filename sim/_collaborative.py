@@ -5,8 +5,9 @@
   central noise, the policy's budget): a count round, then factor rounds. Every device is the
   real device code (:class:`~sottovoce.device._collaborator.Collaborator`) on its own store,
   in a worker process: it checks the spec against its own policy and ledger, flips the coin,
-  computes its upload from its own history, seals it and queues it; the coordinator uploads
-  it over HTTP. Devices install every signed release before their next round.
+  computes its upload from its own history, seals it and queues it; the coordinator runs its
+  uploader over HTTP (:mod:`._regions`). Devices install every signed release before their
+  next round.
 - ``federated``: the same uploads and the same model, summed exactly (no clipping beyond the
   uploads' own scaling, no noise) here: what the design reaches without DP.
 
@@ -46,15 +47,16 @@ from sottovoce.sim._config import (
     pipeline_policy,
 )
 from sottovoce.sim._devices import Contribution, DeviceTask
-from sottovoce.sim._federated import (
+from sottovoce.sim._federated import audit_devices
+from sottovoce.sim._full_ranking import Interactions, Scorer
+from sottovoce.sim._regions import (
     Model,
     Region,
-    audit_devices,
+    RegionRound,
     audit_log,
     privacy_entry,
-    run_round,
+    run_rounds,
 )
-from sottovoce.sim._full_ranking import Interactions, Scorer
 from sottovoce.sync import ModelRelease, RoundSpec
 
 __all__ = ["PIPELINE", "federated_collaborative", "layout_for", "private_collaborative"]
@@ -140,11 +142,11 @@ def private_collaborative(
                   round(rounds * config.sampling_rate * len(data.users)))  # fmt: skip
         for number in range(1, rounds + 1):
             record: dict[str, Any] = {"round": number}
-            for region, service in services.items():
-                join = partial(_join, pool, tuple(published[region]), layout)
-                outcome = run_round(config, mode, service, plan=plans[PIPELINE][region],
-                                    users=members[region], join=join, bar=bar,
-                                    pipeline=PIPELINE)  # fmt: skip
+            parts = [RegionRound(service, plans[PIPELINE][region], members[region],
+                                 partial(_join, pool, tuple(published[region]), layout))
+                     for region, service in services.items()]  # fmt: skip
+            outcomes = run_rounds(config, mode, parts, bar=bar, pipeline=PIPELINE)
+            for region, outcome in zip(services, outcomes, strict=True):
                 spec: RoundSpec = outcome.pop("spec")
                 release = outcome.pop("release", None)
                 outcome.pop("weights", None)
