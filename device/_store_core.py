@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Self, overload
+from typing import Annotated, Any, Literal, NamedTuple, Self, overload
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from sqlite_utils import Database
 
 from sottovoce.device._derive import (
@@ -26,6 +26,7 @@ from sottovoce.device._errors import (
     CatalogError,
     StoreError,
 )
+from sottovoce.device._events import USER_PATTERN
 from sottovoce.device._features import ITEM_DIM, History, HistoryTable, fit_rows
 from sottovoce.device._rows import (
     _chunks,
@@ -51,15 +52,19 @@ WHOLE_CATALOG = 20_000  # a catalog up to this size is cached whole on first use
 _CACHE_KIB = 8192  # page cache per connection; the hot upserts are B-tree work
 
 
+CatalogId = Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=USER_PATTERN)]
+
+
 class CatalogItem(BaseModel):
     """Public metadata of one track, with its feature vector (no user data)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    track_id: str = Field(min_length=1, max_length=128)
-    artist_id: str | None = Field(default=None, min_length=1, max_length=128)
-    title: str | None = None
-    vector: tuple[float, ...] = Field(min_length=1, max_length=1024)
+    # Strict, as events are: no bytes or numbers taken for ids, no text or bools for numbers.
+    track_id: CatalogId
+    artist_id: CatalogId | None = None
+    title: Annotated[str, Strict(), Field(pattern=r"^[^\x00]*$")] | None = None
+    vector: tuple[Annotated[float, Strict()], ...] = Field(min_length=1, max_length=1024)
 
     @field_validator("vector")
     @classmethod

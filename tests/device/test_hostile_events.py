@@ -13,7 +13,7 @@ from conftest import NOW, Events, StoreFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sottovoce.device import EventConflict, EventStore, InvalidEventBatch
+from sottovoce.device import CatalogError, EventConflict, EventStore, InvalidEventBatch
 from sottovoce.policy import InvalidPolicy, Policy, example_policy, policy_from_data
 
 
@@ -145,6 +145,26 @@ def test_free_text_and_times_of_day_are_strict_too(
                                       (3, "results", "int_type")]  # fmt: skip
     # A query may hold any other character, a newline among them.
     assert store.append(events("search", query="night\ndrive \u00e9")).accepted == 1
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"track_id": "t\x00", "vector": [1.0]}, "track_id"),
+        ({"track_id": b"t1", "vector": [1.0]}, "track_id"),
+        ({"track_id": "t1", "artist_id": "a\x00", "vector": [1.0]}, "artist_id"),
+        ({"track_id": "t1", "vector": ["0.5"]}, "vector.0"),
+        ({"track_id": "t1", "vector": [True]}, "vector.0"),
+    ],
+)
+def test_catalog_rows_are_strict_too(
+    open_store: StoreFactory, item: dict[str, Any], field: str
+) -> None:
+    store = open_store()
+    with pytest.raises(CatalogError, match=field.replace(".", r"\.")):
+        store.upsert_catalog([{"track_id": "t0", "vector": [0.0]}, item])
+    assert store.count("catalog") == 0
+    assert store.upsert_catalog([{"track_id": "t1", "vector": [1, 0.5]}]) == 1  # ints are exact
 
 
 loose = st.one_of(
