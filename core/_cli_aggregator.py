@@ -56,6 +56,13 @@ def keygen(
         raise typer.BadParameter(f"--profile is 'prod' or 'dev', not {profile!r}")
     base = _read_policy(policy)
     base.region(region)  # an unknown region fails before any key is written
+    if endpoint is not None:  # and so does an endpoint no device could use
+        from sottovoce.sync.transport import BadEndpoint, api_url
+
+        try:
+            api_url(endpoint, "/v1/round")
+        except BadEndpoint as error:
+            raise typer.BadParameter(str(error), param_hint="--endpoint") from None
     keys = generate_keys(out_dir)
     privacy = DEV_PRIVACY if profile == "dev" else None
     published = policy_with_keys(base, region, keys, endpoint, privacy=privacy)

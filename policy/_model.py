@@ -28,6 +28,7 @@ from pydantic import (
     PlainSerializer,
     SerializerFunctionWrapHandler,
     WrapSerializer,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -172,6 +173,18 @@ class AggregatorKey(_Frozen):
 class Aggregator(_Frozen):
     endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]
     public_keys: Annotated[tuple[AggregatorKey, ...], Field(min_length=2)]
+
+    @field_validator("endpoint")
+    @classmethod
+    def _the_services_root(cls, endpoint: str) -> str:
+        # The device adds /v1/... itself (sync.transport.api_url): an endpoint ending in /v1
+        # would have it call /v1/v1/...
+        if endpoint.rstrip("/").endswith("/v1"):
+            raise PydanticCustomError(
+                "endpoint_root",
+                "an endpoint is the service's root, without /v1 (the device adds /v1/... itself)",
+            )
+        return endpoint
 
     @model_validator(mode="after")
     def _one_key_of_each_use(self) -> Self:

@@ -512,6 +512,19 @@ def test_keygen_then_serve_from_the_command_line(tmp_path: Path) -> None:
     assert load_keys(out).public() == keys.public()
 
 
+def test_keygen_refuses_an_endpoint_ending_in_v1_before_writing_a_key(tmp_path: Path) -> None:
+    out = tmp_path / "eu"
+    done = subprocess.run(
+        [sys.executable, "-m", "sottovoce", "aggregator", "keygen", "-r", "eu", "--out", str(out),
+         "--endpoint", "http://127.0.0.1:8123/v1"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "COLUMNS": "400"},  # the error box on one line
+    )  # fmt: skip
+    assert done.returncode == 2 and "ends in /v1" in done.stderr
+    assert "'http://127.0.0.1:8123'" in done.stderr  # what to use instead
+    assert not out.exists()
+
+
 def test_keygen_with_the_dev_profile_writes_a_policy_for_a_few_devices(tmp_path: Path) -> None:
     out = tmp_path / "dev"
     subprocess.run(

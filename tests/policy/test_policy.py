@@ -216,6 +216,11 @@ def test_norway_is_a_country_not_false() -> None:
             "less_than_equal",
         ),
         (lambda d: d["regions"][0].update(colour="blue"), "regions[0].colour", "extra_forbidden"),
+        (
+            lambda d: d["regions"][0]["aggregator"].update(endpoint="https://eu.example.org/v1/"),
+            "regions[0].aggregator.endpoint",
+            "endpoint_root",
+        ),
         (lambda d: d.update(schema_version=2), "schema_version", "literal_error"),
         (lambda d: d.update(regions=[]), "regions", "too_short"),
     ],
