@@ -17,7 +17,7 @@ model) and returns ``local weights - global weights``, the delta that sync will 
 from __future__ import annotations
 
 import base64
-import functools
+import itertools
 import math
 import random
 import threading
@@ -86,11 +86,6 @@ class RankedItem(NamedTuple):
     score: float
     reason: str
     explored: bool = False
-
-
-# RankedItem from a complete tuple without the Python-level __new__ (a fifth of building a
-# long ranking).
-_item = functools.partial(tuple.__new__, RankedItem)
 
 
 @dataclass(frozen=True)
@@ -251,14 +246,18 @@ class Personalizer:
                 self.ranker.infer(x),
                 chunk.artist_skips,  # the session's skips of the candidate's artist
                 chunk.tracks[:, 5] > 0,  # disliked
-                (chunk.tracks[:, 7] > 0) & (chunk.artist_skips == 0),  # may be explored
+                # may be explored: never played, and (in a session) its artist not skipped
+                (chunk.tracks[:, 7] > 0) & (chunk.artist_skips == 0) if inputs.in_session
+                else chunk.tracks[:, 7] > 0,
                 _reasons(x),
             ))  # fmt: skip
         logits, skips, disliked, fresh, codes = (
             np.concatenate(column) if len(column) > 1 else column[0]
             for column in zip(*parts, strict=True)
         )
-        scores = logits.astype(np.float64) - options.session_skip_penalty * skips
+        scores = logits.astype(np.float64)
+        if inputs.in_session:  # outside a session every skip count is 0: nothing to take off
+            scores = scores - options.session_skip_penalty * skips
         order, explored = _arrange(scores, disliked, fresh, inputs.artist_codes, options)
         if limit is not None:
             order = order[:limit]
@@ -268,10 +267,12 @@ class Personalizer:
         flags = flags[order]
         reasons[flags] = _REASONS[0]
         ids = inputs.track_ids
-        # Built in C (zip, map): a whole catalog's items would otherwise take longer than
+        # Built in C (zip, map, and tuple.__new__ on complete tuples instead of RankedItem's
+        # Python-level __new__): a whole catalog's items would otherwise take longer than
         # scoring it.
-        items = tuple(map(_item, zip(map(ids.__getitem__, order.tolist()), scores[order].tolist(),
-                                     reasons.tolist(), flags.tolist(), strict=True)))  # fmt: skip
+        rows = zip(map(ids.__getitem__, order.tolist()), scores[order].tolist(), reasons.tolist(),
+                   flags.tolist(), strict=True)  # fmt: skip
+        items = tuple(map(tuple.__new__, itertools.repeat(RankedItem), rows))
         return Ranking(items, personalized=True)
 
     # -- local training ----------------------------------------------------------------------
@@ -470,34 +471,36 @@ def _explore(
     first = min(2, len(top))
     if not slots or len(top) <= first:
         return set()
-    pool: list[int] = rest[fresh[rest]].tolist()
-    artist_of: list[int] = []  # artists as a list, made when the cap first excludes some
+    pool = rest[fresh[rest]]  # in score order
     rng = random.Random(options.seed)
     counts: dict[int, int] = {}
 
-    def bump(i: int, by: int) -> None:
-        artist = int(artists[i])
+    def bump(artist: int, by: int) -> None:
         if artist >= 0:
             counts[artist] = counts.get(artist, 0) + by
 
-    for i in top:
-        bump(i, 1)
+    for artist in artists[top].tolist():
+        bump(artist, 1)
     explored: set[int] = set()
     for place in rng.sample(range(first, len(top)), min(slots, len(top) - first)):
-        bump(top[place], -1)
-        full = {a for a, c in counts.items() if c >= options.max_per_artist}
+        leaving = int(artists[top[place]])
+        bump(leaving, -1)
         fits = pool
-        if full:
-            artist_of = artist_of or artists.tolist()
-            fits = [i for i in pool if artist_of[i] not in full]
-        if not fits:
-            bump(top[place], 1)
+        full = [a for a, c in counts.items() if c >= options.max_per_artist]
+        if full:  # usually an artist or two: a comparison each (np.isin costs more)
+            of_pool = artists[pool]
+            capped = of_pool == full[0]
+            for artist in full[1:]:
+                capped |= of_pool == artist
+            fits = pool[~capped]
+        if not len(fits):
+            bump(leaving, 1)
             continue
-        pick = rng.choice(fits)
-        pool.remove(pick)
+        pick = int(rng.choice(fits))  # the same draw as from a list: fits[randbelow(len)]
+        pool = pool[pool != pick]
         top[place] = pick
         explored.add(pick)
-        bump(pick, 1)
+        bump(int(artists[pick]), 1)
     return explored
 
 
