@@ -10,7 +10,12 @@ signature can verify for many messages (the all-zero key is one of them); and mi
 points (a subgroup point plus a torsion point), which verifiers disagree about.
 
 The arithmetic is RFC 8032's (section 5.1 and its reference code), in extended coordinates.
-:func:`is_device_key` takes about a millisecond: enrollment is rare and needs a token.
+:func:`is_device_key` takes about a millisecond: enrollment is rare and needs a token. Why not a
+library: ``cryptography`` loads any encoding that decodes (the all-zero key included) and has no
+subgroup check; libsodium's ``crypto_core_ed25519_is_valid_point`` has one, but would be a
+second native crypto dependency of the service for one check. It serves as the independent
+reference instead: ``tests/aggregator/test_device_key_check.py`` holds the two equal on honest,
+small-order, mixed-order, non-canonical and random encodings.
 """
 
 from __future__ import annotations
