@@ -1,7 +1,9 @@
 """What the aggregator service's routes share at the HTTP edge (no decisions here).
 
 The refusal shape (``{"code", "message"}``, :func:`problem`, never quoting more than
-``MESSAGE_CHARS`` of anything), reading a request body within the limit and only when it is
+``MESSAGE_CHARS`` of anything), the one place a verdict of the aggregator becomes an HTTP status
+(:func:`status_of`, :func:`answer`: statuses and messages come from the registry of reason codes
+in ``sottovoce.policy._reasons``), reading a request body within the limit and only when it is
 declared JSON, the enrollment token check, the one thread that owns the aggregator
 (:class:`Worker`), the Prometheus counters (:class:`Metrics`), and which refusals are logged one
 by one (:class:`Refusals`, over :mod:`._refusals`). Routes are in :mod:`._routes`, the app in
@@ -16,8 +18,9 @@ import hmac
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Annotated, Final, TypeVar
 
 from fastapi import Request
@@ -26,36 +29,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from sottovoce.aggregator._refusals import RefusalBudget, RefusalLimit, RefusalTally
-from sottovoce.aggregator._rounds import RegionAggregator
+from sottovoce.aggregator._rounds import RegionAggregator, Verdict
+from sottovoce.policy._reasons import REASON_CODES
 from sottovoce.sync import SealedDelta, SyncError
 
 T = TypeVar("T")
 
-# A sentence a person understands, for every code an answer can carry.
-MESSAGES: Final[dict[str, str]] = {
-    "unsupported_protocol": "The request speaks a protocol version this aggregator does not.",
-    "malformed": "The request is not a well-formed message for this endpoint.",
-    "undecryptable": "The delta could not be decrypted with this region's key.",
-    "bad_signature": "The delta's signature does not match the enrolled device key.",
-    "not_enrolled": "The device key is not enrolled for this period, or the token is refused.",
-    "wrong_region": "The delta is for another region; it is refused here by policy.",
-    "duplicate_contribution": "This device already contributed to the round.",
-    "round_closed": "The round is closed, unknown or past its deadline.",
-    "wrong_model_version": "The delta was trained on another model version than the round's.",
-    "non_finite": "The delta holds values that are not finite numbers.",
-    "norm_exceeded": "The delta's norm is above the round's clipping bound.",
-    "too_large": "The request body is larger than this service accepts.",
-    "unsupported_media_type": "The request body must be JSON (Content-Type: application/json).",
-    "too_slow": "The request did not arrive in time; the connection is closed.",
-    "busy": "The service has too many open connections; try again later.",
-    "erased": "The device took this delta back (erasure); it is not counted.",
-    "nothing_pending": "No pending delta matches: it was never accepted, or its round closed.",
-    "no_open_round": "No round is open at the moment.",
-    "no_release": "No model release has been published yet.",
-    "not_found": "There is no such endpoint.",
-    "method_not_allowed": "The endpoint does not take this method.",
-    "internal": "The aggregator failed to process the request.",
-}
+# The status and the sentence a person understands of every code an answer can carry, from the
+# one registry of reason codes.
+STATUS: Final[Mapping[str, int]] = MappingProxyType(
+    {r.code: r.status for r in REASON_CODES if r.status is not None}
+)
+MESSAGES: Final[Mapping[str, str]] = MappingProxyType(
+    {r.code: r.message for r in REASON_CODES if r.message is not None}
+)
 
 JSON: Final = "application/json"
 PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,6 +59,21 @@ class EnrollRequest(BaseModel):
     protocol: int
     device_key: Annotated[str, Field(max_length=64)]
     period: Annotated[str, Field(max_length=32)]
+
+
+def status_of(verdict: Verdict) -> int:
+    """The HTTP status of the aggregator's verdict: its code's, except ``409`` for other
+    content under an idempotency key that was already accepted."""
+    return 409 if verdict.key_taken else STATUS[verdict.code]
+
+
+def answer(verdict: Verdict, message: str | None = None) -> JSONResponse:
+    """The response to an upload or erasure verdict: a refusal in the problem shape, else
+    ``{"status": ..., "code": ...}`` (``accepted`` or ``erased``)."""
+    if not verdict.accepted:
+        return problem(status_of(verdict), verdict.code, message)
+    status = "erased" if verdict.code == "user_request" else "accepted"
+    return JSONResponse({"status": status, "code": verdict.code}, status_code=status_of(verdict))
 
 
 def problem(status: int, code: str, message: str | None = None, **headers: str) -> JSONResponse:
@@ -204,10 +206,12 @@ class Refusals:
             return True
         return self._budget.take(source_of(request), now=time.monotonic())
 
-    def settle(self, request: Request, logged: bool, action: str, status: int, code: str) -> None:
+    def settle(
+        self, request: Request, logged: bool, action: str, accepted: bool, code: str
+    ) -> None:
         """After the aggregator answered: a logged token comes back if nothing was refused; a
         refusal that was not logged is counted."""
-        if 200 <= status < 300:
+        if accepted:
             if logged and self._budget is not None:
                 self._budget.give_back(source_of(request))
         elif not logged:

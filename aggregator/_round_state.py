@@ -33,30 +33,13 @@ from sottovoce.policy import (
     DecisionLog,
     Policy,
 )
+from sottovoce.policy._reasons import reason
 from sottovoce.sync import (
     ModelRelease,
     RoundSpec,
     SignedRoundSpec,
 )
 from sottovoce.sync._wire import b64encode
-
-# HTTP status of every answer ``accept`` can give, by reason code.
-STATUS: Final[dict[str, int]] = {
-    "within_policy": 200,
-    "unsupported_protocol": 400,
-    "malformed": 400,
-    "undecryptable": 400,
-    "bad_signature": 400,
-    "not_enrolled": 403,
-    "wrong_region": 403,
-    "duplicate_contribution": 409,
-    "round_closed": 410,
-    "wrong_model_version": 422,
-    "non_finite": 422,
-    "norm_exceeded": 422,
-    "too_large": 413,
-    "erased": 410,  # the stored answer to an upload its device took back (erasure)
-}
 
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _PERIOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,31}$")
@@ -102,6 +85,39 @@ class RoundStillOpen(SottovoceError):
     """A round cannot open while another is open: each round trains the latest release."""
 
     code = "round_open"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The aggregator's answer to one upload or erasure, as a domain value (no HTTP here: the
+    service maps it, see :func:`sottovoce.aggregator._edge.status_of`).
+
+    ``code`` is a reason code of the registry (``sottovoce.policy._reasons``); ``added``: this
+    call put the delta into its round's running sum (a replay of an accepted upload is not
+    added again); ``release``: the model release this call published, when the delta completed
+    a local-mode round; ``key_taken``: refused because its idempotency key already accepted
+    other content.
+    """
+
+    code: str
+    added: bool = False
+    release: ModelRelease | None = None
+    key_taken: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the answer is an allow (a delta counted, or taken back on request)."""
+        return reason(self.code).outcome == "allow"
+
+
+def stored_status(code: str) -> int:
+    """The ``status`` column of a stored answer (the ``contributions`` table keeps each
+    answer's HTTP status, as its files always have; ``status = 200`` marks an accepted delta
+    in its indexes), from the registry of reason codes."""
+    status = reason(code).status
+    if status is None:
+        raise ValueError(f"{code!r} is not an answer to an upload")
+    return status
 
 
 @dataclass(frozen=True)
@@ -268,7 +284,7 @@ class RoundsBase:
             (state, _iso(now), round_id),
         )
 
-    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> None:
+    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> ModelRelease | None:
         raise NotImplementedError  # RegionAggregator publishes
 
     # -- keys --------------------------------------------------------------------------------

@@ -48,13 +48,14 @@ from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._ed25519 import is_device_key
 from sottovoce.aggregator._ledger import BudgetExceeded
 from sottovoce.aggregator._partial_sum import PartialSum, central_release
-from sottovoce.aggregator._round_state import STATUS, RoundInfo, RoundStillOpen, _iso
+from sottovoce.aggregator._round_state import RoundInfo, RoundStillOpen, Verdict, _iso
 from sottovoce.aggregator._uploads import UploadsPart
 from sottovoce.policy import (
     DataClass,
     PrivacyMode,
 )
 from sottovoce.sync import (
+    ModelRelease,
     RoundSpec,
     SignedRoundSpec,
     sign_release,
@@ -63,7 +64,7 @@ from sottovoce.sync import (
 from sottovoce.sync._budget import Mechanism, mechanism
 from sottovoce.sync._wire import b64decode, b64encode
 
-__all__ = ["STATUS", "RegionAggregator", "RoundInfo", "RoundStillOpen"]
+__all__ = ["RegionAggregator", "RoundInfo", "RoundStillOpen", "Verdict"]
 
 
 class RegionAggregator(UploadsPart):
@@ -259,8 +260,9 @@ class RegionAggregator(UploadsPart):
 
     # -- closing -----------------------------------------------------------------------------
 
-    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> None:
-        """Publish the round (inside the caller's write transaction)."""
+    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> ModelRelease | None:
+        """Publish the round (inside the caller's write transaction); returns the release, or
+        ``None`` when the round was abandoned instead."""
         central = spec.mode is PrivacyMode.CENTRAL
         if central:
             update = central_release(partial.total, clipping_norm=spec.clipping_norm,
@@ -283,7 +285,7 @@ class RegionAggregator(UploadsPart):
                 inputs=inputs, reason="budget_exhausted",
                 epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
             self._log.checkpoint()
-            return
+            return None
         if self._accumulate:
             latest = self.latest_release()
             previous = self._base if latest is None else latest.weights_array().astype(np.float64)
@@ -311,6 +313,7 @@ class RegionAggregator(UploadsPart):
             )
         self._log.append(decision)
         self._log.checkpoint()
+        return release
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from sottovoce.aggregator._edge import (
     Metrics,
     Refusals,
     Worker,
+    answer,
     declared_length,
     etag_of,
     invalid_body,
@@ -134,7 +135,7 @@ def device_routes(app: FastAPI, edge: Edge) -> None:
             return None
 
         refused = await worker.run(decide)
-        refusals.settle(request, logged, "enroll_device", 400 if refused else 200, "malformed")
+        refusals.settle(request, logged, "enroll_device", refused is None, "malformed")
         if refused is not None:
             return problem(400, "malformed", refused[:1].upper() + refused[1:] + ".")
         metrics.count(enrolled=1)
@@ -191,43 +192,25 @@ def upload_routes(app: FastAPI, edge: Edge) -> None:
             return problem(415, "unsupported_media_type")
         body = await read_limited(request, max_body_bytes)
         logged = refusals.take(request)
+        message = None
         if body is None:
             size = declared_length(request)
-            status, code = await worker.run(
-                lambda agg: agg.refuse_too_large(key, size, record=logged)
-            )
-            refusals.settle(request, logged, "accept_delta", status, code)
-            metrics.refuse(code)
-            return problem(status, code)
-        if other_round(body, round_id):
-            status, code = await worker.run(
+            verdict = await worker.run(lambda agg: agg.refuse_too_large(key, size, record=logged))
+        elif other_round(body, round_id):
+            verdict = await worker.run(
                 lambda agg: agg.refuse(body, key, "malformed", record=logged)
             )
-            refusals.settle(request, logged, "accept_delta", status, code)
-            metrics.refuse(code)
-            return problem(status, code, "The delta is for another round than the path's.")
-
-        def accept(agg: RegionAggregator) -> tuple[int, str, int, bool]:
-            before = agg.round(round_id)
+            message = "The delta is for another round than the path's."
+        else:
             # A missing key is still the aggregator's decision (logged, refused as malformed).
-            status, code = agg.accept(body, key, record=logged)
-            after = agg.round(round_id)
-            added = 0 if after is None else after.count - (0 if before is None else before.count)
-            published = (
-                before is not None and before.state == "open" and after is not None
-                and after.state == "published"
-            )  # fmt: skip
-            return status, code, added, published
-
-        status, code, added, published = await worker.run(accept)
-        refusals.settle(request, logged, "accept_delta", status, code)
-        metrics.count(accepted=added, published=int(published))
-        if 200 <= status < 300:
-            return JSONResponse({"status": "accepted", "code": code}, status_code=status)
-        metrics.refuse(code)
-        if idempotency_key is None:
-            return problem(status, code, "The Idempotency-Key header is required.")
-        return problem(status, code)
+            verdict = await worker.run(lambda agg: agg.accept(body, key, record=logged))
+            if idempotency_key is None:
+                message = "The Idempotency-Key header is required."
+        refusals.settle(request, logged, "accept_delta", verdict.accepted, verdict.code)
+        metrics.count(accepted=int(verdict.added), published=int(verdict.release is not None))
+        if not verdict.accepted:
+            metrics.refuse(verdict.code)
+        return answer(verdict, message)
 
     @app.post(
         "/v1/pseudonyms/{pseudonym}/erasure",
@@ -252,12 +235,11 @@ def upload_routes(app: FastAPI, edge: Edge) -> None:
                 400, "malformed", "The delta belongs to another pseudonym than the path's."
             )
         logged = refusals.take(request)
-        status, code = await worker.run(lambda agg: agg.erase(body, record=logged))
-        refusals.settle(request, logged, "erase", status, code)
-        if status == 200:
+        verdict = await worker.run(lambda agg: agg.erase(body, record=logged))
+        refusals.settle(request, logged, "erase", verdict.accepted, verdict.code)
+        if verdict.accepted:
             metrics.count(erased=1)
-            return JSONResponse({"status": "erased", "code": code})
-        return problem(status, code)
+        return answer(verdict)
 
 
 def operator_routes(app: FastAPI, edge: Edge) -> None:

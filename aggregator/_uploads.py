@@ -2,9 +2,13 @@
 to its round's running sum; a device can take back a pending delta (erasure).
 
 An idempotency key binds to the first content *accepted* under it: a replay of that content gets
-its first answer, other content under the key is refused (409). A refused attempt binds nothing:
-a replay of the same refused body gets the same answer, and a different body under the same key
-(a device's retry after a corrupted first attempt) is decided on its merits.
+its first answer, other content under the key is refused (``malformed``, with ``key_taken``). A
+refused attempt binds nothing: a replay of the same refused body gets the same answer, and a
+different body under the same key (a device's retry after a corrupted first attempt) is decided
+on its merits.
+
+Every method returns a :class:`~._round_state.Verdict` (a reason code, whether the delta was
+added, the release it completed); the service maps verdicts to HTTP.
 
 Every method that can refuse takes ``record``: ``False`` leaves a refusal out of the log and out
 of the stored answers (the service then counts it into one logged decision per reason, see
@@ -21,7 +25,14 @@ from datetime import datetime
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._partial_sum import PartialSum
-from sottovoce.aggregator._round_state import _IDEMPOTENCY_KEY, STATUS, RoundsBase, _iso, _Refusal
+from sottovoce.aggregator._round_state import (
+    _IDEMPOTENCY_KEY,
+    RoundsBase,
+    Verdict,
+    _iso,
+    _Refusal,
+    stored_status,
+)
 from sottovoce.policy import Action, PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
@@ -40,8 +51,8 @@ __all__ = ["UploadsPart"]
 class UploadsPart(RoundsBase):
     """Uploads and erasures of pending deltas."""
 
-    def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> tuple[int, str]:
-        """Decide on one uploaded sealed delta; returns (HTTP status, reason code)."""
+    def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> Verdict:
+        """Decide on one uploaded sealed delta."""
         digest = hashlib.sha256(body).hexdigest()
         prior = self._prior(idempotency_key, digest, record=record)
         if prior is not None:
@@ -92,9 +103,10 @@ class UploadsPart(RoundsBase):
             # Local mode closes at its minimum cohort (each upload carries its own noise);
             # central mode never closes early: truncating the cohort would let one device
             # displace another and double the sensitivity. It closes at the deadline.
+            release = None
             if spec.mode is PrivacyMode.LOCAL and partial.count >= spec.min_cohort:
-                self._close(spec, partial, now)
-        return 200, "within_policy"
+                release = self._close(spec, partial, now)
+        return Verdict("within_policy", added=True, release=release)
 
     def _open(self, sealed: SealedDelta, spec: RoundSpec) -> OpenedDelta:
         """Decrypt and verify ``sealed`` for its round (raises the ``SyncError`` it fails)."""
@@ -109,26 +121,26 @@ class UploadsPart(RoundsBase):
             dim=self._dim,
         )
 
-    def _prior(self, idempotency_key: str, digest: str, *, record: bool) -> tuple[int, str] | None:
-        """The stored answer to this key and body, a 409 for other content under a key that
-        was accepted, or ``None``: decide (see the module docstring)."""
+    def _prior(self, idempotency_key: str, digest: str, *, record: bool) -> Verdict | None:
+        """The stored answer to this key and body, a refusal for other content under a key
+        that was accepted (``key_taken``), or ``None``: decide (see the module docstring)."""
         row = self._conn.execute(
-            "SELECT body_sha256, status, code FROM contributions WHERE idempotency_key = ?",
+            "SELECT body_sha256, code FROM contributions WHERE idempotency_key = ?",
             (idempotency_key,),
         ).fetchone()
         if row is None:
             return None
-        body_sha256, status, code = str(row[0]), int(row[1]), str(row[2])
+        body_sha256, code = str(row[0]), str(row[1])
         if body_sha256 == digest:
-            return status, code
-        if status != STATUS["within_policy"] and code != "erased":
+            return Verdict(code)
+        if code not in ("within_policy", "erased"):
             return None  # only refused so far: this other body is decided on its merits
         # Not stored: the key stays bound to the content it accepted.
         if record:
             inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
             with write_transaction(self._conn, name="accept_conflict"):
                 self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
-        return 409, "malformed"
+        return Verdict("malformed", key_taken=True)
 
     def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
         """The envelope checks before decryption; raises ``_Refusal``."""
@@ -190,10 +202,9 @@ class UploadsPart(RoundsBase):
 
     def _refuse(
         self, idempotency_key: str, digest: str, refusal: _Refusal, *, record: bool
-    ) -> tuple[int, str]:
-        status = STATUS[refusal.code]
+    ) -> Verdict:
         if not record:
-            return status, refusal.code
+            return Verdict(refusal.code)
         inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
         with write_transaction(self._conn, name="refuse"):
             if _IDEMPOTENCY_KEY.match(idempotency_key):
@@ -212,27 +223,27 @@ class UploadsPart(RoundsBase):
                         refusal.round_id,
                         refusal.pseudonym,
                         digest,
-                        status,
+                        stored_status(refusal.code),
                         refusal.code,
                         _iso(self._clock()),
                     ),
                 )
             self._log.append(self._engine.accept_delta(inputs=inputs, refusal=refusal.code))
-        return status, refusal.code
+        return Verdict(refusal.code)
 
     # -- erasure -----------------------------------------------------------------------------
 
-    def erase(self, body: bytes, *, record: bool = True) -> tuple[int, str]:
-        """Take a pending delta back out of its round; returns (HTTP status, reason code).
+    def erase(self, body: bytes, *, record: bool = True) -> Verdict:
+        """Take a pending delta back out of its round (``user_request``), or refuse to.
 
         A delta is pending while its round is open: it is in the running sum, not yet in a
         release. The device shows it is its own by presenting the sealed delta it uploaded
         (only that device and this aggregator ever had those bytes); the aggregator opens it
         again, subtracts it from the running sum and unlinks the round's records from its
-        pseudonym. The upload's idempotency key then answers ``erased`` (410), so a stray
+        pseudonym. The upload's idempotency key then answers ``erased``, so a stray
         retry cannot put the delta back. Once the round has closed there is nothing pending:
         a published round's deltas are part of its (noised) release, an abandoned round's
-        sum is gone (404 ``nothing_pending``). Every answer is a logged ``erase`` decision.
+        sum is gone (``nothing_pending``). Every answer is a logged ``erase`` decision.
         """
         digest = hashlib.sha256(body).hexdigest()
         try:
@@ -263,21 +274,21 @@ class UploadsPart(RoundsBase):
                 "UPDATE contributions SET pseudonym = NULL, device_key = NULL, status = ?,"
                 " code = 'erased'"
                 " WHERE round_id = ? AND pseudonym = ?",
-                (STATUS["erased"], round_id, sealed.pseudonym),
+                (stored_status("erased"), round_id, sealed.pseudonym),
             ).rowcount
             deleted = {"pending_deltas": 1, "pseudonym_records": unlinked}
             self._log.append(self._engine.erase(deleted=deleted, inputs=inputs))
-        return 200, "user_request"
+        return Verdict("user_request")
 
-    def _erase_refused(self, inputs: dict[str, str], code: str, *, record: bool) -> tuple[int, str]:
+    def _erase_refused(self, inputs: dict[str, str], code: str, *, record: bool) -> Verdict:
         if record:
             with write_transaction(self._conn, name="erase_refused"):
                 self._log.append(self._engine.erase(deleted={}, inputs=inputs, refusal=code))
-        return {"nothing_pending": 404, "wrong_region": 403}.get(code, 400), code
+        return Verdict(code)
 
     def refuse(
         self, body: bytes, idempotency_key: str, code: str, *, record: bool = True
-    ) -> tuple[int, str]:
+    ) -> Verdict:
         """Refuse and log an upload the HTTP layer found wrong before deciding, e.g. a body
         for another round than its path names. Not remembered under its idempotency key: the
         same body sent to the right path is still decided on its merits."""
@@ -286,17 +297,17 @@ class UploadsPart(RoundsBase):
                       "body_sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
             with write_transaction(self._conn, name="refuse_request"):
                 self._log.append(self._engine.accept_delta(inputs=inputs, refusal=code))
-        return STATUS[code], code
+        return Verdict(code)
 
     def refuse_too_large(
         self, idempotency_key: str, size: int | None, *, record: bool = True
-    ) -> tuple[int, str]:
+    ) -> Verdict:
         """Log the refusal of an upload the service would not read (above its body limit)."""
         if record:
             inputs = {"idempotency_key": idempotency_key, "bytes": -1 if size is None else size}
             with write_transaction(self._conn, name="refuse_too_large"):
                 self._log.append(self._engine.accept_delta(inputs=inputs, refusal="too_large"))
-        return STATUS["too_large"], "too_large"
+        return Verdict("too_large")
 
     def log_refusal_counts(self, counts: Mapping[tuple[str, str], int]) -> int:
         """Log refusals that were answered but not logged one by one: one decision per

@@ -26,6 +26,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sottovoce.policy._canonical import canonical_json
 from sottovoce.policy._consent import ConsentState, consent_refusal
 from sottovoce.policy._model import Policy, Purpose, Region
+from sottovoce.policy._reasons import REASON_CODES
 
 
 class Action(StrEnum):
@@ -48,52 +49,12 @@ class Outcome(StrEnum):
     DENY = "deny"
 
 
-# Stable reason codes and the sentence each stands for. Codes are an interface: add, never
-# rename. Sentences may use {placeholders} filled from non-personal values only.
-REASONS: dict[str, str] = {
-    # allow
-    "consent_given": "the user opted in to {purpose}",
-    "opt_out_default": "{purpose} is opt-out in region {region} and the user has not opted out",
-    "within_policy": "the request is within the region's policy",
-    "within_budget": "the round fits the privacy budget: ε {spent:.4g} of {budget:.4g} after it",
-    "cohort_met": "the round closed with {cohort} contributions (minimum {min_cohort})",
-    "deadline_reached": "the round reached its deadline; its sum was released with central "
-    "noise over the fixed expected cohort of {expected:.4g} devices",
-    "retention_ttl": "rows older than the region's retention were deleted",
-    "user_request": "the user asked for it",
-    "consent_recorded": "the user's choice about {purpose} was recorded",
-    "policy_applied": "policy {policy} now applies (before: {previous})",
-    "age_recorded": "the user's declared age was recorded",
-    "delta_acknowledged": "the region's aggregator acknowledged the update for round {round}",
-    # deny: consent and age
-    "consent_missing": "{purpose} needs consent the user has not given or has withdrawn",
-    "age_restricted": "the user is below the region's minimum age or has not declared an age",
-    # deny: protocol and aggregation
-    "wrong_region": "the request is for another region than {region}",
-    "not_enrolled": "the device is not enrolled, or its enrollment is invalid",
-    "bad_signature": "the signature does not verify",
-    "undecryptable": "the delta cannot be decrypted with the region's key",
-    "round_closed": "the round is closed or unknown",
-    "wrong_model_version": "the delta is for another model version",
-    "non_finite": "the delta has non-finite values",
-    "norm_exceeded": "the delta's norm is above the clipping bound",
-    "duplicate_contribution": "this pseudonym already contributed to the round",
-    "budget_exhausted": "the round would exceed the privacy budget of ε {budget:.4g}",
-    "spec_outside_policy": "the round spec does not match the region's policy ({detail})",
-    "cohort_not_met": "the round ended below its minimum cohort of {min_cohort}",
-    "unsupported_protocol": "the message uses a protocol version this service does not speak",
-    "malformed": "the message is malformed",
-    "too_large": "the message is larger than the service accepts",
-    "nothing_pending": "there is no pending delta to erase: none was accepted, or its round closed",
-    "delta_dropped": "the update for round {round} was dropped and is in no release ({cause})",
-}
+# The decision log's reason codes and their sentences, derived from the one registry of codes
+# (:mod:`._reasons`): every code that is a logged decision, and which of them deny.
+REASONS: dict[str, str] = {r.code: r.sentence for r in REASON_CODES if r.sentence is not None}
 DENY_REASONS = frozenset(
-    code for code in REASONS if code not in {
-        "consent_given", "opt_out_default", "within_policy", "within_budget", "cohort_met",
-        "deadline_reached", "retention_ttl", "user_request", "consent_recorded",
-        "policy_applied", "age_recorded", "delta_acknowledged",
-    }
-)  # fmt: skip
+    r.code for r in REASON_CODES if r.sentence is not None and r.outcome == "deny"
+)
 
 Metric = int | float | str | bool
 

@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from sottovoce.policy._reasons import REASON_CODES
+
 
 class DeltaState(StrEnum):
     PENDING = "pending"
@@ -74,11 +76,8 @@ class Drop:
 Outcome = Acknowledged | RetryAt | Drop
 
 # Refusals that no retry can fix: the delta is dropped (with the aggregator's reason code).
-FINAL_REFUSALS = frozenset({
-    "wrong_region", "not_enrolled", "bad_signature", "undecryptable", "round_closed",
-    "wrong_model_version", "non_finite", "norm_exceeded", "budget_exhausted",
-    "unsupported_protocol", "malformed", "duplicate_contribution",
-})  # fmt: skip
+# The registry of reason codes says which they are (its ``final`` column).
+FINAL_REFUSALS = frozenset(r.code for r in REASON_CODES if r.final)
 MAX_BACKOFF = timedelta(hours=6)
 
 

@@ -55,6 +55,7 @@ from aggregator_helpers import T0
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from sottovoce.aggregator._edge import status_of
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.device import EventStore
 from sottovoce.policy import Policy, load_policy
@@ -147,8 +148,10 @@ def accept(world: World, db: Path, acks: TextIO, seed: int, *, close: bool = Fal
     acks.flush()
     for index in stream(len(world.deltas), seed):
         key, body = world.deltas[index]
-        status, code = agg.accept(body, key)
+        verdict = agg.accept(body, key)
         now = agg.round(round_id) if round_id is not None else None
+        # The status the service would answer with (the one the file keeps for the key).
+        status, code = status_of(verdict), verdict.code
         acks.write(f"{key} {status} {code} {0 if now is None else now.count}\n")
         acks.flush()
     if close:

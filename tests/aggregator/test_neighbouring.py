@@ -62,7 +62,7 @@ def release_of(tmp_path: Path, name: str, deltas: list[npt.NDArray[np.float32]])
             signing_key=device,
             aggregator_hpke_key=keys.hpke.public_key(),
         )
-        assert agg.accept(sealed.to_wire(), sealed.idempotency_key)[1] == "within_policy"
+        assert agg.accept(sealed.to_wire(), sealed.idempotency_key).code == "within_policy"
     clock.now = spec.deadline + timedelta(seconds=1)
     agg.sweep()
     release = agg.latest_release()

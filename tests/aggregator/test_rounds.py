@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce.aggregator import BudgetExceeded
-from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen
+from sottovoce.aggregator._edge import status_of
+from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen, Verdict
 from sottovoce.policy import Decision, Policy
 from sottovoce.sync import (
     RoundSpec,
@@ -106,7 +107,7 @@ class World:
         self.agg.enroll(device.public, period_label(spec))
         return device
 
-    def upload(self, sealed: SealedDelta) -> tuple[int, str]:
+    def upload(self, sealed: SealedDelta) -> Verdict:
         return self.agg.accept(sealed.to_wire(), sealed.idempotency_key)
 
     def reasons(self, action: str = "accept_delta") -> list[str]:
@@ -182,10 +183,8 @@ def test_a_full_round_publishes_at_its_deadline_base_plus_the_noised_sum_over_th
     # More devices than the minimum cohort: every on-time delta counts, none is dropped.
     deltas = [small(rng) for _ in range(COHORT + 1)]
     for i, delta in enumerate(deltas):
-        assert world.upload(world.device(spec).seal(delta, spec, world.keys.hpke)) == (
-            200,
-            "within_policy",
-        )
+        verdict = world.upload(world.device(spec).seal(delta, spec, world.keys.hpke))
+        assert verdict == Verdict("within_policy", added=True)
         info = world.agg.round(spec.round_id)
         assert info is not None and (info.state, info.count) == ("open", i + 1)
     # Reaching the minimum cohort closes nothing: the round waits for its deadline.
@@ -262,7 +261,7 @@ def test_a_central_round_publishes_at_its_deadline_whatever_the_count(
     rng = np.random.default_rng(20 + count)
     deltas = [small(rng) for _ in range(count)]
     for delta in deltas:
-        assert world.upload(world.device(spec).seal(delta, spec, world.keys.hpke))[0] == 200
+        assert world.upload(world.device(spec).seal(delta, spec, world.keys.hpke)).accepted
     assert world.end(spec) == [spec.round_id]
     total = np.sum(np.array(deltas, dtype=np.float64).reshape(count, DIM), axis=0)
     update = central_update(total, np.random.default_rng(world.seed))
@@ -314,7 +313,7 @@ def test_every_refusal_has_its_status_code_and_decision(world: World) -> None:
     rng = np.random.default_rng(2)
     good = world.device(spec)
     first = good.seal(small(rng), spec, hpke)
-    assert world.upload(first) == (200, "within_policy")
+    assert world.upload(first).code == "within_policy"
 
     cases: list[tuple[bytes, str, tuple[int, str]]] = []
 
@@ -366,8 +365,11 @@ def test_every_refusal_has_its_status_code_and_decision(world: World) -> None:
     loose = spec.model_copy(update={"clipping_norm": 10.0})
     case(world.device(spec).seal(np.full(DIM, 2.0), loose, hpke), (422, "norm_exceeded"))
 
+    def http(verdict: Verdict) -> tuple[int, str]:  # as the service answers it
+        return status_of(verdict), verdict.code
+
     for body, idem, expected in cases:
-        assert world.agg.accept(body, idem) == expected, expected
+        assert http(world.agg.accept(body, idem)) == expected, expected
     expected_codes = ["within_policy", *(code for _, _, (_, code) in cases)]
     assert world.reasons() == expected_codes
     denied = [d for _, d in world.agg.log.query(action="accept_delta", outcome="deny")]
@@ -375,7 +377,7 @@ def test_every_refusal_has_its_status_code_and_decision(world: World) -> None:
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
     # A refusal repeated with the same key gets the same answer and is not logged again.
     body, idem, expected = cases[-1]
-    assert world.agg.accept(body, idem) == expected
+    assert http(world.agg.accept(body, idem)) == expected
     assert len(world.reasons()) == len(expected_codes)
 
 
@@ -383,7 +385,7 @@ def test_a_replayed_upload_is_counted_once(world: World) -> None:
     spec = world.open()
     sealed = world.device(spec).seal(small(np.random.default_rng(3)), spec, world.keys.hpke)
     for _ in range(3):
-        assert world.upload(sealed) == (200, "within_policy")
+        assert world.upload(sealed).code == "within_policy"
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
     assert world.reasons() == ["within_policy"]
     rows = world.conn.execute("SELECT count(*) FROM contributions").fetchone()[0]
@@ -394,10 +396,10 @@ def test_one_enrolled_key_contributes_once_whatever_secret_it_uses(world: World)
     spec = world.open()
     device = world.device(spec)
     rng = np.random.default_rng(4)
-    assert world.upload(device.seal(small(rng), spec, world.keys.hpke)) == (200, "within_policy")
+    assert world.upload(device.seal(small(rng), spec, world.keys.hpke)).code == "within_policy"
     device.secret = new_device_secret()  # another pseudonym, the same enrolled key
     again = device.seal(small(rng), spec, world.keys.hpke)
-    assert world.upload(again) == (409, "duplicate_contribution")
+    assert world.upload(again).code == "duplicate_contribution"
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
 
 
@@ -408,7 +410,7 @@ def test_a_key_enrolled_for_another_period_is_not_enrolled_for_this_round(world:
     world.agg.enroll(device.public, before)
     sealed = device.seal(small(np.random.default_rng(5)), spec, world.keys.hpke,
                          period=before)  # fmt: skip
-    assert world.upload(sealed) == (403, "not_enrolled")
+    assert world.upload(sealed).code == "not_enrolled"
     assert world.reasons() == ["not_enrolled"]
 
 
@@ -420,7 +422,7 @@ def test_an_enrolled_key_cannot_be_moved_to_another_period(world: World) -> None
     with pytest.raises(ValueError, match="already enrolled for another period"):
         world.agg.enroll(device.public, after)
     sealed = device.seal(small(np.random.default_rng(6)), spec, world.keys.hpke)
-    assert world.upload(sealed) == (200, "within_policy")  # its device is not locked out
+    assert world.upload(sealed).code == "within_policy"  # its device is not locked out
 
 
 # -- restart, budget, deadline, retention ----------------------------------------------------
@@ -431,15 +433,15 @@ def test_a_restart_mid_round_neither_loses_nor_double_counts(world: World) -> No
     rng = np.random.default_rng(4)
     deltas = [small(rng) for _ in range(COHORT)]
     sealed = [world.device(spec).seal(d, spec, world.keys.hpke) for d in deltas]
-    assert world.upload(sealed[0]) == (200, "within_policy")
-    assert world.upload(sealed[1]) == (200, "within_policy")
+    assert world.upload(sealed[0]).code == "within_policy"
+    assert world.upload(sealed[1]).code == "within_policy"
     world.restart()
     assert world.agg.current_round() is not None
     assert world.agg.round(spec.round_id).count == 2  # type: ignore[union-attr]
     # The device did not see its answer and retries after the restart: counted once.
-    assert world.upload(sealed[1]) == (200, "within_policy")
+    assert world.upload(sealed[1]).code == "within_policy"
     assert world.agg.round(spec.round_id).count == 2  # type: ignore[union-attr]
-    assert world.upload(sealed[2]) == (200, "within_policy")
+    assert world.upload(sealed[2]).code == "within_policy"
     assert world.agg.latest_release() is None  # open until the deadline
     world.restart()  # the deadline passes while the aggregator is down
     assert world.end(spec) == [spec.round_id]
@@ -462,7 +464,7 @@ def test_a_failed_transaction_counts_nothing(world: World, monkeypatch: pytest.M
         world.upload(sealed)
     monkeypatch.undo()
     assert world.agg.round(spec.round_id).count == 0  # type: ignore[union-attr]
-    assert world.upload(sealed) == (200, "within_policy")
+    assert world.upload(sealed).code == "within_policy"
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
 
 
@@ -487,7 +489,7 @@ def test_a_round_whose_budget_shrank_while_it_was_open_is_abandoned(
     spec = world.open()
     rng = np.random.default_rng(9)
     for _ in range(COHORT):
-        assert world.upload(world.device(spec).seal(small(rng), spec, keys.hpke))[0] == 200
+        assert world.upload(world.device(spec).seal(small(rng), spec, keys.hpke)).accepted
     # The operator deploys a policy whose budget no longer pays for this round (~1.2).
     world.policy = keys.policy(epsilon=1.0)
     world.restart()
@@ -506,15 +508,15 @@ def test_a_central_round_past_its_deadline_takes_nothing_more(world: World) -> N
     spec = world.open()
     rng = np.random.default_rng(6)
     on_time = small(rng)
-    assert world.upload(world.device(spec).seal(on_time, spec, world.keys.hpke))[0] == 200
+    assert world.upload(world.device(spec).seal(on_time, spec, world.keys.hpke)).accepted
     late = world.device(spec).seal(small(rng), spec, world.keys.hpke)
     world.clock.now = spec.deadline  # the deadline itself is too late
-    assert world.upload(late) == (410, "round_closed")
+    assert world.upload(late).code == "round_closed"
     assert world.agg.round(spec.round_id).count == 1  # type: ignore[union-attr]
     assert world.agg.sweep() == [spec.round_id]
     update = central_update(on_time.astype(np.float64), np.random.default_rng(world.seed))
     np.testing.assert_allclose(world.weights(), world.base + update, rtol=0, atol=1e-6)
-    assert world.upload(late) == (410, "round_closed")  # its first answer
+    assert world.upload(late).code == "round_closed"  # its first answer
     assert world.reasons() == ["within_policy", "round_closed"]
     assert world.agg.sweep() == []  # nothing twice
 
@@ -536,10 +538,13 @@ def test_a_local_round_closes_at_its_minimum_cohort_with_the_mean(local: World) 
     rng = np.random.default_rng(10)
     deltas = [small(rng) for _ in range(COHORT)]
     for i, delta in enumerate(deltas):
-        assert local.upload(local.device(spec).seal(delta, spec, local.keys.hpke))[0] == 200
+        verdict = local.upload(local.device(spec).seal(delta, spec, local.keys.hpke))
+        assert verdict.accepted and verdict.added
         info = local.agg.round(spec.round_id)
         expected_state = "published" if i + 1 == COHORT else "open"
         assert info is not None and (info.state, info.count) == (expected_state, i + 1)
+        # The upload that completed the cohort published the release, and says which.
+        assert verdict.release == (local.agg.latest_release() if i + 1 == COHORT else None)
     # Each device put its delta on the grid and added z * C noise (its own seeded draw here).
     gamma = 1.0 / 2**20
     noisy = [((np.rint(d.astype(np.float64) / gamma)
@@ -555,7 +560,7 @@ def test_a_local_round_closes_at_its_minimum_cohort_with_the_mean(local: World) 
     assert (published.reason, published.metrics["cohort"]) == ("cohort_met", COHORT)
     assert "expected_cohort" not in published.metrics
     late = local.device(spec).seal(small(rng), spec, local.keys.hpke)
-    assert local.upload(late) == (410, "round_closed")
+    assert local.upload(late).code == "round_closed"
 
 
 def test_a_local_round_short_of_its_cohort_is_abandoned_at_its_deadline(local: World) -> None:
@@ -563,10 +568,10 @@ def test_a_local_round_short_of_its_cohort_is_abandoned_at_its_deadline(local: W
     rng = np.random.default_rng(6)
     # Sealed as a deployed device seals: its noise from the OS CSPRNG.
     sealed = local.device(spec).seal(small(rng), spec, local.keys.hpke, rng=None)
-    assert local.upload(sealed) == (200, "within_policy")
+    assert local.upload(sealed).code == "within_policy"
     late = local.device(spec).seal(small(rng), spec, local.keys.hpke)
     local.clock.now = spec.deadline + timedelta(seconds=1)
-    assert local.upload(late) == (410, "round_closed")
+    assert local.upload(late).code == "round_closed"
     assert local.agg.sweep() == [spec.round_id]
     info = local.agg.round(spec.round_id)
     assert info is not None and info.state == "abandoned" and info.count == 1
