@@ -33,6 +33,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ from sottovoce.policy import (
 __all__ = ["AppendResult", "CatalogItem", "Durability", "EventStore", "ModelWeights", "PurgeReport"]
 
 log = logging.getLogger("sottovoce.device")
+_USER_ID, _EVENT_ID = attrgetter("user_id"), attrgetter("event_id")
 
 
 class EventStore(RankingReads, OutboxPart):
@@ -248,7 +250,7 @@ class EventStore(RankingReads, OutboxPart):
         with self._write(f"storing a batch of {len(parsed)} events"):
             refs: dict[str, int] = {}
             verdicts = []
-            for user_id in sorted({e.user_id for e in parsed}):
+            for user_id in sorted(set(map(_USER_ID, parsed))):
                 ref = self._ref(user_id, create=False)
                 state = self._consent_state(ref, self.user_hash(user_id))
                 refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, state)
@@ -271,8 +273,11 @@ class EventStore(RankingReads, OutboxPart):
                 cutoff = to_ms(horizon)
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.
-                live = [i for i, ts in enumerate(times) if ts >= cutoff]
-                expired = tuple(parsed[i].event_id for i, ts in enumerate(times) if ts < cutoff)
+                live: Sequence[int] = range(len(parsed))
+                expired: tuple[str, ...] = ()
+                if min(times) < cutoff:
+                    live = [i for i, ts in enumerate(times) if ts >= cutoff]
+                    expired = tuple(parsed[i].event_id for i, ts in enumerate(times) if ts < cutoff)
                 result = self._store(parsed, times=times, bodies=bodies, live=live, refs=refs,
                                      expired=expired)  # fmt: skip
                 if expired:
@@ -291,7 +296,7 @@ class EventStore(RankingReads, OutboxPart):
         *,
         times: list[int],
         bodies: list[str],
-        live: list[int],
+        live: Sequence[int],
         refs: Mapping[str, int],
         expired: tuple[str, ...],
     ) -> AppendResult:
@@ -301,16 +306,14 @@ class EventStore(RankingReads, OutboxPart):
             return AppendResult(0, (), expired)
         first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
 
-        def rows(indices: list[int]) -> tuple[FactBatch, list[str], list[str]]:
+        def rows(indices: Sequence[int]) -> tuple[FactBatch, list[str], list[str]]:
             """The facts, ids and bodies of ``parsed[indices]``, numbered from ``first``."""
-            events = [parsed[i] for i in indices]
-            batch = fact_batch(events, first_seq=first, refs=refs,
-                               times=[times[i] for i in indices])  # fmt: skip
-            return (
-                self._resolve_artists(batch),
-                [e.event_id for e in events],
-                [bodies[i] for i in indices],
-            )
+            events, at, texts = parsed, times, bodies
+            if len(indices) < len(parsed):  # else all of them, in order: nothing to pick
+                events = [parsed[i] for i in indices]
+                at, texts = [times[i] for i in indices], [bodies[i] for i in indices]
+            batch = fact_batch(events, first_seq=first, refs=refs, times=at)
+            return self._resolve_artists(batch), list(map(_EVENT_ID, events)), texts
 
         batch, ids, texts = rows(live)
         duplicates: list[str] = []
@@ -343,7 +346,7 @@ class EventStore(RankingReads, OutboxPart):
         return batch._replace(artist=artists)
 
     def _dedupe(
-        self, ids: list[str], users: Sequence[int], bodies: list[str], live: list[int]
+        self, ids: list[str], users: Sequence[int], bodies: list[str], live: Sequence[int]
     ) -> tuple[list[int], list[str]]:
         """Which of the rows ``ids`` (users, bodies) are new (positions), and the ids of
         replays; an id stored (or repeated in the batch) with other content is an
