@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,12 @@ _CATALOG: dict[str, dict[str, Any]] = {}
 
 
 def init_worker(catalog: list[dict[str, Any]]) -> None:
-    """Process initializer: the public catalog, from which each device caches its part."""
+    """Process initializer: the public catalog, from which each device caches its part, and
+    the device library's accountant loaded (dp-accounting imports scipy: a second or so that
+    would otherwise fall on the first round of every worker)."""
     _CATALOG.clear()
     _CATALOG.update((row["track_id"], row) for row in catalog)
+    import dp_accounting.rdp  # noqa: F401
 
 
 @cache
@@ -134,6 +137,13 @@ def _packaged_ranker() -> Ranker:
     return ranker
 
 
+@lru_cache(maxsize=4)
+def _release(wire: bytes) -> ModelRelease:
+    """A release parsed once per worker (every device of a region installs the same one); each
+    device still verifies it against its own pinned key when it installs it."""
+    return ModelRelease.from_wire(wire)
+
+
 @dataclass(frozen=True)
 class Contribution:
     user: str
@@ -158,7 +168,7 @@ def contribute(
         rng = np.random.default_rng([task.seed, round_seed, int.from_bytes(task.secret()[:4])])
         personalizer = Personalizer(store, ranker=_packaged_ranker(), noise_rng=rng)
         if release is not None:
-            parsed = ModelRelease.from_wire(release)
+            parsed = _release(release)
             if parsed.version > personalizer.version:
                 personalizer.install_release(parsed)
         try:
