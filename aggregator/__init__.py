@@ -11,13 +11,27 @@ retention); ``create_app`` puts it behind a thin FastAPI layer (the paths
 files, the round schedule and retention sweeps, JSON logs), run by ``sottovoce aggregator
 serve``. Importing this package does not import torch; the ledger loads opacus when it first
 computes an epsilon.
+
+Errors (``code`` in the middle column)::
+
+    AggregatorError         aggregator_error
+    ├── AggregationError    aggregation_error  a delta, partial sum or stored sum the aggregation
+    │                                          refuses (wrong shape, non-finite, not intact)
+    ├── RoundStillOpen      round_open         a round is already open; one round at a time
+    ├── RoundOverBudget     budget_exhausted   the round would take the period's epsilon above the
+    │                                          policy's budget (also a policy.BudgetExhausted)
+    └── ServiceConfigError  config_invalid     the service cannot start with this configuration
+
+``AggregatorError`` derives from :class:`sottovoce.SottovoceError`. A refused upload is not an
+error of this package: it is answered and logged with a ``sottovoce.sync`` error's ``code``.
 """
 
 from sottovoce.aggregator._app import create_app
+from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import (
-    BudgetExceeded,
     LedgerEntry,
     PrivacyLedger,
+    RoundOverBudget,
     epsilon_of,
 )
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
@@ -35,7 +49,7 @@ from sottovoce.aggregator._service import (
 
 __all__ = [
     "AggregationError",
-    "BudgetExceeded",
+    "AggregatorError",
     "LedgerEntry",
     "PartialSum",
     "PrivacyLedger",
@@ -43,6 +57,7 @@ __all__ = [
     "RegionAggregator",
     "RegionKeys",
     "RoundInfo",
+    "RoundOverBudget",
     "RoundScheduler",
     "RoundStillOpen",
     "ServiceConfig",

@@ -23,8 +23,9 @@ imports without them.
 
 ::
 
-    SottovoceError
-    └── BudgetExceeded   the round would take the period's epsilon above the policy's budget
+    AggregatorError
+    └── RoundOverBudget  the round would take the period's epsilon above the policy's budget
+                         (also a policy.BudgetExhausted, code budget_exhausted)
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ import numpy as np
 import numpy.typing as npt
 
 from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.policy import Accountant, BudgetExhausted, Region
 from sottovoce.sync._budget import EPOCH, RDP_ORDERS, period_start_for
 
-__all__ = ["EPOCH", "RDP_ORDERS", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "epsilon_of"]
+__all__ = ["EPOCH", "RDP_ORDERS", "LedgerEntry", "PrivacyLedger", "RoundOverBudget", "epsilon_of"]
 
 
 # RDP orders to search when converting to (epsilon, delta). opacus' default grid stops at 63,
@@ -70,7 +72,7 @@ CREATE INDEX IF NOT EXISTS privacy_ledger_period ON privacy_ledger (region, peri
 """
 
 
-class BudgetExceeded(BudgetExhausted):
+class RoundOverBudget(AggregatorError, BudgetExhausted):
     """A round that would take the period's epsilon above the policy's budget (a policy
     violation like any other, with the ledger's numbers attached)."""
 
@@ -118,7 +120,7 @@ class PrivacyLedger:
     """The privacy spent by one region, period by period, in a SQLite table it creates.
 
     ``ledger.can_open(z, q, period_start=p)`` before a round opens;
-    ``ledger.record_round(round_id, z, q, period_start=p, at=now)`` when it is aggregated
+    ``ledger.charge_round(round_id, z, q, period_start=p, at=now)`` when it is aggregated
     (both take ``sensitivity=``, in units of the clipping norm; default 1).
     """
 
@@ -173,7 +175,7 @@ class PrivacyLedger:
                                 steps=steps, sensitivity=sensitivity)  # fmt: skip
         return _within(after, self._region.privacy.epsilon)
 
-    def record_round(
+    def charge_round(
         self,
         round_id: str,
         noise_multiplier: float,
@@ -186,7 +188,7 @@ class PrivacyLedger:
     ) -> float:
         """Charge an aggregated round to its period; returns the period's epsilon after it.
 
-        Raises :class:`BudgetExceeded` (and records nothing) when the round would take the
+        Raises :class:`RoundOverBudget` (and records nothing) when the round would take the
         period above the policy's epsilon. Recording the same round again with the same
         parameters (a retry after a crash) returns its epsilon and charges nothing more.
         """
@@ -204,7 +206,7 @@ class PrivacyLedger:
             budget = self._region.privacy.epsilon
             if not _within(after, budget):
                 spent = self._epsilon(history)
-                raise BudgetExceeded(
+                raise RoundOverBudget(
                     region=self._region.id,
                     period_start=start,
                     epsilon_after=after,

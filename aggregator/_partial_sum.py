@@ -39,7 +39,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce._errors import SottovoceError
+from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.sync._noise import noisy_on_grid
 
 FloatArray = npt.NDArray[np.float64]
@@ -52,7 +52,7 @@ _DIGEST_BYTES: Final = hashlib.sha256().digest_size
 _MAX_DIM: Final = 2**32 - 1
 
 
-class AggregationError(SottovoceError):
+class AggregationError(AggregatorError):
     """A delta, partial sum or stored blob the aggregation refuses (see the module docstring)."""
 
     code = "aggregation_error"

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import PrivacyLedger
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.policy import (
@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS service_meta (key TEXT PRIMARY KEY, value TEXT NOT NU
 """
 
 
-class RoundStillOpen(SottovoceError):
+class RoundStillOpen(AggregatorError):
     """A round cannot open while another is open: each round trains the latest release."""
 
     code = "round_open"

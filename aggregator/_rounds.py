@@ -33,8 +33,8 @@ Tables (created if missing, next to the privacy ledger and the decision log)::
 
 ::
 
-    SottovoceError
-    ├── BudgetExceeded   (from the ledger) the round would exceed the period's epsilon budget
+    AggregatorError
+    ├── RoundOverBudget  (from the ledger) the round would exceed the period's epsilon budget
     └── RoundStillOpen   round_open: a round is already open; one round at a time
 """
 
@@ -46,7 +46,7 @@ import numpy as np
 
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._ed25519 import is_device_key
-from sottovoce.aggregator._ledger import BudgetExceeded
+from sottovoce.aggregator._ledger import RoundOverBudget
 from sottovoce.aggregator._partial_sum import PartialSum, central_release
 from sottovoce.aggregator._round_state import RoundInfo, RoundStillOpen, Verdict, _iso
 from sottovoce.aggregator._uploads import UploadsPart
@@ -154,7 +154,7 @@ class RegionAggregator(UploadsPart):
         noise_multiplier: float | None = None,
         sampling_rate: float | None = None,
     ) -> SignedRoundSpec:
-        """Open and sign a round, if the period's budget allows it (else ``BudgetExceeded``).
+        """Open and sign a round, if the period's budget allows it (else ``RoundOverBudget``).
 
         The mechanism comes from the region's policy: its sampling rate and expected cohort,
         and a noise multiplier no lower than the policy's (default: the policy's).
@@ -199,7 +199,7 @@ class RegionAggregator(UploadsPart):
                                          now=now)  # fmt: skip
             self._log.checkpoint()
         if signed is None:  # refused: the decision is committed before the error is raised
-            raise BudgetExceeded(
+            raise RoundOverBudget(
                 region=self._region.id,
                 period_start=start,
                 epsilon_after=after,
@@ -274,11 +274,11 @@ class RegionAggregator(UploadsPart):
         inputs = {"round_id": spec.round_id, "version": spec.model_version + 1}
         try:
             used = self.round_mechanism(spec.noise_multiplier)
-            epsilon = self._ledger.record_round(
+            epsilon = self._ledger.charge_round(
                 spec.round_id, used.noise_multiplier, used.sampling_rate,
                 sensitivity=used.sensitivity, period_start=spec.period_start, at=now,
             )  # fmt: skip
-        except BudgetExceeded:
+        except RoundOverBudget:
             # The policy changed under an open round: it must not be published.
             self._end(spec.round_id, "abandoned", now)
             self._log.append(self._engine.round_abandoned(

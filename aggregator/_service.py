@@ -14,7 +14,7 @@ the scheduler waits for the next budget period instead of asking again every tic
 
 ::
 
-    SottovoceError
+    AggregatorError
     └── ServiceConfigError   config_invalid: missing or unreadable keys, keys the policy does
                              not publish, a region the policy does not have
 """
@@ -42,7 +42,8 @@ from sottovoce._clock import Clock, system_clock
 from sottovoce._errors import SottovoceError
 from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._connections import ConnectionLimits, uvicorn_config
-from sottovoce.aggregator._ledger import BudgetExceeded, epsilon_of
+from sottovoce.aggregator._errors import AggregatorError
+from sottovoce.aggregator._ledger import RoundOverBudget, epsilon_of
 from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.policy import Policy, format_duration, policy_from_data
@@ -64,7 +65,7 @@ HPKE_FILE: Final = "hpke.pem"
 log = logging.getLogger("sottovoce.aggregator")
 
 
-class ServiceConfigError(SottovoceError):
+class ServiceConfigError(AggregatorError):
     """The service cannot start with this configuration (the message says what to fix)."""
 
     code = "config_invalid"
@@ -277,7 +278,7 @@ class RoundScheduler:
                 noise_multiplier=self.noise_multiplier,
                 deadline=now + timedelta(seconds=self.round_seconds),
             )
-        except BudgetExceeded as error:
+        except RoundOverBudget as error:
             ledger = aggregator.ledger
             self._waiting_until = ledger.period_start_for(now) + ledger.region.privacy.period
             return {"budget_exhausted": True, "epsilon_after": error.epsilon_after,

@@ -1,8 +1,9 @@
 """The root of every exception sottovoce raises on purpose.
 
-Each package roots its own tree in a subclass (``PolicyError``, ``DeviceError``, ...). Every
-error a user can meet carries ``code``, a stable machine-readable reason, and a sentence a
-person understands (``str(error)``).
+Each package roots its own tree in a subclass (``PolicyError``, ``DeviceError``, ``SyncError``,
+``AggregatorError``, ``SimulationError``), drawn in the package's docstring; ``sottovoce``'s own
+docstring draws the roots. Every error a user can meet carries ``code``, a stable
+machine-readable reason, and a sentence a person understands (``str(error)``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,29 @@ state (sessions, per-track and per-artist statistics, the short-term taste vecto
 context) is kept up to date in the same transaction. A :class:`Personalizer` reranks candidates
 with the compact TFLite :class:`Ranker` and trains it on the user's own history. Nothing here
 talks to a network.
+
+Errors (``code`` in the middle column)::
+
+    DeviceError             device_error
+    ├── InvalidEvent        invalid_event        one event that does not fit the schema (names
+    │                                            the field and rule)
+    ├── InvalidEventBatch   invalid_event_batch  a batch refused whole for its invalid events
+    ├── EventConflict       event_conflict       an event id already stored with other content
+    ├── InvalidInput        invalid_input        an argument out of range (e.g. an age of -3)
+    ├── CatalogError        catalog_error        catalog rows that do not fit the store
+    ├── StoreError          store_error          a file that cannot be this store (newer schema,
+    │   │                                        other region), or SQLite failed under a call
+    │   │                                        (code store_busy, store_io, ...)
+    │   ├── StoreFull       store_full           no space left; nothing of the call written
+    │   └── StoreCorrupt    store_corrupt        a damaged page met by a call; nothing written
+    ├── RankerError         ranker_error         a model file that is not a usable ranker, or an
+    │                                            input it cannot take
+    └── NotEligible         not_eligible         training asked for while the device is not
+                                                 charging, unmetered and idle
+
+``DeviceError`` derives from :class:`sottovoce.SottovoceError`. Refusals by policy (no consent,
+below the minimum age) are ``sottovoce.policy.PolicyViolation`` errors (``ConsentMissing``,
+``AgeRestricted``), so every part of sottovoce reports them alike.
 """
 
 from sottovoce.device._derive import (
@@ -22,6 +45,7 @@ from sottovoce.device._errors import (
     EventConflict,
     InvalidEvent,
     InvalidEventBatch,
+    InvalidInput,
     StoreCorrupt,
     StoreError,
     StoreFull,
@@ -91,6 +115,7 @@ __all__ = [
     "EventStore",
     "InvalidEvent",
     "InvalidEventBatch",
+    "InvalidInput",
     "Like",
     "LocalRound",
     "ModelWeights",

@@ -1,25 +1,8 @@
-"""Errors of ``sottovoce.device``.
-
-::
-
-    DeviceError
-    ├── InvalidEvent        one event that does not fit the schema (names the field and rule)
-    ├── InvalidEventBatch   a batch refused whole because of its invalid events (lists each)
-    ├── EventConflict       an event id already stored with different content
-    ├── InvalidInput        an argument out of range (e.g. an age of -3)
-    ├── CatalogError        catalog rows that do not fit the store (e.g. vector dimension)
-    ├── StoreError          a file that cannot be used as this store (newer schema, other region),
-    │   │                   or SQLite failed under a call (code store_busy, store_io, ...)
-    │   ├── StoreFull       no space left (disk, quota or size limit); nothing of the call written
-    │   └── StoreCorrupt    a damaged page of the file met by a call; nothing of it written
-    ├── RankerError         a model file that is not a usable ranker, or an input it cannot take
-    └── NotEligible         training asked for while the device is not charging/unmetered/idle
+"""Errors of ``sottovoce.device``; the package docstring draws their tree, with each one's
+``code`` and meaning.
 
 (``RankerError`` lives in ``_ranker.py`` and ``NotEligible`` in ``_personalize.py``, next to
 the code that raises them.)
-
-Refusals by policy (no consent, below the minimum age) are ``sottovoce.policy.PolicyViolation``
-errors (``ConsentMissing``, ``AgeRestricted``), so every part of sottovoce reports them alike.
 """
 
 from __future__ import annotations

@@ -6,6 +6,29 @@ choices, so the device, sync and aggregator all decide the same way. A :class:`D
 turns each enforcement point into a :class:`Decision`; a :class:`DecisionLog` keeps them in an
 RFC 9162 Merkle log with signed C2SP checkpoints; :func:`verify_inclusion` and
 :func:`verify_consistency` check its proofs.
+
+Errors (``code`` in the middle column)::
+
+    PolicyError                    policy_error
+    ├── InvalidPolicy              invalid_policy         a document that breaks the schema or a
+    │                                                     rule (``problems`` names each)
+    ├── UnknownRegion              unknown_region         a region or jurisdiction it lacks
+    ├── PolicyViolation            policy_violation       an action the policy forbids
+    │   ├── ConsentMissing         consent_missing        the purpose needs consent not given
+    │   ├── AgeRestricted          age_restricted         below the minimum age (or age unknown)
+    │   ├── ResidencyViolation     wrong_region           one region's data offered to another
+    │   └── BudgetExhausted        budget_exhausted       the period's privacy budget would be
+    │                                                     exceeded
+    ├── ProofError                 bad_proof              a Merkle proof that does not verify
+    │   ├── InclusionProofError    bad_inclusion_proof
+    │   └── ConsistencyProofError  bad_consistency_proof
+    ├── CheckpointError            bad_checkpoint         a checkpoint malformed or wrongly signed
+    └── LogError                   log_error              the decision log cannot do what was asked
+
+``PolicyError`` derives from :class:`sottovoce.SottovoceError`. Two violations are raised by
+other packages as their own types too: ``sottovoce.sync.WrongRegion`` is also a
+``ResidencyViolation``, and ``sottovoce.aggregator.RoundOverBudget`` also a ``BudgetExhausted``,
+so ``except PolicyViolation`` catches every refusal by policy wherever it is raised.
 """
 
 from sottovoce.policy._checkpoint import (

@@ -1,19 +1,6 @@
-"""Errors of ``sottovoce.policy``.
+"""Errors of ``sottovoce.policy`` (all but ``LogError``, which lives in ``_log.py``).
 
-::
-
-    PolicyError
-    ├── InvalidPolicy          a document that does not satisfy the policy schema or its rules
-    ├── UnknownRegion          a region id or jurisdiction the policy does not define
-    └── PolicyViolation        an action the policy forbids
-        ├── ConsentMissing     the purpose needs consent the user has not given (or withdrew)
-        ├── AgeRestricted      the user is below the region's minimum age (or age is unknown)
-        ├── ResidencyViolation data for one region offered to another
-        └── BudgetExhausted    the privacy budget for the period would be exceeded
-    ├── ProofError             a Merkle proof that does not verify
-    │   ├── InclusionProofError
-    │   └── ConsistencyProofError
-    └── CheckpointError        a signed checkpoint that is malformed or whose signature fails
+The package docstring draws their tree, with each one's ``code`` and meaning.
 """
 
 from __future__ import annotations

@@ -5,6 +5,17 @@
 measures every row of the comparison table in the same run; :func:`write_report` turns its
 results into one HTML file. Adapters: :func:`load_lastfm` (HetRec 2011 Last.fm 2K, read in
 place) and :func:`load_interactions_csv` (any interactions CSV, optional item features).
+
+Errors (``code`` in the middle column)::
+
+    SimulationError    simulation_invalid  the simulation cannot run as configured (the message
+    │                                      says why)
+    └── DatasetError   dataset_invalid     a dataset file that does not fit its format; names
+                       | dataset_missing   the file, the line and the field
+                       | dataset_too_small
+
+``SimulationError`` derives from :class:`sottovoce.SottovoceError`; errors of the parts a run
+drives (devices, sync, aggregators) keep their own packages' types.
 """
 
 from sottovoce.sim._datasets import (

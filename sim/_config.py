@@ -14,13 +14,13 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce._errors import SottovoceError
 from sottovoce.policy import Policy, PrivacyMode, example_policy, policy_from_data
 from sottovoce.sim._central import scores
 from sottovoce.sim._devices import (
     DeviceSetup,
     DeviceTask,
 )
+from sottovoce.sim._errors import SimulationError
 from sottovoce.sim._evaluate import (
     Pool,
     evaluate,
@@ -41,12 +41,6 @@ RERANKER_ROWS = ("random", "popularity", "central", "central_dp", "federated",
 END = datetime(2026, 10, 1, 12, 0, tzinfo=UTC)  # the devices' clock: their history ends here
 TOKEN = "simulation-enrollment-token"
 RETRY = RetryPolicy(attempts=3, initial=0.01, maximum=0.1)
-
-
-class SimulationError(SottovoceError):
-    """The simulation cannot run as configured (the message says why)."""
-
-    code = "simulation_invalid"
 
 
 def default_lastfm_path() -> Path:

@@ -8,7 +8,7 @@ simulator imports all of these names from.
 
 Errors::
 
-    SottovoceError
+    SimulationError
     └── DatasetError    a dataset file that is missing or does not fit its format; names the
                         file, the line and the field (codes: dataset_missing, dataset_invalid,
                         dataset_too_small)
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce._errors import SottovoceError
+from sottovoce.sim._errors import SimulationError
 
 Vector = npt.NDArray[np.float64]
 
@@ -43,7 +43,7 @@ MAX_ID_LENGTH = 100  # room left in the device's 128-character event ids for a c
 _ID = re.compile(r"^\S{1,100}$")
 
 
-class DatasetError(SottovoceError):
+class DatasetError(SimulationError):
     """A dataset file that is missing or does not fit its format.
 
     ``path``, ``line`` (1-based, the header is line 1) and ``field`` say where, when known;

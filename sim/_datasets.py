@@ -22,7 +22,7 @@ treats it as it treats a track missing from its catalog, rather than as a made-u
 
 Errors::
 
-    SottovoceError
+    SimulationError
     └── DatasetError    a dataset file that is missing or does not fit its format; names the
                         file, the line and the field (codes: dataset_missing, dataset_invalid,
                         dataset_too_small)

@@ -7,7 +7,8 @@ import math
 from typing import Any
 
 from sottovoce.policy import PrivacyMode
-from sottovoce.sim._config import Plans, RegionPlan, SimulationConfig, SimulationError
+from sottovoce.sim._config import Plans, RegionPlan, SimulationConfig
+from sottovoce.sim._errors import SimulationError
 from sottovoce.sync._budget import epsilon as budget_epsilon
 from sottovoce.sync._budget import mechanism
 

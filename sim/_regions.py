@@ -43,11 +43,11 @@ from sottovoce.sim._config import (
     Progress,
     RegionPlan,
     SimulationConfig,
-    SimulationError,
     device_task,
     region_keys,
 )
 from sottovoce.sim._devices import Contribution, DeviceTask
+from sottovoce.sim._errors import SimulationError
 from sottovoce.sync import (
     RoundSpec,
     SignedRoundSpec,

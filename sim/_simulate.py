@@ -67,7 +67,6 @@ from sottovoce.sim._config import (
     Progress,
     Quiet,
     SimulationConfig,
-    SimulationError,
     default_lastfm_path,
     device_task,
     pipeline_policy,
@@ -84,6 +83,7 @@ from sottovoce.sim._devices import (
     init_worker,
     setup_device,
 )
+from sottovoce.sim._errors import SimulationError
 from sottovoce.sim._evaluate import (
     Pool,
     PopularityRanker,

@@ -10,6 +10,35 @@ signed :class:`ModelRelease`.
 This is the sans-I/O core (like h11): functions that take and return values. Wire types and
 error codes are shared with the aggregator, which opens deltas with :func:`open_delta`.
 ``docs/protocol.md`` documents the format.
+
+Errors: why a sealed delta, a round spec or a release was refused. The aggregator logs the
+error's ``code`` as the decision's reason; the device checks round specs and releases the same
+way. Every class has one stable ``code``::
+
+    SyncError                  sync_error
+    ├── UnsupportedProtocol    unsupported_protocol  a message of another protocol version
+    ├── WrongRegion            wrong_region          for another region (also a
+    │                                                policy.ResidencyViolation)
+    ├── RoundClosed            round_closed          for another (closed or unknown) round
+    ├── WrongModelVersion      wrong_model_version   for another model version
+    ├── Undecryptable          undecryptable         not sealed to this key and context
+    ├── Malformed              malformed             not a well-formed message of this protocol
+    ├── BadSignature           bad_signature         a signature that does not verify
+    ├── NonFinite              non_finite            NaN or infinite values in a delta
+    ├── NormExceeded           norm_exceeded         a delta above the clipping bound
+    ├── SpecRefused            spec_outside_policy   a round spec beyond the device's policy
+    │                          | budget_exhausted    (``rule`` names the broken rule)
+    ├── WrongModel             wrong_model           a release for another model file
+    ├── EnrollmentRefused      not_enrolled          the aggregator refused the device's key
+    ├── AggregatorUnavailable  aggregator_unavailable  no usable answer (offline, errors)
+    └── BadEndpoint            bad_endpoint          a base URL that is not a service's root
+                                                     (in :mod:`sottovoce.sync.transport`)
+
+The last four are met by the device's transport (:mod:`sottovoce.sync.transport`), not by the
+aggregator's checks; ``BadEndpoint`` is also a ``ValueError``. ``SyncError`` derives from
+:class:`sottovoce.SottovoceError`. :func:`open_delta` checks in the order of the tree, from
+``UnsupportedProtocol`` to ``NormExceeded``, so a delta that breaks several rules reports the
+first.
 """
 
 from sottovoce.sync._budget import Charge, Mechanism, charge_for, check_budget, epsilon, mechanism
@@ -31,11 +60,11 @@ from sottovoce.sync._errors import (
 )
 from sottovoce.sync._outbox import (
     Acknowledged,
+    AttemptOutcome,
     DeltaState,
     Drop,
     Outbox,
     OutboxItem,
-    Outcome,
     RetryAt,
     backoff,
     decide,
@@ -73,6 +102,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Acknowledged",
     "AggregatorUnavailable",
+    "AttemptOutcome",
     "BadSignature",
     "Charge",
     "DeltaState",
@@ -86,7 +116,6 @@ __all__ = [
     "OpenedDelta",
     "Outbox",
     "OutboxItem",
-    "Outcome",
     "RetryAt",
     "RoundClosed",
     "RoundSpec",

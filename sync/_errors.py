@@ -1,33 +1,14 @@
 """Errors of ``sottovoce.sync``: why a sealed delta, a round spec or a release was refused.
 
+The package docstring draws their tree, with each one's ``code`` and meaning (``BadEndpoint``
+lives in :mod:`sottovoce.sync.transport`, next to the code that raises it).
+
 The aggregator opens each upload with :func:`~sottovoce.sync.open_delta` and logs the error's
-``code`` as the decision's reason; the device checks round specs and releases the same way.
-Every class has one stable ``code``::
-
-    SyncError                  sync_error
-    ├── UnsupportedProtocol    unsupported_protocol  a message of another protocol version
-    ├── WrongRegion            wrong_region          for another region (also a
-    │                                                policy.ResidencyViolation)
-    ├── RoundClosed            round_closed          for another (closed or unknown) round
-    ├── WrongModelVersion      wrong_model_version   for another model version
-    ├── Undecryptable          undecryptable         not sealed to this key and context
-    ├── Malformed              malformed             not a well-formed message of this protocol
-    ├── BadSignature           bad_signature         a signature that does not verify
-    ├── NonFinite              non_finite            NaN or infinite values in a delta
-    ├── NormExceeded           norm_exceeded         a delta above the clipping bound
-    ├── SpecRefused            spec_outside_policy   a round spec beyond the device's policy
-    │                          | budget_exhausted    (``rule`` names the broken rule)
-    ├── WrongModel             wrong_model           a release for another model file
-    ├── EnrollmentRefused      not_enrolled          the aggregator refused the device's key
-    └── AggregatorUnavailable  aggregator_unavailable  no usable answer (offline, errors)
-
-The last three are met by the device's transport (:mod:`sottovoce.sync.transport`), not by the
-aggregator's checks.
-
-``open_delta`` checks in the order of the tree, from ``UnsupportedProtocol`` to
-``NormExceeded`` (cheap envelope checks first, then decryption, the plaintext's layout, the
-signature, and the values), so a delta that breaks several rules reports the first. Parsing
-received bytes (``from_wire``) raises ``UnsupportedProtocol`` or ``Malformed`` before that.
+``code`` as the decision's reason. ``open_delta`` checks in the order of the tree, from
+``UnsupportedProtocol`` to ``NormExceeded`` (cheap envelope checks first, then decryption, the
+plaintext's layout, the signature, and the values), so a delta that breaks several rules
+reports the first. Parsing received bytes (``from_wire``) raises ``UnsupportedProtocol`` or
+``Malformed`` before that.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Data flow position: a local round's sealed delta is written to the device's outbox in the same
 transaction that records the round (the device store implements :class:`Outbox`); the
 transport (:mod:`.transport`) takes what is due, sends it with its idempotency key, and turns
-each response into an :class:`Outcome` with :func:`decide`. The states only move forward:
+each response into an :data:`AttemptOutcome` with :func:`decide`. The states only move forward:
 
     pending ──send──▶ pending (attempts + 1, next attempt later) ──ack──▶ acknowledged
         └──────────────── round closed / deadline passed / refused ────▶ dropped
@@ -73,7 +73,8 @@ class Drop:
     reason: str  # a stable code: round_closed, deadline_passed, or the aggregator's refusal
 
 
-Outcome = Acknowledged | RetryAt | Drop
+AttemptOutcome = Acknowledged | RetryAt | Drop
+"""What :func:`decide` makes of one upload attempt: done, try again at a time, or drop it."""
 
 # Refusals that no retry can fix: the delta is dropped (with the aggregator's reason code).
 # The registry of reason codes says which they are (its ``final`` column).
@@ -94,7 +95,7 @@ def decide(
     status: int | None,
     code: str | None = None,
     retry_after: timedelta | None = None,
-) -> Outcome:
+) -> AttemptOutcome:
     """What to do after an attempt: ``status`` is the HTTP status (``None``: no response)."""
     if status is not None and 200 <= status < 300:
         return Acknowledged()

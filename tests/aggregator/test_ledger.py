@@ -20,8 +20,8 @@ dp_accounting = pytest.importorskip("dp_accounting")
 
 from sottovoce.aggregator._ledger import (  # noqa: E402
     EPOCH,
-    BudgetExceeded,
     PrivacyLedger,
+    RoundOverBudget,
     epsilon_of,
 )
 from sottovoce.policy import Accountant, Policy, PrivacyBudget, Region  # noqa: E402
@@ -86,7 +86,7 @@ def test_replayed_rounds_agree_with_dp_accounting(policy: Policy, conn: sqlite3.
     start = ledger.period_start_for(AT)
     rounds = [(1.1, 0.05, 1)] * 30 + [(0.9, 0.02, 5)] * 10 + [(1.1, 0.05, 1)] * 20
     for i, (sigma, q, steps) in enumerate(rounds):
-        ledger.record_round(
+        ledger.charge_round(
             f"r{i}", sigma, q, period_start=start, at=AT + timedelta(minutes=i), steps=steps
         )
     expected = dp_accounting_rdp((1.1, 0.05, 50), (0.9, 0.02, 50))
@@ -146,7 +146,7 @@ def test_a_sensitivity_charges_the_gaussian_of_sigma_over_it(
     assert charged == ledger.epsilon_if(sigma / sensitivity, q, period_start=start, steps=steps)
     assert charged > ledger.epsilon_if(sigma, q, period_start=start, steps=steps)
     assert ledger.can_open(sigma, q, period_start=start, steps=steps, sensitivity=sensitivity)
-    after = ledger.record_round("r1", sigma, q, period_start=start, at=AT, steps=steps,
+    after = ledger.charge_round("r1", sigma, q, period_start=start, at=AT, steps=steps,
                                 sensitivity=sensitivity)  # fmt: skip
     assert after == charged == ledger.spent(start)
     (entry,) = ledger.entries(start)
@@ -174,11 +174,11 @@ def test_a_round_recorded_again_with_another_sensitivity_is_refused(
 ) -> None:
     ledger = PrivacyLedger(conn, region=region_with(policy, epsilon=8.0))
     start = ledger.period_start_for(AT)
-    once = ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT, sensitivity=1.5)
-    assert ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT,
+    once = ledger.charge_round("r1", 1.0, 0.01, period_start=start, at=AT, sensitivity=1.5)
+    assert ledger.charge_round("r1", 1.0, 0.01, period_start=start, at=AT,
                                sensitivity=1.5) == once  # fmt: skip
     with pytest.raises(ValueError, match="already recorded"):
-        ledger.record_round("r1", 1.0, 0.01, period_start=start, at=AT)  # sensitivity 1
+        ledger.charge_round("r1", 1.0, 0.01, period_start=start, at=AT)  # sensitivity 1
     assert len(ledger.entries(start)) == 1
 
 
@@ -192,7 +192,7 @@ def test_a_sensitivity_below_one_clipping_norm_is_rejected(
     with pytest.raises(ValueError, match="sensitivity"):
         ledger.epsilon_if(1.0, 0.01, period_start=start, sensitivity=sensitivity)
     with pytest.raises(ValueError, match="sensitivity"):
-        ledger.record_round("r", 1.0, 0.01, period_start=start, at=AT, sensitivity=sensitivity)
+        ledger.charge_round("r", 1.0, 0.01, period_start=start, at=AT, sensitivity=sensitivity)
     assert ledger.entries(start) == []
 
 
@@ -202,7 +202,7 @@ def test_a_ledger_file_from_before_sensitivities_reads_its_rounds_at_sensitivity
     region = region_with(policy, epsilon=8.0)
     old = PrivacyLedger(sqlite3.connect(":memory:"), region=region)
     start = old.period_start_for(AT)
-    before = old.record_round("r0", 1.1, 0.05, period_start=start, at=AT)
+    before = old.charge_round("r0", 1.1, 0.05, period_start=start, at=AT)
     # The table as files made before this column hold it.
     conn.execute(
         "CREATE TABLE privacy_ledger (region TEXT NOT NULL, period_start TEXT NOT NULL,"
@@ -217,7 +217,7 @@ def test_a_ledger_file_from_before_sensitivities_reads_its_rounds_at_sensitivity
     ledger = PrivacyLedger(conn, region=region)
     assert [(e.round_id, e.sensitivity) for e in ledger.entries(start)] == [("r0", 1.0)]
     assert ledger.spent(start) == pytest.approx(before)
-    after = ledger.record_round("r1", 1.1, 0.05, period_start=start, at=AT, sensitivity=2.0)
+    after = ledger.charge_round("r1", 1.1, 0.05, period_start=start, at=AT, sensitivity=2.0)
     assert after == pytest.approx(dp_accounting_rdp((1.1, 0.05, 1), (1.1, 0.05, 1, 2.0)),
                                   rel=0.01)  # fmt: skip
 
@@ -229,7 +229,7 @@ def test_history_survives_a_restart(policy: Policy, tmp_path: Path) -> None:
     ledger = PrivacyLedger(first, region=region)
     start = ledger.period_start_for(AT)
     for i in range(5):
-        ledger.record_round(f"r{i}", 1.1, 0.05, period_start=start, at=AT + timedelta(hours=i))
+        ledger.charge_round(f"r{i}", 1.1, 0.05, period_start=start, at=AT + timedelta(hours=i))
     spent, entries = ledger.spent(start), ledger.entries(start)
     first.close()
 
@@ -237,7 +237,7 @@ def test_history_survives_a_restart(policy: Policy, tmp_path: Path) -> None:
     reopened = PrivacyLedger(second, region=region)
     assert reopened.entries(start) == entries
     assert reopened.spent(start) == pytest.approx(spent)
-    after = reopened.record_round("r5", 1.1, 0.05, period_start=start, at=AT + timedelta(hours=5))
+    after = reopened.charge_round("r5", 1.1, 0.05, period_start=start, at=AT + timedelta(hours=5))
     assert after == pytest.approx(dp_accounting_rdp((1.1, 0.05, 6)), rel=0.01)
     second.close()
 
@@ -249,15 +249,15 @@ def test_a_round_over_budget_is_refused_and_not_recorded(
     start = ledger.period_start_for(AT)
     recorded = 0
     while ledger.can_open(2.0, 0.1, period_start=start):
-        ledger.record_round(f"r{recorded}", 2.0, 0.1, period_start=start, at=AT)
+        ledger.charge_round(f"r{recorded}", 2.0, 0.1, period_start=start, at=AT)
         recorded += 1
         assert recorded < 1000
     assert recorded > 0
     spent = ledger.spent(start)
     assert spent <= 1.0
 
-    with pytest.raises(BudgetExceeded) as refused:
-        ledger.record_round("over", 2.0, 0.1, period_start=start, at=AT)
+    with pytest.raises(RoundOverBudget) as refused:
+        ledger.charge_round("over", 2.0, 0.1, period_start=start, at=AT)
     error = refused.value
     assert error.code == "budget_exhausted"
     assert error.budget == 1.0
@@ -279,7 +279,7 @@ def test_a_new_period_starts_with_a_fresh_budget(policy: Policy, conn: sqlite3.C
     start = ledger.period_start_for(AT)
     i = 0
     while ledger.can_open(2.0, 0.1, period_start=start):
-        ledger.record_round(f"r{i}", 2.0, 0.1, period_start=start, at=AT)
+        ledger.charge_round(f"r{i}", 2.0, 0.1, period_start=start, at=AT)
         i += 1
     assert i > 0
     assert not ledger.can_open(2.0, 0.1, period_start=start)
@@ -289,7 +289,7 @@ def test_a_new_period_starts_with_a_fresh_budget(policy: Policy, conn: sqlite3.C
     assert following == start + region.privacy.period
     assert ledger.spent(following) == 0.0
     assert ledger.can_open(2.0, 0.1, period_start=following)
-    first = ledger.record_round("next", 2.0, 0.1, period_start=following, at=later)
+    first = ledger.charge_round("next", 2.0, 0.1, period_start=following, at=later)
     assert first == pytest.approx(dp_accounting_rdp((2.0, 0.1, 1)), rel=0.01)
     assert not ledger.can_open(2.0, 0.1, period_start=start)
 
@@ -300,7 +300,7 @@ def test_epsilon_grows_with_every_round(policy: Policy, conn: sqlite3.Connection
     spent = [ledger.spent(start)]
     for i in range(12):
         predicted = ledger.epsilon_if(1.1, 0.05, period_start=start)
-        after = ledger.record_round(f"r{i}", 1.1, 0.05, period_start=start, at=AT)
+        after = ledger.charge_round(f"r{i}", 1.1, 0.05, period_start=start, at=AT)
         assert after == predicted
         spent.append(ledger.spent(start))
     assert spent[0] == 0.0
@@ -311,12 +311,12 @@ def test_epsilon_grows_with_every_round(policy: Policy, conn: sqlite3.Connection
 def test_recording_a_round_twice_charges_once(policy: Policy, conn: sqlite3.Connection) -> None:
     ledger = PrivacyLedger(conn, region=region_with(policy, epsilon=8.0))
     start = ledger.period_start_for(AT)
-    once = ledger.record_round("r1", 1.1, 0.05, period_start=start, at=AT)
-    again = ledger.record_round("r1", 1.1, 0.05, period_start=start, at=AT)
+    once = ledger.charge_round("r1", 1.1, 0.05, period_start=start, at=AT)
+    again = ledger.charge_round("r1", 1.1, 0.05, period_start=start, at=AT)
     assert again == once
     assert len(ledger.entries(start)) == 1
     with pytest.raises(ValueError, match="already recorded"):
-        ledger.record_round("r1", 0.5, 0.05, period_start=start, at=AT)
+        ledger.charge_round("r1", 0.5, 0.05, period_start=start, at=AT)
 
 
 def test_rounds_are_kept_per_region(policy: Policy, conn: sqlite3.Connection) -> None:
@@ -324,7 +324,7 @@ def test_rounds_are_kept_per_region(policy: Policy, conn: sqlite3.Connection) ->
     other = policy.regions[1]
     us = PrivacyLedger(conn, region=other)
     start = eu.period_start_for(AT)
-    eu.record_round("r1", 1.1, 0.05, period_start=start, at=AT)
+    eu.charge_round("r1", 1.1, 0.05, period_start=start, at=AT)
     assert us.spent(start) == 0.0
     assert us.entries(start) == []
 
@@ -336,7 +336,7 @@ def test_a_callers_rollback_discards_the_round(policy: Policy, conn: sqlite3.Con
     conn.execute("CREATE TABLE releases (version INTEGER)")
     conn.execute("INSERT INTO releases VALUES (1)")
     assert conn.in_transaction
-    ledger.record_round("r1", 1.1, 0.05, period_start=start, at=AT)
+    ledger.charge_round("r1", 1.1, 0.05, period_start=start, at=AT)
     conn.rollback()
     assert ledger.entries(start) == []
 
@@ -351,11 +351,11 @@ def test_periods_are_fixed_and_cannot_be_chosen(policy: Policy, conn: sqlite3.Co
     with pytest.raises(ValueError, match="not the start of a period"):
         ledger.epsilon_if(1.0, 0.1, period_start=start + timedelta(days=1))
     with pytest.raises(ValueError, match="not the start of a period"):
-        ledger.record_round("r", 1.0, 0.1, period_start=AT, at=AT)
+        ledger.charge_round("r", 1.0, 0.1, period_start=AT, at=AT)
     with pytest.raises(ValueError, match="timezone-aware"):
         ledger.period_start_for(datetime(2026, 11, 1, 9, 0))
     with pytest.raises(ValueError, match="before its period"):
-        ledger.record_round("r", 1.0, 0.1, period_start=start, at=start - timedelta(seconds=1))
+        ledger.charge_round("r", 1.0, 0.1, period_start=start, at=start - timedelta(seconds=1))
 
 
 @pytest.mark.parametrize(
@@ -425,6 +425,6 @@ def test_daily_periods_turn_over_at_calendar_edges_in_utc(
     assert ledger.period_start_for(edge.astimezone(timezone(timedelta(hours=-5)))) == midnight
     # A round opened before midnight is charged to its own period, even if it closes after.
     start = ledger.period_start_for(midnight - timedelta(minutes=30))
-    ledger.record_round("late", 1.0, 0.01, period_start=start, at=midnight + timedelta(minutes=5))
+    ledger.charge_round("late", 1.0, 0.01, period_start=start, at=midnight + timedelta(minutes=5))
     assert [e.round_id for e in ledger.entries(start)] == ["late"]
     assert ledger.entries(midnight) == []

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.aggregator import BudgetExceeded
+from sottovoce.aggregator import RoundOverBudget
 from sottovoce.aggregator._edge import status_of
 from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen, Verdict
 from sottovoce.policy import Decision, Policy
@@ -472,7 +472,7 @@ def test_a_round_beyond_the_budget_is_refused(tmp_path: Path, keys: Keys) -> Non
     # Every device in every round (q = 1, no amplification): z = 1 costs epsilon ~5.2 > 4.
     policy = keys.policy(sampling_rate=1.0, population=5)
     world = World(tmp_path / "budget.db", keys, policy)
-    with pytest.raises(BudgetExceeded) as refused:
+    with pytest.raises(RoundOverBudget) as refused:
         world.open()
     assert refused.value.epsilon_after > refused.value.budget == 4.0
     assert world.agg.current_round() is None
