@@ -11,7 +11,6 @@ import sottovoce.sync
 from sottovoce import SottovoceError
 from sottovoce.policy import REASONS
 from sottovoce.sync import SpecRefused, SyncError
-from sottovoce.sync import _errors as errors_module
 
 # The public names are pinned with every package's in tests/test_exported_members.py.
 ERRORS = [
@@ -27,7 +26,7 @@ def test_every_error_has_its_own_code_under_one_root(error: type[SyncError]) -> 
     assert issubclass(error, SyncError) and issubclass(error, SottovoceError)
     assert re.fullmatch(r"[a-z_]+", error.code)
     assert [e.code for e in ERRORS].count(error.code) == 1
-    assert error.__name__ in (errors_module.__doc__ or ""), "the tree in _errors.py names it"
+    assert error.__name__ in (sottovoce.sync.__doc__ or ""), "the package docstring's tree names it"
 
 
 def test_refusal_codes_are_decision_log_reasons() -> None:
