@@ -25,7 +25,7 @@ from typing import Final, Literal
 
 __all__ = ["REASON_CODES", "Reason", "reason"]
 
-_NEVER: Final = "never: the same request is refused again (the uploader drops the delta)"
+_NEVER: Final = "never: sent again, it is refused again (the uploader drops the delta)"
 _LATER: Final = "later: the uploader backs off and tries again until the round's deadline"
 
 
@@ -44,6 +44,8 @@ class Reason:
     def __post_init__(self) -> None:
         if self.status is not None and self.status >= 400 and not (self.message and self.retry):
             raise ValueError(f"{self.code}: a refusal over HTTP needs a message and retry advice")
+        if self.final and not self.retry:
+            raise ValueError(f"{self.code}: a final refusal needs retry advice")
 
 
 def _allow(code: str, sentence: str, *, status: int | None = None, retry: str = "") -> Reason:
@@ -116,7 +118,7 @@ REASON_CODES: Final[tuple[Reason, ...]] = (
             status=409, message="This device already contributed to the round.",
             final=True, retry=_NEVER),
     _refuse("budget_exhausted", "the round would exceed the privacy budget of ε {budget:.4g}",
-            final=True),
+            final=True, retry="never: the device does not take part in the round"),
     _refuse("spec_outside_policy",
             "the round spec does not match the region's policy ({detail})"),
     _refuse("cohort_not_met", "the round ended below its minimum cohort of {min_cohort}"),
@@ -162,7 +164,8 @@ REASON_CODES: Final[tuple[Reason, ...]] = (
     _refuse("internal", None, status=500,
             message="The aggregator failed to process the request.", retry=_LATER),
     # -- met on the device only ----------------------------------------------------------------
-    _refuse("deadline_passed", None, final=True),  # the outbox's own cause of a dropped delta
+    # The outbox's own cause of a dropped delta.
+    _refuse("deadline_passed", None, final=True, retry="never: the round's deadline has passed"),
     _refuse("wrong_model", None),
     _refuse("aggregator_unavailable", None),
 )  # fmt: skip
