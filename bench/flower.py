@@ -18,14 +18,30 @@ keeps its partition. DP is Flower's central DP with client-side clipping
 A round is the span from the strategy's ``configure_fit`` to the end of its ``aggregate_fit``.
 
 Ours: ``sottovoce.sim.simulate`` with users=200, sampling_rate=0.5, rounds=5, local_steps=50,
-examples=500: each round of the reranker's central-DP pipeline opens a signed round on the
-region's real aggregator, every sampled device (the real device code in a worker process)
-checks the spec and its ledger, builds its examples from its SQLite store, trains, clips, seals
-and queues its delta, and the coordinator enrolls and uploads each one; the round closes into a
-signed release the devices install next round. A round is one ``run_round`` call per region,
-summed (timed by wrapping it); ``simulate_per_round_s`` is the run's ``reranker_federated_dp``
-phase over the rounds (with the per-round evaluation and audits), as an outside reader of
-``results["timings_s"]`` would compute it.
+examples=500, two worker processes and the coordinator. A round of the reranker's central-DP
+pipeline opens a signed round on each region's real aggregator (the FastAPI service in process
+through its ASGI app, SQLite in WAL mode with a durable commit per accepted delta); every
+sampled device (the real device code in a worker process, on its own SQLite store) installs the
+last signed release after checking its signature, checks the spec against its own policy and
+its own privacy ledger (dp-accounting), is charged, flips the spec's coin, logs its consent
+decision, builds its 500 examples by replaying its own history, trains, clips, seals (Ed25519
+signature, HPKE to the region's key, a pseudonym per period) and queues the delta in its
+outbox; the coordinator enrolls the device's key for the period (its first round in a period)
+and runs its uploader over HTTP as each device finishes, while later devices train; the
+aggregator verifies, decrypts, checks the policy, adds the delta to a stored partial sum and
+logs its decision in its Merkle log; at the deadline the round is charged to the ledger
+(opacus), noised on the fixed-point grid and published as a signed release. A round is one
+``run_rounds`` call (both regions at once; timed by wrapping it); ``simulate_per_round_s`` is
+the run's ``reranker_federated_dp`` phase over the rounds (with the per-round evaluation and
+audits), as an outside reader of ``results["timings_s"]`` would compute it.
+
+What only one side does. Ours, not Flower: the sealing, signing, enrollment and decryption, a
+store per device opened and closed every round, examples derived from each device's history
+(Flower's are random rows kept in memory), consent and policy checks and a decision log on
+both ends, two privacy ledgers, durable sums and noise calibrated to a budget (Flower adds
+Gaussian noise of 1.0 x clip / sampled clients and keeps no account). Flower, not us: Ray's
+object store and scheduling, and starting its actors inside its first round (our workers start
+before the rounds: they create the devices, and load the device library when they start).
 
 Flower runs in its own virtual environment (it needs packages the project does not), built once
 and cached under ``~/.cache/sottovoce/venvs`` keyed by its requirements: the same file runs
