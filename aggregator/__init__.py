@@ -4,9 +4,10 @@ Built so far: :class:`PartialSum`, a mergeable running sum (memory O(model size)
 number of devices) with DP-FedAvg's central noise; :class:`PrivacyLedger`, the per-region
 accountant (opacus RDP or PRV, persisted in SQLite) that refuses rounds beyond the policy's
 budget; and :class:`RegionAggregator`, the round logic over one SQLite file (enrollment, signed
-round specs, accepting sealed deltas with a logged decision for every verdict, closing at the
-minimum cohort into a signed release, abandoning at the deadline, erasure of pending deltas,
-retention); ``create_app`` puts it behind a thin FastAPI layer (the paths
+round specs, accepting sealed deltas with a logged decision for every :class:`Verdict` (a
+reason code, not an HTTP status: the service maps it), closing at the minimum cohort into a
+signed release, abandoning at the deadline, erasure of pending deltas, retention);
+``create_app`` puts it behind a thin FastAPI layer (the paths
 ``sottovoce.sync.transport`` speaks); :func:`build_app` adds what a deployment needs (keys from
 files, the round schedule and retention sweeps, JSON logs), run by ``sottovoce aggregator
 serve``. Importing this package does not import torch; the ledger loads opacus when it first
@@ -36,7 +37,7 @@ from sottovoce.aggregator._ledger import (
 )
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
 from sottovoce.aggregator._refusals import RefusalLimit
-from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen
+from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen, Verdict
 from sottovoce.aggregator._service import (
     RegionKeys,
     RoundScheduler,
@@ -62,6 +63,7 @@ __all__ = [
     "RoundStillOpen",
     "ServiceConfig",
     "ServiceConfigError",
+    "Verdict",
     "build_app",
     "central_release",
     "create_app",
