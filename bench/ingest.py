@@ -12,14 +12,19 @@ time of the latest event handed over, as a device's clock would), so what the be
 does not depend on today's date; with the wall clock, events older than the raw-event
 retention were dropped instead of stored (``events_stored`` says how many were stored).
 
-Usage: ``python bench/ingest.py [--events N] [--batch B]``.
+``--profile N`` also prints, to stderr, the N functions the batched appends spent most time in
+(cProfile, which slows what it watches: compare stages with each other, not with the figures).
+
+Usage: ``python bench/ingest.py [--events N] [--batch B] [--profile N]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import itertools
 import json
+import pstats
 import random
 import sqlite3
 import statistics
@@ -99,16 +104,25 @@ def latest(events: list[dict[str, Any]]) -> datetime:
     return max(datetime.fromisoformat(e["ts"]) for e in events)
 
 
-def measure(workdir: Path, *, n: int, batch: int, singles: int, durability: str) -> dict[str, Any]:
+def measure(
+    workdir: Path, *, n: int, batch: int, singles: int, durability: str, profile: int = 0
+) -> dict[str, Any]:
     events = make_events(n, seed=7, prefix="b")
     clock = WorkloadClock()
     store = open_store(workdir / f"store-{durability}.db", durability, clock)
     batches = [(events[i : i + batch], latest(events[i : i + batch])) for i in range(0, n, batch)]
+    profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     for chunk, moment in batches:
         clock.now = moment
         store.append_many(chunk)
     batched = n / (time.perf_counter() - t0)
+    if profiler is not None:
+        profiler.disable()
+        print(f"batched appends, durability={durability}, by own time:", file=sys.stderr)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(profile)
 
     lat = []
     # The single appends continue the listening where the batches ended.
@@ -157,15 +171,18 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1_000)
     parser.add_argument("--singles", type=int, default=2_000)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the batched appends' N costliest functions")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         normal = measure(Path(tmp), n=args.events, batch=args.batch, singles=args.singles,
-                         durability="normal")  # fmt: skip
+                         durability="normal", profile=args.profile)  # fmt: skip
         full = measure(Path(tmp), n=args.events, batch=args.batch, singles=args.singles,
-                       durability="full")  # fmt: skip
+                       durability="full", profile=args.profile)  # fmt: skip
     result = {
         "events": args.events,
         "batch": args.batch,
+        "profiled": bool(args.profile),
         "durability": "normal",
         **normal,
         **{f"{k}_full": v for k, v in full.items()},
