@@ -411,7 +411,7 @@ def _arrange(
     candidates runs in numpy; Python walks only the top of the list."""
     n = len(scores)
     ranked = np.argsort(-scores, kind="stable")
-    k = min(options.top_k, n - int(disliked.sum()))
+    k = min(options.top_k, n - int(np.count_nonzero(disliked)))
     top: list[int] = []
     per_artist: dict[int, int] = {}
     for i, artist, refused in _walk(ranked, artists, disliked):  # stops once top is full
