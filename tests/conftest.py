@@ -105,6 +105,42 @@ def policy_where_all_take_part(base: Policy | None = None, **privacy: Any) -> Po
     return policy_from_data(data)
 
 
+def policy_publishing(region: str, *, hpke: Any = None, signing: Any = None,
+                      base: Policy | None = None) -> Policy:  # fmt: skip
+    """``base`` (default: the example) with ``region``'s aggregator publishing the public half of
+    ``hpke`` (an X25519 private key) and of ``signing`` (Ed25519): only the keys given change, the
+    others stay the example's."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from sottovoce.policy import policy_from_data
+
+    data = (base or example_policy()).model_dump(mode="json")
+    (found,) = [r for r in data["regions"] if r["id"] == region]
+    given = {"hpke": hpke, "signing": signing}
+    for key in found["aggregator"]["public_keys"]:
+        private = given[key["use"]]
+        if private is not None:
+            public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            key["key"] = base64.b64encode(public).decode()
+    return policy_from_data(data)
+
+
+def open_keygen_region(db: Path, keys: Path, policy: Policy) -> None:
+    """What ``sottovoce aggregator serve`` does first with the keys ``keygen`` wrote to ``keys``:
+    open the EU region's database ``db`` under ``policy`` (which logs the policy it applies)."""
+    import sqlite3
+
+    from sottovoce.aggregator import RegionAggregator, load_keys
+
+    loaded = load_keys(keys)
+    agg = RegionAggregator(sqlite3.connect(db, isolation_level=None), policy=policy, region="eu",
+                           signing_key=loaded.signing, hpke_key=loaded.hpke, model_id="ab" * 32,
+                           dim=4, clock=lambda: NOW)  # fmt: skip
+    agg.close()
+
+
 def round_spec(policy: Policy, region: str, *, model_id: str, model_version: int = 0,
                now: datetime = NOW, **overrides: Any) -> Any:  # fmt: skip
     """A round spec exactly as ``region``'s aggregator would sign it at ``now`` under ``policy``

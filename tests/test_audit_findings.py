@@ -20,7 +20,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from conftest import NOW, T0, Events
+from conftest import NOW, T0, Events, open_keygen_region
 
 from sottovoce.cli import main
 from sottovoce.device import EventStore
@@ -262,14 +262,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     made = run("aggregator", "keygen", "-r", "eu", "--out", str(home / "region"), "--profile",
                "dev")  # fmt: skip
     assert made.returncode == 0, made.stderr
-    from sottovoce.aggregator import RegionAggregator, load_keys
-
-    loaded = load_keys(home / "region")
-    agg = RegionAggregator(sqlite3.connect(home / "aggregator-eu.db", isolation_level=None),
-                           policy=load_policy(home / "region" / "policy.json"), region="eu",
-                           signing_key=loaded.signing, hpke_key=loaded.hpke, model_id="ab" * 32,
-                           dim=4, clock=lambda: NOW)  # fmt: skip
-    agg.close()
+    open_keygen_region(home / "aggregator-eu.db", home / "region",
+                       load_policy(home / "region" / "policy.json"))  # fmt: skip
     return home
 
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sqlite3
 import sys
 from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from conftest import NOW
+from conftest import open_keygen_region
 
-from sottovoce.aggregator import RegionAggregator, load_keys
 from sottovoce.cli import main
-from sottovoce.policy import Policy, load_policy
+from sottovoce.policy import load_policy
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -49,15 +47,6 @@ def region(tmp_path: Path) -> Path:
     return tmp_path / "region"
 
 
-def _serve_once(db: Path, keys_dir: Path, policy: Policy) -> None:
-    """What ``sottovoce aggregator serve`` does first: open the region's database."""
-    keys = load_keys(keys_dir)
-    agg = RegionAggregator(sqlite3.connect(db, isolation_level=None), policy=policy, region="eu",
-                           signing_key=keys.signing, hpke_key=keys.hpke, model_id="ab" * 32,
-                           dim=4, clock=lambda: NOW)  # fmt: skip
-    agg.close()
-
-
 def _changed(region: Path) -> Path:
     """The operator's next policy: the same keys, a shorter retention, a new version."""
     data = json.loads((region / "policy.json").read_text())
@@ -74,7 +63,7 @@ def test_every_policy_the_aggregator_opens_with_is_logged_once(
     db = tmp_path / "aggregator-eu.db"
     first, second = load_policy(region / "policy.json"), load_policy(_changed(region))
     for policy in (first, first, second, second, first):
-        _serve_once(db, region, policy)
+        open_keygen_region(db, region, policy)
     code, out, err = run("audit", "query", str(db), "--action", "apply_policy", "-f", "jsonl")
     assert code == 0, err
     applied = [json.loads(line) for line in out.splitlines()]
@@ -96,8 +85,8 @@ def test_the_report_names_the_policies_that_governed_the_period(
 ) -> None:
     db = tmp_path / "aggregator-eu.db"
     first, second = load_policy(region / "policy.json"), load_policy(_changed(region))
-    _serve_once(db, region, first)
-    _serve_once(db, region, second)
+    open_keygen_region(db, region, first)
+    open_keygen_region(db, region, second)
     report = tmp_path / "report.html"
     code, out, err = run("audit", "report", str(db), "-o", str(report))
     assert code == 0 and out.startswith("verified"), out + err

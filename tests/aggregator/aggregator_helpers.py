@@ -1,8 +1,11 @@
-"""What the aggregator tests share: a settable clock, keys with a policy that publishes them, and
-what a central round adds to the weights, computed from first principles."""
+"""What the aggregator tests share: a settable clock, keys with a policy that publishes them, the
+EU region's aggregator on those keys, and what a central round adds to the weights, computed from
+first principles."""
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -11,10 +14,10 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.policy import Policy, example_policy, policy_from_data
-from sottovoce.sync._wire import b64encode
+from sottovoce.aggregator import RegionAggregator, RegionKeys
+from sottovoce.aggregator._service import policy_with_keys
+from sottovoce.policy import Policy, example_policy
 
 T0 = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
 DIM = 8
@@ -39,14 +42,27 @@ class Keys:
     hpke: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
 
     def policy(self, **privacy: Any) -> Policy:
-        data = example_policy().model_dump(mode="json")
-        eu = data["regions"][0]
-        assert eu["id"] == "eu"
-        for key in eu["aggregator"]["public_keys"]:
-            public = (self.hpke if key["use"] == "hpke" else self.signing).public_key()
-            key["key"] = b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
-        eu["privacy"].update({"min_cohort": COHORT, **MECHANISM, **privacy})
-        return policy_from_data(data)
+        """The example policy with the EU aggregator publishing these keys, its mechanism
+        :data:`MECHANISM` with ``min_cohort`` :data:`COHORT`, then ``privacy``'s overrides."""
+        return policy_with_keys(example_policy(), "eu", RegionKeys(self.signing, self.hpke), None,
+                                privacy={"min_cohort": COHORT, **MECHANISM, **privacy})  # fmt: skip
+
+    def aggregator(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        clock: Callable[[], datetime],
+        policy: Policy | None = None,
+        model_id: str = "ab" * 32,
+        dim: int = DIM,
+        **options: Any,
+    ) -> RegionAggregator:
+        """The EU region's aggregator on ``conn`` with these keys, under ``policy`` (default:
+        :meth:`policy`); ``options`` are the rest of :class:`RegionAggregator`'s (``base_weights``,
+        ``rng``, ``accumulate``)."""
+        return RegionAggregator(conn, policy=policy or self.policy(), region="eu",
+                                signing_key=self.signing, hpke_key=self.hpke, model_id=model_id,
+                                dim=dim, clock=clock, **options)  # fmt: skip
 
 
 GRID_STEPS_PER_C = 2**20  # the fixed-point grid: C / 2**20 per step (docs/privacy.md)

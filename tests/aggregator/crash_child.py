@@ -51,7 +51,7 @@ from typing import Any, TextIO
 
 import httpx
 import numpy as np
-from aggregator_helpers import T0
+from aggregator_helpers import T0, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -102,12 +102,9 @@ class World:
 
     def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:
         """The region's aggregator on ``conn``, as every process of a test builds it."""
-        return RegionAggregator(
+        return Keys(signing=self.signing, hpke=self.hpke).aggregator(
             conn,
             policy=self.policy,
-            region=REGION,
-            signing_key=self.signing,
-            hpke_key=self.hpke,
             model_id=self.model_id,
             dim=len(self.base),
             base_weights=self.base,

@@ -111,14 +111,10 @@ class Region:
         self.spec: RoundSpec = verify_round_spec(signed, self.keys.signing.public_key())
 
     def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:
-        return RegionAggregator(
+        return self.keys.aggregator(
             conn,
             policy=self.policy,
-            region="eu",
-            signing_key=self.keys.signing,
-            hpke_key=self.keys.hpke,
             model_id=MODEL_ID,
-            dim=DIM,
             base_weights=self.base,
             clock=self.clock,
             rng=np.random.default_rng(self.seed),

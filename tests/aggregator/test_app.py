@@ -94,14 +94,10 @@ class Service:
         self.url = ""
 
     def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:
-        return RegionAggregator(
+        return self.keys.aggregator(
             conn,
             policy=self.policy,
-            region="eu",
-            signing_key=self.keys.signing,
-            hpke_key=self.keys.hpke,
             model_id=MODEL_ID,
-            dim=DIM,
             clock=self.clock,
             rng=np.random.default_rng(NOISE_SEED),
         )

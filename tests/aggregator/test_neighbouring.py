@@ -23,7 +23,6 @@ from aggregator_helpers import COHORT, DIM, EXPECTED, Clock, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.aggregator import RegionAggregator
 from sottovoce.sync import new_device_secret, period_label, seal_delta, verify_release
 from sottovoce.sync._noise import sensitivity_factor
 from sottovoce.sync._wire import b64encode
@@ -46,9 +45,7 @@ def release_of(tmp_path: Path, name: str, deltas: list[npt.NDArray[np.float32]])
     keys = Keys(signing=KEYS.signing, hpke=KEYS.hpke)
     clock = Clock()
     conn = sqlite3.connect(tmp_path / f"{name}.db")
-    agg = RegionAggregator(conn, policy=keys.policy(), region="eu", signing_key=keys.signing,
-                           hpke_key=keys.hpke, model_id="ab" * 32, dim=DIM, clock=clock,
-                           rng=np.random.default_rng(11))  # fmt: skip
+    agg = keys.aggregator(conn, clock=clock, rng=np.random.default_rng(11))
     spec = agg.open_round(deadline=clock.now + timedelta(hours=1)).spec
     assert spec.expected_cohort == EXPECTED
     for delta in deltas:

@@ -78,14 +78,10 @@ class World:
         self.agg = self.build()
 
     def build(self) -> RegionAggregator:
-        return RegionAggregator(
+        return self.keys.aggregator(
             self.conn,
             policy=self.policy,
-            region="eu",
-            signing_key=self.keys.signing,
-            hpke_key=self.keys.hpke,
             model_id=MODEL_ID,
-            dim=DIM,
             base_weights=self.base,
             clock=self.clock,
             rng=np.random.default_rng(self.seed),
@@ -611,16 +607,9 @@ def test_sweep_purges_contributions_after_their_retention(world: World) -> None:
 
 def test_the_keys_must_be_the_regions(tmp_path: Path, keys: Keys) -> None:
     conn = sqlite3.connect(tmp_path / "a.db")
+    stranger = Keys(signing=Ed25519PrivateKey.generate(), hpke=keys.hpke)
     with pytest.raises(ValueError, match="signing key"):
-        RegionAggregator(
-            conn,
-            policy=keys.policy(),
-            region="eu",
-            signing_key=Ed25519PrivateKey.generate(),
-            hpke_key=keys.hpke,
-            model_id=MODEL_ID,
-            dim=DIM,
-        )
+        stranger.aggregator(conn, policy=keys.policy(), model_id=MODEL_ID, clock=Clock())
     conn.close()
 
 

@@ -151,17 +151,8 @@ def test_a_service_whose_budget_cannot_pay_for_one_round_does_not_start(tmp_path
 
 def _aggregator(tmp_path: Path, clock: Clock, **privacy: Any) -> tuple[RegionAggregator, Keys]:
     keys = Keys()
-    agg = RegionAggregator(
-        sqlite3.connect(tmp_path / "agg.db", isolation_level=None),
-        policy=keys.policy(**privacy),
-        region="eu",
-        signing_key=keys.signing,
-        hpke_key=keys.hpke,
-        model_id="ab" * 32,
-        dim=8,
-        clock=clock,
-    )
-    return agg, keys
+    conn = sqlite3.connect(tmp_path / "agg.db", isolation_level=None)
+    return keys.aggregator(conn, policy=keys.policy(**privacy), dim=8, clock=clock), keys
 
 
 def test_the_scheduler_keeps_one_round_open_and_replaces_an_expired_one(tmp_path: Path) -> None:

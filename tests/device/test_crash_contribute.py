@@ -25,7 +25,6 @@ pytest's ``tmp_path``.
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 import shutil
@@ -42,14 +41,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import policy_where_all_take_part
+from conftest import policy_publishing, policy_where_all_take_part
 from contribute_child import NOW, READY, REGION, USER, contribute, load_ledger, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventStore, Personalizer
-from sottovoce.policy import Policy, Purpose, example_policy, load_policy, policy_from_data
+from sottovoce.policy import Policy, Purpose, load_policy
 from sottovoce.sync import idempotency_key, period_label
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
@@ -82,13 +80,9 @@ class Template:
 def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     root = tmp_path_factory.mktemp("contribute-template")
     # The US aggregator's HPKE key, published in the policy so that sealing works.
-    public = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    data = example_policy().model_dump(mode="json")
-    us = data["regions"][1]
-    assert us["id"] == REGION
-    us["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
+    published = policy_publishing(REGION, hpke=X25519PrivateKey.generate())
     # Every device in every round (q = 1), with a budget that pays for all of them.
-    data = policy_where_all_take_part(policy_from_data(data)).model_dump(mode="json")
+    data = policy_where_all_take_part(published).model_dump(mode="json")
     policy_path = root / "policy.json"
     policy_path.write_text(json.dumps(data), encoding="utf-8")
     policy = load_policy(policy_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -10,13 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NOW, policy_where_all_take_part, round_spec
+from conftest import NOW, policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
-from sottovoce.policy import ConsentMissing, Policy, Purpose, example_policy, policy_from_data
+from sottovoce.policy import ConsentMissing, Policy, Purpose
 from sottovoce.sync import RoundSpec, SealedDelta, SpecRefused, open_delta, sample_into_round
 
 READY = Eligibility(charging=True, unmetered=True, idle=True)
@@ -26,10 +24,7 @@ READY = Eligibility(charging=True, unmetered=True, idle=True)
 def aggregator() -> tuple[X25519PrivateKey, Policy]:
     """The US aggregator's HPKE key, and a policy that publishes it."""
     key = X25519PrivateKey.generate()
-    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    data = example_policy().model_dump(mode="json")
-    data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
-    return key, policy_from_data(data)
+    return key, policy_publishing("us", hpke=key)
 
 
 def _open_device(path: Path, policy: Policy) -> Personalizer:
@@ -182,11 +177,8 @@ def test_a_release_is_installed_only_when_signed_by_the_pinned_key(tmp_path: Pat
     from sottovoce.sync import BadSignature, sign_release
 
     signer = Ed25519PrivateKey.generate()
-    public = signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    data = example_policy().model_dump(mode="json")
-    data["regions"][1]["aggregator"]["public_keys"][1]["key"] = base64.b64encode(public).decode()
-    store = EventStore.open(tmp_path / "r.db", policy=policy_from_data(data), region="us",
-                            clock=lambda: NOW)  # fmt: skip
+    store = EventStore.open(tmp_path / "r.db", policy=policy_publishing("us", signing=signer),
+                            region="us", clock=lambda: NOW)  # fmt: skip
     device = Personalizer(store)
     weights = device.global_weights * 0.5
 

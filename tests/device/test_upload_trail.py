@@ -4,7 +4,6 @@ the device dropped it; never the update, its pseudonym or its idempotency key.""
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import subprocess
@@ -14,13 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import NOW, policy_where_all_take_part, round_spec
+from conftest import NOW, policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
-from sottovoce.policy import Policy, Purpose, example_policy, policy_from_data
+from sottovoce.policy import Policy, Purpose
 from sottovoce.sync import SealedDelta
 from sottovoce.sync.transport import Uploader
 
@@ -31,10 +29,7 @@ SENT = NOW + timedelta(minutes=1)
 @pytest.fixture(scope="module")
 def policy() -> Policy:
     """The example policy with a US aggregator key of our own, every device in every round."""
-    public = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    data = example_policy().model_dump(mode="json")
-    data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
-    return policy_where_all_take_part(policy_from_data(data))
+    return policy_where_all_take_part(policy_publishing("us", hpke=X25519PrivateKey.generate()))
 
 
 def _answer(request: httpx.Request) -> httpx.Response:

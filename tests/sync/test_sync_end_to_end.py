@@ -6,21 +6,19 @@ headers, URLs) carries a user id, device id, track id, artist id or event conten
 
 from __future__ import annotations
 
-import base64
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import policy_where_all_take_part, round_spec
+from conftest import policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fault_server import FaultServer, random_plan
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
-from sottovoce.policy import Purpose, example_policy, policy_from_data
+from sottovoce.policy import Purpose
 from sottovoce.sync import SealedDelta, open_delta
 from sottovoce.sync.transport import RetryPolicy, Uploader
 
@@ -46,12 +44,9 @@ def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
 ) -> None:
     user, device_id, track, artist, query = CANARIES
     aggregator = X25519PrivateKey.generate()
-    public = aggregator.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    data = example_policy().model_dump(mode="json")
-    data["regions"][1]["aggregator"]["public_keys"][0]["key"] = base64.b64encode(public).decode()
     clock = Clock()
     # Every device in every round (q = 1), so that each of the three rounds queues a delta.
-    policy = policy_where_all_take_part(policy_from_data(data))
+    policy = policy_where_all_take_part(policy_publishing("us", hpke=aggregator))
     store = EventStore.open(tmp_path / "d.db", policy=policy, region="us", clock=clock)
     tracks, rows = make_catalog(random.Random(seed))
     store.upsert_catalog([*rows, {"track_id": track, "artist_id": artist, "vector": [1.0] * 16}])
