@@ -78,13 +78,39 @@ def open_store(tmp_path: Path, policy: Policy) -> Iterator[StoreFactory]:
         store.close()
 
 
+def consenting(store: EventStore, user: str, *purposes: Purpose, age: int = 30) -> EventStore:
+    """``store`` once ``user`` has said they are ``age`` and granted ``purposes``, in order."""
+    store.set_age(user, age)
+    for purpose in purposes:
+        store.grant(user, purpose)
+    return store
+
+
+def fill_listening(
+    store: EventStore,
+    user: str = "ann",
+    *,
+    events: int,
+    consent: tuple[Purpose, ...] = (Purpose.FEDERATED_TRAINING,),
+) -> list[Any]:
+    """Fill ``store`` with the demo catalog (seed 1) and ``events`` of ``user``'s listening (seed
+    2, favourite genres 2 and 5), then grant ``consent``; the catalog's tracks."""
+    import random
+
+    from sottovoce._demo import listen, make_catalog
+
+    tracks, rows = make_catalog(random.Random(1))
+    store.upsert_catalog(rows)
+    store.append_many(listen(random.Random(2), user, tracks, {2, 5}, events))
+    for purpose in consent:
+        store.grant(user, purpose)
+    return tracks
+
+
 @pytest.fixture
 def eu_store(open_store: StoreFactory) -> EventStore:
     """An EU device whose user-1 is 30 and has opted in to personalization."""
-    store = open_store("eu")
-    store.set_age("user-1", 30)
-    store.grant("user-1", Purpose.PERSONALIZATION)
-    return store
+    return consenting(open_store("eu"), "user-1", Purpose.PERSONALIZATION)
 
 
 # -- rounds a device will join -----------------------------------------------------------------

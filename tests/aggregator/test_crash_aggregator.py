@@ -57,6 +57,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from aggregator_helpers import DIM, EXPECTED, T0, Keys, central_update
+from conftest import consenting
 from crash_child import MARKERS, REGION, World, stream
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -673,8 +674,7 @@ def service(
     device_db.parent.mkdir()
     with EventStore.open(device_db, policy=setup.world.policy, region=REGION,
                          clock=lambda: T0) as store:  # fmt: skip
-        store.set_age(USER, 30)
-        store.grant(USER, Purpose.FEDERATED_TRAINING)
+        consenting(store, USER, Purpose.FEDERATED_TRAINING)
     app = create_app(lambda: setup.world.aggregator(sqlite3.connect(setup.db)),
                      enrollment_tokens={TOKEN})  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import consenting
 
 from sottovoce.device import EventStore
 from sottovoce.policy import Policy, Purpose
@@ -21,8 +22,7 @@ BERLIN_SUMMER, BERLIN_WINTER = timezone(timedelta(hours=2)), timezone(timedelta(
 
 def _store(tmp_path: Path, policy: Policy, now: datetime) -> EventStore:
     store = EventStore.open(tmp_path / "d.db", policy=policy, region="eu", clock=lambda: now)
-    store.set_age("u", 30)
-    store.grant("u", Purpose.PERSONALIZATION)
+    consenting(store, "u", Purpose.PERSONALIZATION)
     return store
 
 
@@ -85,8 +85,7 @@ def test_purge_at_a_month_end_is_exact(tmp_path: Path, policy: Policy) -> None:
     clock: list[datetime] = [datetime(2026, 12, 30, tzinfo=UTC)]
     now: Callable[[], datetime] = lambda: clock[0]  # noqa: E731
     store = EventStore.open(tmp_path / "d.db", policy=policy, region="eu", clock=now)
-    store.set_age("u", 30)
-    store.grant("u", Purpose.PERSONALIZATION)
+    consenting(store, "u", Purpose.PERSONALIZATION)
     store.append_many([_like("nov", datetime(2026, 11, 30, 23, 59, tzinfo=UTC)),
                        _like("dec", datetime(2026, 12, 1, 0, 1, tzinfo=UTC))])  # fmt: skip
     clock[0] = datetime(2026, 12, 31, tzinfo=UTC)  # 30 days after 2026-12-01T00:00Z

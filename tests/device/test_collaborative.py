@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NOW, policy_where_all_take_part, round_spec
+from conftest import NOW, consenting, policy_where_all_take_part, round_spec
 
 from sottovoce.device import DeviceError, EventStore
 from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
@@ -94,9 +94,7 @@ def device(tmp_path: Path) -> Iterator[tuple[EventStore, Any]]:
     policy = policy_where_all_take_part()
     store = EventStore.open(tmp_path / "device.db", policy=policy, region="us",
                             clock=lambda: NOW)  # fmt: skip
-    store.set_age("u1", 30)
-    for purpose in (Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING):
-        store.grant("u1", purpose)
+    consenting(store, "u1", Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING)
     for n, track in enumerate(("t1", "t2", "t3")):
         store.append({"event_id": f"e{n}", "user_id": "u1", "type": "play_end",
                       "ts": NOW.isoformat(), "track_id": track, "ms_played": 200_000,

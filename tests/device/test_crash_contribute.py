@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import policy_publishing, policy_where_all_take_part
+from conftest import fill_listening, policy_publishing, policy_where_all_take_part
 from contribute_child import NOW, READY, REGION, USER, contribute, load_ledger, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventStore, Personalizer
-from sottovoce.policy import Policy, Purpose, load_policy
+from sottovoce.policy import Policy, load_policy
 from sottovoce.sync import idempotency_key, period_label
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
@@ -88,10 +87,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     policy = load_policy(policy_path)
     db = root / "device.db"
     with EventStore.open(db, policy=policy, region=REGION, clock=lambda: NOW) as store:
-        tracks, rows = make_catalog(random.Random(1))
-        store.upsert_catalog(rows)
-        store.append_many(listen(random.Random(2), USER, tracks, {2, 5}, 600))
-        store.grant(USER, Purpose.FEDERATED_TRAINING)
+        fill_listening(store, USER, events=600)
     # What each round must leave behind, worked out on a scratch copy of the same store.
     scratch = root / "scratch"
     scratch.mkdir()

@@ -14,7 +14,7 @@ from typing import Any
 
 import dp_accounting
 import pytest
-from conftest import NOW, policy_where_all_take_part, round_spec
+from conftest import NOW, consenting, policy_where_all_take_part, round_spec
 from dp_accounting import rdp
 
 from sottovoce._demo import listen, make_catalog
@@ -44,9 +44,7 @@ class Device:
         self.now: datetime = NOW
         self.policy, self.region = policy, region
         store = EventStore.open(path, policy=policy, region=region, clock=lambda: self.now)
-        store.set_age("ann", 30)
-        for purpose in (Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING):
-            store.grant("ann", purpose)
+        consenting(store, "ann", Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING)
         tracks, rows = make_catalog(random.Random(1))
         store.upsert_catalog(rows)
         history = listen(random.Random(2), "ann", tracks, {2, 5}, 300)

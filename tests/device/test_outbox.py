@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NOW, policy_publishing, policy_where_all_take_part, round_spec
+from conftest import NOW, fill_listening, policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
 from sottovoce.policy import ConsentMissing, Policy, Purpose
 from sottovoce.sync import RoundSpec, SealedDelta, SpecRefused, open_delta, sample_into_round
@@ -29,9 +27,7 @@ def aggregator() -> tuple[X25519PrivateKey, Policy]:
 
 def _open_device(path: Path, policy: Policy) -> Personalizer:
     store = EventStore.open(path, policy=policy, region="us", clock=lambda: NOW)
-    tracks, rows = make_catalog(random.Random(1))
-    store.upsert_catalog(rows)
-    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 600))
+    fill_listening(store, "ann", events=600, consent=())  # each test grants what it needs
     return Personalizer(store)
 
 

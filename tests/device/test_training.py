@@ -8,7 +8,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
-from conftest import StoreFactory
+from conftest import StoreFactory, fill_listening
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventStore
@@ -93,11 +93,8 @@ def test_examples_use_state_before_each_event(open_store: StoreFactory) -> None:
 @pytest.fixture
 def trainee(open_store: StoreFactory) -> tuple[EventStore, list[str]]:
     """A US store where ann has listened a while and consents to training; her track ids."""
-    tracks, rows = make_catalog(random.Random(1))
     store: EventStore = open_store("us")
-    store.upsert_catalog(rows)
-    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 600))
-    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    tracks = fill_listening(store, "ann", events=600)
     return store, [t.track_id for t in tracks]
 
 

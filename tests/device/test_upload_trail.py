@@ -5,7 +5,6 @@ the device dropped it; never the update, its pseudonym or its idempotency key.""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from datetime import timedelta
@@ -13,12 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import NOW, policy_publishing, policy_where_all_take_part, round_spec
+from conftest import NOW, fill_listening, policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
-from sottovoce.policy import Policy, Purpose
+from sottovoce.policy import Policy
 from sottovoce.sync import SealedDelta
 from sottovoce.sync.transport import Uploader
 
@@ -45,10 +43,7 @@ def test_uploads_and_their_outcomes_are_in_the_export_the_log_and_the_report(
     path = tmp_path / "device.db"
     clock = [NOW]  # the device's clock: NOW while it trains, SENT when it uploads
     store = EventStore.open(path, policy=policy, region="us", clock=lambda: clock[0])
-    tracks, rows = make_catalog(random.Random(1))
-    store.upsert_catalog(rows)
-    store.append_many(listen(random.Random(2), "ann", tracks, {2, 5}, 300))
-    store.grant("ann", Purpose.FEDERATED_TRAINING)
+    fill_listening(store, "ann", events=300)
     device = Personalizer(store)
     for round_id in ("us-r1", "us-r2"):
         spec = round_spec(policy, "us", model_id=device.ranker.model_id, round_id=round_id,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Events, StoreFactory
+from conftest import Events, StoreFactory, consenting
 from sync_helpers import Parties, documented_fields, make_spec
 
 from sottovoce.device import ITEM_DIM, Eligibility, Personalizer
@@ -81,9 +81,7 @@ def test_no_device_data_reaches_the_wire(
         {"track_id": t, "artist_id": f"canary-artist-{t[-2:]}", "title": f"canary-title-{t[-2:]}",
          "vector": rng.normal(size=ITEM_DIM).tolist()} for t in tracks
     )  # fmt: skip
-    store.set_age(USER, 30)
-    store.grant(USER, Purpose.PERSONALIZATION)
-    store.grant(USER, Purpose.FEDERATED_TRAINING)
+    consenting(store, USER, Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING)
     history = _canary_history(Events(USER), tracks)
     store.append_many(history)
     local = Personalizer(store).local_round(
