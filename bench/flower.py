@@ -284,10 +284,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     rounds: list[tuple[float, int]] = []
     original: Callable[..., list[dict[str, Any]]] = federated.run_rounds
 
-    def timed(config: Any, mode: PrivacyMode, parts: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    def timed(parts: Any, **kwargs: Any) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        outcomes = original(config, mode, parts, **kwargs)
-        if mode is PrivacyMode.CENTRAL and kwargs.get("pipeline") is None:  # the reranker's
+        outcomes = original(parts, **kwargs)
+        if parts[0].service.pipeline == PrivacyMode.CENTRAL.value:  # the reranker's, central
             trained = sum(int(outcome.get("sampled", 0)) for outcome in outcomes)
             rounds.append((time.perf_counter() - started, trained))
         return outcomes

@@ -145,7 +145,7 @@ def private_collaborative(
             parts = [RegionRound(service, plans[PIPELINE][region], members[region],
                                  partial(_join, pool, tuple(published[region]), layout))
                      for region, service in services.items()]  # fmt: skip
-            outcomes = run_rounds(config, mode, parts, bar=bar, pipeline=PIPELINE)
+            outcomes = run_rounds(parts, bar=bar)
             for region, outcome in zip(services, outcomes, strict=True):
                 spec: RoundSpec = outcome.pop("spec")
                 release = outcome.pop("release", None)

@@ -109,7 +109,7 @@ def federated_dp(config: SimulationConfig, mode: PrivacyMode, *, data: Dataset,
                                     release=releases[region], number=number))
                 for region, service in services.items()
             ]  # fmt: skip
-            outcomes = run_rounds(config, mode, parts, bar=bar)
+            outcomes = run_rounds(parts, bar=bar)
             for region, outcome in zip(services, outcomes, strict=True):
                 outcome.pop("spec")
                 record[region] = outcome

@@ -1,10 +1,11 @@
 """Each region's aggregator as the simulated devices reach it, and a round through them.
 
 Data flow: the coordinator opens a round on each region's real aggregator (in process through
-its ASGI app, or a ``sottovoce aggregator serve`` process on loopback), every sampled device
-(the real device code, in a worker process) checks the spec, trains, seals and queues its
-delta, and the coordinator runs each device's uploader against the region's service; the round
-then closes at its deadline into a signed release that the devices install next round.
+its ASGI app over :class:`._in_process.InProcessTransport`, or a ``sottovoce aggregator
+serve`` process on loopback), every sampled device (the real device code, in a worker
+process) checks the spec, trains, seals and queues its delta, and the coordinator runs each
+device's uploader against the region's service; the round then closes at its deadline into a
+signed release that the devices install next round.
 
 :func:`run_rounds` runs one round in every region at once: the devices of all regions share
 the workers, and each delta is uploaded as soon as its device has sealed it, while later
@@ -20,7 +21,6 @@ import os
 import sqlite3
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -48,6 +48,7 @@ from sottovoce.sim._config import (
 )
 from sottovoce.sim._devices import Contribution, DeviceTask
 from sottovoce.sim._errors import SimulationError
+from sottovoce.sim._in_process import InProcessTransport
 from sottovoce.sync import (
     RoundSpec,
     SignedRoundSpec,
@@ -127,22 +128,32 @@ class Region:
         if config.server:
             self.client, self.url = _serve(config, name, region, policy, stack, model=model)
         else:
-            with warnings.catch_warnings():  # starlette's note on its httpx client: not ours
-                warnings.simplefilter("ignore")
-                from fastapi.testclient import TestClient
-
             from sottovoce.aggregator import create_app
 
             app = create_app(lambda: aggregator(np.random.default_rng(seed)),
                              enrollment_tokens={TOKEN})  # fmt: skip
             self.url = f"http://{region}.aggregator.invalid"
-            self.client = stack.enter_context(TestClient(app, base_url=self.url))
+            transport = InProcessTransport(app, name=f"aggregator-{name}-{region}")
+            self.client = stack.enter_context(httpx.Client(transport=transport,
+                                                           base_url=self.url))  # fmt: skip
         if config.relay is not None:
             self.url = config.relay(self.url)
             self.client.base_url = httpx.URL(self.url)
         if config.on_request is not None:
             self.client.event_hooks["request"].append(config.on_request)
         self.enrolled: set[tuple[str, str]] = set()
+        self.pipeline = name  # the deployment: "central", "local", "collaborative"
+        self._config = config
+        self._tasks: dict[str, DeviceTask] = {}
+
+    def task(self, user: str) -> DeviceTask:
+        """Where the user's device in this region lives, made once (it carries the policy's
+        JSON, which every round would otherwise render again for every device)."""
+        task = self._tasks.get(user)
+        if task is None:
+            task = device_task(self._config, self.pipeline, user, self.region, self.policy)
+            self._tasks[user] = task
+        return task
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -258,22 +269,19 @@ class RegionRound:
     join: Join
 
 
-def run_rounds(config: SimulationConfig, mode: PrivacyMode, rounds: Sequence[RegionRound], *,
-               bar: Progress, pipeline: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def run_rounds(rounds: Sequence[RegionRound], *, bar: Progress) -> list[dict[str, Any]]:
     """One round in each region, at the same time (see the module docstring). The outcomes,
     in the order of ``rounds``, have the verified ``spec`` and, when published, the
     ``release`` (wire JSON) and its ``weights`` (float32 bytes)."""
-    name = pipeline or mode.value
-    started = [_start(config, name, part) for part in rounds]
+    started = [_start(part) for part in rounds]
     with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="sim-upload") as threads:
-        sent = [_upload_as_sealed(config, name, part, spec, futures, threads=threads, bar=bar)
+        sent = [_upload_as_sealed(part, spec, futures, threads=threads, bar=bar)
                 for part, (spec, futures) in zip(rounds, started, strict=True)]  # fmt: skip
         return [_close(part, spec, *done)
                 for part, (spec, _), done in zip(rounds, started, sent, strict=True)]  # fmt: skip
 
 
-def _start(config: SimulationConfig, name: str,
-           part: RegionRound) -> tuple[RoundSpec, list[Future[Contribution]]]:  # fmt: skip
+def _start(part: RegionRound) -> tuple[RoundSpec, list[Future[Contribution]]]:
     """Open the region's round, fetch and verify its spec, and start its sampled devices."""
     service, plan = part.service, part.plan
     service.clock.advance(timedelta(hours=2))
@@ -284,7 +292,7 @@ def _start(config: SimulationConfig, name: str,
     if answer.status_code != 200:
         raise SimulationError(f"{service.region}: no round spec ({answer.status_code})")
     spec = verify_round_spec(SignedRoundSpec.from_wire(answer.content), service.verify_key)
-    tasks = [device_task(config, name, u, service.region, service.policy) for u in part.users]
+    tasks = [service.task(u) for u in part.users]
     # Each device flips the spec's coin itself; the simulator knows the devices' secrets, so
     # it skips waking the ones whose coin will say no (they would return at once).
     tasks = [t for t in tasks if sample_into_round(spec, t.secret())]
@@ -294,9 +302,8 @@ def _start(config: SimulationConfig, name: str,
 _Sent = tuple[int, dict[str, int], list["Future[dict[str, int]]"]]  # taking part, refused, uploads
 
 
-def _upload_as_sealed(config: SimulationConfig, name: str, part: RegionRound, spec: RoundSpec,
-                      futures: Sequence[Future[Contribution]], *, threads: ThreadPoolExecutor,
-                      bar: Progress) -> _Sent:  # fmt: skip
+def _upload_as_sealed(part: RegionRound, spec: RoundSpec, futures: Sequence[Future[Contribution]],
+                      *, threads: ThreadPoolExecutor, bar: Progress) -> _Sent:  # fmt: skip
     """Start each device's upload as soon as it has sealed its delta, in the order the devices
     started: each upload waits for the one before it to be answered before it sends."""
     taking_part = 0
@@ -308,7 +315,7 @@ def _upload_as_sealed(config: SimulationConfig, name: str, part: RegionRound, sp
         if done.key is not None:
             taking_part += 1
             turn = threading.Event()
-            uploads.append(threads.submit(_upload, config, name, part.service, spec, done.user,
+            uploads.append(threads.submit(_upload, part.service, spec, done.user,
                                           after=previous, then=turn))  # fmt: skip
             previous = turn
         elif done.refused is not None:
@@ -317,15 +324,13 @@ def _upload_as_sealed(config: SimulationConfig, name: str, part: RegionRound, sp
     return taking_part, refused, uploads
 
 
-def _upload(config: SimulationConfig, pipeline: str, service: Region, spec: RoundSpec,
-            user: str, *, after: threading.Event | None,
+def _upload(service: Region, spec: RoundSpec, user: str, *, after: threading.Event | None,
             then: threading.Event) -> dict[str, int]:  # fmt: skip
     """The device enrolls its key for the period if it has not yet, and runs its uploader once
     the upload before it (``after``) has been answered; ``then`` lets the next one go."""
     period = period_label(spec)
     try:
-        task = device_task(config, pipeline, user, service.region, service.policy)
-        store = task.open(END)
+        store = service.task(user).open(END)
         try:
             if (user, period) not in service.enrolled:
                 enroll(service.client, base_url=service.url, token=TOKEN,
