@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from unittest.mock import patch
 
 import pytest
 
@@ -205,3 +209,28 @@ def wait_until_serving(url: str, server: Any, log: Path, *, seconds: float = 60.
             pass
         assert time.monotonic() < deadline, f"the aggregator did not answer: {log.read_text()}"
         time.sleep(0.1)
+
+
+class Ran(NamedTuple):
+    """What a command run by :func:`run_cli` gave: its exit status and its output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Ran:
+    """``sottovoce ARGS`` through the console script's entry point, in this process (a process
+    per call would make CLI tests several times slower)."""
+    from sottovoce.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: object = 0
+    with (patch.object(sys, "argv", ["sottovoce", *args]), contextlib.redirect_stdout(out),
+          contextlib.redirect_stderr(err)):  # fmt: skip
+        try:
+            main()
+        except SystemExit as done:
+            code = done.code
+    return Ran(code if isinstance(code, int) else int(code is not None), out.getvalue(),
+               err.getvalue())  # fmt: skip

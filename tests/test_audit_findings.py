@@ -7,22 +7,17 @@ database made with the keys and policy ``sottovoce aggregator keygen`` writes).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
-from conftest import NOW, T0, Events, open_keygen_region
+from conftest import NOW, T0, Events, Ran, open_keygen_region, run_cli
 
-from sottovoce.cli import main
 from sottovoce.device import EventStore
 from sottovoce.policy import (
     CheckpointSigner,
@@ -34,27 +29,7 @@ from sottovoce.policy import (
     load_policy,
 )
 
-
-@dataclass(frozen=True)
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run(*args: str) -> Ran:
-    """``sottovoce ARGS`` through the console script's entry point, in this process (a process
-    per call would make these tests several times slower; one test below runs a real one)."""
-    out, err = io.StringIO(), io.StringIO()
-    code: object = 0
-    with (patch.object(sys, "argv", ["sottovoce", *args]), contextlib.redirect_stdout(out),
-          contextlib.redirect_stderr(err)):  # fmt: skip
-        try:
-            main()
-        except SystemExit as done:
-            code = done.code
-    return Ran(code if isinstance(code, int) else 0 if code is None else 1, out.getvalue(),
-               err.getvalue())  # fmt: skip
+run = run_cli  # in this process; one test below runs a real one
 
 
 def _verdict(result: Ran) -> str:

@@ -9,34 +9,15 @@ audit``, run through the console script's entry point.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
-from conftest import open_keygen_region
+from conftest import open_keygen_region, run_cli
 
-from sottovoce.cli import main
 from sottovoce.policy import load_policy
 
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code: object = 0
-    with (patch.object(sys, "argv", ["sottovoce", *args]), contextlib.redirect_stdout(out),
-          contextlib.redirect_stderr(err)):  # fmt: skip
-        try:
-            main()
-        except SystemExit as done:
-            code = done.code
-    return (
-        (code if isinstance(code, int) else int(code is not None)),
-        out.getvalue(),
-        err.getvalue(),
-    )
+run = run_cli
 
 
 @pytest.fixture
