@@ -33,7 +33,7 @@ from aggregator_helpers import COHORT, DIM, Clock, Keys, central_update
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
-from sottovoce.aggregator import RegionAggregator, create_app
+from sottovoce.aggregator import RegionAggregator, RegionKeys, ServiceConfig, create_app
 from sottovoce.policy import Decision, DecisionLog, VerifyReport
 from sottovoce.sync import (
     DeltaState,
@@ -128,6 +128,22 @@ class Region:
         return create_app(
             lambda: self.aggregator(sqlite3.connect(self.path)),
             enrollment_tokens={TOKEN},
+            **options,
+        )
+
+    def service_config(self, **options: Any) -> ServiceConfig:
+        """The configuration ``serve`` would run this region with (no schedule of its own),
+        plus ``options``."""
+        return ServiceConfig(
+            policy=self.policy,
+            region="eu",
+            keys=RegionKeys(self.keys.signing, self.keys.hpke),
+            database=self.path,
+            model_id=MODEL_ID,
+            base_weights=self.base.astype(np.float32),
+            enrollment_tokens=frozenset({TOKEN}),
+            schedule_rounds=False,
+            clock=self.clock,
             **options,
         )
 

@@ -32,15 +32,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from service_helpers import MODEL_ID, TOKEN, Device, Region, serve, small
+from service_helpers import TOKEN, Device, Region, serve, small
 
 from sottovoce.aggregator import (
     RefusalLimit,
     RegionAggregator,
-    RegionKeys,
     ServiceConfig,
     build_app,
     create_app,
@@ -383,18 +381,7 @@ def test_a_refusal_does_not_say_which_period_a_key_is_enrolled_for(scene: Scene)
 
 
 def _service_config(region: Region, limit: RefusalLimit) -> ServiceConfig:
-    return ServiceConfig(
-        policy=region.policy,
-        region="eu",
-        keys=RegionKeys(region.keys.signing, region.keys.hpke),
-        database=region.path,
-        model_id=MODEL_ID,
-        base_weights=region.base.astype(np.float32),
-        enrollment_tokens=frozenset({TOKEN}),
-        schedule_rounds=False,
-        clock=region.clock,
-        refusal_limit=limit,
-    )
+    return region.service_config(refusal_limit=limit)
 
 
 def test_junk_grows_the_log_by_a_bounded_number_of_counted_entries(tmp_path: Path) -> None:
