@@ -28,12 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import uvicorn
-from service_helpers import MODEL_ID, TOKEN, Region
+from service_helpers import TOKEN, Region
 
-from sottovoce.aggregator import RegionKeys, ServiceConfig
 from sottovoce.aggregator._connections import ConnectionLimits
 from sottovoce.aggregator._service import server_config
 
@@ -81,18 +79,7 @@ def _running(config: uvicorn.Config) -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     region = Region(tmp_path_factory.mktemp("slow") / "aggregator.db")
-    config = ServiceConfig(
-        policy=region.policy,
-        region="eu",
-        keys=RegionKeys(region.keys.signing, region.keys.hpke),
-        database=region.path,
-        model_id=MODEL_ID,
-        base_weights=region.base.astype(np.float32),
-        enrollment_tokens=frozenset({TOKEN}),
-        schedule_rounds=False,
-        clock=region.clock,
-        connections=LIMITS,
-    )
+    config = region.service_config(connections=LIMITS)
     with _running(server_config(config, host="127.0.0.1", port=0, log_level="warning")) as s:
         _settle(s)
         yield s
@@ -206,7 +193,7 @@ def test_slowloris_headers_are_cut_off_at_the_deadline_and_their_fds_released(
     assert {(cut.status, cut.code) for cut in cuts} == {(408, "too_slow")}
     for cut in cuts:
         assert LIMITS.header_seconds * 0.9 <= cut.seconds <= LIMITS.header_seconds + SLACK, cut
-    assert _back_to(baseline) == baseline
+    assert _back_to(baseline) <= baseline  # none held (other tests may close their own meanwhile)
 
 
 def test_a_slow_body_is_cut_off_at_the_body_deadline(served: Served) -> None:
@@ -226,7 +213,7 @@ def test_a_slow_body_is_cut_off_at_the_body_deadline(served: Served) -> None:
     assert {(cut.status, cut.code) for cut in cuts} == {(408, "too_slow")}
     for cut in cuts:  # the body's deadline, not the headers'
         assert LIMITS.body_seconds * 0.9 <= cut.seconds <= LIMITS.body_seconds + SLACK, cut
-    assert _back_to(baseline) == baseline
+    assert _back_to(baseline) <= baseline  # none held (other tests may close their own meanwhile)
 
 
 def test_an_early_answer_does_not_keep_draining_a_trickling_body(served: Served) -> None:
@@ -241,7 +228,7 @@ def test_an_early_answer_does_not_keep_draining_a_trickling_body(served: Served)
         cut = _trickle([sock], b"x" * 1000)[0]
     assert cut.status is None  # the answer was given; then the connection is simply closed
     assert cut.seconds <= LIMITS.body_seconds + SLACK
-    assert _back_to(baseline) == baseline
+    assert _back_to(baseline) <= baseline  # none held (other tests may close their own meanwhile)
 
 
 def test_an_idle_connection_and_a_half_sent_next_request_are_closed(served: Served) -> None:
@@ -257,7 +244,7 @@ def test_an_idle_connection_and_a_half_sent_next_request_are_closed(served: Serv
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         cut = _trickle([kept], SLOW_HEADERS)[0]  # then a second request, one byte at a time
     assert (cut.status, cut.code) == (408, "too_slow")
-    assert _back_to(baseline) == baseline
+    assert _back_to(baseline) <= baseline  # none held (other tests may close their own meanwhile)
 
 
 def test_connections_beyond_the_cap_are_refused_and_descriptors_come_back(served: Served) -> None:
@@ -274,7 +261,7 @@ def test_connections_beyond_the_cap_are_refused_and_descriptors_come_back(served
     finally:
         for sock in socks + extra:
             sock.close()
-    assert _back_to(baseline) == baseline
+    assert _back_to(baseline) <= baseline  # none held (other tests may close their own meanwhile)
     with httpx.Client(timeout=5) as client:  # and the service answers again
         assert client.get(f"{served.url}/v1/health").status_code == 200
 
