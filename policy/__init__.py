@@ -7,6 +7,11 @@ turns each enforcement point into a :class:`Decision`; a :class:`DecisionLog` ke
 RFC 9162 Merkle log with signed C2SP checkpoints; :func:`verify_inclusion` and
 :func:`verify_consistency` check its proofs.
 
+Every reason code (why a decision was taken, why a request was refused) is one row of
+:data:`REASON_CODES`, a :class:`Reason` with its outcome, logged sentence, HTTP status, whether a
+refusal is final for the uploader and retry advice; :func:`reason` looks one up. ``REASONS`` (the
+logged codes and their sentences) and every other table of codes are derived from it.
+
 Errors (``code`` in the middle column)::
 
     PolicyError                    policy_error
@@ -80,11 +85,13 @@ from sottovoce.policy._model import (
     Region,
     format_duration,
 )
+from sottovoce.policy._reasons import REASON_CODES, Reason, reason
 from sottovoce.policy._report import render_report
 
 __all__ = [
     "PURPOSE_DATA",
     "REASONS",
+    "REASON_CODES",
     "Accountant",
     "Action",
     "AgeGate",
@@ -118,6 +125,7 @@ __all__ = [
     "Problem",
     "ProofError",
     "Purpose",
+    "Reason",
     "Region",
     "ResidencyViolation",
     "UnknownRegion",
@@ -135,6 +143,7 @@ __all__ = [
     "parse_policy",
     "parse_verifier_key",
     "policy_from_data",
+    "reason",
     "render_report",
     "verify_consistency",
     "verify_inclusion",

@@ -9,7 +9,8 @@ about it (``retry``).
 
 The other tables are derived from :data:`REASON_CODES`: the decision engine's ``REASONS``
 (:mod:`._decision`), the aggregator's statuses and messages (``sottovoce.aggregator._edge``),
-the outbox's final refusals (``sottovoce.sync._outbox``), and the tables in
+the outbox's final refusals (``sottovoce.sync._outbox``), the codes of sync's errors (each
+checked against its row when its class is defined, ``sottovoce.sync._errors``), and the tables in
 ``docs/protocol.md`` ("Answers and retries") and ``docs/compliance.md`` ("Reason codes"), which
 tests compare with this one. Codes are an interface: add, never rename.
 
@@ -168,6 +169,7 @@ REASON_CODES: Final[tuple[Reason, ...]] = (
     _refuse("deadline_passed", None, final=True, retry="never: the round's deadline has passed"),
     _refuse("wrong_model", None),
     _refuse("aggregator_unavailable", None),
+    _refuse("bad_endpoint", None),
 )  # fmt: skip
 
 _BY_CODE: Final[Mapping[str, Reason]] = MappingProxyType({r.code: r for r in REASON_CODES})

@@ -9,18 +9,31 @@ The aggregator opens each upload with :func:`~sottovoce.sync.open_delta` and log
 plaintext's layout, the signature, and the values), so a delta that breaks several rules
 reports the first. Parsing received bytes (``from_wire``) raises ``UnsupportedProtocol`` or
 ``Malformed`` before that.
+
+Each error's ``code`` is a row of the one registry of reason codes
+(:data:`sottovoce.policy.REASON_CODES`): defining a subclass whose code has no row fails at
+import, and so does raising one with a code (``code=``) that has none.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from sottovoce._errors import SottovoceError
-from sottovoce.policy import ResidencyViolation
+from sottovoce.policy import ResidencyViolation, reason
 
 
 class SyncError(SottovoceError):
-    """Base class of sync errors."""
+    """Base class of sync errors; every subclass's ``code`` is a registry row."""
 
     code = "sync_error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        reason(cls.code)  # KeyError: a code the registry does not have
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=None if code is None else reason(code).code)
 
 
 class UnsupportedProtocol(SyncError):

@@ -22,10 +22,10 @@ PUBLIC = {
         "InclusionProofError",
         "InvalidPolicy", "LogError", "Outcome", "PURPOSE_DATA", "Policy", "PolicyError",
         "PolicyViolation", "PrivacyBudget", "PrivacyMode", "Problem", "ProofError", "Purpose",
-        "REASONS", "Region", "ResidencyViolation", "UnknownRegion", "VerifyReport",
-        "consent_allows", "consent_refusal", "diff_policies", "example_policy",
+        "REASONS", "REASON_CODES", "Reason", "Region", "ResidencyViolation", "UnknownRegion",
+        "VerifyReport", "consent_allows", "consent_refusal", "diff_policies", "example_policy",
         "example_policy_path", "format_diff", "format_duration", "leaf_hash", "load_policy",
-        "open_checkpoint", "parse_policy", "parse_verifier_key", "policy_from_data",
+        "open_checkpoint", "parse_policy", "parse_verifier_key", "policy_from_data", "reason",
         "render_report", "verify_consistency", "verify_inclusion",
     ],
     "sottovoce.device": [
@@ -109,17 +109,29 @@ def test_every_error_has_a_code_and_one_root() -> None:
                 assert issubclass(a, b) or issubclass(b, a), (a, b)
 
 
-def test_every_refusal_sync_raises_is_a_logged_reason() -> None:
+def test_every_code_a_sync_error_carries_is_a_registry_row() -> None:
     from sottovoce import sync
-    from sottovoce.policy import REASONS
+    from sottovoce.policy import REASONS, reason
 
-    codes = {
-        getattr(sync, n).code
-        for n in sync.__all__
-        if isinstance(getattr(sync, n), type) and issubclass(getattr(sync, n), Exception)
-    }
-    codes -= {"sync_error", "wrong_model", "aggregator_unavailable"}  # met on the device only
-    assert codes <= set(REASONS), codes - set(REASONS)
+    errors = [e for e in _package_errors("sottovoce.sync") if e is not sync.SyncError]
+    for error in errors:
+        assert reason(error.code).code == error.code, error
+    # what the aggregator's open_delta raises is logged as the decision's reason
+    opened = [sync.UnsupportedProtocol, sync.WrongRegion, sync.RoundClosed, sync.Undecryptable,
+              sync.Malformed, sync.BadSignature, sync.NonFinite, sync.NormExceeded]  # fmt: skip
+    assert {e.code for e in opened} <= set(REASONS)
+    assert sync.SpecRefused("x", rule="epsilon", code="budget_exhausted").code in REASONS
+
+
+def test_a_sync_error_cannot_carry_a_code_the_registry_lacks() -> None:
+    from sottovoce.sync import SpecRefused, SyncError
+
+    with pytest.raises(KeyError, match="made_up_code"):
+        SpecRefused("the round is too costly", rule="epsilon", code="made_up_code")
+    with pytest.raises(KeyError, match="another_made_up_code"):
+
+        class _Invented(SyncError):
+            code = "another_made_up_code"
 
 
 def _errors(module: ModuleType) -> list[type[BaseException]]:

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from sottovoce.aggregator._edge import MESSAGES, STATUS
-from sottovoce.policy import REASONS
+from sottovoce.policy import REASON_CODES, REASONS, Reason, reason
 from sottovoce.policy._decision import DENY_REASONS
-from sottovoce.policy._reasons import REASON_CODES, Reason, reason
 from sottovoce.sync import Drop, OutboxItem, RetryAt, decide
 from sottovoce.sync._outbox import FINAL_REFUSALS
 
