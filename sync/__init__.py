@@ -42,6 +42,7 @@ first.
 """
 
 from sottovoce.sync._budget import Charge, Mechanism, charge_for, check_budget, epsilon, mechanism
+from sottovoce.sync._clip import add_noise, clip
 from sottovoce.sync._errors import (
     AggregatorUnavailable,
     BadSignature,
@@ -70,17 +71,12 @@ from sottovoce.sync._outbox import (
     decide,
 )
 from sottovoce.sync._participation import check_spec, sample_into_round
+from sottovoce.sync._pseudonym import idempotency_key, new_device_secret, period_label, pseudonym
 from sottovoce.sync._seal import (
     NOISE_SLACK_SIGMAS,
     OpenedDelta,
-    add_noise,
-    clip,
     device_noise_std,
-    idempotency_key,
-    new_device_secret,
     open_delta,
-    period_label,
-    pseudonym,
     seal_delta,
 )
 from sottovoce.sync._sign import (

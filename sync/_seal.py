@@ -1,8 +1,9 @@
 """Sealing a model delta on the device and opening it at the aggregator (sans-I/O).
 
-Data flow step 5 (device): ``seal_delta`` clips the delta to L2 norm C, adds Gaussian noise
-when the round's mode is ``local``, signs it with the device's per-period Ed25519 key and
-encrypts it with HPKE to the region aggregator's X25519 key. Step 6 (aggregator): ``open_delta``
+Data flow step 5 (device): ``seal_delta`` clips the delta to L2 norm C and adds the device's
+noise when the round's mode is ``local`` (:mod:`._clip`), labels it with the period's
+pseudonym (:mod:`._pseudonym`), signs it with the device's per-period Ed25519 key and encrypts
+it with HPKE to the region aggregator's X25519 key. Step 6 (aggregator): ``open_delta``
 checks the envelope, decrypts, verifies the signature and the values, and returns the delta or
 raises a typed :class:`~sottovoce.sync.SyncError` whose ``code`` is the decision's reason.
 
@@ -31,12 +32,9 @@ Nothing derived from events, ids or local state is in either; only the delta's n
 from __future__ import annotations
 
 import hashlib
-import hmac
 import math
-import secrets
 import struct
 from dataclasses import dataclass
-from datetime import time
 from typing import Final
 
 import numpy as np
@@ -49,6 +47,7 @@ from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from sottovoce.policy import PrivacyMode
 from sottovoce.policy._canonical import canonical_json
+from sottovoce.sync._clip import FloatArray, add_noise, clip, l2_norm
 from sottovoce.sync._errors import (
     BadSignature,
     Malformed,
@@ -60,7 +59,7 @@ from sottovoce.sync._errors import (
     WrongModelVersion,
     WrongRegion,
 )
-from sottovoce.sync._noise import noisy_on_grid
+from sottovoce.sync._pseudonym import idempotency_key, period_label, pseudonym
 from sottovoce.sync._wire import (
     ED25519_SIGNATURE_BYTES,
     PROTOCOL_VERSION,
@@ -71,13 +70,10 @@ from sottovoce.sync._wire import (
     b64encode,
 )
 
-FloatArray = npt.NDArray[np.float32]
-
 SUITE: Final = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_128_GCM)
 MAGIC: Final = b"SVD" + bytes([PROTOCOL_VERSION])
 _HEADER: Final = struct.Struct("<4sIdd")
 HEADER_BYTES: Final = _HEADER.size + ED25519_SIGNATURE_BYTES  # 88
-MIN_SECRET_BYTES: Final = 16
 # In local mode the received norm may exceed C by the noise: ||N(0, s^2 I_d)|| exceeds
 # s * (sqrt(d) + t) with probability at most exp(-t^2 / 2) (Gaussian concentration of a
 # 1-Lipschitz function). t = 10 wrongly refuses an honest delta with probability < 2e-22.
@@ -85,8 +81,6 @@ NOISE_SLACK_SIGMAS: Final = 10.0
 
 _INFO_TAG: Final = b"sottovoce/sealed-delta/v1\x00"
 _STATEMENT_TAG: Final = b"sottovoce/delta-statement/v1\x00"
-_PSEUDONYM_TAG: Final = b"sottovoce-pseudonym\x00"
-_IDEMPOTENCY_TAG: Final = b"sottovoce-idempotency\x00"
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,58 +97,7 @@ class OpenedDelta:
     norm: float  # L2 norm of the received delta
 
 
-# -- clipping, noise, pseudonyms ------------------------------------------------------------
-
-
-def l2_norm(values: npt.NDArray[np.floating]) -> float:
-    """L2 norm computed in float64 (no overflow or float32 rounding in the sum).
-
-    A plain sum of squares rather than ``np.linalg.norm``: that goes to the BLAS dot, whose
-    threads stall for milliseconds when the other core is busy (measured in the aggregator).
-    """
-    wide = values.astype(np.float64, copy=False)
-    return math.sqrt(float(np.sum(wide * wide)))
-
-
-def clip(delta: npt.ArrayLike, norm: float) -> FloatArray:
-    """Scale ``delta`` down (never up) so its L2 norm is at most ``norm``; returns float32.
-
-    The bound holds for the float32 result itself, as the receiver measures it: rounding to
-    float32 after scaling can land a hair above ``norm``, so the result is nudged down by an ulp
-    until it is within.
-    """
-    if not (math.isfinite(norm) and norm > 0):
-        raise ValueError(f"the clipping norm must be a positive number, got {norm}")
-    values = np.array(delta, dtype=np.float32)  # a copy: the caller's array is not touched
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"a delta is a non-empty flat vector, got shape {values.shape}")
-    if not np.all(np.isfinite(values)):
-        raise NonFinite("the delta has NaN or infinite values; it cannot be sealed")
-    current = l2_norm(values)
-    if current <= norm:
-        return values
-    values = (values.astype(np.float64) * (norm / current)).astype(np.float32)
-    while l2_norm(values) > norm:
-        values = np.nextafter(values, np.float32(0)).astype(np.float32)
-    return values
-
-
-def add_noise(
-    delta: FloatArray,
-    *,
-    clipping_norm: float,
-    noise_multiplier: float,
-    rng: np.random.Generator | None = None,
-) -> FloatArray:
-    """``delta`` on the fixed-point grid plus discrete Gaussian noise of standard deviation
-    ``noise_multiplier * clipping_norm`` (float32): :func:`sottovoce.sync._noise.noisy_on_grid`.
-
-    ``rng`` None draws from the OS CSPRNG (deployments); a seeded generator is for simulations
-    and tests only.
-    """
-    noisy = noisy_on_grid(np.asarray(delta, dtype=np.float64), clipping_norm=clipping_norm,
-                          noise_multiplier=noise_multiplier, rng=rng)  # fmt: skip
-    return noisy.astype(np.float32)
+# -- the noise a round has each device add ------------------------------------------------
 
 
 def device_noise_std(spec: RoundSpec) -> float:
@@ -170,53 +113,6 @@ def device_noise_std(spec: RoundSpec) -> float:
     if spec.mode is PrivacyMode.LOCAL:
         return spec.noise_multiplier * spec.clipping_norm
     return 0.0
-
-
-def pseudonym(device_secret: bytes, period: str) -> str:
-    """The device's pseudonym for one retention period: HMAC-SHA256 of the period, hex.
-
-    Keyed with a secret that never leaves the device, so pseudonyms of different periods
-    cannot be linked to each other or to the device without it.
-    """
-    _check_secret(device_secret)
-    message = _PSEUDONYM_TAG + period.encode("utf-8")
-    return hmac.new(device_secret, message, hashlib.sha256).hexdigest()
-
-
-def idempotency_key(device_secret: bytes, *, spec: RoundSpec, period: str) -> str:
-    """The default idempotency key: one per device, round, model version and period.
-
-    Deterministic, so a delta resealed after a crash (before the outbox row committed) carries
-    the same key and the aggregator counts it once; keyed, so it links nothing without the
-    secret.
-    """
-    _check_secret(device_secret)
-    context = {"region": spec.region, "round_id": spec.round_id,
-               "model_version": spec.model_version, "period": period}  # fmt: skip
-    digest = hmac.new(device_secret, _IDEMPOTENCY_TAG + canonical_json(context), hashlib.sha256)
-    return digest.hexdigest()[:32]
-
-
-def period_label(spec: RoundSpec) -> str:
-    """The period a round belongs to, as pseudonyms and per-period keys name it.
-
-    The start of the spec's privacy-accounting period (``"2026-11-01"``, or the full UTC time
-    when the period does not start at midnight): the pseudonym rotates with the budget.
-    """
-    start = spec.period_start
-    if start.time() == time(0):
-        return start.date().isoformat()
-    return start.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _check_secret(device_secret: bytes) -> None:
-    if len(device_secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"a device secret must be at least {MIN_SECRET_BYTES} bytes")
-
-
-def new_device_secret() -> bytes:
-    """A fresh 32-byte device secret from the OS's CSPRNG (kept on the device, never sent)."""
-    return secrets.token_bytes(32)
 
 
 # -- sealing ---------------------------------------------------------------------------------

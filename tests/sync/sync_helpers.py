@@ -13,8 +13,14 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce.sync import OpenedDelta, RoundSpec, SealedDelta, open_delta, seal_delta
-from sottovoce.sync._seal import device_noise_std
+from sottovoce.sync import (
+    OpenedDelta,
+    RoundSpec,
+    SealedDelta,
+    device_noise_std,
+    open_delta,
+    seal_delta,
+)
 
 PERIOD_START = datetime(2026, 11, 1, tzinfo=UTC)
 PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"

@@ -41,8 +41,9 @@ from sottovoce.sync import (
     pseudonym,
     seal_delta,
 )
+from sottovoce.sync._clip import l2_norm
 from sottovoce.sync._noise import GRID_BITS, grid_step
-from sottovoce.sync._seal import SUITE, _info, _pack, _statement, l2_norm
+from sottovoce.sync._seal import SUITE, _info, _pack, _statement
 from sottovoce.sync._wire import X25519_ENC_BYTES, b64decode, b64encode
 
 PARTIES = Parties()
