@@ -1,7 +1,7 @@
 """Errors of ``sottovoce.sync``: why a sealed delta, a round spec or a release was refused.
 
 The package docstring draws their tree, with each one's ``code`` and meaning (``BadEndpoint``
-lives in :mod:`sottovoce.sync.transport`, next to the code that raises it).
+is exported by :mod:`sottovoce.sync.transport`, whose calls raise it).
 
 The aggregator opens each upload with :func:`~sottovoce.sync.open_delta` and logs the error's
 ``code`` as the decision's reason. ``open_delta`` checks in the order of the tree, from
@@ -125,3 +125,10 @@ class AggregatorUnavailable(SyncError):
     """No usable answer from the aggregator: offline, server errors, or an unexpected status."""
 
     code = "aggregator_unavailable"
+
+
+class BadEndpoint(SyncError, ValueError):
+    """A base URL that is not the root of a service: not http(s), no host, a query or
+    fragment, or a path that already ends in the API's ``/v1``."""
+
+    code = "bad_endpoint"

@@ -17,7 +17,8 @@ bodies that are not JSON, 5xx, 429) are retried a few times with exponential bac
 jitter (tenacity), waiting as long as a short ``Retry-After`` asks. What is still failing after
 that is left to the outbox, which tries again later: nothing here waits for long.
 
-The errors met here (all but the last are defined in :mod:`._errors`)::
+What an answer means, the URLs and the retry loop are pure code in :mod:`._exchange`; this
+module only sends. The errors met here (defined in :mod:`._errors`)::
 
     SyncError
     ├── WrongModel              wrong_model             a release for another model file
@@ -28,26 +29,30 @@ The errors met here (all but the last are defined in :mod:`._errors`)::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
-from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import tenacity
 
 from sottovoce._clock import Clock, system_clock
 from sottovoce.policy._canonical import canonical_json
 from sottovoce.sync._errors import (
     AggregatorUnavailable,
+    BadEndpoint,
     EnrollmentRefused,
-    SyncError,
     WrongModel,
     WrongModelVersion,
+)
+from sottovoce.sync._exchange import (
+    DEFAULT_RETRY,
+    Reply,
+    RetryPolicy,
+    Sleep,
+    api_url,
+    reply_of,
+    unavailable,
+    with_retries,
 )
 from sottovoce.sync._outbox import Acknowledged, Drop, Outbox, OutboxItem, RetryAt, decide
 from sottovoce.sync._sign import (
@@ -65,49 +70,18 @@ from sottovoce.sync._wire import (
     b64encode,
 )
 
-Sleep = Callable[[float], None]
-API_PREFIX = "/v1"  # every path of the protocol's HTTP API starts with it
-
-
-class BadEndpoint(SyncError, ValueError):
-    """A base URL that is not the root of a service: not http(s), no host, a query or
-    fragment, or a path that already ends in the API's ``/v1``."""
-
-    code = "bad_endpoint"
-
-
-def api_url(base_url: str, path: str) -> str:
-    """The URL of the API ``path`` (``/v1/...``) on the service whose root is ``base_url``.
-
-    ``base_url`` is a region's ``aggregator.endpoint``: ``https://eu.example.org`` or, behind a
-    proxy, ``https://example.org/sottovoce/eu``; a trailing ``/`` is ignored. Raises
-    :class:`BadEndpoint` for anything else, naming what is wrong with it.
-    """
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadEndpoint(f"the endpoint {base_url!r} is not an http(s) URL with a host")
-    if parts.query or parts.fragment or "\x00" in base_url or any(c.isspace() for c in base_url):
-        raise BadEndpoint(f"the endpoint {base_url!r} has a query, a fragment or spaces")
-    root = base_url.rstrip("/")
-    if root.endswith(API_PREFIX):
-        raise BadEndpoint(
-            f"the endpoint {base_url!r} ends in {API_PREFIX}, but an endpoint is the service's "
-            f"root and the API's {API_PREFIX}/... paths are added to it: use "
-            f"{root.removesuffix(API_PREFIX)!r}"
-        )
-    if not path.startswith(API_PREFIX + "/"):
-        raise ValueError(f"{path!r} is not a path of the API (they start with {API_PREFIX}/)")
-    return root + path
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard one call tries before it leaves the rest to the outbox (seconds)."""
-
-    attempts: int = 4
-    initial: float = 0.5  # backoff before the second try; doubled each try, full jitter
-    maximum: float = 8.0
-    max_retry_after: float = 5.0  # a longer Retry-After ends the call (and an upload run)
+__all__ = [
+    "BadEndpoint",
+    "Fetched",
+    "RetryPolicy",
+    "UploadReport",
+    "Uploader",
+    "api_url",
+    "enroll",
+    "fetch_release",
+    "fetch_round",
+    "retract",
+]
 
 
 @dataclass(frozen=True)
@@ -128,85 +102,23 @@ class Fetched:
     etag: str | None
 
 
-@dataclass(frozen=True)
-class _Reply:
-    """One exchange as the protocol sees it: ``status`` is ``None`` for no usable answer."""
-
-    status: int | None
-    body: dict[str, Any] | None = None
-    headers: httpx.Headers | None = None
-    retry_after: timedelta | None = None
-    unreachable: bool = False  # the connection itself failed
-
-    @property
-    def code(self) -> str | None:
-        code = (self.body or {}).get("code")
-        return code if isinstance(code, str) else None
-
-    @property
-    def transient(self) -> bool:
-        return self.status is None or self.status >= 500 or self.status == 429
-
-    def waits_too_long(self, policy: RetryPolicy) -> bool:
-        limit = timedelta(seconds=policy.max_retry_after)
-        return self.retry_after is not None and self.retry_after > limit
-
-
-def _retry_after(response: httpx.Response, now: datetime) -> timedelta | None:
-    if response.status_code not in (429, 503):
-        return None
-    value = response.headers.get("Retry-After", "").strip()
-    if value.isdigit():
-        return timedelta(seconds=int(value))
-    try:
-        return max(parsedate_to_datetime(value) - now, timedelta(0))
-    except (TypeError, ValueError):
-        return None
-
-
-def _exchange(send: Callable[[], httpx.Response], clock: Clock) -> _Reply:
-    """One try. Every answer with a body is a JSON object; anything else counts as none."""
+def _attempt(send: Callable[[], httpx.Response], clock: Clock) -> Reply:
+    """One try: the answer as :func:`reply_of` reads it, or no answer at all."""
     try:
         response = send()
     except (httpx.ConnectError, httpx.ConnectTimeout):
-        return _Reply(status=None, unreachable=True)
+        return Reply(status=None, unreachable=True)
     except httpx.TransportError:  # read timeouts, dropped connections, truncated bodies
-        return _Reply(status=None)
-    retry_after = _retry_after(response, clock())
-    body: Any = None
-    if response.content:
-        try:
-            body = json.loads(response.content)
-        except (ValueError, RecursionError):  # not JSON, or nested to exhaust the stack
-            body = None
-        if not isinstance(body, dict):  # a proxy's page, or garbage: no answer from us
-            return _Reply(status=None, retry_after=retry_after)
-    return _Reply(response.status_code, body, response.headers, retry_after)
+        return Reply(status=None)
+    return reply_of(response.status_code, response.content, now=clock(),
+                    retry_after=response.headers.get("Retry-After"),
+                    etag=response.headers.get("ETag"))  # fmt: skip
 
 
-def _with_retries(
+def _call(
     send: Callable[[], httpx.Response], policy: RetryPolicy, sleep: Sleep, clock: Clock
-) -> _Reply:
-    """The last reply after retrying transient ones (waits honour a short Retry-After)."""
-    backoff = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.maximum)
-
-    def wait(state: tenacity.RetryCallState) -> float:
-        reply = state.outcome.result() if state.outcome is not None else None
-        if isinstance(reply, _Reply) and reply.retry_after is not None:
-            return reply.retry_after.total_seconds()
-        return backoff(state)
-
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts),
-        wait=wait,
-        retry=tenacity.retry_if_result(
-            lambda reply: reply.transient and not reply.waits_too_long(policy)
-        ),
-        sleep=sleep,
-        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-    )
-    reply: _Reply = retrying(_exchange, send, clock)
-    return reply
+) -> Reply:
+    return with_retries(lambda: _attempt(send, clock), policy, sleep)
 
 
 class Uploader:
@@ -221,7 +133,7 @@ class Uploader:
         base_url: str,
         outbox: Outbox,
         clock: Clock = system_clock,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         sleep: Sleep = time.sleep,
     ) -> None:
         self._client = client
@@ -250,7 +162,7 @@ class Uploader:
                 break
         return UploadReport(**counts)
 
-    def _send(self, item: OutboxItem) -> _Reply:
+    def _send(self, item: OutboxItem) -> Reply:
         def send() -> httpx.Response:
             return self._client.post(
                 api_url(self._base_url, f"/v1/rounds/{item.round_id}/deltas"),
@@ -261,9 +173,9 @@ class Uploader:
                 },
             )
 
-        return _with_retries(send, self._retry, self._sleep, self._clock)
+        return _call(send, self._retry, self._sleep, self._clock)
 
-    def _record(self, item: OutboxItem, reply: _Reply, *, code: str | None) -> str:
+    def _record(self, item: OutboxItem, reply: Reply, *, code: str | None) -> str:
         """Apply :func:`decide` to the outbox; returns the report field to count."""
         now = self._clock()
         outcome = decide(
@@ -281,20 +193,12 @@ class Uploader:
                 return "offline" if reply.unreachable else "retried"
 
 
-def _unavailable(what: str, reply: _Reply) -> AggregatorUnavailable:
-    if reply.unreachable:
-        return AggregatorUnavailable(f"{what}: the aggregator cannot be reached")
-    if reply.status is None:
-        return AggregatorUnavailable(f"{what}: no usable answer from the aggregator")
-    return AggregatorUnavailable(f"{what}: the aggregator answered HTTP {reply.status}")
-
-
 def fetch_round(
     client: httpx.Client,
     *,
     base_url: str,
     verify_key: SigningPublicKey,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Sleep = time.sleep,
     clock: Clock = system_clock,
 ) -> RoundSpec | None:
@@ -309,11 +213,11 @@ def fetch_round(
     """
     url = api_url(base_url, "/v1/round")
     headers = {"Accept": "application/json"}
-    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep, clock)
+    reply = _call(lambda: client.get(url, headers=headers), retry, sleep, clock)
     if reply.status == 404 and reply.code == "no_open_round":
         return None
     if reply.status != 200 or reply.body is None:
-        raise _unavailable("round", reply)
+        raise unavailable("round", reply)
     return verify_round_spec(SignedRoundSpec.from_wire(reply.body), verify_key)
 
 
@@ -325,7 +229,7 @@ def fetch_release(
     verify_key: SigningPublicKey,
     model_id: str,
     current_version: int,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Sleep = time.sleep,
     clock: Clock = system_clock,
 ) -> Fetched | None:
@@ -340,11 +244,11 @@ def fetch_release(
     if etag is not None:
         headers["If-None-Match"] = etag
     url = api_url(base_url, "/v1/model/release")
-    reply = _with_retries(lambda: client.get(url, headers=headers), retry, sleep, clock)
+    reply = _call(lambda: client.get(url, headers=headers), retry, sleep, clock)
     if reply.status == 304:
         return None
     if reply.status != 200 or reply.body is None:
-        raise _unavailable("model release", reply)
+        raise unavailable("model release", reply)
     release = ModelRelease.from_wire(reply.body)
     verify_release(release, verify_key)
     if release.model_id != model_id:
@@ -356,7 +260,7 @@ def fetch_release(
         raise WrongModelVersion(
             f"release {release.version} is not newer than the version in use ({current_version})"
         )
-    return Fetched(release, reply.headers.get("ETag") if reply.headers else None)
+    return Fetched(release, reply.etag)
 
 
 def enroll(
@@ -366,7 +270,7 @@ def enroll(
     token: str,
     device_public_key: SigningPublicKey,
     period: str,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Sleep = time.sleep,
     clock: Clock = system_clock,
 ) -> None:
@@ -381,13 +285,11 @@ def enroll(
                            "period": period})  # fmt: skip
     url = api_url(base_url, "/v1/enroll")
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    reply = _with_retries(
-        lambda: client.post(url, content=body, headers=headers), retry, sleep, clock
-    )
+    reply = _call(lambda: client.post(url, content=body, headers=headers), retry, sleep, clock)
     if reply.status is not None and 200 <= reply.status < 300:
         return
     if reply.transient:
-        raise _unavailable("enrollment", reply)
+        raise unavailable("enrollment", reply)
     raise EnrollmentRefused(
         f"the aggregator refused to enroll the device key for period {period!r} "
         f"(HTTP {reply.status}{', ' + reply.code if reply.code else ''})",
@@ -400,7 +302,7 @@ def retract(
     *,
     base_url: str,
     sealed: SealedDelta,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Sleep = time.sleep,
     clock: Clock = system_clock,
 ) -> bool:
@@ -413,15 +315,13 @@ def retract(
     """
     url = api_url(base_url, f"/v1/pseudonyms/{sealed.pseudonym}/erasure")
     body, headers = sealed.to_wire(), {"Content-Type": "application/json"}
-    reply = _with_retries(
-        lambda: client.post(url, content=body, headers=headers), retry, sleep, clock
-    )
+    reply = _call(lambda: client.post(url, content=body, headers=headers), retry, sleep, clock)
     if reply.status == 200:
         return True
     if reply.status == 404 and reply.code == "nothing_pending":
         return False
     if reply.transient:
-        raise _unavailable("erasure", reply)
+        raise unavailable("erasure", reply)
     raise AggregatorUnavailable(
         f"erasure: the aggregator refused it (HTTP {reply.status}"
         f"{', ' + reply.code if reply.code else ''})"
