@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sqlite3
 import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sottovoce._database import Connection, backend_of, columns_of
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.policy import Accountant, BudgetExhausted, Region
@@ -124,14 +124,18 @@ class PrivacyLedger:
     (both take ``sensitivity=``, in units of the clipping norm; default 1).
     """
 
-    def __init__(self, conn: sqlite3.Connection, *, region: Region) -> None:
+    def __init__(self, conn: Connection, *, region: Region) -> None:
         self._conn = conn
         self._region = region
         with self._write():
-            for statement in _SCHEMA.split(";"):
+            schema = _SCHEMA
+            if backend_of(conn) == "postgres":  # SQLite's implicit rowid orders same-time rows
+                key = "PRIMARY KEY (region"
+                schema = schema.replace(key, f"rowid BIGSERIAL, {key}")
+            for statement in schema.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(privacy_ledger)")}
+            columns = columns_of(conn, "privacy_ledger")
             if "sensitivity" not in columns:  # files made before sensitivity was recorded
                 conn.execute("ALTER TABLE privacy_ledger ADD COLUMN sensitivity REAL NOT NULL"
                              " DEFAULT 1.0")  # fmt: skip

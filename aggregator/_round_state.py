@@ -1,5 +1,5 @@
-"""What every part of :class:`~sottovoce.aggregator.RegionAggregator` shares: its SQLite
-tables, keys, decision engine and log, and the read side of rounds and releases.
+"""What every part of :class:`~sottovoce.aggregator.RegionAggregator` shares: its database
+tables (:mod:`._schema`), keys, decision engine and log, and the read side of rounds and releases.
 
 The aggregator is assembled from parts (like the device's ``EventStore``): this base,
 :mod:`._uploads` (deciding on uploads and erasures) and :mod:`._rounds` (enrollment, opening,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import sqlite3
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,10 +23,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from sottovoce._database import Connection, backend_of
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import PrivacyLedger
-from sottovoce.aggregator._partial_sum import PartialSum
+from sottovoce.aggregator._partial_sum import AggregationError, PartialSum
+from sottovoce.aggregator._schema import migrate
 from sottovoce.policy import (
     CheckpointSigner,
     DecisionEngine,
@@ -44,41 +46,6 @@ from sottovoce.sync._wire import b64encode
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _PERIOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,31}$")
 _DIGEST_TAG: Final = b"sottovoce/aggregator/decision-digest/v1"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS enrollments (
-    device_key TEXT PRIMARY KEY,
-    period TEXT NOT NULL,
-    enrolled_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round_id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('open', 'published', 'abandoned')),
-    partial BLOB,
-    count INTEGER NOT NULL DEFAULT 0,
-    opened_at TEXT NOT NULL,
-    closed_at TEXT
-);
-CREATE TABLE IF NOT EXISTS contributions (
-    idempotency_key TEXT PRIMARY KEY,
-    round_id TEXT,
-    pseudonym TEXT,
-    body_sha256 TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    code TEXT NOT NULL,
-    at TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS contributions_once
-    ON contributions (round_id, pseudonym) WHERE status = 200;
-CREATE TABLE IF NOT EXISTS releases (
-    version INTEGER PRIMARY KEY,
-    model_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS service_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
 
 
 class RoundStillOpen(AggregatorError):
@@ -165,7 +132,7 @@ class RoundsBase:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         *,
         policy: Policy,
         region: str,
@@ -197,19 +164,13 @@ class RoundsBase:
         self._engine = DecisionEngine(policy, region, digest_key=digest_key, clock=clock)
         origin = f"sottovoce.aggregator/{region}"
         signer = CheckpointSigner.from_private_bytes(origin, raw)
-        # Running sums and pseudonyms that are deleted must not linger in free pages.
-        conn.execute("PRAGMA secure_delete=ON")
+        if backend_of(conn) == "sqlite":
+            # Running sums and pseudonyms that are deleted must not linger in free pages.
+            conn.execute("PRAGMA secure_delete=ON")
+        # This process's running sums (see ._schema, round_partials): its own name per process.
+        self._worker = secrets.token_hex(8)
+        migrate(conn)
         with write_transaction(conn, name="rounds_schema"):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(contributions)")}
-            if "device_key" not in columns:  # files made before once-per-key was enforced
-                conn.execute("ALTER TABLE contributions ADD COLUMN device_key TEXT")
-            conn.execute(
-                "CREATE UNIQUE INDEX IF NOT EXISTS contributions_once_per_key ON contributions"
-                " (round_id, device_key) WHERE status = 200 AND device_key IS NOT NULL"
-            )
             if DecisionLog.exists(conn):
                 self._log = DecisionLog(conn, signer=signer)
             else:
@@ -283,6 +244,43 @@ class RoundsBase:
             "UPDATE rounds SET state = ?, partial = NULL, closed_at = ? WHERE round_id = ?",
             (state, _iso(now), round_id),
         )
+        self._conn.execute("DELETE FROM round_partials WHERE round_id = ?", (round_id,))
+
+    # -- running sums: one per round and worker process (see ._schema) -----------------------
+
+    def _partial_of(self, round_id: str, worker: str) -> PartialSum:
+        """One worker's running sum of a round (empty before its first delta)."""
+        row = self._conn.execute(
+            "SELECT partial FROM round_partials WHERE round_id = ? AND worker = ?",
+            (round_id, worker),
+        ).fetchone()
+        return PartialSum.empty(self._dim) if row is None else PartialSum.from_bytes(row[0])
+
+    def _store_partial(self, round_id: str, worker: str, partial: PartialSum) -> None:
+        self._conn.execute(
+            "INSERT INTO round_partials (round_id, worker, partial, count) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (round_id, worker) DO UPDATE SET partial = excluded.partial,"
+            " count = excluded.count",
+            (round_id, worker, partial.to_bytes(), partial.count),
+        )
+
+    def _round_sum(self, round_id: str, *, own: PartialSum | None = None) -> PartialSum:
+        """The round's running sum: every worker's, merged (each checksum checked by
+        ``PartialSum.from_bytes``); ``own`` stands for this worker's stored one."""
+        total = PartialSum.empty(self._dim) if own is None else own
+        rows = self._conn.execute(
+            "SELECT worker, partial, count FROM round_partials WHERE round_id = ? ORDER BY worker",
+            (round_id,),
+        ).fetchall()
+        for worker, blob, count in rows:
+            if own is not None and worker == self._worker:
+                continue
+            part = PartialSum.from_bytes(blob)
+            if part.count != int(count):
+                raise AggregationError(f"round {round_id}: worker {worker}'s stored count does "
+                                       "not match its running sum")  # fmt: skip
+            total = total.merge(part)
+        return total
 
     def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> ModelRelease | None:
         raise NotImplementedError  # RegionAggregator publishes

@@ -1,4 +1,4 @@
-"""One region's federated rounds, with all of their state in one SQLite file (no HTTP).
+"""One region's federated rounds, with all of their state in one database (no HTTP).
 
 Data flow step 6: :class:`RegionAggregator` opens a round under the privacy ledger's budget and
 signs its spec, takes sealed deltas (bytes as uploaded, with the upload's idempotency key),
@@ -17,19 +17,25 @@ Each publication steps the privacy ledger and signs a :class:`~sottovoce.sync.Mo
 The HTTP service is a thin layer over this class.
 
 Restart safety: every acknowledged delta changes the stored running sum, its contribution row
-and its ``accept_delta`` decision in one write transaction, so a crash either shows all three
-or none; an upload repeated with the same idempotency key gets the first answer and is counted
-once. Individual deltas are never stored, only the running sum; it is deleted when the round
-is published or abandoned (the un-noised sum is more revealing than the release).
+and its ``accept_delta`` decision in one write transaction (uploads arriving together share one,
+see :meth:`RegionAggregator.accept_many`), so a crash either shows all three or none; an upload
+repeated with the same idempotency key gets the first answer and is counted once. Individual
+deltas are never stored, only running sums (one per worker process, merged at the close); they
+are deleted when the round is published or abandoned (the un-noised sum is more revealing than
+the release).
 
-Tables (created if missing, next to the privacy ledger and the decision log)::
+Tables (versioned migrations in :mod:`._schema`, next to the privacy ledger and the decision
+log)::
 
-    enrollments    device_key PK, period, enrolled_at
-    rounds         round_id PK, spec (signed spec, wire JSON), state open|published|abandoned,
-                   partial (PartialSum.to_bytes(), NULL once closed), count, opened_at, closed_at
-    contributions  idempotency_key PK, round_id, pseudonym, body_sha256, status, code, at
-                   (at most one accepted row per round and pseudonym)
-    releases       version PK, model_id, body (ModelRelease wire JSON), created
+    enrollments     device_key PK, period, enrolled_at
+    rounds          round_id PK, spec (signed spec, wire JSON), state open|published|abandoned,
+                    count, opened_at, closed_at (partial: unused since schema version 2)
+    round_partials  round_id, worker PK, partial (PartialSum.to_bytes()), count: deleted at
+                    the close
+    contributions   idempotency_key PK, round_id, pseudonym, device_key, body_sha256, status,
+                    code, at, partial_key (at most one accepted row per round and pseudonym,
+                    and per round and device key: unique indexes)
+    releases        version PK, model_id, body (ModelRelease wire JSON), created
 
 ::
 
@@ -250,11 +256,10 @@ class RegionAggregator(UploadsPart):
             period_start=start,
         )
         signed = sign_round_spec(spec, signing_key=self._signing_key, kid=self._kid)
-        empty = PartialSum.empty(self._dim).to_bytes()
         self._conn.execute(
-            "INSERT INTO rounds (round_id, spec, state, partial, count, opened_at)"
-            " VALUES (?, ?, 'open', ?, 0, ?)",
-            (round_id, signed.to_wire().decode(), empty, _iso(now)),
+            "INSERT INTO rounds (round_id, spec, state, count, opened_at)"
+            " VALUES (?, ?, 'open', 0, ?)",
+            (round_id, signed.to_wire().decode(), _iso(now)),
         )
         return signed
 
@@ -357,15 +362,13 @@ class RegionAggregator(UploadsPart):
     def _end_expired(self, now: datetime) -> list[str]:
         """End the open rounds whose deadline has passed (inside the caller's write)."""
         ended: list[str] = []
-        rows = self._conn.execute(
-            "SELECT round_id, spec, partial FROM rounds WHERE state = 'open'"
-        ).fetchall()
-        for round_id, spec_json, blob in rows:
+        rows = self._conn.execute("SELECT round_id, spec FROM rounds WHERE state = 'open'")
+        for round_id, spec_json in rows.fetchall():
             spec = SignedRoundSpec.from_wire(spec_json).spec
             if now < spec.deadline:
                 continue
             if spec.mode is PrivacyMode.CENTRAL:
-                self._close(spec, PartialSum.from_bytes(blob), now)
+                self._close(spec, self._round_sum(round_id), now)
             else:
                 self._end(round_id, "abandoned", now)
                 self._log.append(self._engine.round_abandoned(

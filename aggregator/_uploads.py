@@ -20,10 +20,17 @@ Part of :class:`~sottovoce.aggregator.RegionAggregator` (see :mod:`._round_state
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import (
     _IDEMPOTENCY_KEY,
@@ -45,67 +52,185 @@ from sottovoce.sync import (
 )
 from sottovoce.sync._seal import device_noise_std
 
-__all__ = ["UploadsPart"]
+__all__ = ["Upload", "UploadsPart"]
+
+Upload = tuple[bytes, str, bool]  # (sealed delta as uploaded, idempotency key, record)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An upload once everything that needs no write is done (see ``accept_many``)."""
+
+    key: str
+    digest: str
+    record: bool
+    answer: Verdict | None = None  # the whole answer: nothing to write
+    refusal: _Refusal | None = None  # a refusal to store and log
+    key_taken: bool = False  # other content under an accepted key: log the refusal
+    sealed: SealedDelta | None = None
+    spec: RoundSpec | None = None
+    delta: npt.NDArray[np.floating[Any]] | None = None
+
+    def answered(self, verdict: Verdict) -> _Pending:
+        return replace(self, answer=verdict)
+
+    def refused(
+        self, code: str, *, refusal: _Refusal | None = None, key_taken: bool = False
+    ) -> _Pending:
+        if not self.record:  # answered, neither stored nor logged one by one
+            return replace(self, answer=Verdict(code, key_taken=key_taken))
+        return replace(self, refusal=refusal, key_taken=key_taken)
+
+    def opened(self, sealed: SealedDelta, spec: RoundSpec, opened: OpenedDelta) -> _Pending:
+        return replace(self, sealed=sealed, spec=spec, delta=opened.delta)
+
+
+class _Group:
+    """This worker's running sums during one group's transaction: each round's is read once,
+    kept in memory while the group's uploads are added, and written once (``store``) before
+    the commit. A failed upload leaves it as it was (``update`` comes after its writes)."""
+
+    def __init__(self, part: UploadsPart) -> None:
+        self._part = part
+        self._sums: dict[str, PartialSum] = {}
+        self._dirty: set[str] = set()
+
+    def partial(self, round_id: str) -> PartialSum:
+        if round_id not in self._sums:
+            self._sums[round_id] = self._part._partial_of(round_id, self._part._worker)
+        return self._sums[round_id]
+
+    def update(self, round_id: str, partial: PartialSum) -> None:
+        self._sums[round_id] = partial
+        self._dirty.add(round_id)
+
+    def closed(self, round_id: str) -> None:
+        self._sums.pop(round_id, None)
+        self._dirty.discard(round_id)
+
+    def store(self) -> None:
+        for round_id in sorted(self._dirty):
+            self._part._store_partial(round_id, self._part._worker, self._sums[round_id])
 
 
 class UploadsPart(RoundsBase):
     """Uploads and erasures of pending deltas."""
 
     def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> Verdict:
-        """Decide on one uploaded sealed delta."""
+        """Decide on one uploaded sealed delta (one write transaction)."""
+        (result,) = self.accept_many([(body, idempotency_key, record)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def accept_many(self, uploads: Sequence[Upload]) -> list[Verdict | Exception]:
+        """Decide on uploads that arrived together, in ONE durable write transaction (group
+        commit: one fsync for all of them); returns each one's verdict, in order, or the
+        exception its decision raised (that upload's writes are rolled back, the others'
+        kept). Nothing is acknowledged before the commit: if it fails, this raises and none
+        of the uploads counts.
+
+        Each upload is ``(body, idempotency_key, record)``. Parsing, decryption and
+        verification happen first, outside the transaction (on PostgreSQL other workers write
+        meanwhile); everything they read is checked again under the write lock. The running
+        sum this worker keeps for a round is read once and written once per group.
+        """
+        pending = [self._prepare(body, key, record=record) for body, key, record in uploads]
+        if all(p.answer is not None for p in pending):  # replays only: nothing to write
+            return [p.answer for p in pending if p.answer is not None]
+        results: list[Verdict | Exception] = []
+        group = _Group(self)
+        with write_transaction(self._conn, name="accept"):
+            for item in pending:
+                try:
+                    with write_transaction(self._conn, name="upload"):
+                        results.append(self._apply(item, group))
+                except (AggregatorError, SottovoceError, ValueError) as error:
+                    results.append(error)
+            group.store()
+        return results
+
+    def _prepare(self, body: bytes, idempotency_key: str, *, record: bool) -> _Pending:
+        """Everything about an upload that needs no write: the stored answer to a replay, a
+        refusal, or the opened delta (decrypted and verified)."""
         digest = hashlib.sha256(body).hexdigest()
-        prior = self._prior(idempotency_key, digest, record=record)
+        pending = _Pending(idempotency_key, digest, record)
+        prior = self._prior(idempotency_key, digest)
         if prior is not None:
-            return prior
+            if prior.key_taken and record:
+                return pending.refused(prior.code, key_taken=True)
+            return pending.answered(prior)
+        sealed: SealedDelta | None = None
         try:
             sealed, spec = self._precheck(body, idempotency_key)
-            opened = self._open(sealed, spec)
+            return pending.opened(sealed, spec, self._open(sealed, spec))
         except _Refusal as refusal:
-            return self._refuse(idempotency_key, digest, refusal, record=record)
+            return pending.refused(refusal.code, refusal=refusal)
         except SyncError as error:
+            assert sealed is not None  # _precheck turns its own SyncErrors into refusals
             failed = _Refusal(error.code, round_id=sealed.round_id, pseudonym=sealed.pseudonym)
-            return self._refuse(idempotency_key, digest, failed, record=record)
-        now = self._clock()
-        with write_transaction(self._conn, name="accept"):
-            # Checked again under the write lock: a concurrent upload or sweep may have won.
-            prior = self._prior(idempotency_key, digest, record=record)
-            if prior is not None:
-                return prior
-            try:
-                partial = self._open_partial(spec, sealed, now)
-            except _Refusal as refusal:
-                return self._refuse(idempotency_key, digest, refusal, record=record)
-            partial = partial.add(opened.delta)
-            # A refused earlier attempt under this key gives way to the accepted one.
-            self._conn.execute(
-                "DELETE FROM contributions WHERE idempotency_key = ? AND status != 200"
-                " AND code != 'erased'",
-                (idempotency_key,),
-            )
-            self._conn.execute(
-                "INSERT INTO contributions (idempotency_key, round_id, pseudonym, device_key,"
-                " body_sha256, status, code, at) VALUES (?, ?, ?, ?, ?, 200, 'within_policy', ?)",
-                (
-                    idempotency_key,
-                    spec.round_id,
-                    sealed.pseudonym,
-                    sealed.device_key,
-                    digest,
-                    _iso(now),
-                ),
-            )
-            self._conn.execute(
-                "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
-                (partial.to_bytes(), partial.count, spec.round_id),
-            )
-            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
-            self._log.append(self._engine.accept_delta(inputs=inputs))
-            # Local mode closes at its minimum cohort (each upload carries its own noise);
-            # central mode never closes early: truncating the cohort would let one device
-            # displace another and double the sensitivity. It closes at the deadline.
-            release = None
-            if spec.mode is PrivacyMode.LOCAL and partial.count >= spec.min_cohort:
-                release = self._close(spec, partial, now)
+            return pending.refused(error.code, refusal=failed)
+
+    def _apply(self, item: _Pending, group: _Group) -> Verdict:
+        """The writes of one prepared upload (inside the group's transaction)."""
+        if item.answer is not None:
+            return item.answer
+        if item.key_taken:
+            inputs = {"idempotency_key": item.key, "body_sha256": item.digest}
+            self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
+            return Verdict("malformed", key_taken=True)
+        if item.refusal is not None:
+            return self._refuse(item.key, item.digest, item.refusal, record=item.record)
+        assert item.sealed is not None and item.spec is not None and item.delta is not None
+        sealed, spec, now = item.sealed, item.spec, self._clock()
+        # Checked again under the write lock: a concurrent upload, worker or sweep may have won.
+        prior = self._prior(item.key, item.digest)
+        if prior is not None:
+            if prior.key_taken and item.record:
+                return self._apply(replace(item, key_taken=True), group)
+            return prior
+        try:
+            self._check_open(spec, sealed, now)
+        except _Refusal as refusal:
+            return self._refuse(item.key, item.digest, refusal, record=item.record)
+        partial = group.partial(spec.round_id).add(item.delta)
+        # A refused earlier attempt under this key gives way to the accepted one.
+        self._conn.execute(
+            "DELETE FROM contributions WHERE idempotency_key = ? AND status != 200"
+            " AND code != 'erased'",
+            (item.key,),
+        )
+        self._conn.execute(
+            "INSERT INTO contributions (idempotency_key, round_id, pseudonym, device_key,"
+            " body_sha256, status, code, at, partial_key)"
+            " VALUES (?, ?, ?, ?, ?, 200, 'within_policy', ?, ?)",
+            (
+                item.key,
+                spec.round_id,
+                sealed.pseudonym,
+                sealed.device_key,
+                item.digest,
+                _iso(now),
+                self._worker,
+            ),
+        )
+        self._conn.execute(
+            "UPDATE rounds SET count = count + 1 WHERE round_id = ?", (spec.round_id,)
+        )
+        inputs = {"idempotency_key": item.key, "body_sha256": item.digest}
+        self._log.append(self._engine.accept_delta(inputs=inputs))
+        # Local mode closes at its minimum cohort (each upload carries its own noise);
+        # central mode never closes early: truncating the cohort would let one device
+        # displace another and double the sensitivity. It closes at the deadline.
+        release = None
+        total = None
+        if spec.mode is PrivacyMode.LOCAL:
+            total = self._round_sum(spec.round_id, own=partial)
+        if total is not None and total.count >= spec.min_cohort:
+            release = self._close(spec, total, now)
+            group.closed(spec.round_id)
+        else:
+            group.update(spec.round_id, partial)  # only once every write above succeeded
         return Verdict("within_policy", added=True, release=release)
 
     def _open(self, sealed: SealedDelta, spec: RoundSpec) -> OpenedDelta:
@@ -121,9 +246,10 @@ class UploadsPart(RoundsBase):
             dim=self._dim,
         )
 
-    def _prior(self, idempotency_key: str, digest: str, *, record: bool) -> Verdict | None:
+    def _prior(self, idempotency_key: str, digest: str) -> Verdict | None:
         """The stored answer to this key and body, a refusal for other content under a key
-        that was accepted (``key_taken``), or ``None``: decide (see the module docstring)."""
+        that was accepted (``key_taken``, logged when applied), or ``None``: decide (see the
+        module docstring)."""
         row = self._conn.execute(
             "SELECT body_sha256, code FROM contributions WHERE idempotency_key = ?",
             (idempotency_key,),
@@ -136,10 +262,6 @@ class UploadsPart(RoundsBase):
         if code not in ("within_policy", "erased"):
             return None  # only refused so far: this other body is decided on its merits
         # Not stored: the key stays bound to the content it accepted.
-        if record:
-            inputs = {"idempotency_key": idempotency_key, "body_sha256": digest}
-            with write_transaction(self._conn, name="accept_conflict"):
-                self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
         return Verdict("malformed", key_taken=True)
 
     def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
@@ -190,15 +312,14 @@ class UploadsPart(RoundsBase):
         if taken is not None:
             raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
 
-    def _open_partial(self, spec: RoundSpec, sealed: SealedDelta, now: datetime) -> PartialSum:
-        """The round's running sum, if it still takes this device (inside the write)."""
+    def _check_open(self, spec: RoundSpec, sealed: SealedDelta, now: datetime) -> None:
+        """Whether the round still takes this device (inside the write)."""
         row = self._conn.execute(
-            "SELECT state, partial FROM rounds WHERE round_id = ?", (spec.round_id,)
+            "SELECT state FROM rounds WHERE round_id = ?", (spec.round_id,)
         ).fetchone()
         if row is None or row[0] != "open" or now >= spec.deadline:
             raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=sealed.pseudonym)
         self._check_duplicate(spec.round_id, sealed.pseudonym, sealed.device_key)
-        return PartialSum.from_bytes(row[1])
 
     def _refuse(
         self, idempotency_key: str, digest: str, refusal: _Refusal, *, record: bool
@@ -255,20 +376,21 @@ class UploadsPart(RoundsBase):
             return self._erase_refused(inputs, "wrong_region", record=record)
         with write_transaction(self._conn, name="erase"):
             row = self._conn.execute(
-                "SELECT c.round_id, r.spec, r.partial FROM contributions c JOIN rounds r"
+                "SELECT c.round_id, r.spec, c.partial_key FROM contributions c JOIN rounds r"
                 " ON r.round_id = c.round_id WHERE c.idempotency_key = ? AND c.status = 200"
                 " AND c.body_sha256 = ? AND c.pseudonym = ? AND r.state = 'open'",
                 (sealed.idempotency_key, digest, sealed.pseudonym),
             ).fetchone()
             if row is None:
                 return self._erase_refused(inputs, "nothing_pending", record=record)
-            round_id, spec_json, blob = row
-            # It opened when it was accepted; the same key and spec open it again.
+            round_id, spec_json, worker = row
+            # It opened when it was accepted; the same key and spec open it again. It is taken
+            # out of the running sum it went into (another worker's, maybe).
             opened = self._open(sealed, SignedRoundSpec.from_wire(spec_json).spec)
-            partial = PartialSum.from_bytes(blob).remove(opened.delta)
+            partial = self._partial_of(round_id, worker).remove(opened.delta)
+            self._store_partial(round_id, worker, partial)
             self._conn.execute(
-                "UPDATE rounds SET partial = ?, count = ? WHERE round_id = ?",
-                (partial.to_bytes(), partial.count, round_id),
+                "UPDATE rounds SET count = count - 1 WHERE round_id = ?", (round_id,)
             )
             unlinked = self._conn.execute(
                 "UPDATE contributions SET pseudonym = NULL, device_key = NULL, status = ?,"

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sottovoce._database import Connection
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection, *, name: str = "sottovoce") -> Iterator[None]:
+def write_transaction(conn: Connection, *, name: str = "sottovoce") -> Iterator[None]:
     """A write transaction that takes the lock up front (``BEGIN IMMEDIATE``: no deadlock
     upgrading a read lock), committed on success and rolled back on any exception.
+
+    On PostgreSQL (:class:`sottovoce._database.PostgresConnection`) ``BEGIN IMMEDIATE`` takes
+    the region's advisory lock: one writer at a time across every process, as on SQLite.
 
     Inside a transaction the caller already holds it nests as a savepoint: the caller decides
     when everything commits (e.g. a ledger entry in the same transaction as a release).

@@ -1,11 +1,12 @@
-"""The tamper-evident decision log: an append-only Merkle log in SQLite with signed checkpoints.
+"""The tamper-evident decision log: an append-only Merkle log in SQL tables with signed checkpoints.
 
 Each entry is a :class:`Decision` in RFC 8785 canonical JSON; its leaf hash is RFC 9162's
 ``SHA-256(0x00 || entry)``. A ``CompactRange`` (the tree's right frontier, O(log n) hashes) is
 kept so appends cost O(log n) and the root is always at hand. Checkpoints ("the log had N
 entries and this root") are signed as C2SP signed notes with Ed25519.
 
-The log lives in tables of a SQLite file the caller owns, so a device appends a decision in the
+The log lives in tables of a database the caller owns (a device's SQLite file; a region's SQLite
+file or PostgreSQL database, see :mod:`sottovoce._database`), so a device appends a decision in the
 same transaction as the action it decided (a store can never have done something its log does
 not show). :meth:`DecisionLog.verify` re-derives everything from the entries alone and compares
 with the signed checkpoints and, crucially, with a checkpoint the auditor kept: rewriting
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
+from sottovoce._database import Connection, table_exists
 from sottovoce._sqlite import write_transaction
 from sottovoce.policy._checkpoint import (
     Checkpoint,
@@ -79,7 +80,7 @@ class InclusionProof:
 class DecisionLog:
     """A decision log in ``conn``'s database. Appends join the caller's transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, *, signer: CheckpointSigner | None = None) -> None:
+    def __init__(self, conn: Connection, *, signer: CheckpointSigner | None = None) -> None:
         self._conn = conn
         meta = dict(conn.execute("SELECT key, value FROM decision_log_meta").fetchall())
         if "origin" not in meta:
@@ -99,18 +100,20 @@ class DecisionLog:
     @classmethod
     def create(
         cls,
-        conn: sqlite3.Connection,
+        conn: Connection,
         *,
         origin: str,
         signer: CheckpointSigner,
         keep_key: bool = False,
     ) -> DecisionLog:
         """Create the log's tables; ``keep_key`` stores the signing key alongside (devices)."""
-        conn.executescript(_SCHEMA) if not conn.in_transaction else _script(conn, _SCHEMA)
+        with write_transaction(conn, name="decision_log_schema"):
+            _script(conn, _SCHEMA)
         rows = [("origin", origin), ("verifier_key", signer.verifier_key)]
         if keep_key:
             rows.append(("signing_key", signer.private_bytes().hex()))
-        conn.executemany("INSERT OR IGNORE INTO decision_log_meta (key, value) VALUES (?, ?)", rows)
+        conn.executemany("INSERT INTO decision_log_meta (key, value) VALUES (?, ?)"
+                         " ON CONFLICT (key) DO NOTHING", rows)  # fmt: skip
         return cls(conn, signer=signer)
 
     @property
@@ -128,11 +131,8 @@ class DecisionLog:
         return write_transaction(self._conn)
 
     @staticmethod
-    def exists(conn: sqlite3.Connection) -> bool:
-        found = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decision_log_meta'"
-        ).fetchone()
-        return found is not None
+    def exists(conn: Connection) -> bool:
+        return table_exists(conn, "decision_log_meta")
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, decision: Decision) -> int:
@@ -149,7 +149,8 @@ class DecisionLog:
         )
         tree.append(leaf)
         self._conn.execute(
-            "INSERT OR REPLACE INTO decision_log_meta (key, value) VALUES ('frontier', ?)",
+            "INSERT INTO decision_log_meta (key, value) VALUES ('frontier', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (_dump(tree),),
         )
         return index
@@ -188,7 +189,8 @@ class DecisionLog:
         point = Checkpoint(origin=self.origin, size=tree.size, root=tree.root())
         note = self._signer.sign(point)
         self._conn.execute(
-            "INSERT OR REPLACE INTO decision_log_checkpoints (size, root, note) VALUES (?, ?, ?)",
+            "INSERT INTO decision_log_checkpoints (size, root, note) VALUES (?, ?, ?)"
+            " ON CONFLICT (size) DO UPDATE SET root = excluded.root, note = excluded.note",
             (point.size, point.root, note.decode()),
         )
         return note
@@ -354,7 +356,7 @@ def _restore(text: str) -> CompactRange:
     return CompactRange.restore(int(size), [bytes.fromhex(h) for h in frontier])
 
 
-def _script(conn: sqlite3.Connection, script: str) -> None:
+def _script(conn: Connection, script: str) -> None:
     """Run DDL statements inside the caller's open transaction (executescript would commit)."""
     for statement in script.split(";"):
         if statement.strip():

@@ -10,10 +10,10 @@ consistent, not verified (a rewritten log is consistent too).
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sottovoce._database import Connection
 from sottovoce.policy._checkpoint import Checkpoint, open_checkpoint, parse_verifier_key
 from sottovoce.policy._decision import Decision
 from sottovoce.policy._errors import CheckpointError, ProofError
@@ -95,7 +95,7 @@ class VerifyReport:
 
 
 def verify_log(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     origin: str,
     recorded_key: str,
@@ -116,7 +116,7 @@ def verify_log(
 class _Verifier:
     """One verification's inputs; its methods add to the report they are given."""
 
-    _conn: sqlite3.Connection
+    _conn: Connection
     origin: str
     verifier_key: str
     _tree: Callable[[], CompactRange]

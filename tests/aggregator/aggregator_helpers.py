@@ -15,7 +15,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from sottovoce.aggregator import RegionAggregator, RegionKeys
+from sottovoce.aggregator import PartialSum, RegionAggregator, RegionKeys
 from sottovoce.aggregator._service import policy_with_keys
 from sottovoce.policy import Policy, example_policy
 
@@ -85,3 +85,18 @@ def central_update(
     noise = np.rint(rng.normal(0.0, noise_multiplier * GRID_STEPS_PER_C, values.shape))
     update: npt.NDArray[np.float64] = (np.rint(values / gamma) + noise) * gamma / expected_cohort
     return update
+
+
+def stored_sum(conn: Any, round_id: str | None = None) -> PartialSum | None:
+    """A round's running sum as the database holds it: every worker's row of ``round_partials``
+    merged (checksums checked), or ``None`` once no row is left (the round closed). Without
+    ``round_id``: every round's rows."""
+    where, args = ("WHERE round_id = ?", (round_id,)) if round_id else ("", ())
+    rows = conn.execute(f"SELECT partial FROM round_partials {where}", args).fetchall()
+    if not rows:
+        return None
+    parts = [PartialSum.from_bytes(blob) for (blob,) in rows]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return total

@@ -29,11 +29,17 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import uvicorn
-from aggregator_helpers import COHORT, DIM, Clock, Keys, central_update
+from aggregator_helpers import COHORT, DIM, Clock, Keys, central_update, stored_sum
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
-from sottovoce.aggregator import RegionAggregator, RegionKeys, ServiceConfig, create_app
+from sottovoce.aggregator import (
+    PartialSum,
+    RegionAggregator,
+    RegionKeys,
+    ServiceConfig,
+    create_app,
+)
 from sottovoce.policy import Decision, DecisionLog, VerifyReport
 from sottovoce.sync import (
     DeltaState,
@@ -79,11 +85,12 @@ def serve(app: FastAPI) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class RoundRow:
-    """A round as the aggregator's ``rounds`` table holds it (``partial``: the running sum)."""
+    """A round as the aggregator's tables hold it (``partial``: its running sum, every worker's
+    merged; ``None`` once it closed)."""
 
     state: str
     count: int
-    partial: bytes | None
+    partial: PartialSum | None
 
 
 class Region:
@@ -176,11 +183,12 @@ class Region:
 
     def round_row(self, round_id: str | None = None) -> RoundRow | None:
         with self._read() as conn:
+            round_id = round_id or self.spec.round_id
             row = conn.execute(
-                "SELECT state, count, partial FROM rounds WHERE round_id = ?",
-                (round_id or self.spec.round_id,),
+                "SELECT state, count FROM rounds WHERE round_id = ?", (round_id,)
             ).fetchone()
-        return None if row is None else RoundRow(row[0], int(row[1]), row[2])
+            partial = stored_sum(conn, round_id)
+        return None if row is None else RoundRow(row[0], int(row[1]), partial)
 
     def decisions(self, action: str | None = "accept_delta") -> list[Decision]:
         with self._read() as conn:

@@ -56,7 +56,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from aggregator_helpers import DIM, EXPECTED, T0, Keys, central_update
+from aggregator_helpers import DIM, EXPECTED, T0, Keys, central_update, stored_sum
 from conftest import consenting
 from crash_child import MARKERS, REGION, World, stream
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -530,9 +530,10 @@ def aggregator_problems(feed: Feed, conn: sqlite3.Connection) -> tuple[list[str]
     if unknown:
         problems.append(f"accepted deltas that are not enrolled deltas: {unknown}")
     known = [k for k in accepted if k in feed.values]
-    state, count, blob = conn.execute(
-        "SELECT state, count, partial FROM rounds WHERE round_id = ?", (spec.round_id,)
+    state, count = conn.execute(
+        "SELECT state, count FROM rounds WHERE round_id = ?", (spec.round_id,)
     ).fetchone()
+    stored = stored_sum(conn, spec.round_id)
     if count != len(accepted):
         problems.append(f"the round counts {count} deltas; {len(accepted)} are accepted")
     decisions = [d for _, d in agg.log.query(action="accept_delta")]
@@ -542,9 +543,9 @@ def aggregator_problems(feed: Feed, conn: sqlite3.Connection) -> tuple[list[str]
                         f"decisions for {len(accepted)} accepted and "
                         f"{len(rows) - len(accepted)} refused uploads")  # fmt: skip
     if state == "open":
-        problems += open_problems(feed, agg, conn, count=count, blob=blob, known=known)
+        problems += open_problems(feed, agg, conn, count=count, stored=stored, known=known)
     elif state == "published" and feed.closes:
-        problems += published_problems(feed, agg, conn, count=count, blob=blob, known=known)
+        problems += published_problems(feed, agg, conn, count=count, stored=stored, known=known)
     else:
         problems.append(f"the round is {state}")
     report = agg.log.verify(verifier_key=feed.setup.verifier_key)
@@ -562,15 +563,15 @@ def closing_records(agg: RegionAggregator, conn: sqlite3.Connection, spec: Round
 
 
 def open_problems(
-    feed: Feed, agg: RegionAggregator, conn: sqlite3.Connection, *, count: int, blob: bytes,
-    known: list[str],
+    feed: Feed, agg: RegionAggregator, conn: sqlite3.Connection, *, count: int,
+    stored: PartialSum | None, known: list[str],
 ) -> list[str]:  # fmt: skip
     spec = feed.setup.spec
     problems: list[str] = []
     records = closing_records(agg, conn, spec)
     if records != "releases [], ledger entries [], publish decisions []":
         problems.append(f"the round is open, but there are {records}")
-    partial = PartialSum.from_bytes(blob)
+    partial = PartialSum.empty(DIM) if stored is None else stored
     total = sum((feed.values[k] for k in known), np.zeros(DIM))
     if partial.count != count or partial.weight != count:
         problems.append(f"the running sum holds {partial.count} deltas (weight "
@@ -583,13 +584,13 @@ def open_problems(
 
 def published_problems(
     feed: Feed, agg: RegionAggregator, conn: sqlite3.Connection, *, count: int,
-    blob: bytes | None, known: list[str],
+    stored: PartialSum | None, known: list[str],
 ) -> list[str]:  # fmt: skip
     spec = feed.setup.spec
     problems: list[str] = []
     if count != len(feed.values):  # a child sweeps only once every delta has its answer
         problems.append(f"published with {count} deltas; {len(feed.values)} are enrolled")
-    if blob is not None:
+    if stored is not None:
         problems.append("the running sum is still stored after publishing")
     records = closing_records(agg, conn, spec)
     one_each = (f"releases [1], ledger entries [{spec.round_id!r}], "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from aggregator_helpers import COHORT, DIM, EXPECTED, T0, Clock, Keys, central_update
+from aggregator_helpers import COHORT, DIM, EXPECTED, T0, Clock, Keys, central_update, stored_sum
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -198,8 +198,7 @@ def test_a_full_round_publishes_at_its_deadline_base_plus_the_noised_sum_over_th
     info = world.agg.round(spec.round_id)
     assert info is not None and info.state == "published" and info.count == COHORT + 1
     assert info.closed_at == spec.deadline + timedelta(seconds=1)
-    partial = world.conn.execute("SELECT partial FROM rounds").fetchone()[0]
-    assert partial is None  # the un-noised sum is gone once published
+    assert stored_sum(world.conn) is None  # the un-noised sum is gone once published
     # The ledger charged the Poisson-sampled Gaussian at the policy's q, on the grid's
     # sensitivity, whatever the count.
     entries = world.agg.ledger.entries(spec.period_start)
@@ -492,7 +491,7 @@ def test_a_round_whose_budget_shrank_while_it_was_open_is_abandoned(
     assert world.end(spec) == [spec.round_id]
     info = world.agg.round(spec.round_id)
     assert info is not None and info.state == "abandoned"
-    assert world.conn.execute("SELECT partial FROM rounds").fetchone()[0] is None
+    assert stored_sum(world.conn) is None
     assert world.agg.latest_release() is None
     assert world.agg.ledger.entries(spec.period_start) == []
     (abandoned,) = world.decisions("publish_release")
@@ -571,7 +570,7 @@ def test_a_local_round_short_of_its_cohort_is_abandoned_at_its_deadline(local: W
     assert local.agg.sweep() == [spec.round_id]
     info = local.agg.round(spec.round_id)
     assert info is not None and info.state == "abandoned" and info.count == 1
-    assert local.conn.execute("SELECT partial FROM rounds").fetchone()[0] is None
+    assert stored_sum(local.conn) is None
     assert local.agg.latest_release() is None
     assert local.agg.ledger.entries(spec.period_start) == []
     (abandoned,) = local.decisions("publish_release")
