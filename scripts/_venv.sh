@@ -14,7 +14,8 @@ fi
 # Reinstall whenever the project's metadata changed (or the venv is new). The install is a
 # non-editable link tree (setuptools "strict" editable mode) so that mypy can follow it.
 stamp="$VENV/.sottovoce-installed"
-EXTRAS="${SOTTOVOCE_EXTRAS:-dev,aggregator}"  # tests cover the aggregator's ledger (torch, opacus)
+# The tests cover the aggregator: its ledger (torch, opacus) and its PostgreSQL backend (psycopg).
+EXTRAS="${SOTTOVOCE_EXTRAS:-dev,aggregator}"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$(find device sync aggregator policy sim core -name '*.py' | sort | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing sottovoce[$EXTRAS] into $VENV" >&2

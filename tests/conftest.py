@@ -1,4 +1,5 @@
-"""Shared fixtures: the example policy, real store files in tmp_path, and an event builder."""
+"""Shared fixtures: the example policy, real store files in tmp_path, an event builder, and a
+real PostgreSQL server on loopback (`postgres`, `pg_url`, `backend`, `private_postgres`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from unittest.mock import patch
 
 import pytest
 
+from sottovoce._pgserver import URL_ENV, PostgresAt, ThrowawayPostgres
 from sottovoce.device import EventStore
 from sottovoce.policy import Policy, Purpose, example_policy
 
@@ -234,3 +236,61 @@ def run_cli(*args: str) -> Ran:
             code = done.code
     return Ran(code if isinstance(code, int) else int(code is not None), out.getvalue(),
                err.getvalue())  # fmt: skip
+
+
+# -- a real PostgreSQL for the backend tests ---------------------------------------------------
+
+
+def _postgres_off() -> None:
+    import os
+
+    if os.environ.get("SOTTOVOCE_TEST_PG") == "off":
+        pytest.skip("SOTTOVOCE_TEST_PG=off: no PostgreSQL for this run")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresAt]:
+    """The run's PostgreSQL server: the one at ``SOTTOVOCE_TEST_PG_URL`` (``scripts/test``
+    starts one for the whole run), else a throwaway server started here for the session.
+    Skips only when ``SOTTOVOCE_TEST_PG=off``."""
+    import os
+
+    _postgres_off()
+    if os.environ.get(URL_ENV):
+        yield PostgresAt(os.environ[URL_ENV])
+        return
+    with ThrowawayPostgres() as server:
+        yield server.server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresAt, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A ``postgresql://`` URL of a fresh, empty database on the run's server, dropped (its
+    connections closed) after the test."""
+    import re
+    import secrets
+
+    test = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
+    name = f"t_{test}_{secrets.token_hex(4)}"
+    url = postgres.new_database(name)
+    yield url
+    postgres.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database a region's aggregator opens, once per backend: an SQLite file's path in
+    ``tmp_path`` (``.../region.db``), then a fresh PostgreSQL database's URL (``pg_url``)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "region.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[ThrowawayPostgres]:
+    """A started server of the test's own, for tests that restart, stop or kill it; removed
+    after the test. Skips only when ``SOTTOVOCE_TEST_PG=off``."""
+    _postgres_off()
+    with ThrowawayPostgres() as server:
+        yield server
