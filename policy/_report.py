@@ -2,35 +2,36 @@
 
 It sits at the end of the audit flow: ``DecisionLog.query`` gives ``(index, Decision)`` pairs and
 ``DecisionLog.verify`` a ``VerifyReport``; :func:`render_report` turns both into one HTML string.
-The document is self-contained (inline CSS and hand-written inline SVG, no scripts, fonts or
-links) so it can be archived with an audit and opened years later on a machine with no network.
+The document is self-contained (inline CSS and hand-written inline SVG from :mod:`._charts`,
+no scripts, fonts or links) so it can be archived with an audit and opened years later on a
+machine with no network.
 Pure: no I/O, the caller writes the file. Every text from the log is escaped, because entries
 are data and a report must never run or load anything an entry says.
 """
 
 from __future__ import annotations
 
-import html
-import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
+from sottovoce.policy._charts import (
+    ALLOW,
+    DENY,
+    PURGE,
+    Timeline,
+    budget_chart,
+    esc,
+    horizontal_bars,
+    num,
+    stacked_bars,
+)
 from sottovoce.policy._decision import Action, Decision, Outcome
 from sottovoce.policy._verify import VerifyReport
 
 __all__ = ["render_report"]
 
 RECENT = 200  # decisions listed one by one; the plots and counts cover them all
-_W, _H = 760, 250  # chart size in SVG user units
-_L, _R, _T, _B = 56, 16, 30, 40  # chart margins: left, right, top, bottom
-_PLOT_W = _W - _L - _R
-_ALLOW, _DENY, _SPENT, _PURGE = "#2e7d32", "#c62828", "#1565c0", "#6d4c41"
-_HOUR, _DAY = timedelta(hours=1), timedelta(days=1)
-_SVG_NS = "http://www.w3.org/2000/svg"
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1000px;margin:2em auto;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
@@ -59,7 +60,7 @@ def render_report(
     """
     ordered = sorted(decisions, key=lambda pair: pair[0])
     plain = [d for _, d in ordered]
-    timeline = _Timeline.of([d.at for d in plain])
+    timeline = Timeline.of([d.at for d in plain])
     body = [
         _header(verification, origin, generated_at or datetime.now(UTC), len(plain)),
         _section("over-time", "Decisions over time", _over_time(plain, timeline)),
@@ -75,22 +76,12 @@ def render_report(
     ]
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>Decision log report: {_e(origin)}</title>", f"<style>{_CSS}</style>", "</head>",
+        f"<title>Decision log report: {esc(origin)}</title>", f"<style>{_CSS}</style>", "</head>",
         "<body>", *body, "</body>", "</html>", "",
     ])  # fmt: skip
 
 
 # -- small text helpers ---------------------------------------------------------------------
-def _e(value: object) -> str:
-    """Escaped, and with characters XML forbids replaced, so every SVG stays well formed."""
-    return _NOT_XML.sub("\ufffd", html.escape(str(value)))
-
-
-def _num(value: float) -> str:
-    """Counts as integers, everything else with four significant digits."""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
-
-
 def _time(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -105,11 +96,11 @@ def _metric(decision: Decision, *keys: str) -> float | None:
 
 
 def _section(anchor: str, title: str, content: str) -> str:
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{content}\n</section>'
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{content}\n</section>'
 
 
 def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
+    return f'<p class="note">{esc(text)}</p>'
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -117,12 +108,12 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     def cell(value: object) -> str:
         if isinstance(value, int | float):
-            return f'<td class="num">{_num(value)}</td>'
+            return f'<td class="num">{num(value)}</td>'
         text = str(value)
         css = f' class="{text}"' if text in (Outcome.ALLOW, Outcome.DENY) else ""
-        return f"<td{css}>{_e(text)}</td>"
+        return f"<td{css}>{esc(text)}</td>"
 
-    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    header = "".join(f"<th>{esc(h)}</th>" for h in head)
     body = "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{header}</tr></thead><tbody>\n{body}\n</tbody></table>"
 
@@ -135,9 +126,9 @@ def _header(report: VerifyReport, origin: str, generated_at: datetime, shown: in
         verdict = '<p class="verdict ok">verified</p>'
     else:
         found = report.problems or [dict(report.checks())["signatures"]]
-        items = "".join(f"<li>{_e(p)}</li>" for p in found)
+        items = "".join(f"<li>{esc(p)}</li>" for p in found)
         verdict = f'<p class="verdict bad">NOT verified</p><ul class="problems">{items}</ul>'
-    checked = "".join(f"<li><b>{_e(what)}</b>: {_e(text)}</li>" for what, text in report.checks())
+    checked = "".join(f"<li><b>{esc(what)}</b>: {esc(text)}</li>" for what, text in report.checks())
     latest, kept = report.latest, report.kept
     facts: list[tuple[str, str]] = [
         ("Log origin", origin),
@@ -154,152 +145,20 @@ def _header(report: VerifyReport, origin: str, generated_at: datetime, shown: in
          f"checked: size {kept.size}, root {kept.root.hex()}" if kept else
          "none checked: a log rewritten and re-signed with its own key would go unnoticed"),
     ]  # fmt: skip
-    rows = "".join(f'<dt>{_e(k)}</dt><dd class="hash">{_e(v)}</dd>' for k, v in facts)
+    rows = "".join(f'<dt>{esc(k)}</dt><dd class="hash">{esc(v)}</dd>' for k, v in facts)
     return (f"<header><h1>Decision log report</h1>{verdict}<p>What was checked:</p>"
             f'<ul class="checked">{checked}</ul><dl>{rows}</dl></header>')  # fmt: skip
 
 
-# -- time axis shared by the plots over time ------------------------------------------------
-@dataclass(frozen=True)
-class _Timeline:
-    """Per-day buckets, or per-hour when the span is under two days (else too few bars), UTC."""
-
-    start: datetime
-    unit: timedelta
-    count: int
-
-    @classmethod
-    def of(cls, times: Sequence[datetime]) -> _Timeline | None:
-        if not times:
-            return None
-        first, last = min(times), max(times)
-        unit = _HOUR if last - first < 2 * _DAY else _DAY
-        start = _floor(first, unit)
-        return cls(start, unit, (_floor(last, unit) - start) // unit + 1)
-
-    def slot(self, at: datetime) -> int:
-        return (at - self.start) // self.unit
-
-    def x(self, at: datetime) -> float:
-        return _L + _PLOT_W * ((at - self.start) / (self.unit * self.count))
-
-    def slot_x(self, index: int) -> float:
-        return _L + _PLOT_W * index / self.count
-
-    def ticks(self) -> list[tuple[float, str]]:
-        """At most about eight labels, at the middle of their bucket."""
-        every = math.ceil(self.count / 8)
-        fmt = "%Y-%m-%d" if self.unit == _DAY else "%m-%d %H:00"
-        return [
-            (self.slot_x(i) + _PLOT_W / self.count / 2, (self.start + i * self.unit).strftime(fmt))
-            for i in range(0, self.count, every)
-        ]
-
-
-def _floor(at: datetime, unit: timedelta) -> datetime:
-    at = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    return at.replace(hour=0) if unit == _DAY else at
-
-
-# -- SVG building blocks --------------------------------------------------------------------
-def _svg(title: str, height: float, parts: Sequence[str]) -> str:
-    size, label = f'viewBox="0 0 {_W} {height:.0f}" width="{_W}" height="{height:.0f}"', _e(title)
-    return (f'<svg xmlns="{_SVG_NS}" {size} role="img" aria-label="{label}">'
-            f"<title>{label}</title>{''.join(parts)}</svg>")  # fmt: skip
-
-
-def _ticks(high: float, *, whole: bool) -> list[float]:
-    """0 and about five round steps (1, 2 or 5 times a power of ten) reaching ``high``."""
-    if high <= 0:
-        return [0.0, 1.0]
-    raw = high / 5
-    power = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    step = max(step, 1.0) if whole else step
-    return [i * step for i in range(math.ceil(high / step - 1e-9) + 1)]
-
-
-def _y(value: float, top: float) -> float:
-    return _T + (_H - _T - _B) * (1 - value / top)
-
-
-def _axes(ticks: Sequence[float], xticks: Sequence[tuple[float, str]], unit: str) -> str:
-    """Grid lines with value labels, time ticks below, the two axis lines and the unit."""
-    base, top, right = _H - _B, ticks[-1], _W - _R
-    parts = [f'<line class="grid" x1="{_L}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>'
-             f'<text x="{_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>'
-             for t, y in ((t, _y(t, top)) for t in ticks)]  # fmt: skip
-    parts += [f'<line class="axis" x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}"/>'
-              f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{_e(label)}</text>'
-              for x, label in xticks]  # fmt: skip
-    parts.append(f'<path class="axis" d="M{_L},{_T}V{base}H{right}" fill="none"/>'
-                 f'<text x="{right}" y="{_H - 6}" text-anchor="end">{_e(unit)}</text>')  # fmt: skip
-    return "".join(parts)
-
-
-def _legend(items: Sequence[tuple[str, str]]) -> str:
-    parts, x = [], float(_L)
-    for name, colour in items:
-        parts.append(f'<rect x="{x:.0f}" y="8" width="12" height="12" fill="{colour}"/>'
-                     f'<text x="{x + 16:.0f}" y="18">{_e(name)}</text>')  # fmt: skip
-        x += 40 + 7 * len(name)
-    return "".join(parts)
-
-
-def _stacked_bars(
-    timeline: _Timeline, series: Sequence[tuple[str, str, Sequence[float]]], title: str
-) -> str:
-    """Bars per time bucket, stacked in the order of ``series`` (name, colour, values)."""
-    ticks = _ticks(max(sum(s[2][i] for s in series) for i in range(timeline.count)), whole=True)
-    width = max(_PLOT_W / timeline.count * 0.8, 0.5)
-    unit = "UTC, per day" if timeline.unit == _DAY else "UTC, per hour"
-    parts = [_axes(ticks, timeline.ticks(), unit)]
-    for i in range(timeline.count):
-        base, x = 0.0, timeline.slot_x(i) + _PLOT_W / timeline.count * 0.1
-        for name, colour, values in series:
-            if values[i]:
-                y0, y1 = _y(base, ticks[-1]), _y(base + values[i], ticks[-1])
-                parts.append(f'<rect x="{x:.2f}" y="{y1:.1f}" width="{width:.2f}" '
-                             f'height="{y0 - y1:.1f}" fill="{colour}"><title>{_e(name)}: '
-                             f"{_num(values[i])}</title></rect>")  # fmt: skip
-            base += values[i]
-    parts.append(_legend([(name, colour) for name, colour, _ in series]))
-    return _svg(title, _H, parts)
-
-
-def _horizontal_bars(items: Sequence[tuple[str, int]], title: str, colour: str) -> str:
-    """One labelled bar per item, the count written at its end."""
-    label_w, row, high = 200, 22, max(v for _, v in items)
-    span = _W - label_w - _R - 40
-    parts = [f'<line class="axis" x1="{label_w}" y1="{_T - 4}" x2="{label_w}" '
-             f'y2="{_T + row * len(items)}"/>']  # fmt: skip
-    for i, (label, value) in enumerate(items):
-        y, w = _T + i * row, span * value / high
-        parts.append(f"<g><title>{_e(label)}: {value}</title>"
-                     f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{_e(label)}</text>'
-                     f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row - 8}" '
-                     f'fill="{colour}"/><text x="{label_w + w + 6:.1f}" y="{y + 15}">{value}</text>'
-                     "</g>")  # fmt: skip
-    return _svg(title, _T + row * len(items) + 10, parts)
-
-
-def _steps(points: Sequence[tuple[float, float]], top: float, end: float) -> str:
-    """Path of a step line: each value holds until the next one, the last until ``end``."""
-    path = f"M{points[0][0]:.1f},{_y(points[0][1], top):.1f}"
-    for x, value in points[1:]:
-        path += f"H{x:.1f}V{_y(value, top):.1f}"
-    return path + f"H{end:.1f}"
-
-
 # -- the sections ---------------------------------------------------------------------------
-def _over_time(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
+def _over_time(decisions: Sequence[Decision], timeline: Timeline | None) -> str:
     if timeline is None:
         return _note("No decisions in the log yet.")
     counts = {o: [0.0] * timeline.count for o in Outcome}
     for d in decisions:
         counts[d.outcome][timeline.slot(d.at)] += 1
-    series = [("allow", _ALLOW, counts[Outcome.ALLOW]), ("deny", _DENY, counts[Outcome.DENY])]
-    return _stacked_bars(timeline, series, "Decisions over time by outcome")
+    series = [("allow", ALLOW, counts[Outcome.ALLOW]), ("deny", DENY, counts[Outcome.DENY])]
+    return stacked_bars(timeline, series, "Decisions over time by outcome")
 
 
 def _refusals(decisions: Sequence[Decision]) -> str:
@@ -307,10 +166,10 @@ def _refusals(decisions: Sequence[Decision]) -> str:
     if not counts:
         return _note("No refusals.")
     items = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return _horizontal_bars(items, "Refusals by reason code", _DENY)
+    return horizontal_bars(items, "Refusals by reason code", DENY)
 
 
-def _epsilon(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
+def _epsilon(decisions: Sequence[Decision], timeline: Timeline | None) -> str:
     rounds: dict[str, list[tuple[Decision, float]]] = defaultdict(list)
     for d in decisions:
         value = _metric(d, "epsilon_after", "epsilon_spent")
@@ -321,38 +180,21 @@ def _epsilon(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
     return "\n".join(_epsilon_chart(r, rounds[r], timeline) for r in sorted(rounds))
 
 
-def _epsilon_chart(region: str, rounds: Sequence[tuple[Decision, float]], line: _Timeline) -> str:
+def _epsilon_chart(region: str, rounds: Sequence[tuple[Decision, float]], line: Timeline) -> str:
     # A refused open_round never ran: its epsilon_after is what it would have reached, so it is
     # marked, not drawn as spending.
-    spent: list[tuple[float, float]] = []
-    refused: list[tuple[float, float]] = []
-    budget: list[tuple[float, float]] = []
+    spent: list[tuple[datetime, float]] = []
+    refused: list[tuple[datetime, float]] = []
+    budget: list[tuple[datetime, float]] = []
     for d, value in sorted(rounds, key=lambda pair: pair[0].at):
         ran = d.action is not Action.OPEN_ROUND or d.allowed
-        (spent if ran else refused).append((line.x(d.at), value))
+        (spent if ran else refused).append((d.at, value))
         if (limit := _metric(d, "epsilon_budget")) is not None:
-            budget.append((line.x(d.at), limit))
-    ticks = _ticks(max(v for _, v in [*spent, *refused, *budget]) * 1.05, whole=False)
-    parts = [_axes(ticks, line.ticks(), "UTC")]
-    if budget:
-        parts.append(f'<path d="{_steps(budget, ticks[-1], _W - _R)}" fill="none" '
-                     f'stroke="{_DENY}" stroke-width="1.5" stroke-dasharray="6 4"/>'
-                     f'<text x="{_W - _R}" y="{_y(budget[-1][1], ticks[-1]) - 5:.1f}" '
-                     f'text-anchor="end">budget ε {_num(budget[-1][1])}</text>')  # fmt: skip
-    if spent:
-        parts.append(f'<path d="{_steps(spent, ticks[-1], _W - _R)}" fill="none" '
-                     f'stroke="{_SPENT}" stroke-width="2"/>')  # fmt: skip
-    for x, value in refused:
-        y = _y(value, ticks[-1])
-        tip = f"refused round: would reach ε {_num(value)}"
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{_DENY}">'
-                     f"<title>{tip}</title></circle>")  # fmt: skip
-    legend = [(f"{region}: ε spent", _SPENT), ("budget (dashed)", _DENY), ("refused round", _DENY)]
-    parts.append(_legend(legend))
-    return _svg(f"Privacy budget spent in region {region}", _H, parts)
+            budget.append((d.at, limit))
+    return budget_chart(region, spent, refused, budget, line)
 
 
-def _purges(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
+def _purges(decisions: Sequence[Decision], timeline: Timeline | None) -> str:
     purges = [d for d in decisions if d.action is Action.PURGE_RETENTION]
     if not purges or timeline is None:
         return _note("No retention purges yet.")
@@ -361,8 +203,8 @@ def _purges(decisions: Sequence[Decision], timeline: _Timeline | None) -> str:
         rows[timeline.slot(d.at)] += sum(
             v for k in d.metrics if k.startswith("deleted_") and (v := _metric(d, k)) is not None
         )
-    chart = _stacked_bars(timeline, [("rows deleted", _PURGE, rows)], "Rows deleted by purges")
-    return chart + _note(f"{len(purges)} purges deleted {_num(sum(rows))} rows in all.")
+    chart = stacked_bars(timeline, [("rows deleted", PURGE, rows)], "Rows deleted by purges")
+    return chart + _note(f"{len(purges)} purges deleted {num(sum(rows))} rows in all.")
 
 
 def _uploads(decisions: Sequence[Decision]) -> str:
