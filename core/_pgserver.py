@@ -195,7 +195,7 @@ class ThrowawayPostgres:
     @property
     def url(self) -> str:
         """The URL of ``database`` (the superuser's, with its password)."""
-        return self.server.url_for(self.database)
+        return self.server.url
 
     @property
     def server(self) -> PostgresAt:
@@ -246,11 +246,13 @@ class ThrowawayPostgres:
             self.running = False
             return
         postmaster = int(pid_file.read_text().split()[0])
-        pids = [postmaster, *_children(postmaster)]
+        pids = [postmaster, *(pid for pid, (_, ppid) in _processes().items() if ppid == postmaster)]
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + _TIMEOUT
-        while any(_alive(pid) for pid in pids):
+        # A zombie holds nothing the next start needs.
+        while any(state != "Z" for pid, (state, _) in _processes().items() if pid in pids):
             if time.monotonic() > deadline:
                 raise PostgresFailed(f"server processes {pids} outlived SIGKILL")
             time.sleep(0.02)
@@ -348,30 +350,14 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _children(parent: int) -> list[int]:
-    """The processes whose parent is ``parent`` (Linux's /proc)."""
-    found = []
+def _processes() -> dict[int, tuple[str, int]]:
+    """Every process's state letter and parent, by pid (Linux's /proc)."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[1]) == parent:
-            found.append(int(stat.parent.name))
+        with contextlib.suppress(OSError, IndexError):  # gone meanwhile
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            found[int(stat.parent.name)] = (state, int(ppid))
     return found
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie holds nothing the next start needs
 
 
 # -- one server for a whole test run -------------------------------------------------------
@@ -401,9 +387,7 @@ def serve(env_file: Path | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sottovoce._pgserver",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "python -m sottovoce._pgserver", description="A throwaway PostgreSQL on 127.0.0.1."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run one throwaway server until stopped")
