@@ -54,21 +54,18 @@ Usage: ``python bench/flower.py`` (``--skip-ours`` or ``--skip-flower`` for one 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import progress
 
 FLOWER_VERSION = "1.42.0"
 LITERT_VERSION = "2.3.0"  # the project's runtime, the same build on both sides
@@ -80,10 +77,6 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def summary(rounds: list[tuple[float, int]]) -> dict[str, Any]:
@@ -214,41 +207,14 @@ def flower_side(spec: dict[str, Any]) -> dict[str, Any]:
 # -- Flower's venv --------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def flower_venv() -> Path:
     """The python of a venv holding ``REQUIREMENTS``, built once per requirement set."""
-    key = json.dumps([list(REQUIREMENTS), sys.version_info[:2], platform.machine()])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = base / "sottovoce" / "venvs" / f"flwr-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    python, ready = root / "bin" / "python", root / ".ready"
-    with _locked(root.with_name(root.name + ".lock")):
-        if not ready.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            log(f"building Flower's venv in {root} ({' '.join(REQUIREMENTS)})")
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-            install = subprocess.run(
-                [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                 "--disable-pip-version-check", "--no-input", "--only-binary=:all:",
-                 *REQUIREMENTS],
-                check=False, capture_output=True, text=True,
-            )  # fmt: skip
-            if install.returncode != 0:
-                shutil.rmtree(root, ignore_errors=True)
-                raise SystemExit(f"pip could not install {REQUIREMENTS}:\n{install.stderr}")
-            ready.write_text(key)
-            log(f"built in {time.perf_counter() - started:.0f} s")
-    return python
+    from sottovoce._venvs import VenvBuildFailed, cached_venv
+
+    try:
+        return cached_venv("flwr", REQUIREMENTS, log=progress)
+    except VenvBuildFailed as failed:
+        raise SystemExit(str(failed)) from None
 
 
 def run_flower(spec: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +227,7 @@ def run_flower(spec: dict[str, Any]) -> dict[str, Any]:
         code = "import sys, flower; flower.flower_main(sys.argv[1], sys.argv[2])"
         path = os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, **QUIET_ENV, "PYTHONPATH": path}
-        log(f"Flower {FLOWER_VERSION}: {spec['clients']} clients, {spec['rounds']} rounds")
+        progress(f"Flower {FLOWER_VERSION}: {spec['clients']} clients, {spec['rounds']} rounds")
         subprocess.run([str(python), "-c", code, str(request), str(answer)], check=True,
                        env=env, cwd=tmp, stdout=sys.stderr)  # fmt: skip
         result: dict[str, Any] = json.loads(answer.read_text())
@@ -299,7 +265,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                                       sampling_rate=args.fraction, rounds=args.rounds,
                                       local_steps=args.steps, examples=args.examples,
                                       workers=args.workers)  # fmt: skip
-            log(f"ours: sottovoce simulate, {args.clients} users, {args.rounds} rounds")
+            progress(f"ours: sottovoce simulate, {args.clients} users, {args.rounds} rounds")
             results = simulate(config)
     finally:
         federated.run_rounds = original

@@ -35,6 +35,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from _common import percentile
+
 from sottovoce.device import EventStore
 from sottovoce.policy import Purpose, example_policy
 
@@ -162,7 +164,7 @@ def measure(
         "raw_sqlite_events_per_s": round(raw_rate),
         "ratio_vs_raw": round(batched / raw_rate, 3),
         "single_append_p50_ms": round(statistics.median(lat), 3),
-        "single_append_p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 3),
+        "single_append_p99_ms": round(percentile(lat, 0.99), 3),
     }
 
 

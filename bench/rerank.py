@@ -33,18 +33,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from _common import percentile
 
 from sottovoce._demo import START, listen, make_catalog
 from sottovoce.device import EventStore
 from sottovoce.device._features import assemble
 from sottovoce.device._personalize import CHUNK_SIZE, Eligibility, Personalizer, RerankOptions
 from sottovoce.policy import Purpose, example_policy
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
 
 SHELF = 100  # items an app shows from a ranked catalog
 

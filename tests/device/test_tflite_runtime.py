@@ -13,23 +13,16 @@ reached (the reason says so), and fails on any other install error.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
-import platform
-import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sottovoce._venvs import VenvBuildFailed, cached_venv
 from sottovoce.device._ranker import FEATURES, PARAMETER_COUNT, STATE_SIZE, Ranker
 
 REQUIREMENTS = ("tflite-runtime==2.14.0", "numpy<2")
@@ -70,23 +63,6 @@ np.savez(
 """
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sottovoce" / "venvs"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Two test processes may build the same venv at once: one builds, the other waits.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _index_reachable() -> tuple[bool, str]:
     """Whether pip's package index answers (``PIP_INDEX_URL`` or pip's default)."""
     from pip._internal.models.index import PyPI  # pip's own default, not a host named here
@@ -100,33 +76,15 @@ def _index_reachable() -> tuple[bool, str]:
 
 
 def runtime_venv(requirements: tuple[str, ...] = REQUIREMENTS) -> Path:
-    """The python of a venv holding exactly ``requirements``, built once per requirement set,
-    base Python version and machine."""
-    key = json.dumps([list(requirements), sys.version_info[:2], platform.machine()])
-    root = _cache_root() / f"tflite-runtime-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    python, ready = root / "bin" / "python", root / ".ready"
-    if ready.exists():
-        return python
-    with _locked(root.with_name(root.name + ".lock")):
-        if ready.exists():
-            return python
-        shutil.rmtree(root, ignore_errors=True)
-        # No pip inside the venv (ensurepip costs seconds): this process's pip installs into it.
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-        install = subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-             "--disable-pip-version-check", "--no-input", "--only-binary=:all:", *requirements],
-            check=False, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        if install.returncode != 0:
-            shutil.rmtree(root, ignore_errors=True)
-            reachable, where = _index_reachable()
-            if not reachable:
-                pytest.skip(f"the package index is unreachable ({where}); cannot install "
-                            f"{' '.join(requirements)} to compare the runtimes")  # fmt: skip
-            pytest.fail(f"pip could not install {' '.join(requirements)}:\n{install.stderr}")
-        ready.write_text(key)
-    return python
+    """The python of a venv holding exactly ``requirements`` (built once, then cached)."""
+    try:
+        return cached_venv("tflite-runtime", requirements, timeout=600)
+    except VenvBuildFailed as failed:
+        reachable, where = _index_reachable()
+        if not reachable:
+            pytest.skip(f"the package index is unreachable ({where}); cannot install "
+                        f"{' '.join(requirements)} to compare the runtimes")  # fmt: skip
+        pytest.fail(str(failed))
 
 
 def test_ranker_infers_and_trains_alike_on_tflite_runtime_2_14(tmp_path: Path) -> None:
