@@ -3,7 +3,7 @@
 Built so far: :class:`PartialSum`, a mergeable running sum (memory O(model size), whatever the
 number of devices) with DP-FedAvg's central noise; :class:`PrivacyLedger`, the per-region
 accountant (opacus RDP or PRV, persisted in SQLite) that refuses rounds beyond the policy's
-budget; and :class:`RegionAggregator`, the round logic over one SQLite file (enrollment, signed
+budget; and :class:`RegionAggregator`, the round logic over one database (enrollment, signed
 round specs, accepting sealed deltas with a logged decision for every :class:`Verdict` (a
 reason code, not an HTTP status: the service maps it), closing at the minimum cohort into a
 signed release, abandoning at the deadline, erasure of pending deltas, retention);
@@ -18,9 +18,12 @@ Errors (``code`` in the middle column)::
     AggregatorError         aggregator_error
     ├── AggregationError    aggregation_error  a delta, partial sum or stored sum the aggregation
     │                                          refuses (wrong shape, non-finite, not intact)
+    ├── DatabaseUnavailable unavailable        the PostgreSQL database cannot take the write now
+    │                                          (restarting, unreachable): nothing was kept, retry
     ├── RoundStillOpen      round_open         a round is already open; one round at a time
     ├── RoundOverBudget     budget_exhausted   the round would take the period's epsilon above the
     │                                          policy's budget (also a policy.BudgetExhausted)
+    ├── SchemaTooNew        schema_too_new     the database was migrated by a newer sottovoce
     └── ServiceConfigError  config_invalid     the service cannot start with this configuration
 
 ``AggregatorError`` derives from :class:`sottovoce.SottovoceError`. A refused upload is not an
@@ -36,8 +39,10 @@ from sottovoce.aggregator._ledger import (
     epsilon_of,
 )
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
+from sottovoce.aggregator._postgres import DatabaseUnavailable, open_database
 from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen, Verdict
+from sottovoce.aggregator._schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from sottovoce.aggregator._service import (
     RegionKeys,
     RoundScheduler,
@@ -49,8 +54,10 @@ from sottovoce.aggregator._service import (
 )
 
 __all__ = [
+    "SCHEMA_VERSION",
     "AggregationError",
     "AggregatorError",
+    "DatabaseUnavailable",
     "LedgerEntry",
     "PartialSum",
     "PrivacyLedger",
@@ -61,6 +68,7 @@ __all__ = [
     "RoundOverBudget",
     "RoundScheduler",
     "RoundStillOpen",
+    "SchemaTooNew",
     "ServiceConfig",
     "ServiceConfigError",
     "Verdict",
@@ -70,4 +78,6 @@ __all__ = [
     "epsilon_of",
     "generate_keys",
     "load_keys",
+    "migrate",
+    "open_database",
 ]

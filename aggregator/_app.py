@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -44,6 +45,7 @@ from sottovoce.aggregator._edge import (
     problem,
 )
 from sottovoce.aggregator._openapi import without_validation_422
+from sottovoce.aggregator._postgres import DatabaseUnavailable
 from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.aggregator._routes import Edge, device_routes, operator_routes, upload_routes
@@ -158,10 +160,26 @@ def _error_handlers(app: FastAPI) -> None:
     async def gone(_: Request, error: Gone) -> JSONResponse:
         return problem(400, "malformed", "The request body was cut short.")
 
+    @app.exception_handler(DatabaseUnavailable)
+    @app.exception_handler(sqlite3.OperationalError)
+    async def unavailable(_: Request, error: Exception) -> JSONResponse:
+        # The write was rolled back whole (a full disk, a database restarting): retryable.
+        if isinstance(error, sqlite3.OperationalError) and not _transient(error):
+            log.error("internal_error", exc_info=error)
+            return problem(500, "internal")
+        log.warning("database_unavailable", extra={"fields": {"error": str(error)[:200]}})
+        return problem(503, "unavailable", **{"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def failed(_: Request, error: Exception) -> JSONResponse:
         log.error("internal_error", exc_info=error)
         return problem(500, "internal")
+
+
+def _transient(error: sqlite3.OperationalError) -> bool:
+    """A SQLite failure that passes: a full disk, a busy or unreadable file (not a bug)."""
+    name = getattr(error, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR"))
 
 
 def _request_log(app: FastAPI) -> None:

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from types import MappingProxyType
 from typing import Annotated, Final, TypeVar
 
@@ -30,6 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from sottovoce.aggregator._refusals import RefusalBudget, RefusalLimit, RefusalTally
 from sottovoce.aggregator._rounds import RegionAggregator, Verdict
+from sottovoce.aggregator._uploads import Upload
 from sottovoce.policy._reasons import REASON_CODES
 from sottovoce.sync import SealedDelta, SyncError
 
@@ -95,12 +97,23 @@ def invalid_body(error: ValidationError) -> str:
 
 
 class Worker:
-    """The one thread that owns the aggregator (made by ``factory`` on that thread)."""
+    """The one thread that owns the aggregator (made by ``factory`` on that thread), and the
+    group commit of uploads.
 
-    def __init__(self, factory: Callable[[], RegionAggregator]) -> None:
+    Uploads are decided in groups (:meth:`RegionAggregator.accept_many`: one durable
+    transaction, one fsync, for every upload of a group): an upload that arrives while the
+    thread is busy waits for the next group, so groups are empty-handed when the service is
+    idle (no added delay) and grow with the load, up to ``max_group``. An upload's answer is
+    sent only once its group has committed.
+    """
+
+    def __init__(self, factory: Callable[[], RegionAggregator], *, max_group: int = 64) -> None:
         self._factory = factory
         self._executor: ThreadPoolExecutor | None = None
         self._aggregator: RegionAggregator | None = None
+        self._max_group = max_group
+        self._waiting: list[tuple[Upload, asyncio.Future[Verdict]]] = []
+        self._deciding = False
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregator")
@@ -117,10 +130,46 @@ class Worker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, call)
 
+    async def accept(self, body: bytes, key: str, *, record: bool) -> Verdict:
+        """Decide on an upload in the next group (see the class docstring)."""
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._waiting.append(((body, key, record), future))
+        if not self._deciding:
+            self._deciding = True
+            asyncio.get_running_loop().create_task(self._decide_groups())
+        return await future
+
+    async def _decide_groups(self) -> None:
+        try:
+            while self._waiting:
+                group = self._waiting[: self._max_group]
+                del self._waiting[: self._max_group]
+                uploads = [upload for upload, _ in group]
+                try:
+                    results = await self.run(partial(_accept_many, uploads=uploads))
+                except Exception as error:  # the commit failed: no upload of the group counts
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), result in zip(group, results, strict=True):
+                    if future.done():  # the client went away meanwhile
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._deciding = False
+
     def _call(self, call: Callable[[RegionAggregator], T]) -> T:
         if self._aggregator is None:
             self._aggregator = self._factory()
         return call(self._aggregator)
+
+
+def _accept_many(agg: RegionAggregator, *, uploads: list[Upload]) -> list[Verdict | Exception]:
+    return agg.accept_many(uploads)
 
 
 class Metrics:

@@ -186,7 +186,8 @@ class RoundsBase:
         if previous == policy.hash:
             return
         self._conn.execute(
-            "INSERT OR REPLACE INTO service_meta (key, value) VALUES ('policy_hash', ?)",
+            "INSERT INTO service_meta (key, value) VALUES ('policy_hash', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (policy.hash,),
         )
         inputs = {"policy": policy.hash, "previous": previous}

@@ -103,8 +103,8 @@ class RegionAggregator(UploadsPart):
                     self._log.append(self._engine.enroll_device(inputs=inputs, refusal="malformed"))
             else:
                 self._conn.execute(
-                    "INSERT OR IGNORE INTO enrollments (device_key, period, enrolled_at)"
-                    " VALUES (?, ?, ?)",
+                    "INSERT INTO enrollments (device_key, period, enrolled_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT (device_key) DO NOTHING",
                     (device_key_b64, period, _iso(self._clock())),
                 )
                 self._log.append(self._engine.enroll_device(inputs=inputs))

@@ -203,7 +203,7 @@ def upload_routes(app: FastAPI, edge: Edge) -> None:
             message = "The delta is for another round than the path's."
         else:
             # A missing key is still the aggregator's decision (logged, refused as malformed).
-            verdict = await worker.run(lambda agg: agg.accept(body, key, record=logged))
+            verdict = await worker.accept(body, key, record=logged)
             if idempotency_key is None:
                 message = "The Idempotency-Key header is required."
         refusals.settle(request, logged, "accept_delta", verdict.accepted, verdict.code)

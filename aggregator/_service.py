@@ -4,8 +4,9 @@ round schedule and retention sweeps, and uvicorn with structured JSON logs.
 ``sottovoce aggregator serve`` reads a :class:`ServiceConfig` (options and environment), loads
 the region's private keys from a directory (:func:`load_keys`; :func:`generate_keys` makes
 them and a policy that publishes them), and serves :func:`build_app`: the FastAPI layer of
-:mod:`._app` over a :class:`RegionAggregator` on an embedded SQLite file. Everything the
-service knows is in that file, so a restart resumes the open round where it stood.
+:mod:`._app` over a :class:`RegionAggregator` on its database: an embedded SQLite file, or a
+PostgreSQL database (several workers: :mod:`._workers`). Everything the service knows is in
+the database, so a restart resumes the open round where it stood.
 
 :class:`RoundScheduler` is the operator's loop, run by the app every ``sweep_seconds``: sweep
 (abandon expired rounds, purge what retention bounds), then open the next round if none is
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._connections import ConnectionLimits, uvicorn_config
 from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import RoundOverBudget, epsilon_of
+from sottovoce.aggregator._postgres import open_database
 from sottovoce.aggregator._refusals import RefusalLimit
 from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.policy import Policy, format_duration, policy_from_data
@@ -179,7 +180,7 @@ class ServiceConfig:
     policy: Policy
     region: str
     keys: RegionKeys
-    database: Path
+    database: str | Path  # a SQLite file, or a postgresql:// URL
     model_id: str
     base_weights: npt.NDArray[np.float32]
     enrollment_tokens: frozenset[str]
@@ -223,12 +224,10 @@ class ServiceConfig:
 
 
 def open_aggregator(config: ServiceConfig, *, clock: Clock | None = None) -> RegionAggregator:
-    """The region's aggregator on the configured SQLite file (created if missing), on
-    ``clock`` (default: the config's)."""
-    config.database.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(config.database, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # an acknowledged delta survives power loss
+    """The region's aggregator on the configured database (:func:`._postgres.open_database`:
+    a SQLite file, created if missing, or a ``postgresql://`` URL), on
+    ``clock`` (default: the config's); its schema is migrated to this version's."""
+    conn = open_database(config.database, application=f"sottovoce-{config.region}")
     try:
         return RegionAggregator(
             conn,

@@ -1,7 +1,8 @@
 """``sottovoce aggregator``: what an operator runs for one region.
 
 ``keygen`` makes the region's private keys and a policy that publishes their public halves;
-``serve`` runs the service (uvicorn, JSON logs on stderr) on an embedded SQLite file. Secrets
+``serve`` runs the service (uvicorn, JSON logs on stderr) on an embedded SQLite file, or on a
+PostgreSQL database with several worker processes. Secrets
 come from files and the environment here, at the process edge, never from library defaults.
 The command layer is the one place that reads the model file: it gives the aggregator the
 model's identity and initial weights (the aggregator itself never imports device code).
@@ -87,8 +88,17 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         typer.Option(envvar="SOTTOVOCE_KEYS_DIR", help="Directory with signing.pem and hpke.pem."),
     ],
     db: Annotated[
-        Path | None, typer.Option(help="SQLite file (default: aggregator-REGION.db).")
+        str | None,
+        typer.Option(
+            envvar="SOTTOVOCE_DB",
+            help="The region's database: a SQLite file (default: aggregator-REGION.db) or a "
+            "postgresql:// URL.",
+        ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(help="Worker processes behind the port (more than 1 needs PostgreSQL)."),
+    ] = 1,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     token_file: Annotated[
@@ -140,10 +150,9 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
 ) -> None:
     """Serve the region's aggregator over HTTP (JSON logs on stderr); restart-safe."""
     try:
-        import uvicorn
-
         from sottovoce.aggregator._connections import ConnectionLimits
-        from sottovoce.aggregator._service import ServiceConfig, load_keys, server_config
+        from sottovoce.aggregator._service import ServiceConfig, load_keys
+        from sottovoce.aggregator._workers import serve as serve_workers
     except ImportError as error:
         raise typer.BadParameter(
             f"the aggregator needs its extra: pip install 'sottovoce[aggregator]' ({error})"
@@ -177,7 +186,7 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         policy=_read_policy(policy),
         region=region,
         keys=load_keys(keys),
-        database=db or Path(f"aggregator-{region}.db"),
+        database=db or f"aggregator-{region}.db",
         model_id=model_id,
         base_weights=base,
         accumulate=accumulate,
@@ -190,7 +199,7 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
         docs=docs,
         connections=limits,
     )
-    uvicorn.Server(server_config(config, host=host, port=port, log_level=log_level)).run()
+    serve_workers(config, host=host, port=port, workers=workers, log_level=log_level)
 
 
 def _tokens(path: Path | None) -> frozenset[str]:

@@ -153,6 +153,10 @@ REASON_CODES: Final[tuple[Reason, ...]] = (
     _refuse("busy", None, status=503,
             message="The service has too many open connections; try again later.",
             retry=_LATER),
+    _refuse("unavailable", None, status=503,
+            message="The region's database cannot take writes at the moment (restarting, or "
+                    "its disk is full); nothing of this request was kept: try again later.",
+            retry=_LATER),
     _refuse("no_open_round", None, status=404, message="No round is open at the moment.",
             final=True, retry="poll `GET /v1/round` again later"),
     _refuse("no_release", None, status=404,

@@ -55,11 +55,11 @@ PUBLIC = {
         "verify_round_spec",
     ],
     "sottovoce.aggregator": [
-        "AggregationError", "AggregatorError", "LedgerEntry", "PartialSum", "PrivacyLedger",
-        "RefusalLimit", "RegionAggregator", "RegionKeys", "RoundInfo", "RoundOverBudget",
-        "RoundScheduler", "RoundStillOpen", "Verdict",
-        "ServiceConfig", "ServiceConfigError", "build_app", "central_release", "create_app",
-        "epsilon_of", "generate_keys", "load_keys",
+        "AggregationError", "AggregatorError", "DatabaseUnavailable", "LedgerEntry", "PartialSum",
+        "PrivacyLedger", "RefusalLimit", "RegionAggregator", "RegionKeys", "RoundInfo",
+        "RoundOverBudget", "RoundScheduler", "RoundStillOpen", "SCHEMA_VERSION", "SchemaTooNew",
+        "Verdict", "ServiceConfig", "ServiceConfigError", "build_app", "central_release",
+        "create_app", "epsilon_of", "generate_keys", "load_keys", "migrate", "open_database",
     ],
     "sottovoce.sim": [
         "Dataset", "DatasetError", "Interaction", "PopularityRanker", "RandomRanker",

@@ -47,6 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -638,9 +639,10 @@ class Service:
             for device in devices:
                 sealed = self.setup.seal(device, small(rng))
                 model = ModelWeights(MODEL_ID, 0, np.zeros(DIM, dtype=np.float32))
-                store.record_round(USER, sealed=sealed, deadline=self.setup.spec.deadline,
-                                   model=model, state=np.zeros(1, dtype=np.float32),
-                                   decision=store.contribution(USER, sealed.round_id))  # fmt: skip
+                decision = store.contribution(USER, sealed.round_id)
+                store.queue_local_round(USER, sealed=sealed, deadline=self.setup.spec.deadline,
+                                        model=model, state=np.zeros(1, dtype=np.float32),
+                                        decision=decision)  # fmt: skip
                 keys.append(sealed.idempotency_key)
         with self.lock:
             self.used.update(keys)
@@ -777,14 +779,15 @@ def outbox_states(svc: Service, db: Path) -> list[tuple[str, str]]:
     """(key, state) of a device store's outbox, in queue order, once the store opens and
     checks out (integrity, decision log)."""
     with svc.open_store(db) as store:
-        integrity = [row[0] for row in store.db.execute("PRAGMA integrity_check")]
-        assert integrity == ["ok"], f"integrity_check of the device store: {integrity[:10]}"
         report = store.decisions.verify()
         assert report.ok, f"the device's decision log does not verify: {report.problems[:5]}"
+    with closing(sqlite3.connect(db)) as conn:  # the store hands out no connection
+        integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        assert integrity == ["ok"], f"integrity_check of the device store: {integrity[:10]}"
         # NOT INDEXED: read the table itself, not the primary key that should prevent doubles.
-        rows = store.db.execute("SELECT idempotency_key, state FROM outbox NOT INDEXED "
-                                "ORDER BY rowid")  # fmt: skip
-        return [(str(k), str(s)) for k, s in rows]
+        rows = conn.execute("SELECT idempotency_key, state FROM outbox NOT INDEXED "
+                            "ORDER BY rowid").fetchall()  # fmt: skip
+    return [(str(k), str(s)) for k, s in rows]
 
 
 def upload_problems(

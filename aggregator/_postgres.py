@@ -1,0 +1,251 @@
+"""The region's database: an embedded SQLite file, or PostgreSQL over psycopg 3 and a pool.
+
+:class:`PostgresConnection` is the ``sqlite3.Connection`` surface the storage uses
+(:class:`sottovoce._database.Connection`) over PostgreSQL, so the same code and the same SQL run
+on both backends. What differs is translated here, in one place:
+
+- placeholders: ``?`` becomes ``%s`` (a literal ``%`` is escaped);
+- column types in ``CREATE TABLE``/``ALTER TABLE``: ``BLOB`` is ``BYTEA``, ``REAL`` is
+  ``DOUBLE PRECISION``, ``INTEGER`` is ``BIGINT``;
+- ``BEGIN IMMEDIATE`` (SQLite: take the write lock up front) is ``BEGIN`` followed by
+  ``pg_advisory_xact_lock`` on one key per region database: writers are serialized by the
+  database, across every worker process of the region, exactly as on SQLite, and the lock is
+  released by the commit or rollback. Reads outside a write see committed data only.
+
+A statement outside a transaction (a read) runs on a pooled connection in autocommit mode. A
+transaction holds one pooled connection from ``BEGIN`` to ``COMMIT``/``ROLLBACK``. A connection
+the server dropped (a restart) is discarded by the pool; a read, or a ``BEGIN``, that finds its
+connection gone is tried once more on a fresh one, so a server restart costs the writes in
+flight at that moment (:class:`DatabaseUnavailable`, answered as retryable), not the process.
+
+:func:`open_database` takes what an operator types: a path (SQLite, created if missing, WAL and
+``synchronous=FULL``: an acknowledged write survives power loss) or a ``postgresql://`` URL.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sottovoce._database import Connection
+from sottovoce.aggregator._errors import AggregatorError
+
+__all__ = ["DatabaseUnavailable", "PostgresConnection", "is_postgres_url", "open_database"]
+
+
+class DatabaseUnavailable(AggregatorError):
+    """The database could not take the write now (server down or restarting): nothing of the
+    write was kept; the same request can be retried later."""
+
+    code = "unavailable"
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(target: str | Path, *, application: str = "sottovoce") -> Connection:
+    """A connection to ``target``: a ``postgresql://`` URL, or a SQLite file path."""
+    if is_postgres_url(target):
+        return PostgresConnection(str(target), application=application)
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives power loss
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+_TYPES = ((re.compile(r"\bBLOB\b"), "BYTEA"), (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+          (re.compile(r"\bINTEGER\b"), "BIGINT"))  # fmt: skip
+_DDL = re.compile(r"^\s*(CREATE|ALTER)\s+TABLE\b", re.IGNORECASE)
+_SAVEPOINT = re.compile(r"^\s*(SAVEPOINT|RELEASE|ROLLBACK TO)\b", re.IGNORECASE)
+
+
+def to_postgres(sql: str) -> str:
+    """``sql`` in PostgreSQL's spelling (see the module docstring)."""
+    if _DDL.match(sql):
+        for pattern, replacement in _TYPES:
+            sql = pattern.sub(replacement, sql)
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Rows:
+    """A finished statement's rows (read before its connection goes back to the pool)."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Any]:
+        rest, self._next = self._rows[self._next :], len(self._rows)
+        return rest
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+class PostgresConnection:
+    """A region's PostgreSQL database behind the ``sqlite3.Connection`` surface the storage
+    uses (see the module docstring). One instance is used by one thread at a time."""
+
+    backend = "postgres"
+
+    def __init__(self, url: str, *, application: str = "sottovoce", max_size: int = 4) -> None:
+        try:
+            import psycopg  # noqa: F401  (the aggregator extra; a device never needs it)
+            from psycopg_pool import ConnectionPool
+        except ImportError:  # pragma: no cover - the aggregator extra installs both
+            raise AggregatorError(
+                "a postgresql:// database needs psycopg and psycopg-pool: "
+                "pip install 'sottovoce[aggregator]'"
+            ) from None
+        self.url = url
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"autocommit": True, "application_name": application},
+            open=False,
+            name=application,
+        )
+        try:
+            self._pool.open(wait=True, timeout=15)
+        except Exception as error:
+            self._pool.close()
+            raise DatabaseUnavailable(f"cannot reach the PostgreSQL database: {error}") from None
+        self._held: Any = None  # the pooled connection of the open transaction
+        self._lock_key: int | None = None
+        self._cache: dict[str, str] = {}
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._held is not None
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Rows:
+        statement = sql.strip()
+        upper = statement.upper()
+        if upper in ("BEGIN", "BEGIN IMMEDIATE"):
+            self._begin()
+            return _Rows([], -1)
+        if upper in ("COMMIT", "END"):
+            self._finish("COMMIT")
+            return _Rows([], -1)
+        if upper == "ROLLBACK":
+            self.rollback()
+            return _Rows([], -1)
+        translated = self._translated(statement)
+        if self._held is not None:
+            return self._run(self._held, translated, parameters)
+        if _SAVEPOINT.match(statement):
+            raise RuntimeError("a savepoint outside a transaction")
+        return self._autocommit(translated, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Rows:
+        translated = self._translated(sql.strip())
+        rows = list(seq_of_parameters)
+        if self._held is not None:
+            with self._held.cursor() as cur:
+                cur.executemany(translated, rows)
+                return _Rows([], cur.rowcount)
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(translated, rows)
+            return _Rows([], cur.rowcount)
+
+    def rollback(self) -> None:
+        if self._held is not None:
+            self._finish("ROLLBACK")
+
+    def close(self) -> None:
+        if self._held is not None:
+            self.rollback()
+        self._pool.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _translated(self, sql: str) -> str:
+        found = self._cache.get(sql)
+        if found is None:
+            found = self._cache[sql] = to_postgres(sql)
+        return found
+
+    def _begin(self) -> None:
+        import psycopg
+
+        if self._held is not None:
+            raise RuntimeError("a transaction is already open on this connection")
+        for attempt in (1, 2):
+            conn = self._getconn()
+            try:
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._region_lock(conn),))
+            except psycopg.OperationalError as error:
+                self._pool.putconn(conn)
+                if attempt == 2 or not conn.broken:
+                    raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
+                continue  # a connection the server dropped: once more on a fresh one
+            self._held = conn
+            return
+
+    def _finish(self, verb: str) -> None:
+        import psycopg
+
+        conn, self._held = self._held, None
+        try:
+            conn.execute(verb)
+        except psycopg.OperationalError as error:
+            if verb == "ROLLBACK":
+                return  # the server already ended it
+            raise DatabaseUnavailable(f"the commit failed, nothing was kept: {error}") from None
+        finally:
+            self._pool.putconn(conn)
+
+    def _getconn(self) -> Any:
+        try:
+            return self._pool.getconn(timeout=15)
+        except Exception as error:
+            raise DatabaseUnavailable(f"no database connection: {error}") from None
+
+    def _region_lock(self, conn: Any) -> int:
+        # One advisory lock key per database: every writer of the region takes the same one.
+        if self._lock_key is None:
+            row = conn.execute("SELECT hashtext(current_database())").fetchone()
+            self._lock_key = int(row[0])
+        return self._lock_key
+
+    def _run(self, conn: Any, sql: str, parameters: Sequence[Any]) -> _Rows:
+        import psycopg
+
+        try:
+            cur = conn.execute(sql, tuple(parameters))
+        except psycopg.OperationalError as error:
+            raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
+        rows = cur.fetchall() if cur.description is not None else []
+        return _Rows(rows, cur.rowcount)
+
+    def _autocommit(self, sql: str, parameters: Sequence[Any]) -> _Rows:
+        import psycopg
+
+        for attempt in (1, 2):
+            conn = self._getconn()
+            try:
+                return self._run(conn, sql, parameters)
+            except DatabaseUnavailable:
+                if attempt == 2 or not conn.broken:
+                    raise
+            except psycopg.Error:
+                raise
+            finally:
+                self._pool.putconn(conn)
+        raise AssertionError("unreachable")
