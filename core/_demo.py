@@ -1,9 +1,9 @@
-"""The end-to-end device demo behind ``sottovoce demo``.
+"""The end-to-end device demo behind ``sottovoce device-demo``.
 
 Two devices under the example policy, one in the EU (opt-in, minimum age 16, 30-day raw-event
 retention) and one in the US (opt-out, 180 days), listen to a synthetic catalog. The demo shows
 what the policy changes: consent gating, derived state, retention, an access export and erasure.
-Until the many-device simulator lands this is the README's main job.
+(``sottovoce demo`` is the many-device simulation; this one shows a single device's side.)
 """
 
 from __future__ import annotations
