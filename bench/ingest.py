@@ -136,13 +136,15 @@ def measure(
         store.append(event)
         lat.append((time.perf_counter() - t) * 1000)
     lat.sort()
-    rows = store.db.execute(
+    store.close()
+    stored = sqlite3.connect(store.path)  # read back as anyone would: the store hands out none
+    rows = stored.execute(
         "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body FROM events "
         "WHERE event_id LIKE 'b%' ORDER BY seq"
     ).fetchall()
-    schema = [r[0] for r in store.db.execute(
+    schema = [r[0] for r in stored.execute(
         "SELECT sql FROM sqlite_master WHERE tbl_name = 'events' AND sql IS NOT NULL")]  # fmt: skip
-    store.close()
+    stored.close()
 
     raw = sqlite3.connect(workdir / f"raw-{durability}.db", isolation_level=None)
     raw.execute("PRAGMA journal_mode=WAL")

@@ -35,10 +35,7 @@ from sottovoce.sync import (
     SpecRefused,
     check_budget,
     check_spec,
-    idempotency_key,
     period_label,
-    sample_into_round,
-    seal_delta,
 )
 from sottovoce.sync._budget import Charge
 
@@ -49,7 +46,6 @@ __all__ = ["Ticket", "enter_round", "seal_and_record"]
 class Ticket:
     """A device admitted to a round: what sealing and recording its upload need."""
 
-    secret: bytes
     period: str
     key: str  # the upload's idempotency key
     decision: Decision  # the consent decision, logged with the upload
@@ -73,14 +69,13 @@ def enter_round(store: EventStore, user_id: str, spec: RoundSpec, *, model_id: s
     except SpecRefused as refused:
         store.contribution(user_id, spec.round_id, refused=refused)  # logged
         raise
-    secret = store.device_secret()
     central = spec.mode is PrivacyMode.CENTRAL
     if central and eligible and store.allows(user_id, Purpose.FEDERATED_TRAINING):
         store.charge(charge)  # whether or not the coin picks the device
-    if not sample_into_round(spec, secret):
+    if not store.keys.in_round(spec):
         return None
     period = period_label(spec)
-    key = idempotency_key(secret, spec=spec, period=period)
+    key = store.keys.upload_key(spec, period=period)
     if store.in_outbox(key):
         return key  # queued already (or sent): once per round
     decision = store.contribution(user_id, spec.round_id)
@@ -89,7 +84,7 @@ def enter_round(store: EventStore, user_id: str, spec: RoundSpec, *, model_id: s
         if refusal is not None:
             raise refusal
         raise DeviceError(decision.sentence)  # the consent rules and the engine disagree
-    return Ticket(secret, period, key, decision, charge)
+    return Ticket(period, key, decision, charge)
 
 
 def seal_and_record(store: EventStore, user_id: str, spec: RoundSpec, ticket: Ticket, *,
@@ -99,12 +94,10 @@ def seal_and_record(store: EventStore, user_id: str, spec: RoundSpec, ticket: Ti
     """Seal ``upload`` for the round and record it with ``model`` and ``state`` (see the module
     docstring); returns the upload's idempotency key."""
     hpke = base64.b64decode(store.region.key("hpke").key)
-    sealed = seal_delta(delta=np.asarray(upload, np.float32), spec=spec,
-                        device_secret=ticket.secret, signing_key=store.signing_key(ticket.period),
-                        aggregator_hpke_key=hpke, rng=rng, period=ticket.period,
-                        idempotency_key=ticket.key)  # fmt: skip
+    sealed = store.keys.seal(np.asarray(upload, np.float32), spec=spec, aggregator_hpke_key=hpke,
+                             period=ticket.period, upload_key=ticket.key, rng=rng)  # fmt: skip
     local = spec.mode is not PrivacyMode.CENTRAL
     charge = ticket.charge if local else None  # central: charged before the coin
-    store.record_round(user_id, sealed=sealed, deadline=spec.deadline, model=model, state=state,
-                       decision=ticket.decision, charge=charge)  # fmt: skip
+    store.queue_local_round(user_id, sealed=sealed, deadline=spec.deadline, model=model,
+                            state=state, decision=ticket.decision, charge=charge)  # fmt: skip
     return sealed.idempotency_key

@@ -153,10 +153,11 @@ class Personalizer:
             self.ranker.set_weights(self.global_weights)
         self._serving = serving
 
-    def apply_release(
+    def install_verified_weights(
         self, weights: npt.NDArray[np.float32], *, version: int, model_id: str
     ) -> None:
-        """Swap in a new global model atomically (in the store, then in memory).
+        """Swap in the weights of a release whose signature was already verified (as
+        :meth:`install_release` does) atomically: in the store, then in memory.
 
         The release must be for this model file and newer than the model in use: a replayed
         or older release is refused, never installed.
@@ -178,7 +179,8 @@ class Personalizer:
         policy) and swap it in: same model file, newer version, finite weights, or refused."""
         pinned = base64.b64decode(self.store.region.key("signing").key)
         weights = verify_release(release, pinned)
-        self.apply_release(weights, version=release.version, model_id=release.model_id)
+        self.install_verified_weights(weights, version=release.version,
+                                      model_id=release.model_id)  # fmt: skip
 
     # -- rerank ----------------------------------------------------------------------------
     def rerank(

@@ -115,9 +115,19 @@ def store_errors(conn: sqlite3.Connection, *, path: Path, doing: str) -> Iterato
         raise store_failure(error, path=path, doing=doing) from None
 
 
+class _File(Protocol):
+    @property
+    def conn(self) -> sqlite3.Connection: ...
+
+    @property
+    def path(self) -> Path: ...
+
+
 class _Store(Protocol):
-    _conn: sqlite3.Connection
-    path: Path
+    """A component of the store: it holds the store's file (:class:`._store_file.StoreFile`)."""
+
+    @property
+    def _file(self) -> _File: ...
 
 
 S = TypeVar("S", bound=_Store)
@@ -134,7 +144,7 @@ def guarded(
     def wrap(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
         @functools.wraps(method)
         def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            with store_errors(self._conn, path=self.path, doing=doing):
+            with store_errors(self._file.conn, path=self._file.path, doing=doing):
                 return method(self, *args, **kwargs)
 
         return call

@@ -12,99 +12,68 @@ decision log); once ``append`` returns, the events survive a crash of the proces
 ``durability="full"`` also survives power loss); replaying an event id with the same content is
 a no-op reported as a duplicate.
 
-Cost (``bench/ingest.py``): a batch is validated and encoded by pydantic in one call each, its
-rows are inserted without first asking which ids exist (the unique index on ``event_id`` refuses
-a replay; a savepoint then undoes the batch's rows and the slow path sorts replays out), and
-its derived state is computed column-wise (:func:`._derive.derive_batch`), so no Python loop
-runs per event beyond building each stored row.
+:class:`EventStore` is a façade: each method hands its call to one component, and the
+components share the store's one file and connection (:class:`._store_file.StoreFile`)::
 
-The class is assembled from parts: :mod:`._store_core` (connection, users, consent state,
-decision logging, catalog), :mod:`._store_ranking` (what reranking reads, cached between
-writes) and :mod:`._store_outbox` (model weights and the outbox); this module holds opening,
-consent, events, derived state, retention and the user's rights.
+    users      ._store_users.Users          user ids -> salted hashes and row references
+    trail      ._store_decisions.DecisionTrail  the policy engine and the decision log
+    consent    ._store_consent.Consent      consent, age, and the decisions resting on them
+    catalog    ._store_catalog.Catalog      public track metadata and vectors, cached
+    derived    ._store_derived.DerivedState stats, sessions, taste, context
+    events     ._store_events.Events        appending batches of events
+    rights     ._store_rights.Rights        retention, erasure, access export
+    models     ._store_models.Models        ranker weights per slot
+    ledger     ._store_ledger.DeviceLedger  the device's own privacy ledger
+    outbox     ._store_outbox.DeviceOutbox  sealed deltas waiting to be uploaded
+    ranking    ._store_ranking.RankingReads what reranking reads, cached between writes
+    keys       ._store_keys.DeviceKeys      the device secret and signing keys (public: keys)
+
+The device's secret and private keys stay inside :class:`._store_keys.DeviceKeys`: nothing on
+this class returns them, nor the connection.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import secrets
-import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
-from sqlite_utils import Database
+import numpy.typing as npt
 
-from sottovoce.device._derive import (
-    SESSION_GAP_MS,
-    DerivedRows,
-    FactBatch,
-    Run,
-    Taste,
-    derive,
-    derive_batch,
-)
-from sottovoce.device._errors import (
-    EventConflict,
-    InvalidInput,
-    StoreError,
-)
+from sottovoce.device._derive import Fact, Vector
 from sottovoce.device._events import Event
-from sottovoce.device._rows import (
-    _INSERT_EVENT,
-    _MS,
-    _UPSERT_ARTIST,
-    _UPSERT_TRACK,
-    _chunks,
-    _fact,
-    _revive,
-    _row_order,
-    _utcnow,
-    _validate,
-    encode,
-    fact_batch,
-    from_ms,
-    refuse_ahead,
-    to_ms,
-)
-from sottovoce.device._schema import (
-    DATA_TABLES,
-    EVENT_DERIVED,
-    RETENTION_FILTER,
-    USER_TABLES,
-)
-from sottovoce.device._sqlite import _immediate, _migrate, guarded
-from sottovoce.device._store_core import (
-    _CACHE_KIB,
+from sottovoce.device._features import Snapshot
+from sottovoce.device._rows import _utcnow
+from sottovoce.device._sqlite import guarded
+from sottovoce.device._store_catalog import Catalog
+from sottovoce.device._store_consent import Consent
+from sottovoce.device._store_decisions import DecisionTrail
+from sottovoce.device._store_derived import DerivedState
+from sottovoce.device._store_events import Events
+from sottovoce.device._store_file import StoreFile
+from sottovoce.device._store_keys import DeviceKeys
+from sottovoce.device._store_ledger import DeviceLedger
+from sottovoce.device._store_models import Models
+from sottovoce.device._store_outbox import DeviceOutbox
+from sottovoce.device._store_ranking import RankingInputs, RankingReads
+from sottovoce.device._store_rights import Rights
+from sottovoce.device._store_users import Users
+from sottovoce.device._store_values import (
     AppendResult,
     CatalogItem,
     Durability,
     ModelWeights,
     PurgeReport,
 )
-from sottovoce.device._store_outbox import OutboxPart
-from sottovoce.device._store_ranking import RankingReads
-from sottovoce.policy import (
-    ConsentState,
-    DataClass,
-    Policy,
-    PolicyViolation,
-    Purpose,
-    consent_refusal,
-)
+from sottovoce.policy import ConsentState, Decision, DecisionLog, Policy, PolicyViolation, Purpose
+from sottovoce.sync import Charge, OutboxItem, SealedDelta, SpecRefused
 
 __all__ = ["AppendResult", "CatalogItem", "Durability", "EventStore", "ModelWeights", "PurgeReport"]
 
-log = logging.getLogger("sottovoce.device")
-_USER_ID, _EVENT_ID = attrgetter("user_id"), attrgetter("event_id")
 
-
-class EventStore(RankingReads, OutboxPart):
+class EventStore:
     """One device's store. Open with :meth:`open`; use as a context manager to close it."""
 
     @classmethod
@@ -128,108 +97,126 @@ class EventStore(RankingReads, OutboxPart):
         """
         if device_secret is not None and len(device_secret) != 32:
             raise ValueError("a device secret is 32 bytes")
-        region_obj = policy.region(region)  # raises UnknownRegion before touching the file
-        path = Path(path)
-        try:
-            conn = sqlite3.connect(path, timeout=30.0)
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open {path}: {error}") from None
-        try:
-            db = Database(conn, execute_plugins=False, recursive_triggers=False)
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"{path}: cannot use write-ahead logging (journal mode {mode})")
-            db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-            db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-            # WAL checkpoints (copying the log back into the file, with fsyncs) run on a
-            # background thread instead of inside whichever append crosses the threshold.
-            db.execute("PRAGMA wal_autocheckpoint=0")
-            db.execute("PRAGMA secure_delete=ON")  # erased rows do not linger in free pages
-            fresh = not _has_meta(conn)
-            _migrate(db, path)
-            with _immediate(conn):
-                stored = {r[0]: r[1] for r in conn.execute("SELECT key, value FROM meta")}
-                if device_secret is not None:
-                    if not fresh and stored.get("device_secret") != device_secret.hex():
-                        raise StoreError(f"{path} exists: its device secret cannot be replaced")
-                    conn.execute("UPDATE meta SET value = ? WHERE key = 'device_secret'",
-                                 (device_secret.hex(),))  # fmt: skip
-                if stored.get("region", region_obj.id) != region_obj.id:
-                    raise StoreError(
-                        f"{path} belongs to region {stored['region']!r}, not {region_obj.id!r}; "
-                        "a device's data never moves between regions"
-                    )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                    [("salt", secrets.token_hex(32)), ("region", region_obj.id),
-                     ("created_ts", str(to_ms(clock())))],
-                )  # fmt: skip
-        except sqlite3.DatabaseError as error:
-            conn.close()
-            raise StoreError(f"{path} is not a usable sottovoce store: {error}") from None
-        except BaseException:
-            conn.close()
-            raise
-        store = cls(db, path=path, policy=policy, region_id=region_obj.id, clock=clock)
-        store._follow(policy, stored.get("policy_hash"))
+        region_id = policy.region(region).id  # raises UnknownRegion before touching the file
+        file = StoreFile.open(Path(path), region_id=region_id, durability=durability,
+                              clock=clock, device_secret=device_secret)  # fmt: skip
+        store = cls(file, policy=policy, region_id=region_id)
+        store._follow(policy, file.meta_or_none("policy_hash"))
         return store
+
+    def __init__(self, file: StoreFile, *, policy: Policy, region_id: str) -> None:
+        """Assemble the components on an open file (use :meth:`open`)."""
+        self._file = file
+        self.path = file.path
+        self.policy = policy
+        self.region = policy.region(region_id)
+        self._users = users = Users(file)
+        self._trail = trail = DecisionTrail(file, policy=policy, region_id=region_id)
+        self._consent = consent = Consent(file, users=users, trail=trail, policy=policy,
+                                          region_id=region_id)  # fmt: skip
+        self._catalog = catalog = Catalog(file)
+        self._derived = derived = DerivedState(file, users=users, catalog=catalog)
+        self._events = Events(file, users=users, consent=consent, trail=trail, catalog=catalog,
+                              derived=derived, policy=policy, region_id=region_id)  # fmt: skip
+        self._rights = Rights(file, users=users, trail=trail, derived=derived, policy=policy,
+                              region_id=region_id)  # fmt: skip
+        self._models = models = Models(file, users=users)
+        self._ledger = ledger = DeviceLedger(file)
+        self._outbox = DeviceOutbox(file, users=users, trail=trail, models=models, ledger=ledger)
+        self._ranking = RankingReads(file, users=users, catalog=catalog)
+        self.keys = DeviceKeys(file)
+        """The device's keys: its public key per period, its coin for a round, sealing."""
 
     def _follow(self, policy: Policy, previous: str | None) -> None:
         """Record which policy the store follows; a change of policy is a logged decision."""
         if previous == policy.hash:
             return
-        with self._write():
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_hash', ?)",
-                               (policy.hash,))  # fmt: skip
-            decision = self._engine.apply_policy(previous=previous,
-                                                 inputs={"previous": previous})  # fmt: skip
-            self._log(decision, None)
+        with self._file.write():
+            self._file.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_hash', ?)",
+                (policy.hash,),
+            )
+            engine = self._trail.engine
+            decision = engine.apply_policy(previous=previous, inputs={"previous": previous})
+            self._trail.record(decision, None)
 
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def now(self) -> datetime:
+        """The store's clock (the one it was opened with): retention, rounds and budgets."""
+        return self._file.clock()
+
+    def generation(self) -> int:
+        """A number that changes whenever the store's contents may have changed, by this
+        connection or another one: what anything cached from the store is checked against."""
+        return self._file.generation()
+
+    @guarded("counting rows")
+    def count(self, table: str = "events") -> int:
+        return int(self._file.conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0])
+
+    @property
+    def decisions(self) -> DecisionLog:
+        """The device's decision log (verify it, prove entries, sign checkpoints)."""
+        return self._trail.log
+
+    def user_hash(self, user_id: str) -> str:
+        """The salted hash under which ``user_id`` is stored (the id itself never is)."""
+        return self._users.hash(user_id)
+
+    # -- consent -----------------------------------------------------------------------------
     def set_age(self, user_id: str, age: int) -> PurgeReport:
         """Record the user's declared age; age gating of every purpose depends on it.
 
         An age below the region's minimum purges what personalization covered, as a
         withdrawal would, and the decision is logged.
         """
-        if isinstance(age, bool) or not isinstance(age, int) or not 0 <= age <= 150:
-            raise InvalidInput(f"age must be a whole number from 0 to 150, got {age!r}")
-        deleted: dict[str, int] = {}
-        with self._write():
-            ref = self._ref(user_id, create=True)
-            self._conn.execute("UPDATE users SET age = ? WHERE user_ref = ?", (age, ref))
-            state = self._consent_state(ref, self.user_hash(user_id))
-            if consent_refusal(self.region, Purpose.PERSONALIZATION, state) is not None:
-                deleted = self._purge_purpose(ref, Purpose.PERSONALIZATION)
-            decision = self._engine.record_age(
-                state, inputs=self._inputs("record_age", ref), deleted=deleted
-            )
-            self._log(decision, ref)
-        return PurgeReport(deleted)
+        return self._consent.set_age(user_id, age)
 
     def grant(self, user_id: str, purpose: Purpose, *, at: datetime | None = None) -> None:
         """Record that the user consents to ``purpose``."""
-        self._record_consent(user_id, purpose, granted=True, at=at)
+        self._consent.record(user_id, purpose, granted=True, at=at)
 
     def withdraw(
         self, user_id: str, purpose: Purpose, *, at: datetime | None = None
     ) -> PurgeReport:
         """Record a withdrawal and purge, in the same transaction, what ``purpose`` covered."""
-        return self._record_consent(user_id, purpose, granted=False, at=at)
+        return self._consent.record(user_id, purpose, granted=False, at=at)
 
-    @guarded("reading the user's consent")
     def consent_state(self, user_id: str) -> ConsentState:
-        return self._consent_state(self._ref(user_id, create=False), self.user_hash(user_id))
+        return self._consent.of(user_id)
 
     def refusal(self, user_id: str, purpose: Purpose) -> PolicyViolation | None:
         """Why the region's policy forbids ``purpose`` for this user now, or ``None``."""
-        return consent_refusal(self.region, purpose, self.consent_state(user_id))
+        return self._consent.refusal(user_id, purpose)
 
     def allows(self, user_id: str, purpose: Purpose) -> bool:
         return self.refusal(user_id, purpose) is None
 
+    def personalization(self, user_id: str) -> Decision:
+        """May the user's listening personalize what they see? Logged when the answer changes
+        (reranking asks on every call)."""
+        return self._consent.personalization(user_id)
+
+    def contribution(
+        self, user_id: str, round_id: str, *, refused: SpecRefused | None = None
+    ) -> Decision:
+        """May the user's training go into this round? ``refused`` is the device's own
+        refusal of the round spec. A refusal is logged here; an allowance is logged with the
+        round it allowed (:meth:`queue_local_round`)."""
+        return self._consent.contribution(user_id, round_id, refused=refused)
+
+    # -- events and derived state ------------------------------------------------------------
     def append(self, event: Event | Mapping[str, Any]) -> AppendResult:
         """Store one event (see :meth:`append_many`)."""
-        return self.append_many((event,))
+        return self._events.append_many((event,))
 
     def append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         """Store a batch of events in one transaction, all or nothing.
@@ -239,195 +226,11 @@ class EventStore(RankingReads, OutboxPart):
         an id stored with other content, or the policy's ``ConsentMissing``/``AgeRestricted``
         when a user's events may not be kept; in each case nothing of the batch is stored.
         """
-        parsed = _validate(list(events))
-        if not parsed:
-            return AppendResult(0)
-        times, bodies = encode(parsed)
-        refuse_ahead(parsed, times, now=self._clock(), skew=self.region.clock_skew)
-        refusal: PolicyViolation | None = None
-        result = AppendResult(0)
-        noted: dict[tuple[str, str], tuple[str, str]] = {}
-        with self._write(f"storing a batch of {len(parsed)} events"):
-            refs: dict[str, int] = {}
-            verdicts = []
-            for user_id in sorted(set(map(_USER_ID, parsed))):
-                ref = self._ref(user_id, create=False)
-                state = self._consent_state(ref, self.user_hash(user_id))
-                refusal = consent_refusal(self.region, Purpose.PERSONALIZATION, state)
-                if refusal is not None:  # refusals are always logged; nothing is stored
-                    inputs = self._inputs("store_events", ref)
-                    self._log(self._engine.store_events(state, inputs=inputs), ref)
-                    break
-                verdicts.append((user_id, ref, state))
-            else:
-                for user_id, ref, state in verdicts:
-                    refs[user_id] = ref if ref is not None else self._ref(user_id, create=True)
-                    key = ("store_events", self.user_hash(user_id))
-                    seen = (self._engine.consent_reason(Purpose.PERSONALIZATION, state),
-                            self.policy.hash)  # fmt: skip
-                    if self._noted.get(key) != seen:  # routine: built and logged on change only
-                        inputs = self._inputs("store_events", refs[user_id])
-                        self._log(self._engine.store_events(state, inputs=inputs), refs[user_id])
-                        noted[key] = seen
-                horizon = self._clock() - self.region.ttl(DataClass.RAW_EVENTS)
-                cutoff = to_ms(horizon)
-                # Events already past raw-event retention are not kept: storing them would
-                # break retention, and a replay of a purged event would count twice.
-                live: Sequence[int] = range(len(parsed))
-                expired: tuple[str, ...] = ()
-                if min(times) < cutoff:
-                    live = [i for i, ts in enumerate(times) if ts >= cutoff]
-                    expired = tuple(parsed[i].event_id for i, ts in enumerate(times) if ts < cutoff)
-                result = self._store(parsed, times=times, bodies=bodies, live=live, refs=refs,
-                                     expired=expired)  # fmt: skip
-                if expired:
-                    result = replace(result, retention_cutoff=horizon)
-        self._noted.update(noted)  # committed: these are in the log now
-        if refusal is not None:
-            raise refusal
-        if result.expired and result.expired == len(parsed):
-            log.warning("append: every event of the batch was dropped: %s (check the events' "
-                        "timestamps and the store's clock)", result)  # fmt: skip
-        return result
+        return self._events.append_many(events)
 
-    def _store(
-        self,
-        parsed: list[Event],
-        *,
-        times: list[int],
-        bodies: list[str],
-        live: Sequence[int],
-        refs: Mapping[str, int],
-        expired: tuple[str, ...],
-    ) -> AppendResult:
-        """Write the events ``live`` (indices into ``parsed``) of an allowed batch that are
-        new, and merge their derived state."""
-        if not live:
-            return AppendResult(0, (), expired)
-        first = self._conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
-
-        def rows(indices: Sequence[int]) -> tuple[FactBatch, list[str], list[str]]:
-            """The facts, ids and bodies of ``parsed[indices]``, numbered from ``first``."""
-            events, at, texts = parsed, times, bodies
-            if len(indices) < len(parsed):  # else all of them, in order: nothing to pick
-                events = [parsed[i] for i in indices]
-                at, texts = [times[i] for i in indices], [bodies[i] for i in indices]
-            batch = fact_batch(events, first_seq=first, refs=refs, times=at)
-            return self._resolve_artists(batch), list(map(_EVENT_ID, events)), texts
-
-        batch, ids, texts = rows(live)
-        duplicates: list[str] = []
-        try:
-            # Most batches are all new: insert first, and sort out replays only when the
-            # unique index on event_id refuses one (the savepoint undoes the partial insert).
-            with _immediate(self._conn, name="new_events"):
-                self._conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
-        except sqlite3.IntegrityError:
-            fresh, duplicates = self._dedupe(ids, batch.user, texts, live)
-            if not fresh:
-                return AppendResult(0, tuple(duplicates), expired)
-            batch, ids, texts = rows([live[k] for k in fresh])
-            self._conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
-        self._merge(derive_batch(batch, self._vectors(set(batch.track))))
-        return AppendResult(len(ids), tuple(duplicates), expired)
-
-    def _resolve_artists(self, batch: FactBatch) -> FactBatch:
-        """Fill in, from the local catalog, the artists the app left out."""
-        missing = {k: track for k, (track, artist) in enumerate(zip(batch.track, batch.artist,
-                   strict=True)) if artist is None and track is not None}  # fmt: skip
-        if not missing:
-            return batch
-        self._load_catalog(missing.values())
-        catalog, artists = self._items.entries, list(batch.artist)
-        for k, track in missing.items():
-            known = catalog.get(track)
-            if known is not None:
-                artists[k] = known[0]
-        return batch._replace(artist=artists)
-
-    def _dedupe(
-        self, ids: list[str], users: Sequence[int], bodies: list[str], live: Sequence[int]
-    ) -> tuple[list[int], list[str]]:
-        """Which of the rows ``ids`` (users, bodies) are new (positions), and the ids of
-        replays; an id stored (or repeated in the batch) with other content is an
-        ``EventConflict`` (its ``index`` is its place in the batch as sent: ``live``)."""
-        known: dict[str, tuple[int, str]] = {}
-        for chunk in _chunks(ids, 500):
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT event_id, user_ref, body FROM events WHERE event_id IN ({marks})"
-            known.update((r[0], (r[1], r[2])) for r in self._conn.execute(sql, chunk))
-        fresh: list[int] = []
-        duplicates: list[str] = []
-        for k, (event_id, user, body) in enumerate(zip(ids, users, bodies, strict=True)):
-            prior = known.get(event_id)
-            if prior is not None:
-                if prior != (user, body):
-                    raise EventConflict(event_id, index=live[k])
-                duplicates.append(event_id)
-                continue
-            known[event_id] = (user, body)
-            fresh.append(k)
-        return fresh, duplicates
-
-    def _merge(self, derived: DerivedRows) -> None:
-        conn = self._conn
-        conn.executemany(_UPSERT_TRACK, derived.tracks)
-        conn.executemany(_UPSERT_ARTIST, derived.artists)
-        for user, runs in derived.runs.items():
-            self._merge_runs(user, runs)
-        for user, new in derived.taste.items():
-            taste = new
-            row = conn.execute(
-                "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (user,)
-            ).fetchone()
-            if row is not None:
-                stored = np.frombuffer(row[2], dtype=np.float64)
-                if stored.shape == new.total.shape:  # else the catalog changed dimension
-                    taste = Taste(row[0], row[1], stored).merge(new)
-            conn.execute(
-                "INSERT OR REPLACE INTO taste (user_ref, ref_ts, weight, total) "
-                "VALUES (?, ?, ?, ?)",
-                (user, taste.ref, taste.weight, taste.total.astype(np.float64).tobytes()),
-            )
-        conn.executemany(
-            "INSERT INTO context (user_ref, ts, seq, device_type, network, local_time) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_ref) DO UPDATE SET ts = excluded.ts, "
-            "seq = excluded.seq, device_type = excluded.device_type, network = excluded.network, "
-            "local_time = excluded.local_time WHERE (excluded.ts, excluded.seq) > (ts, seq)",
-            [(u, at[0], at[1], *ctx) for u, (at, ctx) in derived.context.items()],
-        )
-
-    def _merge_runs(self, user: int, runs: list[Run]) -> None:
-        low = min(r.start for r in runs) - SESSION_GAP_MS
-        high = max(r.end for r in runs) + SESSION_GAP_MS
-        stored = self._conn.execute(
-            "SELECT id, start_ts, end_ts, events, plays, completions, skips, ms_played "
-            "FROM sessions WHERE user_ref = ? AND end_ts >= ? AND start_ts <= ?",
-            (user, low, high),
-        ).fetchall()
-        pieces: list[tuple[int | None, Run]] = [(r[0], Run(*r[1:])) for r in stored]
-        pieces += [(None, r) for r in runs]
-        pieces.sort(key=lambda p: p[1].start)
-        groups: list[tuple[list[int | None], Run]] = []
-        for ident, run in pieces:
-            if groups and run.start - groups[-1][1].end <= SESSION_GAP_MS:
-                groups[-1][0].append(ident)
-                groups[-1][1].absorb(run)
-            else:
-                merged = Run(run.start, run.end)
-                merged.absorb(run)
-                groups.append(([ident], merged))
-        for idents, run in groups:
-            if len(idents) == 1 and idents[0] is not None:
-                continue  # a stored session nothing touched
-            old = [i for i in idents if i is not None]
-            self._conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in old])
-            self._conn.execute(
-                "INSERT INTO sessions (user_ref, start_ts, end_ts, events, plays, completions, "
-                "skips, ms_played) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (user, run.start, run.end, run.events, run.plays, run.completions, run.skips,
-                 run.ms_played),
-            )  # fmt: skip
+    def facts(self, user_id: str) -> list[Fact]:
+        """The user's stored events as derivation facts, in arrival order (for training)."""
+        return self._events.facts(user_id)
 
     def rebuild_derived(self) -> int:
         """Recompute all derived state from the stored events; returns the events replayed.
@@ -435,68 +238,27 @@ class EventStore(RankingReads, OutboxPart):
         Derived state outlives raw events when the policy keeps it longer, so a rebuild after a
         retention purge keeps only what the remaining events support.
         """
-        replayed = 0
-        with self._write():
-            for table in EVENT_DERIVED:
-                self._conn.execute(f"DELETE FROM {table}")
-            users = [r[0] for r in self._conn.execute("SELECT DISTINCT user_ref FROM events")]
-            for user in users:
-                facts = [
-                    _fact(row, _revive(row[7]))
-                    for row in self._conn.execute(
-                        "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body "
-                        "FROM events WHERE user_ref = ? ORDER BY seq",
-                        (user,),
-                    )
-                ]
-                # The fact-by-fact reference derivation (append derives large batches
-                # column-wise), so a rebuild also checks what appends maintained.
-                self._merge(derive(facts, self._vectors(f.track for f in facts)).rows())
-                replayed += len(facts)
-        return replayed
+        return self._derived.rebuild()
 
     @guarded("reading derived state")
     def derived_state(self, user_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """All derived state (of one user, or everyone), as plain rows for export and checks."""
-        return self._derived_state(user_id)
+        return self._derived.rows(user_id)
 
-    def _derived_state(self, user_id: str | None) -> dict[str, list[dict[str, Any]]]:
-        where, args = "", []
-        if user_id is not None:
-            where, args = "WHERE user_ref = ?", [self._ref(user_id, create=False)]
-        out: dict[str, list[dict[str, Any]]] = {}
-        for table in EVENT_DERIVED:
-            rows = list(self._rows(f"SELECT * FROM {table} {where}", args))
-            for row in rows:
-                row.pop("id", None)
-                if table == "taste":
-                    taste = Taste(row["ref_ts"], row["weight"], np.frombuffer(row.pop("total")))
-                    mean = taste.mean()
-                    row["vector"] = None if mean is None else [float(x) for x in mean]
-            out[table] = sorted(rows, key=_row_order)
-        return out
+    # -- catalog -----------------------------------------------------------------------------
+    def upsert_catalog(self, items: Iterable[CatalogItem | Mapping[str, Any]]) -> int:
+        """Add or replace public catalog items; every vector must have the same dimension."""
+        return self._catalog.upsert(items)
 
+    def catalog(self) -> Mapping[str, tuple[str | None, Vector]]:
+        """The whole local catalog, track id -> (artist, vector), in track id order, from the
+        in-memory cache."""
+        return self._catalog.whole()
+
+    # -- retention and the user's rights -----------------------------------------------------
     def purge_expired(self, *, now: datetime | None = None) -> PurgeReport:
         """Delete what the region's retention rules no longer allow to keep."""
-        moment = now or self._clock()
-        now_ms = to_ms(moment)
-        deleted: dict[str, int] = {}
-        with self._write("purging by retention"):
-            for data_class, tables in DATA_TABLES.items():
-                cutoff = now_ms - self.region.ttl(data_class) // _MS
-                for table, column in tables:
-                    only = f" AND {RETENTION_FILTER[table]}" if table in RETENTION_FILTER else ""
-                    sql = f"DELETE FROM {table} WHERE {column} < ?{only}"
-                    deleted[table] = self._conn.execute(sql, (cutoff,)).rowcount
-            audit_cutoff = moment - self.region.ttl(DataClass.AUDIT_LOG)
-            deleted["decision_log"] = self._decisions.prune(audit_cutoff)
-            pruned = self._decisions.pruned_total()
-            self._conn.execute("DELETE FROM decision_subjects WHERE idx < ?", (pruned,))
-            inputs = {"action": "purge_retention", "now": now_ms}
-            decision = self._engine.purge(deleted=deleted, inputs=inputs, log_pruned_total=pruned)
-            self._log(decision, None)
-            self._decisions.checkpoint()  # routine maintenance is a good time to sign
-        return PurgeReport(deleted)
+        return self._rights.purge_expired(now=now)
 
     def erase_user(self, user_id: str) -> PurgeReport:
         """Erase everything stored about the user: events, derived state, personal model,
@@ -505,128 +267,90 @@ class EventStore(RankingReads, OutboxPart):
         Kept: the user's objections (purposes they withdrew, under their salted hash), so that
         erasing an opted-out user never opts them back in.
         """
-        deleted: dict[str, int] = {}
-        with self._write("erasing the user's data"):
-            ref = self._ref(user_id, create=False)
-            inputs = self._inputs("erase", None)  # a one-off subject: nothing to link
-            for table in (*USER_TABLES, "consent", "users"):
-                sql = f"DELETE FROM {table} WHERE user_ref = ?"
-                deleted[table] = self._conn.execute(sql, (ref,)).rowcount
-            self._log(self._engine.erase(deleted=deleted, inputs=inputs), None)
-        return PurgeReport(deleted)
+        return self._rights.erase_user(user_id)
 
     def export_user(self, user_id: str) -> dict[str, Any]:
         """Everything stored for the user, as JSON-ready data (an access request)."""
-        with self._write("exporting the user's data"):  # the export is a logged decision
-            ref = self._ref(user_id, create=False)
-            profile = next(self._rows("SELECT * FROM users WHERE user_ref = ?", [ref]), None)
-            consent = [
-                {**row, "granted": bool(row["granted"]), "at": from_ms(row["ts"]).isoformat()}
-                for row in self._rows(
-                    "SELECT purpose, granted, ts, policy_hash, region FROM consent "
-                    "WHERE user_ref = ? ORDER BY id",
-                    [ref],
-                )
-            ]
-            events = [
-                {"seq": row["seq"], **json.loads(row["body"])}
-                for row in self._rows(
-                    "SELECT seq, body FROM events WHERE user_ref = ? ORDER BY seq", [ref]
-                )
-            ]
-            derived = self._derived_state(user_id)
-            models = [
-                {"model_id": row["model_id"], "version": row["version"],
-                 "updated_at": from_ms(row["updated_ts"]).isoformat(),
-                 "parameters": len(row["weights"]) // 4}
-                for row in self._rows(
-                    "SELECT model_id, version, updated_ts, weights FROM model_state "
-                    "WHERE user_ref = ?", [ref])
-            ]  # fmt: skip
-            uploads = [
-                _upload(row)
-                for row in self._rows(
-                    "SELECT round_id, region, state, reason, attempts AS retries, "
-                    "length(body) AS bytes, created_ts AS queued_ts, deadline_ts, done_ts "
-                    "FROM outbox WHERE user_ref = ? ORDER BY created_ts", [ref])
-            ]  # fmt: skip
-            inputs = self._inputs("export", ref)
-            decision = self._engine.export(inputs=inputs, count=len(events))
-            self._log(decision, ref)
-            decisions = [
-                {"index": index, **json.loads(entry)}
-                for index, entry in self._conn.execute(
-                    "SELECT l.idx, l.entry FROM decision_log l JOIN decision_subjects s "
-                    "ON s.idx = l.idx WHERE s.user_ref = ? AND l.entry != '' ORDER BY l.idx",
-                    (ref,),
-                )
-            ]
-        return {
-            "format": "sottovoce.access-export/1",
-            "exported_at": self._clock().isoformat(),
-            "user_id": user_id,
-            "user_hash": self.user_hash(user_id),
-            "region": self.region.id,
-            "policy_hash": self.policy.hash,
-            "profile": profile,
-            "consent": consent,
-            "events": events,
-            "derived": derived,
-            "personal_models": models,  # trained on the user's events (weights not listed)
-            # Model updates queued to leave the device, and what became of each (never the
-            # update itself); the decisions below keep the trail after outbox retention.
-            "uploads": uploads,
-            "decisions": decisions,
-        }
+        return self._rights.export_user(user_id)
 
-    def _record_consent(
-        self, user_id: str, purpose: Purpose, *, granted: bool, at: datetime | None
-    ) -> PurgeReport:
-        purpose = Purpose(purpose)
-        deleted: dict[str, int] = {}
-        at_ms = to_ms(at or self._clock())
-        with self._write():
-            user = self._ref(user_id, create=True)
-            self._conn.execute(
-                "INSERT INTO consent (user_ref, purpose, granted, ts, policy_hash, region) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (user, purpose.value, int(granted), at_ms, self.policy.hash, self.region.id),
-            )
-            if granted:
-                self._conn.execute("DELETE FROM objections WHERE user_hash = ? AND purpose = ?",
-                                   (self.user_hash(user_id), purpose.value))  # fmt: skip
-            else:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO objections (user_hash, purpose, ts) VALUES (?, ?, ?)",
-                    (self.user_hash(user_id), purpose.value, at_ms),
-                )
-                deleted = self._purge_purpose(user, purpose)
-            inputs = self._inputs("record_consent", user, purpose=purpose.value)
-            decision = self._engine.record_consent(
-                purpose, granted=granted, inputs=inputs, deleted=deleted
-            )
-            self._log(decision, user)
-        return PurgeReport(deleted)
+    # -- ranking reads -----------------------------------------------------------------------
+    def snapshot(
+        self, user_id: str, tracks: Sequence[str], *, now: datetime | None = None
+    ) -> tuple[Snapshot, list[str | None], npt.NDArray[np.float32]]:
+        """The user's state for ranking ``tracks``, with each track's artist and its
+        feature-ready item vector (see :meth:`._store_ranking.RankingReads.snapshot`)."""
+        return self._ranking.snapshot(user_id, tracks, now=now)
 
+    def ranking_inputs(
+        self, user_id: str, tracks: Sequence[str] | None = None, *, now: datetime | None = None
+    ) -> tuple[Snapshot, RankingInputs]:
+        """What ranking ``tracks`` (default: the whole catalog) needs, as row numbers into
+        cached arrays (see :meth:`._store_ranking.RankingReads.ranking_inputs`)."""
+        return self._ranking.ranking_inputs(user_id, tracks, now=now)
 
-def _event_rows(batch: FactBatch, ids: list[str], bodies: list[str]) -> Iterator[tuple[Any, ...]]:
-    """The stored rows (seq, id, user, type, ts, track, artist, body), made one at a time as
-    SQLite takes them."""
-    return zip(batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist,
-               bodies, strict=True)  # fmt: skip
+    # -- model weights and the privacy ledger ------------------------------------------------
+    def save_model(
+        self, slot: str, *, model_id: str, version: int, weights: npt.NDArray[np.floating[Any]],
+        state: npt.NDArray[np.floating[Any]] | None = None, user_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """Store ranker weights (and optimizer state) in one write: readers see old or new.
 
+        A model trained on a user's history (``user_id`` given) is their data: withdrawal,
+        erasure and retention treat it like the rest of their derived state.
+        """
+        self._models.save(slot, model_id=model_id, version=version, weights=weights,
+                          state=state, user_id=user_id)  # fmt: skip
 
-def _upload(row: dict[str, Any]) -> dict[str, Any]:
-    """An outbox row as an access export shows it: times in ISO 8601; no delta, no key."""
-    queued, deadline, done = row.pop("queued_ts"), row.pop("deadline_ts"), row.pop("done_ts")
-    return {**row, "queued_at": from_ms(queued).isoformat(),
-            "deadline": from_ms(deadline).isoformat(),
-            "finished_at": None if done is None else from_ms(done).isoformat()}  # fmt: skip
+    def load_model(self, slot: str) -> ModelWeights | None:
+        return self._models.load(slot)
 
+    def privacy_history(self, region: str) -> list[Charge]:
+        """The device's privacy ledger for a region: every round it was charged for."""
+        return self._ledger.history(region)
 
-def _has_meta(conn: sqlite3.Connection) -> bool:
-    """Whether the file already holds a store (its ``meta`` table)."""
-    found = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-    ).fetchone()
-    return found is not None
+    def charge(self, charge: Charge) -> None:
+        """Add a round to the device's privacy ledger (once per round)."""
+        self._ledger.charge(charge)
+
+    # -- the outbox (sottovoce.sync.Outbox) --------------------------------------------------
+    def queue_local_round(
+        self,
+        user_id: str,
+        *,
+        sealed: SealedDelta,
+        deadline: datetime,
+        model: ModelWeights,
+        state: npt.NDArray[np.float32],
+        decision: Decision,
+        charge: Charge | None = None,
+    ) -> None:
+        """Queue a local round's upload: the personal model, its sealed delta in the outbox,
+        the decision and (local mode) the round's privacy charge, in one transaction (a crash
+        leaves all of them or none)."""
+        self._outbox.queue(user_id, sealed=sealed, deadline=deadline, model=model, state=state,
+                           decision=decision, charge=charge)  # fmt: skip
+
+    def due(self, *, now: datetime, limit: int = 100) -> list[OutboxItem]:
+        """Pending uploads whose next attempt is due, oldest first."""
+        return self._outbox.due(now=now, limit=limit)
+
+    def attempted(self, key: str, *, now: datetime, retry_at: datetime) -> None:
+        """A failed attempt: try again no earlier than ``retry_at``."""
+        self._outbox.attempted(key, now=now, retry_at=retry_at)
+
+    def acknowledge(self, key: str, *, now: datetime) -> None:
+        """The aggregator took the delta: logged (``delta_acknowledged``) for its user."""
+        self._outbox.acknowledge(key, now=now)
+
+    def drop(self, key: str, *, reason: str, now: datetime) -> None:
+        """The delta will never count (``reason``: the aggregator's refusal, ``round_closed`` or
+        ``deadline_passed``): logged (``delta_dropped``) for its user."""
+        self._outbox.drop(key, reason=reason, now=now)
+
+    def in_outbox(self, key: str) -> bool:
+        """Whether a delta with this idempotency key was queued (in any state)."""
+        return self._outbox.contains(key)
+
+    def outbox_states(self) -> dict[str, int]:
+        """How many deltas are in each state."""
+        return self._outbox.states()

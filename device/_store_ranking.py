@@ -1,10 +1,10 @@
 """What reranking and training read from the store: the user's state, cached between writes.
 
 Ranking reads it through :meth:`RankingReads.ranking_inputs`: the user's history as arrays
-(:class:`._store_core.RankingTables`, built on first use after a write) and, per candidate, a
-catalog row, a history row and an artist code, so feature columns are gathered by index a chunk
-at a time (:class:`RankingInputs`); only finding a candidate's catalog row is a dictionary lookup,
-and ranking the whole catalog needs none.
+(:class:`RankingTables`, built on first use after a write) and, per candidate, a catalog row, a
+history row and an artist code, so feature columns are gathered by index a chunk at a time
+(:class:`RankingInputs`); only finding a candidate's catalog row is a dictionary lookup, and
+ranking the whole catalog needs none.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce.device._derive import (
-    SESSION_GAP_MS,
-    Fact,
-    Taste,
-    is_play,
-)
+from sottovoce.device._derive import SESSION_GAP_MS, Taste, Vector, is_play
 from sottovoce.device._features import (
     ITEM_DIM,
     Candidates,
@@ -34,51 +29,56 @@ from sottovoce.device._features import (
     Snapshot,
     apply_context,
 )
-from sottovoce.device._rows import (
-    _fact,
-    _revive,
-    to_ms,
-)
-from sottovoce.device._store_core import RankingTables, StoreCore, _UserState
-from sottovoce.policy import (
-    Decision,
-)
+from sottovoce.device._rows import to_ms
+from sottovoce.device._store_catalog import Catalog
+from sottovoce.device._store_file import StoreFile
+from sottovoce.device._store_users import Users
+
+__all__ = ["RankingInputs", "RankingReads", "RankingTables"]
 
 
-class RankingReads(StoreCore):
+@dataclass
+class _UserState:
+    """What ranking reads about one user, cached until a write touches it."""
+
+    tracks: dict[str, History]
+    artists: dict[str, History]
+    taste: Vector | None = None
+    session: tuple[int, int] | None = None  # start, end of the latest session
+    session_totals: tuple[int, int] = (0, 0)  # skips, plays in it
+    session_artists: tuple[dict[str, int], dict[str, int]] = ({}, {})  # per artist
+    context: tuple[str, str, str, int] | None = None
+    tables: RankingTables | None = None  # built from the above on first use by ranking
+    # (catalog epoch, the row in tables.tracks of every catalog row), see _history_by_item
+    history_by_item: tuple[int, npt.NDArray[np.int64]] | None = None
+
+
+class RankingTables(NamedTuple):
+    """One user's history as arrays, so that ranking gathers rows instead of looking up
+    candidates one by one. Artist arrays are indexed by artist code
+    (:class:`._store_catalog.CatalogCache`) and end with the entry for "no artist" (or an
+    artist the user never met)."""
+
+    track_rows: dict[str, int]  # track -> row of tracks
+    tracks: HistoryTable
+    artist_rows: npt.NDArray[np.int64]  # artist code -> row of artists, -1 for none
+    artists: HistoryTable
+    session_skips: npt.NDArray[np.float64]  # artist code -> skips in the latest session
+    session_plays: npt.NDArray[np.float64]
+
+    def by_code(self, codes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Artist codes as indices of the artist arrays: codes made after these tables were
+        built (artists the user never met) and -1 point at the last entry."""
+        return np.where(codes < len(self.artist_rows) - 1, codes, -1)
+
+
+class RankingReads:
     """Reads for :mod:`._personalize`; see :meth:`snapshot` for the caching."""
 
-    def personalization(self, user_id: str) -> Decision:
-        """May the user's listening personalize what they see? Logged when the answer changes.
-
-        Reranking asks on every call; logging every call would grow the log with each screen
-        the app shows, so a decision is appended only when it differs from the last one this
-        store made for the user (and the first time).
-        """
-        user = self.user_hash(user_id)
-        cached = self._verdicts.get(user)
-        if cached is not None and cached[0] == self.generation():
-            return cached[1]  # nothing was written since: the answer cannot have changed
-        ref = self._ref(user_id, create=False)
-        decision = self._engine.personalize(
-            self._consent_state(ref, user), inputs=self._inputs("personalize", ref)
-        )
-        key, seen = ("personalize", user), (decision.reason, decision.policy_hash)
-        if self._noted.get(key) != seen:
-            with self._write():
-                self._log(decision, ref)
-            self._noted[key] = seen
-        self._verdicts[user] = (self.generation(), decision)
-        return decision
-
-    def facts(self, user_id: str) -> list[Fact]:
-        """The user's stored events as derivation facts, in arrival order (for training)."""
-        ref = self._ref(user_id, create=False)
-        rows = self._conn.execute(
-            "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body FROM events "
-            "WHERE user_ref = ? ORDER BY seq", (ref,)
-        )  # fmt: skip
-        return [_fact(row, _revive(row[7])) for row in rows]
+    def __init__(self, file: StoreFile, *, users: Users, catalog: Catalog) -> None:
+        self._file, self._users, self._catalog = file, users, catalog
+        self._states: dict[int, _UserState] = {}  # per user ref, see snapshot()
+        self._states_at = -1  # the file's generation they were read at
 
     def snapshot(
         self, user_id: str, tracks: Sequence[str], *, now: datetime | None = None
@@ -93,22 +93,22 @@ class RankingReads(StoreCore):
         """
         snap, _ = self._user_snapshot(user_id, now)
         rows, _ = self._item_rows(tracks)
-        entries = self._items.entries
+        entries = self._catalog.cache.entries
         known = [entries.get(t) for t in tracks]
         return snap, [k[0] if k else None for k in known], self._fitted(rows)
 
     def ranking_inputs(
         self, user_id: str, tracks: Sequence[str] | None = None, *, now: datetime | None = None
     ) -> tuple[Snapshot, RankingInputs]:
-        """What ranking ``tracks`` (default: the whole catalog, in :meth:`catalog` order)
-        needs: the user's state, and per candidate row numbers into cached arrays, from which
+        """What ranking ``tracks`` (default: the whole catalog, in track id order) needs: the
+        user's state, and per candidate row numbers into cached arrays, from which
         :meth:`RankingInputs.chunk` gathers feature columns a slice at a time. Equivalent to
         :meth:`snapshot` (``tests/device/test_rerank.py`` holds the features equal), without
         a dictionary lookup per candidate beyond finding its catalog row and history."""
         snap, state = self._user_snapshot(user_id, now)
-        items = self._items
+        items = self._catalog.cache
         if tracks is None:
-            ids: Sequence[str] = list(self.catalog())
+            ids: Sequence[str] = list(self._catalog.whole())
             rows, all_known = np.arange(len(ids), dtype=np.int64), True
         else:
             ids, (rows, all_known) = tracks, self._item_rows(tracks)
@@ -132,8 +132,8 @@ class RankingReads(StoreCore):
     def _user_snapshot(
         self, user_id: str, now: datetime | None
     ) -> tuple[Snapshot, _UserState | None]:
-        now_ms = to_ms(now or self._clock())
-        ref = self._ref(user_id, create=False)
+        now_ms = to_ms(now or self._file.clock())
+        ref = self._users.ref(user_id, create=False)
         snap = Snapshot(now=now_ms)
         if ref is None:
             return snap, None
@@ -148,10 +148,10 @@ class RankingReads(StoreCore):
     def _item_rows(self, tracks: Sequence[str]) -> tuple[npt.NDArray[np.int64], bool]:
         """Each track's row in the catalog cache (loading what is missing), -1 if unknown,
         and whether every track has one."""
-        found, complete = _lookup(self._items.rows, tracks)
+        found, complete = _lookup(self._catalog.cache.rows, tracks)
         if not complete:
-            self._load_catalog(t for t, r in zip(tracks, found.tolist(), strict=True) if r < 0)
-            found, complete = _lookup(self._items.rows, tracks)
+            self._catalog.load(t for t, r in zip(tracks, found.tolist(), strict=True) if r < 0)
+            found, complete = _lookup(self._catalog.cache.rows, tracks)
         return found, complete
 
     def _track_rows(
@@ -181,9 +181,9 @@ class RankingReads(StoreCore):
         Built once per user state and catalog epoch: the tracks the user met are loaded into
         the catalog cache first, so rows loaded later (padded with -1) are tracks they never
         met."""
-        items = self._items
+        items = self._catalog.cache
         if state.history_by_item is None or state.history_by_item[0] != items.epoch:
-            self._load_catalog(tables.track_rows)
+            self._catalog.load(tables.track_rows)
             known = [(items.rows[t], i) for t, i in tables.track_rows.items() if t in items.rows]
             by_item = np.full(len(items.rows) + 1, -1, dtype=np.int64)  # [-1]: not in catalog
             if known:
@@ -197,7 +197,7 @@ class RankingReads(StoreCore):
         return by_item
 
     def _fitted(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        fitted = self._items.fitted
+        fitted = self._catalog.cache.fitted
         if not len(fitted):
             return np.zeros((len(rows), ITEM_DIM), dtype=np.float32)
         vectors = fitted[np.maximum(rows, 0)]
@@ -206,12 +206,12 @@ class RankingReads(StoreCore):
 
     def _tables(self, state: _UserState) -> RankingTables:
         if state.tables is None:
-            code = self._items.code
+            code = self._catalog.cache.code
             artists = {code(a): h for a, h in state.artists.items()}
             skips, plays = state.session_artists
             for artist in (*skips, *plays):
                 code(artist)
-            size = len(self._items.artist_codes) + 1  # every artist above has a code now
+            size = len(self._catalog.cache.artist_codes) + 1  # every artist above has a code now
             artist_rows = np.full(size, -1, dtype=np.int64)
             artist_rows[list(artists)] = np.arange(len(artists))
             session = []
@@ -229,7 +229,10 @@ class RankingReads(StoreCore):
         return state.tables
 
     def _user_state(self, ref: int) -> _UserState:
-        self.generation()
+        generation = self._file.generation()
+        if generation != self._states_at:  # written since: nothing cached holds
+            self._states.clear()
+            self._states_at = generation
         state = self._states.get(ref)
         if state is None:
             state = self._states[ref] = self._load_user_state(ref)
@@ -238,26 +241,26 @@ class RankingReads(StoreCore):
     def _load_user_state(self, ref: int) -> _UserState:
         state = _UserState(tracks=self._histories("track_stats", "track_id", ref),
                            artists=self._histories("artist_stats", "artist_id", ref))  # fmt: skip
-        row = self._conn.execute(
+        row = self._file.conn.execute(
             "SELECT ref_ts, weight, total FROM taste WHERE user_ref = ?", (ref,)
         ).fetchone()
         if row is not None:
             state.taste = Taste(row[0], row[1], np.frombuffer(row[2])).mean()
-        session = self._conn.execute(
+        session = self._file.conn.execute(
             "SELECT start_ts, end_ts FROM sessions WHERE user_ref = ? ORDER BY end_ts DESC "
             "LIMIT 1", (ref,)
         ).fetchone()  # fmt: skip
         if session is not None:
             state.session = (session[0], session[1])
             self._session_state(state, ref, session[0])
-        state.context = self._conn.execute(
+        state.context = self._file.conn.execute(
             "SELECT device_type, network, local_time, ts FROM context WHERE user_ref = ?", (ref,)
         ).fetchone()
         return state
 
     def _histories(self, table: str, key: str, ref: int) -> dict[str, History]:
         # Plain row tuples, already in History's field order (a NamedTuple per row costs).
-        rows = self._conn.execute(
+        rows = self._file.conn.execute(
             f"SELECT {key}, plays, completions, skips, early_skips, feedback, "
             f"coalesce(last_played_ts, -1) FROM {table} WHERE user_ref = ?",
             (ref,),
@@ -269,7 +272,7 @@ class RankingReads(StoreCore):
         skips: dict[str, int] = {}
         plays: dict[str, int] = {}
         total_skips = total_plays = 0
-        for kind, artist, body in self._conn.execute(
+        for kind, artist, body in self._file.conn.execute(
             "SELECT type, artist_id, body FROM events WHERE user_ref = ? AND ts >= ? "
             "AND type IN ('skip', 'play_end')", (ref, start)
         ):  # fmt: skip

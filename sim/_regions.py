@@ -334,7 +334,7 @@ def _upload(service: Region, spec: RoundSpec, user: str, *, after: threading.Eve
         try:
             if (user, period) not in service.enrolled:
                 enroll(service.client, base_url=service.url, token=TOKEN,
-                       device_public_key=store.signing_key(period).public_key(), period=period,
+                       device_public_key=store.keys.public_key(period), period=period,
                        retry=RETRY)  # fmt: skip
                 service.enrolled.add((user, period))
             if after is not None:

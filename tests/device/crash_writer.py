@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from store_peek import peek
+
 from sottovoce.device import EventStore
 from sottovoce.policy import example_policy
 
@@ -106,7 +108,7 @@ def event(seed: int, index: int) -> dict[str, Any]:
 def stored_streams(store: EventStore) -> dict[int, int]:
     """For each earlier writer's seed, the highest index of its events in the store."""
     highest: dict[int, int] = {}
-    for (ident,) in store.db.execute("SELECT event_id FROM events"):
+    for (ident,) in peek(store, "SELECT event_id FROM events"):
         match = EVENT_ID.fullmatch(ident)
         if match is None:
             raise SystemExit(f"unexpected event id in the store: {ident!r}")

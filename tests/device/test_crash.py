@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 from crash_writer import NOW
+from store_peek import peek
 
 from sottovoce.device import EventStore
 from sottovoce.policy import example_policy
@@ -154,12 +155,11 @@ def check(db: Path, acks: Sequence[Path], *, scratch: Path) -> list[str]:
     except Exception as error:
         return [f"(2) the store does not open: {error!r}"]
     with store:
-        conn = store.db.conn
-        integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        integrity = [row[0] for row in peek(store, "PRAGMA integrity_check")]
         if integrity != ["ok"]:
             problems.append(f"(2) integrity_check: {integrity[:10]}")
         # NOT INDEXED: count the table itself, not the unique index that should prevent this.
-        stored = Counter(row[0] for row in conn.execute("SELECT event_id FROM events NOT INDEXED"))
+        stored = Counter(row[0] for row in peek(store, "SELECT event_id FROM events NOT INDEXED"))
         twice = sorted(ident for ident, n in stored.items() if n > 1)
         if twice:
             problems.append(f"(4) {len(twice)} event ids stored more than once: {twice[:10]}")

@@ -44,10 +44,10 @@ import pytest
 from conftest import fill_listening, policy_publishing, policy_where_all_take_part
 from contribute_child import NOW, READY, REGION, USER, contribute, load_ledger, round_spec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from store_peek import peek
 
 from sottovoce.device import EventStore, Personalizer
 from sottovoce.policy import Policy, load_policy
-from sottovoce.sync import idempotency_key, period_label
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
@@ -95,13 +95,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     with EventStore.open(scratch / db.name, policy=policy, region=REGION,
                          clock=lambda: NOW) as store:  # fmt: skip
         device = Personalizer(store)
-        secret = store.device_secret()
         keys: dict[str, str] = {}
         weights: dict[tuple[str, int], Weights] = {}
         for index in range(ROUNDS):
             spec = round_spec(index, policy, model_id=device.ranker.model_id,
                               model_version=device.version)  # fmt: skip
-            keys[spec.round_id] = idempotency_key(secret, spec=spec, period=period_label(spec))
+            keys[spec.round_id] = store.keys.upload_key(spec)
             for steps in STEPS:
                 trained = device.local_round(USER, eligibility=READY, steps=steps, seed=index)
                 weights[spec.round_id, steps] = trained.delta + device.global_weights
@@ -266,7 +265,7 @@ def check_copy(
     except Exception as error:
         return [f"(1) the store does not open: {error!r}"], 0
     with store:
-        integrity = [row[0] for row in store.db.execute("PRAGMA integrity_check")]
+        integrity = [row[0] for row in peek(store, "PRAGMA integrity_check")]
         problems = [] if integrity == ["ok"] else [f"(1) integrity_check: {integrity[:10]}"]
         queued = queued_rounds(store)
         problems += contribution_problems(template, store, queued, steps)
@@ -284,8 +283,7 @@ def check_copy(
 def queued_rounds(store: EventStore) -> list[tuple[str, str]]:
     """The outbox as (round id, key), in the order the rounds were queued."""
     # NOT INDEXED: read the table itself, not the unique index that should prevent doubles.
-    rows = store.db.execute("SELECT round_id, idempotency_key FROM outbox NOT INDEXED "
-                            "ORDER BY rowid")  # fmt: skip
+    rows = peek(store, "SELECT round_id, idempotency_key FROM outbox NOT INDEXED ORDER BY rowid")
     return [(str(r), str(k)) for r, k in rows]
 
 
@@ -334,7 +332,7 @@ def ledger_problems(store: EventStore, queued: list[tuple[str, str]]) -> list[st
     the next, each charged once, with the round's mechanism."""
     history = store.privacy_history(REGION)
     charged = [c.round_id for c in history]
-    rows = store.db.execute("SELECT count(*) FROM privacy_spend NOT INDEXED").fetchone()[0]
+    ((rows,),) = peek(store, "SELECT count(*) FROM privacy_spend NOT INDEXED")
     problems: list[str] = []
     if rows != len(charged) or len(set(charged)) != len(charged):
         problems.append(f"(6) {rows} ledger rows for the charged rounds {charged}")

@@ -6,18 +6,18 @@ from datetime import timedelta
 
 import pytest
 from conftest import T0, Events, StoreFactory
+from store_peek import peek
 
-from sottovoce.device import EventConflict
-from sottovoce.policy import AgeRestricted, ConsentMissing, Purpose
+from sottovoce.device import EventConflict, EventStore
+from sottovoce.policy import AgeRestricted, ConsentMissing, DecisionEngine, Purpose
 
 CANARIES = ("canary-user-7f3a", "canary-device-91bc", "canary-track-55d0", "canary-artist-0e1f",
             "canary query text", "canary-event-id-c4")  # fmt: skip
 
 
-def _log_bytes(store: object) -> str:
-    db = store.db  # type: ignore[attr-defined]
-    rows = db.execute("SELECT entry FROM decision_log").fetchall()
-    notes = db.execute("SELECT note FROM decision_log_checkpoints").fetchall()
+def _log_bytes(store: EventStore) -> str:
+    rows = peek(store, "SELECT entry FROM decision_log")
+    notes = peek(store, "SELECT note FROM decision_log_checkpoints")
     return "\n".join(r[0] for r in rows + notes)
 
 
@@ -105,7 +105,7 @@ def test_access_request_shows_decisions_about_the_user_and_erasure_unlinks_them(
     assert [d["index"] for d in mine] == [1, 3]
     store.erase_user("ann")
     assert store.export_user("ann")["decisions"] == []
-    links = store.db.execute("SELECT count(*) FROM decision_subjects").fetchone()[0]
+    ((links,),) = peek(store, "SELECT count(*) FROM decision_subjects")
     assert links == 1, "only bob's decision is still linked to a user"
     assert store.decisions.size == 6 and store.decisions.verify().ok
 
@@ -143,20 +143,19 @@ def test_erasure_deletes_the_key_that_tied_decisions_to_the_user(
 ) -> None:
     store = open_store("us")
     store.grant("user-1", Purpose.ANALYTICS)
-    (subject,) = store.db.execute("SELECT subject FROM users").fetchone()
+    ((subject,),) = peek(store, "SELECT subject FROM users")
+    ((key,),) = peek(store, "SELECT value FROM meta WHERE key = 'digest_key'")
+    engine = DecisionEngine(store.policy, "us", digest_key=bytes.fromhex(key))
     logged = store.decisions.decision(store.decisions.size - 1)
     inputs = {"action": "record_consent", "subject": subject, "purpose": "analytics"}
-    assert store._engine.digest(inputs) == logged.inputs_digest  # the link, while it exists
+    assert engine.digest(inputs) == logged.inputs_digest  # the link, while it exists
     store.erase_user("user-1")
-    rows = store.db.execute("SELECT count(*) FROM users WHERE subject = ?", [subject])
-    assert rows.fetchone()[0] == 0
+    assert peek(store, "SELECT count(*) FROM users WHERE subject = ?", [subject]) == [(0,)]
 
 
 def test_a_replay_after_retention_is_not_counted_again(policy: object, tmp_path: object) -> None:
     from datetime import timedelta as td
     from pathlib import Path
-
-    from sottovoce.device import EventStore
 
     now = [T0 + td(days=1)]
     store = EventStore.open(Path(str(tmp_path)) / "r.db", policy=policy, region="eu",  # type: ignore[arg-type]

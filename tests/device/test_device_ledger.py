@@ -40,10 +40,13 @@ def independent_epsilon(z: float, q: float, rounds: int, delta: float, dim: int)
 class Device:
     """An EU device with a listener who consented to training, on a settable clock."""
 
-    def __init__(self, path: Path, policy: Policy, region: str = "eu") -> None:
+    def __init__(
+        self, path: Path, policy: Policy, region: str = "eu", *, secret: bytes | None = None
+    ) -> None:
         self.now: datetime = NOW
         self.policy, self.region = policy, region
-        store = EventStore.open(path, policy=policy, region=region, clock=lambda: self.now)
+        store = EventStore.open(path, policy=policy, region=region, clock=lambda: self.now,
+                                device_secret=secret)  # fmt: skip
         consenting(store, "ann", Purpose.PERSONALIZATION, Purpose.FEDERATED_TRAINING)
         tracks, rows = make_catalog(random.Random(1))
         store.upsert_catalog(rows)
@@ -163,8 +166,8 @@ def test_the_device_cap_bounds_spending_across_periods(tmp_path: Path, dim: int)
 def test_central_mode_charges_a_round_the_coin_left_out(tmp_path: Path) -> None:
     """The amplification by sampling rests on the secret coin: a device that could have been in
     the round is charged for it whether or not the coin picked it."""
-    device = Device(tmp_path / "d.db", example_policy())
-    secret = device.store.device_secret()
+    secret = bytes(range(32))  # the test knows it; the store never hands it out
+    device = Device(tmp_path / "d.db", example_policy(), secret=secret)
     round_id = next(f"c{i}" for i in range(1000)
                     if not sample_into_round(device.spec(f"c{i}"), secret))  # fmt: skip
     assert device.join(device.spec(round_id)) is None  # not picked

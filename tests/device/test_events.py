@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 from conftest import Events, StoreFactory
+from store_peek import peek
 
 from sottovoce.device import DeviceError, EventStore, InvalidEvent, InvalidEventBatch, PlayEnd
 from sottovoce.device._events import EVENT_ADAPTER
@@ -101,7 +102,7 @@ def test_the_stored_body_is_pydantics_canonical_json(
     batch[0]["ts"] = "2026-11-01T10:00:00.123456+02:00"  # an offset and microseconds
     batch[8]["query"] = 'nuit "blanche" \u00e9t\u00e9 \\ \n'  # escapes and non-ASCII
     store.append_many(batch)
-    bodies = [r[0] for r in store.db.execute("SELECT body FROM events ORDER BY seq")]
+    bodies = [r[0] for r in peek(store, "SELECT body FROM events ORDER BY seq")]
     expected = [EVENT_ADAPTER.validate_python(e).model_dump_json(exclude={"user_id"})
                 for e in batch]  # fmt: skip
     assert bodies == expected

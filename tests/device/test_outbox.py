@@ -25,8 +25,9 @@ def aggregator() -> tuple[X25519PrivateKey, Policy]:
     return key, policy_publishing("us", hpke=key)
 
 
-def _open_device(path: Path, policy: Policy) -> Personalizer:
-    store = EventStore.open(path, policy=policy, region="us", clock=lambda: NOW)
+def _open_device(path: Path, policy: Policy, *, secret: bytes | None = None) -> Personalizer:
+    store = EventStore.open(path, policy=policy, region="us", clock=lambda: NOW,
+                            device_secret=secret)  # fmt: skip
     fill_listening(store, "ann", events=600, consent=())  # each test grants what it needs
     return Personalizer(store)
 
@@ -149,14 +150,14 @@ def test_the_sampling_rate_keeps_most_devices_out(
     tmp_path: Path, aggregator: tuple[X25519PrivateKey, Policy]
 ) -> None:
     policy = policy_where_all_take_part(aggregator[1], sampling_rate=0.02, population=2000)
-    device = _open_device(tmp_path / "q.db", policy)
+    secret = bytes(range(32))  # the test knows it; the store never hands it out
+    device = _open_device(tmp_path / "q.db", policy, secret=secret)
     device.store.grant("ann", Purpose.FEDERATED_TRAINING)
     specs = [_spec(device, round_id=f"r{i}") for i in range(40)]
     assert {s.sampling_rate for s in specs} == {0.02} and specs[0].expected_cohort == 40.0
     taken = [device.contribute("ann", spec=spec, eligibility=READY, steps=1) for spec in specs]
     assert sum(k is not None for k in taken) <= 5
     # The device's secret coin decided, and only it: every other round queued nothing ...
-    secret = device.store.device_secret()
     assert [k is not None for k in taken] == [sample_into_round(s, secret) for s in specs]
     assert device.store.outbox_states() == ({"pending": sum(k is not None for k in taken)}
                                             if any(taken) else {})  # fmt: skip

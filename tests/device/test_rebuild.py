@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import sqlite3
 import tempfile
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -112,8 +114,9 @@ def test_rebuild_keeps_nothing_the_events_do_not_support(tmp_path: Path) -> None
     )
     store.append({"type": "like", "event_id": "x", "user_id": "u", "track_id": "t",
                   "ts": T0.isoformat()})  # fmt: skip
-    store.db.execute("DELETE FROM events")
-    store.db.conn.commit()
+    with closing(sqlite3.connect(store.path)) as other:  # another process, say
+        other.execute("DELETE FROM events")
+        other.commit()
     assert store.rebuild_derived() == 0
     assert all(rows == [] for rows in store.derived_state().values())
     store.close()

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import T0, Events, StoreFactory
+from store_peek import own_connection, peek
 
 from sottovoce._demo import listen, make_catalog
-from sottovoce.device import DeviceError, EventStore, _store_core
+from sottovoce.device import DeviceError, EventStore, _store_catalog
 from sottovoce.device._features import assemble, features
 from sottovoce.device._personalize import Personalizer, Ranking, RerankOptions
 
@@ -32,7 +33,7 @@ def listened(open_store: StoreFactory, catalog: tuple[list, list]) -> Personaliz
 
 
 def _now(store: EventStore) -> datetime:
-    last = store.db.execute("SELECT max(ts) FROM events").fetchone()[0]
+    ((last,),) = peek(store, "SELECT max(ts) FROM events")
     return datetime.fromtimestamp(last / 1000, tz=T0.tzinfo) + timedelta(minutes=1)
 
 
@@ -145,13 +146,13 @@ def test_feature_assembly_is_not_a_query_per_candidate(
     tracks = [t.track_id for t in catalog[0]]
     listened.rerank("ann", tracks[:300])  # logs the personalize decision, warms the catalog
     statements: list[str] = []
-    listened.store.db.conn.set_trace_callback(statements.append)
+    own_connection(listened.store).set_trace_callback(statements.append)
     counts = []
     for n in (20, 300):
         statements.clear()
         listened.rerank("ann", tracks[:n])
         counts.append(len(statements))
-    listened.store.db.conn.set_trace_callback(None)
+    own_connection(listened.store).set_trace_callback(None)
     assert counts[0] == counts[1] <= 12, statements
 
 
@@ -164,17 +165,18 @@ def test_unknown_tracks_still_rank(listened: Personalizer) -> None:
 def test_release_swaps_weights_atomically(listened: Personalizer, tmp_path: Path) -> None:
     weights = listened.ranker.get_weights() * 0.5
     model = listened.ranker.model_id
-    listened.apply_release(weights, version=3, model_id=model)
+    listened.install_verified_weights(weights, version=3, model_id=model)
     again = Personalizer(listened.store)
     assert again.version == 3
     again.rerank("ann", ["x"])  # loads the serving weights (no personal model yet)
     assert (again.ranker.get_weights() == weights).all()
     with pytest.raises(DeviceError, match="finite"):
-        listened.apply_release(weights[:-1], version=4, model_id=model)
+        listened.install_verified_weights(weights[:-1], version=4, model_id=model)
     with pytest.raises(DeviceError, match="not newer"):
-        listened.apply_release(weights, version=3, model_id=model)  # a replay or downgrade
+        # a replay or downgrade
+        listened.install_verified_weights(weights, version=3, model_id=model)
     with pytest.raises(DeviceError, match="release is for model"):
-        listened.apply_release(weights, version=5, model_id="0" * 64)
+        listened.install_verified_weights(weights, version=5, model_id="0" * 64)
     assert Personalizer(listened.store).version == 3
 
 
@@ -270,7 +272,7 @@ def test_a_catalog_too_large_to_cache_whole_is_loaded_as_needed(
     catalog: tuple,  # type: ignore[type-arg]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_store_core, "WHOLE_CATALOG", 10)
+    monkeypatch.setattr(_store_catalog, "WHOLE_CATALOG", 10)
     tracks, rows = catalog
     store = open_store("us")
     store.upsert_catalog(rows)

@@ -19,6 +19,7 @@ import pytest
 from conftest import T0, Events, StoreFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from store_peek import peek
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device._features import assemble
@@ -132,7 +133,7 @@ def test_lookup_equals_a_get_per_key() -> None:
 
 
 def _now(personalizer: Personalizer) -> datetime:
-    last = personalizer.store.db.execute("SELECT max(ts) FROM events").fetchone()[0]
+    ((last,),) = peek(personalizer.store, "SELECT max(ts) FROM events")
     return datetime.fromtimestamp(last / 1000, tz=T0.tzinfo) + timedelta(minutes=1)
 
 

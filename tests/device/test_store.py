@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NOW, T0, Events, StoreFactory
+from conftest import NOW, T0, Events, StoreFactory, round_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from store_peek import own_connection, peek
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventConflict, EventStore, StoreError
@@ -22,6 +23,7 @@ from sottovoce.policy import (
     UnknownRegion,
     example_policy,
 )
+from sottovoce.sync import idempotency_key, period_label
 
 
 def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> None:
@@ -224,17 +226,17 @@ def test_erasure_removes_everything_about_the_user(eu_store: EventStore, events:
     eu_store.set_age("user-2", 40)
     eu_store.grant("user-2", Purpose.PERSONALIZATION)
     eu_store.append_many([events("play_end"), events("context"), other("like")])
-    ref = eu_store.db.execute("SELECT user_ref FROM users WHERE user_hash = ?",
-                              [eu_store.user_hash("user-1")]).fetchone()[0]  # fmt: skip
-    tables = [r[0] for r in eu_store.db.execute(
+    ((ref,),) = peek(eu_store, "SELECT user_ref FROM users WHERE user_hash = ?",
+                     [eu_store.user_hash("user-1")])  # fmt: skip
+    tables = [r[0] for r in peek(eu_store,
         "SELECT m.name FROM sqlite_master m JOIN pragma_table_info(m.name) c "
         "WHERE m.type = 'table' AND c.name = 'user_ref'")]  # fmt: skip
     assert {"events", "track_stats", "artist_stats", "sessions", "context", "consent",
             "users", "model_state", "decision_subjects", "taste"} <= set(tables)  # fmt: skip
 
     def rows_about_user_1() -> int:
-        return sum(eu_store.db.execute(f"SELECT count(*) FROM {t} WHERE user_ref = ?",
-                                       [ref]).fetchone()[0] for t in tables)  # fmt: skip
+        return sum(peek(eu_store, f"SELECT count(*) FROM {t} WHERE user_ref = ?",
+                        [ref])[0][0] for t in tables)  # fmt: skip
 
     assert rows_about_user_1() > 5
     report = eu_store.erase_user("user-1")
@@ -265,25 +267,29 @@ def test_export_has_everything_for_one_user(eu_store: EventStore, events: Events
 
 def test_durability_full_is_accepted(open_store: StoreFactory, events: Events) -> None:
     store = open_store(durability="full")
-    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # A setting of the connection: the store's own.
+    assert own_connection(store).execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store.append(events("like")).accepted == 1
 
 
 def test_a_simulation_can_fix_the_device_secret_of_a_new_store_only(tmp_path: Path) -> None:
+    # The secret is never read back: what it keys (upload keys, the round coin) shows it.
     secret = bytes(range(32))
+    spec = round_spec(example_policy(), "us", model_id="ab" * 32)
+    keyed = idempotency_key(secret, spec=spec, period=period_label(spec))
     store = EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
                             device_secret=secret)  # fmt: skip
-    assert store.device_secret() == secret
+    assert store.keys.upload_key(spec) == keyed
     store.close()
     again = EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
                             device_secret=secret)  # fmt: skip
-    assert again.device_secret() == secret
+    assert again.keys.upload_key(spec) == keyed
     again.close()
     with pytest.raises(StoreError, match="cannot be replaced"):
         EventStore.open(tmp_path / "a.db", policy=example_policy(), region="us",
                         device_secret=bytes(32))  # fmt: skip
     other = EventStore.open(tmp_path / "b.db", policy=example_policy(), region="us")
-    assert other.device_secret() != secret and len(other.device_secret()) == 32
+    assert other.keys.upload_key(spec) != keyed  # a random secret of its own
     other.close()
     with pytest.raises(ValueError, match="32 bytes"):
         EventStore.open(tmp_path / "c.db", policy=example_policy(), region="us",
@@ -299,7 +305,7 @@ def test_a_replay_among_new_events_stores_only_the_new_ones(
     batch = [events("play_end"), old, events("skip"), dict(old)]
     result = store.append_many(batch)
     assert (result.accepted, result.duplicate_ids) == (2, (old["event_id"], old["event_id"]))
-    seqs = [r[0] for r in store.db.execute("SELECT seq FROM events ORDER BY seq")]
+    seqs = [r[0] for r in peek(store, "SELECT seq FROM events ORDER BY seq")]
     assert seqs == [1, 2, 3], "the new events follow on, without a gap"
     stats = store.derived_state()["track_stats"][0]
     assert (stats["plays"], stats["skips"]) == (2, 1)

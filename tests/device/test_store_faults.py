@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NOW, Events
+from store_peek import own_connection, peek
 
 from sottovoce.device import EventStore, StoreCorrupt, StoreError, StoreFull
 from sottovoce.policy import Purpose, example_policy
@@ -28,8 +29,9 @@ def test_a_full_disk_is_store_full_and_loses_nothing(tmp_path: Path) -> None:
         store.append_many(_listening(events, 200))
         kept = (store.count(), store.derived_state(), store.decisions.size)
         # The disk is full: SQLite may not grow the file by more than two pages.
-        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
-        store.db.execute(f"PRAGMA max_page_count = {pages + 2}")
+        conn = own_connection(store)  # the limit is the connection's
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
         batch = _listening(events, 3_000)
         with pytest.raises(StoreFull) as caught:
             store.append_many(batch)
@@ -42,7 +44,7 @@ def test_a_full_disk_is_store_full_and_loses_nothing(tmp_path: Path) -> None:
         store.grant("user-1", Purpose.FEDERATED_TRAINING)
         assert store.allows("user-1", Purpose.FEDERATED_TRAINING)
         # Space comes back: the same batch goes in whole, its derived state with it.
-        store.db.execute("PRAGMA max_page_count = 1073741823")
+        conn.execute("PRAGMA max_page_count = 1073741823")
         assert store.append_many(batch).accepted == 3_000
         assert store.rebuild_derived() == 3_200
         assert len(store.export_user("user-1")["events"]) == 3_200
@@ -53,9 +55,8 @@ def test_a_damaged_page_is_store_corrupt_and_the_rest_answers(tmp_path: Path) ->
     events = Events()
     with _open(path) as store:
         store.append_many(_listening(events, 200))
-        page = store.db.execute("PRAGMA page_size").fetchone()[0]
-        sql = "SELECT rootpage FROM sqlite_master WHERE name = 'track_stats'"
-        root = store.db.execute(sql).fetchone()[0]
+        ((page,),) = peek(store, "PRAGMA page_size")
+        ((root,),) = peek(store, "SELECT rootpage FROM sqlite_master WHERE name = 'track_stats'")
         entries = store.decisions.size
     # closed: the write-ahead log is back in the file. Overwrite the per-track statistics'
     # root page, as a bad sector or a torn write would.
@@ -76,5 +77,5 @@ def test_a_damaged_page_is_store_corrupt_and_the_rest_answers(tmp_path: Path) ->
         assert store.decisions.size == entries
         assert store.decisions.verify().problems == []
         assert store.consent_state("user-1").choices == {}
-        rows = store.db.execute("SELECT count(*), max(ts) FROM events").fetchone()
+        (rows,) = peek(store, "SELECT count(*), max(ts) FROM events")
         assert rows[0] == 200 and rows[1] < int((NOW + timedelta(minutes=5)).timestamp() * 1000)

@@ -7,6 +7,8 @@ headers, URLs) carries a user id, device id, track id, artist id or event conten
 from __future__ import annotations
 
 import random
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -96,9 +98,10 @@ def test_deltas_from_a_real_outbox_arrive_once_and_carry_no_identifiers(
                          sleep=clock.sleep).run_once()  # fmt: skip
             if store.outbox_states().get("acknowledged") == 3:
                 break
-            pending = store.db.execute(
-                "SELECT min(next_attempt_ts) FROM outbox WHERE state = 'pending'"
-            ).fetchone()[0]
+            with closing(sqlite3.connect(store.path)) as conn:  # the store hands out none
+                pending = conn.execute(
+                    "SELECT min(next_attempt_ts) FROM outbox WHERE state = 'pending'"
+                ).fetchone()[0]
             if pending is not None:  # wait, as the app's scheduler would, until it is due
                 clock.now = max(clock.now, datetime.fromtimestamp(pending / 1000, tz=UTC))
     finally:
