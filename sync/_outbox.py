@@ -25,6 +25,8 @@ from sottovoce.policy._reasons import REASON_CODES
 
 
 class DeltaState(StrEnum):
+    """Where a sealed delta is in the outbox (the diagram above): it only moves forward."""
+
     PENDING = "pending"
     ACKNOWLEDGED = "acknowledged"
     DROPPED = "dropped"
