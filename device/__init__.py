@@ -6,6 +6,11 @@ context) is kept up to date in the same transaction. A :class:`Personalizer` rer
 with the compact TFLite :class:`Ranker` and trains it on the user's own history. Nothing here
 talks to a network.
 
+The store also keeps the device's secret and its signing key for each budget period. They never
+leave it: ``store.keys`` gives a period's public key (to enrol), the device's coin for a round
+and its upload keys, and seals and signs an upload itself, but returns no private key, and the
+store hands out no connection to its file.
+
 Errors (``code`` in the middle column)::
 
     DeviceError             device_error

@@ -13,20 +13,21 @@ decision log); once ``append`` returns, the events survive a crash of the proces
 a no-op reported as a duplicate.
 
 :class:`EventStore` is a façade: each method hands its call to one component, and the
-components share the store's one file and connection (:class:`._store_file.StoreFile`)::
+components (modules ``device/_store_*.py``) share the store's one file and connection
+(:class:`._store_file.StoreFile`)::
 
-    users      ._store_users.Users          user ids -> salted hashes and row references
-    trail      ._store_decisions.DecisionTrail  the policy engine and the decision log
-    consent    ._store_consent.Consent      consent, age, and the decisions resting on them
-    catalog    ._store_catalog.Catalog      public track metadata and vectors, cached
-    derived    ._store_derived.DerivedState stats, sessions, taste, context
-    events     ._store_events.Events        appending batches of events
-    rights     ._store_rights.Rights        retention, erasure, access export
-    models     ._store_models.Models        ranker weights per slot
-    ledger     ._store_ledger.DeviceLedger  the device's own privacy ledger
-    outbox     ._store_outbox.DeviceOutbox  sealed deltas waiting to be uploaded
-    ranking    ._store_ranking.RankingReads what reranking reads, cached between writes
-    keys       ._store_keys.DeviceKeys      the device secret and signing keys (public: keys)
+    _users    _store_users.Users             user ids as salted hashes and row references
+    _trail    _store_decisions.DecisionTrail the policy engine and the decision log
+    _consent  _store_consent.Consent         consent and age, and the decisions resting on them
+    _catalog  _store_catalog.Catalog         public track metadata and vectors, cached
+    _derived  _store_derived.DerivedState    stats, sessions, taste, context
+    _events   _store_events.Events           appending batches of events
+    _rights   _store_rights.Rights           retention, erasure, access export
+    _models   _store_models.Models           ranker weights per slot
+    _ledger   _store_ledger.DeviceLedger     the device's own privacy ledger
+    _outbox   _store_outbox.DeviceOutbox     sealed deltas waiting to be uploaded
+    _ranking  _store_ranking.RankingReads    what reranking reads, cached between writes
+    keys      _store_keys.DeviceKeys         the device secret and signing keys (public)
 
 The device's secret and private keys stay inside :class:`._store_keys.DeviceKeys`: nothing on
 this class returns them, nor the connection.
