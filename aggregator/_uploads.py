@@ -146,6 +146,8 @@ class UploadsPart(RoundsBase):
                     with write_transaction(self._conn, name="upload"):
                         results.append(self._apply(item, group))
                 except (AggregatorError, SottovoceError, ValueError) as error:
+                    if not self._conn.in_transaction:  # the database ended the whole group
+                        raise
                     results.append(error)
             group.store()
         return results
@@ -338,7 +340,7 @@ class UploadsPart(RoundsBase):
                     " ON CONFLICT (idempotency_key) DO UPDATE SET round_id = excluded.round_id,"
                     " pseudonym = excluded.pseudonym, body_sha256 = excluded.body_sha256,"
                     " status = excluded.status, code = excluded.code, at = excluded.at"
-                    " WHERE status != 200 AND code != 'erased'",
+                    " WHERE contributions.status != 200 AND contributions.code != 'erased'",
                     (
                         idempotency_key,
                         refusal.round_id,

@@ -7,7 +7,7 @@ connection is one as it is; the aggregator's PostgreSQL backend
 (:class:`sottovoce.aggregator._postgres.PostgresConnection`) is another, with
 ``backend = "postgres"``. The SQL is written once, in the dialect both accept (``INSERT ...
 ON CONFLICT``, never ``INSERT OR REPLACE``); the few questions whose SQL differs (does a table
-exist, which columns has it) are answered here for both.
+exist, which columns has it, a JSON field of a text column) are answered here for both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-__all__ = ["Connection", "backend_of", "columns_of", "table_exists"]
+__all__ = ["Connection", "backend_of", "columns_of", "json_text", "table_exists"]
 
 
 class Cursor(Protocol):
@@ -64,3 +64,14 @@ def columns_of(conn: Connection, table: str) -> set[str]:
     if not re.fullmatch(r"[a-z_]+", table):
         raise ValueError(f"not a table name: {table!r}")
     return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def json_text(conn: Connection, column: str, key: str) -> str:
+    """SQL for the text of top-level field ``key`` of the JSON in ``column`` (NULL when the
+    column is empty, e.g. a pruned log entry). ``column`` and ``key`` are identifiers of the
+    caller's own, never input."""
+    if not (re.fullmatch(r"[a-z_]+", column) and re.fullmatch(r"[a-z_]+", key)):
+        raise ValueError(f"not an identifier: {column!r}, {key!r}")
+    if backend_of(conn) == "postgres":
+        return f"(CASE WHEN {column} = '' THEN NULL ELSE {column}::jsonb ->> '{key}' END)"
+    return f"json_extract({column}, '$.{key}')"

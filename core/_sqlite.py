@@ -26,8 +26,11 @@ def write_transaction(conn: Connection, *, name: str = "sottovoce") -> Iterator[
         try:
             yield
         except BaseException:
-            conn.execute(f"ROLLBACK TO {name}")
-            conn.execute(f"RELEASE {name}")
+            # A full disk or an I/O error can make SQLite roll the whole transaction back on
+            # its own: then there is no savepoint left to return to, and the error goes up.
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
             raise
         conn.execute(f"RELEASE {name}")
         return

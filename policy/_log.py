@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sottovoce._database import Connection, table_exists
+from sottovoce._database import Connection, json_text, table_exists
 from sottovoce._sqlite import write_transaction
 from sottovoce.policy._checkpoint import (
     Checkpoint,
@@ -255,7 +255,7 @@ class DecisionLog:
         for key, value in (("region", region), ("action", action), ("outcome", outcome),
                            ("reason", reason)):  # fmt: skip
             if value is not None:
-                where.append(f"json_extract(entry, '$.{key}') = ?")
+                where.append(f"{json_text(self._conn, 'entry', key)} = ?")
                 args.append(value)
         sql = "SELECT idx, entry FROM decision_log"
         if where:

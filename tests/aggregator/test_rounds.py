@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.aggregator import RoundOverBudget
+from sottovoce.aggregator import RoundOverBudget, open_database
 from sottovoce.aggregator._edge import status_of
 from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen, Verdict
 from sottovoce.policy import Decision, Policy
@@ -66,16 +66,22 @@ class Device:
 
 
 class World:
-    """An aggregator on a file, its keys and clock, and enrolled devices."""
+    """An aggregator on a database (a SQLite file, or a ``postgresql://`` URL: the same tests
+    run on both backends), its keys and clock, and enrolled devices."""
 
-    def __init__(self, path: Path, keys: Keys, policy: Policy, *, seed: int = 7,
+    def __init__(self, path: Path | str, keys: Keys, policy: Policy, *, seed: int = 7,
                  accumulate: bool = True) -> None:  # fmt: skip
         self.path, self.keys, self.policy, self.seed = path, keys, policy, seed
         self.accumulate = accumulate
         self.clock = Clock()
         self.base = np.linspace(-1, 1, DIM)
-        self.conn = sqlite3.connect(path)
+        self.conn = self.connect()
         self.agg = self.build()
+
+    def connect(self) -> Any:
+        if isinstance(self.path, str) and self.path.startswith("postgresql://"):
+            return open_database(self.path)
+        return sqlite3.connect(self.path)
 
     def build(self) -> RegionAggregator:
         return self.keys.aggregator(
@@ -90,7 +96,7 @@ class World:
 
     def restart(self) -> None:
         self.conn.close()
-        self.conn = sqlite3.connect(self.path)
+        self.conn = self.connect()
         self.agg = self.build()
 
     def open(self, **kw: Any) -> RoundSpec:
@@ -134,8 +140,8 @@ def keys() -> Keys:
 
 
 @pytest.fixture
-def world(tmp_path: Path, keys: Keys) -> Iterator[World]:
-    w = World(tmp_path / "aggregator.db", keys, keys.policy())
+def world(backend: str, keys: Keys) -> Iterator[World]:
+    w = World(backend, keys, keys.policy())
     yield w
     w.check_log()
     w.conn.close()
@@ -520,8 +526,8 @@ def test_a_central_round_past_its_deadline_takes_nothing_more(world: World) -> N
 
 
 @pytest.fixture
-def local(tmp_path: Path, keys: Keys) -> Iterator[World]:
-    w = World(tmp_path / "local.db", keys, keys.policy(**LOCAL))
+def local(backend: str, keys: Keys) -> Iterator[World]:
+    w = World(backend, keys, keys.policy(**LOCAL))
     yield w
     w.check_log()
     w.conn.close()
