@@ -82,7 +82,8 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
         model: CollaborativeModel | None = None
         for number in range(1, rounds + 1):
             rng = random.Random(f"{config.seed}:collaborative:{region}:{number}")
-            cohort = [n for n in members if rng.random() < config.sampling_rate] or members
+            q = config.collaborative_sampling_rate
+            cohort = [n for n in members if rng.random() < q] or members
             total = sum(collaborative_upload(model, layout, items_of[n], clipping_norm=1.0)
                         for n in cohort)  # fmt: skip
             mean = np.asarray(total, np.float64) / len(cohort)
@@ -139,7 +140,7 @@ def private_collaborative(
         members = {r: sorted(u for u, g in region_of.items() if g == r) for r in config.regions}
         published: dict[str, list[tuple[Path, Path]]] = {r: [] for r in config.regions}
         bar.start(f"collaborative, federated DP ({rounds} rounds)",
-                  round(rounds * config.sampling_rate * len(data.users)))  # fmt: skip
+                  round(rounds * config.collaborative_sampling_rate * len(data.users)))  # fmt: skip
         for number in range(1, rounds + 1):
             record: dict[str, Any] = {"round": number}
             parts = [RegionRound(service, plans[PIPELINE][region], members[region],

@@ -63,7 +63,11 @@ class SimulationConfig:
     rounds: int = 5  # the reranker's rounds
     collaborative_rounds: int = 3  # the collaborative model's: one count round, then factor rounds
     reranker: bool = True  # also train and measure the session reranker (metrics_sampled)
-    sampling_rate: float = 0.5
+    sampling_rate: float = 0.5  # the session reranker's rounds
+    # The collaborative model's own rounds: few, each needing every device it can get (its
+    # released statistics are sums over the round's cohort; at a rate below 1 the noise that the
+    # budget allows falls more slowly than the cohort, so fewer devices mean less signal).
+    collaborative_sampling_rate: float = 1.0
     local_steps: int = 50
     epsilon: float = 8.0  # the run's cap on each region's ε (the policy's budget may be lower)
     central_epochs: int = 3
@@ -92,6 +96,9 @@ class SimulationConfig:
                 self.collaborative_rounds >= 2
             ),
             "sampling_rate must be in (0, 1]": 0 < self.sampling_rate <= 1,
+            "collaborative_sampling_rate must be in (0, 1]": (
+                0 < self.collaborative_sampling_rate <= 1
+            ),
             "local_steps must be at least 1": self.local_steps >= 1,
             "epsilon must be positive": self.epsilon > 0,
             "workers must be at least 1": self.workers >= 1,

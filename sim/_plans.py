@@ -1,9 +1,10 @@
-"""Each region's mechanism for a run: the policy's, with the simulated population, the run's
-sampling rate and the least noise multiplier whose rounds fit the region's budget."""
+"""Each region's mechanism for a run: the policy's, with the simulated population, the
+pipeline's sampling rate and the least noise multiplier whose rounds fit the region's budget."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from sottovoce.policy import PrivacyMode
@@ -12,14 +13,26 @@ from sottovoce.sim._errors import SimulationError
 from sottovoce.sync._budget import epsilon as budget_epsilon
 from sottovoce.sync._budget import mechanism
 
-__all__ = ["region_plans"]
+__all__ = ["Pipeline", "region_plans"]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a pipeline's rounds are: their mode, the model's size, how many, and the share of a
+    region's devices each round samples."""
+
+    mode: PrivacyMode
+    dim: int
+    rounds: int
+    sampling_rate: float
 
 
 def region_plans(config: SimulationConfig, region_of: dict[str, str],
-                  pipelines: dict[str, tuple[PrivacyMode, int, int]]) -> Plans:  # fmt: skip
-    """Per pipeline and region, the policy's mechanism for the simulated population, with the
-    least noise multiplier (not below the policy's) whose ``config.rounds`` rounds fit the
-    budget by both ledgers: the aggregator's (opacus) and the device's (dp-accounting)."""
+                  pipelines: dict[str, Pipeline]) -> Plans:  # fmt: skip
+    """Per pipeline and region, the policy's mechanism for the simulated population at the
+    pipeline's sampling rate, with the least noise multiplier (not below the policy's) whose
+    rounds fit the budget by both ledgers: the aggregator's (opacus) and the device's
+    (dp-accounting)."""
     from sottovoce.aggregator import epsilon_of
 
     plans: Plans = {name: {} for name in pipelines}
@@ -27,18 +40,9 @@ def region_plans(config: SimulationConfig, region_of: dict[str, str],
         privacy = config.policy.region(region_id).privacy
         users = sum(1 for r in region_of.values() if r == region_id)
         budget = min(privacy.epsilon, config.epsilon)
-        q = config.sampling_rate
-        if q * users < privacy.min_cohort:
-            need = privacy.min_cohort / max(users, 1)
-            fix = (f"use --sampling-rate {need:.3g} or more, more users" if need <= 1
-                   else "use more users")  # fmt: skip
-            raise SimulationError(
-                f"region {region_id} has {users} simulated devices: at sampling rate {q:g} a round "
-                f"expects {q * users:.3g} of them, below the policy's minimum cohort of "
-                f"{privacy.min_cohort} (the simulator runs the policy as declared); {fix}, or "
-                "pass a policy with a smaller minimum cohort (--policy)"
-            )
-        for pipeline, (mode, dim, rounds) in pipelines.items():
+        for pipeline, shape in pipelines.items():
+            mode, dim, rounds, q = shape.mode, shape.dim, shape.rounds, shape.sampling_rate
+            _check_cohort(region_id, users, q, privacy.min_cohort)
 
             def server(z: float, *, mode: PrivacyMode = mode, q: float = q, privacy: Any = privacy,
                        dim: int = dim, rounds: int = rounds) -> float:  # fmt: skip
@@ -80,3 +84,16 @@ def region_plans(config: SimulationConfig, region_of: dict[str, str],
                 accountant=str(privacy.accountant),
             )  # fmt: skip
     return plans
+
+
+def _check_cohort(region_id: str, users: int, q: float, min_cohort: int) -> None:
+    if q * users >= min_cohort:
+        return
+    need = min_cohort / max(users, 1)
+    fix = f"use --sampling-rate {need:.3g} or more, more users" if need <= 1 else "use more users"
+    raise SimulationError(
+        f"region {region_id} has {users} simulated devices: at sampling rate {q:g} a round "
+        f"expects {q * users:.3g} of them, below the policy's minimum cohort of {min_cohort} "
+        f"(the simulator runs the policy as declared); {fix}, or pass a policy with a smaller "
+        "minimum cohort (--policy)"
+    )

@@ -96,7 +96,7 @@ from sottovoce.sim._evaluate import (
 )
 from sottovoce.sim._federated import fedavg, federated_dp
 from sottovoce.sim._full_ranking import Interactions, Scorer, evaluate_full
-from sottovoce.sim._plans import region_plans
+from sottovoce.sim._plans import Pipeline, region_plans
 
 __all__ = ["SimulationConfig", "SimulationError", "default_lastfm_path", "simulate"]
 
@@ -138,9 +138,12 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
     ranker = Ranker.load()
     layout = layout_for(data.items, config.seed, private=True)
     regions = region_plans(config, region_of, {
-        "central": (PrivacyMode.CENTRAL, ranker.parameter_count, config.rounds),
-        "local": (PrivacyMode.LOCAL, ranker.parameter_count, config.rounds),
-        PIPELINE: (PrivacyMode.CENTRAL, layout.dim, config.collaborative_rounds),
+        "central": Pipeline(PrivacyMode.CENTRAL, ranker.parameter_count, config.rounds,
+                            config.sampling_rate),
+        "local": Pipeline(PrivacyMode.LOCAL, ranker.parameter_count, config.rounds,
+                          config.sampling_rate),
+        PIPELINE: Pipeline(PrivacyMode.CENTRAL, layout.dim, config.collaborative_rounds,
+                           config.collaborative_sampling_rate),
     })  # fmt: skip
     with clock("references"):
         full = _reference_rows(config, data, matrix, vectors, bar)
@@ -248,7 +251,7 @@ def _reranker_rows(config: SimulationConfig, *, data: Dataset, train: Any, pools
     }
     with clock("reranker_central"):
         central_rows, central_dp = _central_rows(config, setups, evaluation=evaluation,
-                                                 regions=regions, bar=bar)  # fmt: skip
+                                                 regions=regions, pool=pool, bar=bar)  # fmt: skip
         metrics.update(central_rows)
     with clock("reranker_federated"):
         plain = fedavg(config, setups, ranker=ranker, evaluation=evaluation,
@@ -311,8 +314,8 @@ def _random_scores(data: Interactions, seed: int) -> Scorer:
 
 def _config_summary(config: SimulationConfig) -> dict[str, Any]:
     keep = ("users", "rounds", "collaborative_rounds", "reranker", "split", "sampling_rate",
-            "local_steps", "epsilon", "central_epochs", "regions", "workers", "server", "seed",
-            "holdout", "negatives")  # fmt: skip
+            "collaborative_sampling_rate", "local_steps", "epsilon", "central_epochs", "regions",
+            "workers", "server", "seed", "holdout", "negatives")  # fmt: skip
     return {k: getattr(config, k) for k in keep} | {"policy": config.policy.hash}
 
 
@@ -330,41 +333,42 @@ def _setup_devices(
     pool: Executor,
     bar: Progress,
 ) -> dict[str, DeviceSetup]:
-    """Create every device of the reranker's two pipelines and, as a copy of the central
-    pipeline's fresh stores, the collaborative pipeline's; returns the first's setups by user."""
+    """Create every device once, in the first pipeline's world (the reranker's central one, or
+    the collaborative model's alone), and give every other pipeline a copy of those fresh stores
+    (its own world: it opens them with its own policy, a logged change of policy); returns the
+    devices' setups by user."""
     candidates = {p.user: p.candidates for p in pools}
     setups: dict[str, DeviceSetup] = {}
-    names = ("central", "local") if config.reranker else (PIPELINE,)
-    for pipeline in names:
-        mode = PrivacyMode.CENTRAL if pipeline == PIPELINE else PrivacyMode(pipeline)
+    first = "central" if config.reranker else PIPELINE
+    mode = PrivacyMode.CENTRAL if first == PIPELINE else PrivacyMode(first)
+    policy = pipeline_policy(config, regions, mode, pipeline=first)
+    jobs = []
+    for user in data.users:
+        rng = random.Random(f"{config.seed}:catalog:{user}")
+        cached = {i.item for i in train[user]} | set(candidates.get(user, ()))
+        cached |= set(rng.sample(data.items, min(config.catalog_sample, len(data.items))))
+        events = device_events(user, train[user], artists=data.artists,
+                               end=END - timedelta(hours=1), seed=config.seed)  # fmt: skip
+        task = device_task(config, first, user, region_of[user], policy)
+        task.path.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((task, events, candidates.get(user, ()), tuple(sorted(cached))))
+    bar.start(f"devices ({len(jobs)})", len(jobs))
+    examples = config.examples if config.reranker else 0  # the reranker's only
+    futures = [pool.submit(setup_device, t, e, c if config.reranker else (), END,
+                           examples=examples, catalog=k)
+               for t, e, c, k in jobs]  # fmt: skip
+    for future in futures:
+        setup = future.result()
+        setups[setup.user] = setup
+        bar.advance()
+    devices = config.workdir / "devices"
+    others = ("local", PIPELINE) if config.reranker else ()
+    for pipeline in (first, *others):
+        if pipeline != first:  # the same devices, before any round, in their own world
+            shutil.copytree(devices / first, devices / pipeline)
+        mode = PrivacyMode.LOCAL if pipeline == "local" else PrivacyMode.CENTRAL
         policy = pipeline_policy(config, regions, mode, pipeline=pipeline)
         (config.workdir / f"policy-{pipeline}.json").write_text(policy.model_dump_json(indent=2))
-        jobs = []
-        for user in data.users:
-            rng = random.Random(f"{config.seed}:catalog:{user}")
-            cached = {i.item for i in train[user]} | set(candidates.get(user, ()))
-            cached |= set(rng.sample(data.items, min(config.catalog_sample, len(data.items))))
-            events = device_events(user, train[user], artists=data.artists,
-                                   end=END - timedelta(hours=1), seed=config.seed)  # fmt: skip
-            task = device_task(config, pipeline, user, region_of[user], policy)
-            task.path.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((task, events, candidates.get(user, ()), tuple(sorted(cached))))
-        bar.start(f"devices ({pipeline} mode)", len(jobs))
-        examples = config.examples if config.reranker else 0  # the reranker's only
-        futures = [pool.submit(setup_device, t, e, c if config.reranker else (), END,
-                               examples=examples, catalog=k)
-                   for t, e, c, k in jobs]  # fmt: skip
-        for future in futures:
-            setup = future.result()
-            if pipeline == names[0]:
-                setups[setup.user] = setup
-            bar.advance()
-        if pipeline == "central":  # the same devices, before any round, in their own world
-            devices = config.workdir / "devices"
-            shutil.copytree(devices / "central", devices / PIPELINE)
-            policy = pipeline_policy(config, regions, PrivacyMode.CENTRAL, pipeline=PIPELINE)
-            (config.workdir / f"policy-{PIPELINE}.json").write_text(
-                policy.model_dump_json(indent=2))  # fmt: skip
     return setups
 
 
@@ -374,15 +378,18 @@ def _pooled(setups: dict[str, DeviceSetup]) -> tuple[npt.NDArray[Any], ...]:
 
 
 def _central_rows(config: SimulationConfig, setups: dict[str, DeviceSetup], *,
-                  evaluation: Evaluation, regions: Plans,
+                  evaluation: Evaluation, regions: Plans, pool: Executor,
                   bar: Progress) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:  # fmt: skip
+    """The pooled baselines, the plain and the DP one trained at once in two workers (each is
+    one thread of torch: seeded, so the weights do not depend on where they are trained)."""
     x, y, w = _pooled(setups)
     bar.note(f"centralized baselines on {len(y)} pooled examples")
-    central = train_central(x, y, w, epochs=config.central_epochs, seed=config.seed)
     epsilon = max(plan.epsilon for plan in regions["central"].values())
     delta = min(plan.delta for plan in regions["central"].values())
-    private = train_central_dp(x, y, w, epsilon=epsilon, delta=delta,
-                               epochs=config.central_epochs, seed=config.seed)  # fmt: skip
+    plain = pool.submit(train_central, x, y, w, epochs=config.central_epochs, seed=config.seed)
+    dp = pool.submit(train_central_dp, x, y, w, epsilon=epsilon, delta=delta,
+                     epochs=config.central_epochs, seed=config.seed)  # fmt: skip
+    central, private = plain.result(), dp.result()
     info = {"epsilon": private.epsilon, "delta": private.delta,
             "noise_multiplier": private.noise_multiplier, "unit": "example"}  # fmt: skip
     rows = {

@@ -140,6 +140,11 @@ def check_privacy(results: dict[str, Any], *, rounds: int, collaborative: int) -
             assert entry["sensitivity_factor"] == pytest.approx(expected_factor, abs=1e-6)
         expected = collaborative if entry["pipeline"] == "collaborative" else rounds
         assert entry["rounds"] == expected or entry["mode"] == "local", entry
+        # each pipeline runs at its own sampling rate: the collaborative model's, the reranker's
+        rate = ("collaborative_sampling_rate" if entry["pipeline"] == "collaborative"
+                else "sampling_rate")  # fmt: skip
+        if entry["mode"] == "central":
+            assert entry["sampling_rate"] == results["config"][rate], entry
         independent = pld_epsilon(entry)
         assert entry["epsilon"] >= independent - 1e-9, (entry, independent)
         assert entry["epsilon"] <= entry["budget"] + 1e-9, entry
@@ -228,6 +233,12 @@ def test_the_demo_sampling_rate_is_reproducible(tmp_path: Path) -> None:
             for n in range(2)]  # fmt: skip
     for run in runs:
         check_results(run, users=24, rounds=1)
+        # the reranker's rounds sampled half the devices; the collaborative model's, all of them
+        assert {p["sampling_rate"] for p in run["regions"]["central"].values()} == {0.5}
+        assert {p["sampling_rate"] for p in run["regions"]["collaborative"].values()} == {1.0}
+        for record in run["rounds"]["collaborative"]:
+            for region, plan in run["regions"]["collaborative"].items():
+                assert record[region]["sampled"] == plan["users"]
     cohorts = [{(p, region): (r[region]["round_id"], r[region]["sampled"])
                 for p in PIPELINES for r in run["rounds"][p]
                 for region in run["regions"]["central"]}
@@ -367,6 +378,8 @@ def test_a_generic_csv_dataset_runs_end_to_end(tmp_path: Path, with_features: bo
         ({"rounds": 0}, "rounds must be at least 1"),
         ({"sampling_rate": 0.0}, r"sampling_rate must be in \(0, 1\]"),
         ({"sampling_rate": 1.5}, r"sampling_rate must be in \(0, 1\]"),
+        ({"collaborative_sampling_rate": 0.0}, r"collaborative_sampling_rate must be in \(0, 1\]"),
+        ({"collaborative_sampling_rate": 1.2}, r"collaborative_sampling_rate must be in \(0, 1\]"),
     ],
 )
 def test_a_bad_config_is_refused_with_a_reason(change: dict[str, Any], message: str) -> None:
