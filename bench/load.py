@@ -4,12 +4,16 @@ Prints one JSON object on stdout (progress on stderr). The server is what an ope
 in its own process: ``sottovoce aggregator keygen`` makes the region's keys and publishes them
 in the example policy, its EU region sized so that a round's expected cohort is ``--devices``
 (the example's sampling rate and noise multiplier, population ``--devices`` over the sampling
-rate, minimum cohort 2, delta at most 0.1 / population), and ``sottovoce aggregator serve``
-serves ``create_app`` over ``RegionAggregator`` on uvicorn, with its embedded SQLite file (WAL,
-synchronous=FULL), its JSON request log (to a file here) and its round scheduler, which sweeps
-every ``--sweep-seconds``: a central round publishes at the first sweep after its deadline
+rate, minimum cohort 2, delta at most 0.1 / population), and ``sottovoce aggregator serve
+--workers N`` serves ``create_app`` over ``RegionAggregator`` on uvicorn (N worker processes on
+one socket when N > 1), deciding concurrent uploads in groups (one durable transaction each),
+with its JSON request log (to a file here) and its round scheduler, which sweeps every
+``--sweep-seconds``: a central round publishes at the first sweep after its deadline
 (``--round-minutes`` after it opened, on the service's clock: ``SOTTOVOCE_NOW`` if set, else the
-system clock), and the next round opens within ``--sweep-seconds`` of that publication.
+system clock), and the next round opens within ``--sweep-seconds`` of that publication. Its
+database (``--backend``) is an embedded SQLite file (WAL, synchronous=FULL) or a PostgreSQL
+server this bench starts on 127.0.0.1 (``sottovoce._pgserver``: fsync and synchronous_commit
+on) and stops, given to serve as ``--db postgresql://...``.
 
 This process plays ``--devices`` devices per wave (one wave = one round), at most
 ``--concurrency`` at a time, on asyncio, each device with its own ``httpx.AsyncClient`` (its
@@ -32,16 +36,18 @@ the round's length and two sweeps, plus a minute) for the release the server's s
 The round must outlast the sealing and the wave: a late upload is refused (``upload 410
 round_closed``). The wait and the close are outside the wave's wall and CPU time.
 
-CPU seconds during the waves (Linux ``/proc``): ``server_cpu_s`` is the server process's user +
-system time, split into ``server_loop_cpu_s`` (its main thread: uvicorn's event loop, which
-parses HTTP and runs FastAPI, the middlewares and the request log) and
-``server_other_threads_cpu_s`` (mostly the one aggregator thread that decides every request);
-both threads share one GIL. ``client_cpu_s`` is this process's; ``other_cpu_s`` is what the rest
-of the machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp``
-spreads the devices' starts over some seconds instead of starting them all at once.
+CPU seconds during the waves (Linux ``/proc``): ``server_cpu_s`` is the user + system time of
+the server's processes (its workers and, with N > 1, their parent), split into
+``server_loop_cpu_s`` (the workers' main threads: uvicorn's event loops, which parse HTTP and
+run FastAPI, the middlewares and the request log) and ``server_other_threads_cpu_s`` (mostly
+each worker's one aggregator thread, which decides its requests); a worker's threads share one
+GIL. ``database_cpu_s`` is the PostgreSQL server's processes' (``null`` on SQLite, whose work is
+in the server's). ``client_cpu_s`` is this process's; ``other_cpu_s`` is what the rest of the
+machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp`` spreads
+the devices' starts over some seconds instead of starting them all at once.
 
-Usage: ``python bench/load.py [--devices N] [--concurrency C] [--waves W] [--ramp S]
-[--round-minutes M]``.
+Usage: ``python bench/load.py [--backend sqlite|postgres] [--workers N] [--devices N]
+[--concurrency C] [--waves W] [--ramp S] [--round-minutes M]``.
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import sqlite3
 import ssl
 import statistics
@@ -67,9 +72,11 @@ from typing import Any, ClassVar
 
 import httpx
 import numpy as np
+from _common import Service, keygen, progress
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from sottovoce._pgserver import ThrowawayPostgres
 from sottovoce.device import Ranker
 from sottovoce.policy import Policy, example_policy, load_policy
 from sottovoce.sync import (
@@ -92,29 +99,27 @@ PHASES = ("enroll", "spec", "upload")
 # -- the server ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    # The CLI takes a port number; the moment between closing this socket and the server
-    # binding the port is a race no other process here is likely to win.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
-    """``sottovoce aggregator serve`` for one region, in its own process."""
+    """``sottovoce aggregator serve`` for one region, in its own process (with ``--workers``
+    above 1: a parent process and its forked workers)."""
 
-    process: subprocess.Popen[bytes]
+    service: Service
     base: str
     policy: Policy
-    log: Path
     round_seconds: float
     sweep_seconds: float
 
     @classmethod
     def start(
-        cls, workdir: Path, *, cohort: int, round_minutes: float, sweep_seconds: float
+        cls,
+        workdir: Path,
+        *,
+        db: str,
+        workers: int,
+        cohort: int,
+        round_minutes: float,
+        sweep_seconds: float,
     ) -> Server:
         data = example_policy().model_dump(mode="json")
         (region,) = (r for r in data["regions"] if r["id"] == REGION)
@@ -125,35 +130,19 @@ class Server:
         privacy.update({"population": population, "min_cohort": 2,
                         "delta": min(privacy["delta"], 0.1 / population)})  # fmt: skip
         (workdir / "policy.json").write_text(json.dumps(data))
-        cli = [sys.executable, "-m", "sottovoce", "aggregator"]
         keys = workdir / "keys"
-        subprocess.run([*cli, "keygen", "--region", REGION, "--out", str(keys),
-                        "--policy", str(workdir / "policy.json")],
-                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-        port, log = _free_port(), workdir / "server.log"
-        command = [*cli, "serve", "--region", REGION, "--policy", str(keys / "policy.json"),
-                   "--keys", str(keys), "--db", str(workdir / "aggregator.db"),
-                   "--port", str(port), "--round-minutes", str(round_minutes),
-                   "--sweep-seconds", str(sweep_seconds)]  # fmt: skip
-        env = os.environ | {"SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}
-        with log.open("wb") as out:
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        server = cls(process, f"http://127.0.0.1:{port}", load_policy(keys / "policy.json"), log,
-                     round_seconds=60 * round_minutes, sweep_seconds=sweep_seconds)  # fmt: skip
-        server.wait_until_up()
-        return server
+        policy = keygen(keys, region=REGION, policy=workdir / "policy.json")
+        options = ["--round-minutes", str(round_minutes), "--sweep-seconds", str(sweep_seconds),
+                   "--workers", str(workers)]  # fmt: skip
+        service = Service.start(region=REGION, keys=keys, db=db, log=workdir / "server.log",  # type: ignore[arg-type]
+                                options=options, env={"SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN},
+                                timeout=120.0)  # fmt: skip
+        return cls(service, service.base, load_policy(policy), round_seconds=60 * round_minutes,
+                   sweep_seconds=sweep_seconds)  # fmt: skip
 
-    def wait_until_up(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.base}/v1/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the aggregator did not come up; its log:\n{self.tail()}")
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.service.process
 
     def next_round(self, after: str | None, timeout: float = 120.0) -> RoundSpec:
         """The open round's checked spec, once the scheduler has opened one other than
@@ -188,15 +177,10 @@ class Server:
         return True
 
     def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return self.service.tail(lines)
 
     def stop(self) -> None:
-        self.process.terminate()  # SIGTERM: uvicorn shuts down, the aggregator thread ends
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.service.stop(15)  # SIGTERM: uvicorn shuts down, the aggregator thread ends
 
 
 def _task_cpu(stat: Path) -> float | None:
@@ -219,23 +203,51 @@ def _machine_busy() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` forked (serve's workers, PostgreSQL's backends)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tree_cpu(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and the processes it forked that are alive now."""
+    if pid is None:
+        return None
+    own = _task_cpu(Path(f"/proc/{pid}/stat"))
+    if own is None:
+        return None
+    return own + sum(_task_cpu(Path(f"/proc/{c}/stat")) or 0.0 for c in _children(pid))
+
+
+def _loops_cpu(server_pid: int) -> float | None:
+    """CPU seconds of the main threads of the server's worker processes (uvicorn's event
+    loops): the server itself with one worker, its forked workers with more."""
+    workers = _children(server_pid) or [server_pid]
+    times = [_task_cpu(Path(f"/proc/{w}/task/{w}/stat")) for w in workers]
+    return None if None in times else sum(t for t in times if t is not None)
+
+
 @dataclass(frozen=True)
 class CpuSample:
-    """CPU seconds used so far by the server, its event loop, this process and the machine."""
+    """CPU seconds used so far by the server (all its processes), their event loops, the
+    PostgreSQL server (all its processes; ``None`` on SQLite), this process and the machine."""
 
-    NAMES: ClassVar[tuple[str, ...]] = ("server", "server_loop", "client", "machine")
+    NAMES: ClassVar[tuple[str, ...]] = ("server", "server_loop", "database", "client", "machine")
 
     server: float | None
-    server_loop: float | None  # uvicorn's event loop runs on the process's main thread
+    server_loop: float | None  # uvicorn's event loop runs on a worker process's main thread
+    database: float | None
     client: float | None
     machine: float | None
 
     @classmethod
-    def take(cls, server_pid: int) -> CpuSample:
-        proc = Path(f"/proc/{server_pid}")
+    def take(cls, server_pid: int, database_pid: int | None) -> CpuSample:
         return cls(
-            _task_cpu(proc / "stat"),
-            _task_cpu(proc / "task" / str(server_pid) / "stat"),
+            _tree_cpu(server_pid),
+            _loops_cpu(server_pid),
+            _tree_cpu(database_pid),
             time.process_time(),
             _machine_busy(),
         )
@@ -391,14 +403,44 @@ class Totals:
                 self.cpu[name] += end - start
 
 
+class Database:
+    """The region's database: a SQLite file in ``workdir``, or a throwaway PostgreSQL server on
+    127.0.0.1 (``sottovoce._pgserver``: fsync and synchronous_commit on) started and stopped
+    here."""
+
+    def __init__(self, backend: str, workdir: Path) -> None:
+        self.backend = backend
+        self.target = str(workdir / "aggregator.db")
+        self._server: ThrowawayPostgres | None = None
+
+    def __enter__(self) -> Database:
+        if self.backend == "postgres":
+            self._server = ThrowawayPostgres(database="region_eu")
+            self._server.start()
+            self.target = self._server.url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def pid(self) -> int | None:
+        """The PostgreSQL server's postmaster (``None`` on SQLite)."""
+        if self._server is None:
+            return None
+        return int((self._server.data / "postmaster.pid").read_text().split()[0])
+
+
 def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Totals:
     """Start the service and run every wave against it."""
     totals = Totals(dim=Ranker.load().parameter_count)
     rng = np.random.default_rng(args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        server = Server.start(Path(tmp), cohort=args.devices, round_minutes=args.round_minutes,
+    with tempfile.TemporaryDirectory() as tmp, Database(args.backend, Path(tmp)) as db:
+        server = Server.start(Path(tmp), db=db.target, workers=args.workers, cohort=args.devices,
+                              round_minutes=args.round_minutes,
                               sweep_seconds=args.sweep_seconds)  # fmt: skip
-        print(f"aggregator pid {server.process.pid} at {server.base}", file=sys.stderr)
+        progress(f"aggregator pid {server.process.pid} ({args.workers} worker(s), "
+                 f"{args.backend}) at {server.base}")  # fmt: skip
         hpke_key = b64decode(server.policy.region(REGION).key("hpke").key)
         round_id = None
         try:
@@ -409,10 +451,10 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
                                                 dim=totals.dim, rng=rng)  # fmt: skip
                 totals.seal_ms.append(seal_ms)
                 totals.body_bytes = len(devices[0].upload_body)
-                before = CpuSample.take(server.process.pid)
+                before = CpuSample.take(server.process.pid, db.pid())
                 wall = asyncio.run(run_wave(server.base, devices, round_id, stats=stats,
                                             concurrency=concurrency, ramp=args.ramp))  # fmt: skip
-                totals.add_cpu(before, CpuSample.take(server.process.pid))
+                totals.add_cpu(before, CpuSample.take(server.process.pid, db.pid()))
                 totals.walls.append(wall)
                 print(f"wave {wave}: {wall:.2f} s; waiting for round {round_id} to publish at "
                       "its deadline", file=sys.stderr)  # fmt: skip
@@ -449,6 +491,18 @@ def main() -> None:
         default=1.0,
         help="the server's schedule interval (the next wave waits for it)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the region's database (postgres: a throwaway server on loopback)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve's worker processes (more than 1 needs --backend postgres)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     concurrency = args.devices if args.concurrency is None else args.concurrency
@@ -458,6 +512,8 @@ def main() -> None:
         parser.error("--concurrency must be between 1 and --devices")
     if not 1 <= args.waves <= 50:
         parser.error("--waves must be between 1 and 50 (the period's privacy budget)")
+    if args.workers < 1 or (args.workers > 1 and args.backend != "postgres"):
+        parser.error("--workers must be at least 1, and more than 1 needs --backend postgres")
     if args.ramp < 0 or args.sweep_seconds <= 0 or args.round_minutes <= 0:
         parser.error("--ramp must be >= 0, --sweep-seconds and --round-minutes > 0")
 
@@ -468,8 +524,10 @@ def main() -> None:
     errors = sum(stats.errors.values())
     p99 = percentile(uploads, 0.99)
     cpu = totals.cpu
-    other_cpu = cpu["machine"] - cpu["server"] - cpu["client"]
+    other_cpu = cpu["machine"] - cpu["server"] - cpu["database"] - cpu["client"]
     print(json.dumps({
+        "backend": args.backend,
+        "workers": args.workers,
         "devices": args.devices,
         "concurrency": concurrency,
         "waves": args.waves,
@@ -493,6 +551,7 @@ def main() -> None:
         "server_loop_cpu_s": round(cpu["server_loop"], 2),
         "server_other_threads_cpu_s": round(cpu["server"] - cpu["server_loop"], 2),
         "server_cpu_per_device_ms": round(cpu["server"] / max(stats.accepted, 1) * 1e3, 2),
+        "database_cpu_s": round(cpu["database"], 2) if args.backend == "postgres" else None,
         "client_cpu_s": round(cpu["client"], 2),
         "other_cpu_s": round(max(other_cpu, 0.0), 2),
         "load_avg_1m_before": round(load_before, 2),
