@@ -159,15 +159,18 @@ class ThrowawayPostgres:
 
     ``start`` (or ``with``) initialises it the first time and creates ``database``; ``url`` is
     that database's URL. ``stop``, ``restart`` and ``kill`` keep the data and the port; ``close``
-    (the end of ``with``, or this process's exit) stops the server and removes everything.
+    (the end of ``with``, or this process's exit) stops the server and removes everything. Its
+    directory is made in ``parent`` (default: the temporary directory), e.g. a small disk.
     """
 
-    def __init__(self, *, database: str = SUPERUSER, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self, *, database: str = SUPERUSER, bin_dir: Path | None = None, parent: Path | None = None
+    ) -> None:
         self.database = _checked(database)
         self.bin_dir = bin_dir or find_bin_dir()
         self._password = secrets.token_urlsafe(24)
         self._as_server = ["runuser", "-u", SERVER_USER, "--"] if os.geteuid() == 0 else []
-        self.root = Path(tempfile.mkdtemp(prefix="sottovoce-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="sottovoce-pg-", dir=parent))
         self._cleanup = weakref.finalize(self, _remove, self.bin_dir, self.root, self._as_server)
         self.port = 0
         self.running = False

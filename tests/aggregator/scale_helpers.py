@@ -33,10 +33,11 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 from aggregator_helpers import MECHANISM, T0, Clock, central_update, stored_sum
+from fastapi import FastAPI
 from service_helpers import Device, MemoryOutbox
 
 from sottovoce._database import Connection
-from sottovoce.aggregator import PartialSum, RegionAggregator, open_database
+from sottovoce.aggregator import PartialSum, RegionAggregator, create_app, open_database
 from sottovoce.aggregator._service import generate_keys, policy_with_keys
 from sottovoce.device import Ranker
 from sottovoce.policy import DecisionLog, example_policy
@@ -140,6 +141,17 @@ class ServedRegion:
         return expected
 
     # -- the service ---------------------------------------------------------------------------
+
+    def app(self) -> FastAPI:
+        """The service in this process (for :func:`service_helpers.serve`): one worker."""
+        return create_app(
+            lambda: RegionAggregator(
+                self.connect(), policy=self.policy, region="eu", signing_key=self.keys.signing,
+                hpke_key=self.keys.hpke, model_id=self.model_id, dim=self.dim,
+                base_weights=self.base, clock=self.clock,
+            ),
+            enrollment_tokens={TOKEN},
+        )  # fmt: skip
 
     @contextmanager
     def serve(self, *, workers: int, log: Path) -> Iterator[Served]:
