@@ -45,9 +45,12 @@ GIL. ``database_cpu_s`` is the PostgreSQL server's processes' (``null`` on SQLit
 in the server's). ``client_cpu_s`` is this process's; ``other_cpu_s`` is what the rest of the
 machine used meanwhile (far from 0: a shared machine disturbed the numbers). ``--ramp`` spreads
 the devices' starts over some seconds instead of starting them all at once.
+``--enrolled-ahead`` enrolls every device before each wave, outside its time and CPU figures (a
+phone enrolls once per budget period, not once per round): the wave is then fetching the round
+and uploading, and ``enroll_*`` are ``null``.
 
 Usage: ``python bench/load.py [--backend sqlite|postgres] [--workers N] [--devices N]
-[--concurrency C] [--waves W] [--ramp S] [--round-minutes M]``.
+[--concurrency C] [--waves W] [--ramp S] [--round-minutes M] [--enrolled-ahead]``.
 """
 
 from __future__ import annotations
@@ -322,11 +325,15 @@ async def call(stats: Stats, phase: str, request: Any) -> httpx.Response | None:
 
 
 async def run_device(
-    client: httpx.AsyncClient, base: str, device: Device, round_id: str, stats: Stats
+    client: httpx.AsyncClient,
+    base: str,
+    device: Device,
+    round_id: str,
+    stats: Stats,
+    *,
+    enroll: bool = True,
 ) -> None:
-    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    enrolled = client.post(f"{base}/v1/enroll", content=device.enroll_body, headers=auth)
-    if await call(stats, "enroll", enrolled) is None:
+    if enroll and not await enroll_device(client, base, device, stats):
         return
     answer = await call(stats, "spec", client.get(f"{base}/v1/round"))
     if answer is None:
@@ -340,6 +347,27 @@ async def run_device(
         stats.accepted += 1
 
 
+async def enroll_device(client: httpx.AsyncClient, base: str, device: Device, stats: Stats) -> bool:
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    enrolled = client.post(f"{base}/v1/enroll", content=device.enroll_body, headers=auth)
+    return await call(stats, "enroll", enrolled) is not None
+
+
+async def enroll_ahead(base: str, devices: list[Device]) -> None:
+    """Enroll every device before the wave, 16 at a time (not measured): a device enrolls
+    once per budget period, not once per round."""
+    stats, gate = Stats(), asyncio.Semaphore(16)
+    async with httpx.AsyncClient(timeout=60.0) as client:
+
+        async def one(device: Device) -> None:
+            async with gate:
+                await enroll_device(client, base, device, stats)
+
+        await asyncio.gather(*(one(d) for d in devices))
+    if stats.errors:
+        raise SystemExit(f"enrolling ahead failed: {dict(stats.errors)}")
+
+
 async def run_wave(
     base: str,
     devices: list[Device],
@@ -348,6 +376,7 @@ async def run_wave(
     concurrency: int,
     ramp: float,
     stats: Stats,
+    enroll: bool = True,
 ) -> float:
     """All devices of one wave, at most ``concurrency`` at a time; returns the wall seconds.
 
@@ -365,7 +394,7 @@ async def run_wave(
     async def one(i: int, device: Device) -> None:
         await asyncio.sleep(ramp * i / len(devices))
         async with gate:
-            await run_device(clients[i], base, device, round_id, stats)
+            await run_device(clients[i], base, device, round_id, stats, enroll=enroll)
 
     try:
         t = time.perf_counter()
@@ -451,9 +480,12 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
                                                 dim=totals.dim, rng=rng)  # fmt: skip
                 totals.seal_ms.append(seal_ms)
                 totals.body_bytes = len(devices[0].upload_body)
+                if args.enrolled_ahead:
+                    asyncio.run(enroll_ahead(server.base, devices))
                 before = CpuSample.take(server.process.pid, db.pid())
                 wall = asyncio.run(run_wave(server.base, devices, round_id, stats=stats,
-                                            concurrency=concurrency, ramp=args.ramp))  # fmt: skip
+                                            concurrency=concurrency, ramp=args.ramp,
+                                            enroll=not args.enrolled_ahead))  # fmt: skip
                 totals.add_cpu(before, CpuSample.take(server.process.pid, db.pid()))
                 totals.walls.append(wall)
                 print(f"wave {wave}: {wall:.2f} s; waiting for round {round_id} to publish at "
@@ -503,6 +535,9 @@ def main() -> None:
         default=1,
         help="serve's worker processes (more than 1 needs --backend postgres)",
     )
+    parser.add_argument("--enrolled-ahead", action="store_true",
+                        help="enroll the devices before each wave (not measured): the wave is "
+                        "fetching the round and uploading")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     concurrency = args.devices if args.concurrency is None else args.concurrency
@@ -532,6 +567,7 @@ def main() -> None:
         "concurrency": concurrency,
         "waves": args.waves,
         "ramp_s": args.ramp,
+        "enrolled_ahead": args.enrolled_ahead,
         "uploads_accepted": stats.accepted,
         "uploads_per_s": round(stats.accepted / sum(totals.walls), 1),
         "p50_ms": percentile(uploads, 0.5),
