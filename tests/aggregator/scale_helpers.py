@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,9 +96,9 @@ class ServedRegion:
         finally:
             agg.close()
 
-    def open_round(self) -> RoundSpec:
+    def open_round(self, length: timedelta = ROUND) -> RoundSpec:
         with self.operator() as agg:
-            signed = agg.open_round(deadline=self.clock.now + ROUND)
+            signed = agg.open_round(deadline=self.clock.now + length)
         return verify_round_spec(signed, self.keys.signing.public_key())
 
     def close_round(self, spec: RoundSpec, *, closers: int = 2) -> list[list[str]]:
@@ -154,13 +154,14 @@ class ServedRegion:
         )  # fmt: skip
 
     @contextmanager
-    def serve(self, *, workers: int, log: Path) -> Iterator[Served]:
-        """``sottovoce aggregator serve`` on this database with ``workers`` processes."""
+    def serve(self, *, workers: int, log: Path, options: Sequence[str] = ()) -> Iterator[Served]:
+        """``sottovoce aggregator serve`` on this database with ``workers`` processes, and
+        ``options``."""
         port = free_port()
         command = [*CLI, "serve", "--region", "eu", "--policy", str(self.policy_file),
                    "--keys", str(self.root / "keys"), "--db", self.database,
                    "--workers", str(workers), "--port", str(port), "--no-schedule",
-                   "--log-level", "warning"]  # fmt: skip
+                   "--log-level", "warning", *options]  # fmt: skip
         env = {**os.environ, "SOTTOVOCE_NOW": T0.isoformat(),
                "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}  # fmt: skip
         with log.open("wb") as out:

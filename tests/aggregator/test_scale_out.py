@@ -14,7 +14,9 @@ racing on two connections, with a seeded central noise, so the release is predic
 - SIGKILL of a worker while uploads are in flight: the parent starts another, the devices'
   retries (sync.transport's) all succeed, nothing is lost or counted twice;
 - a PostgreSQL restart while uploads are in flight: uploads meet 503 ``unavailable`` or no
-  answer, and succeed when retried; exact count and sum after.
+  answer, or wait for the server, and succeed when retried; exact count and sum after;
+- the workers' own sweeps (twice a second each) race to end a round past its deadline: it is
+  published once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -45,8 +48,9 @@ from scale_helpers import (
 from service_helpers import Device
 
 from sottovoce._pgserver import ThrowawayPostgres
-from sottovoce.sync import RoundSpec, SealedDelta
-from sottovoce.sync.transport import RetryPolicy
+from sottovoce.policy import DecisionLog
+from sottovoce.sync import RoundSpec, SealedDelta, period_label
+from sottovoce.sync.transport import RetryPolicy, enroll
 
 pytest.importorskip("opacus")
 pytest.importorskip("psycopg_pool")
@@ -54,6 +58,8 @@ pytest.importorskip("psycopg_pool")
 WORKERS = 2
 RETRY = RetryPolicy(attempts=4, initial=0.05, maximum=0.5)
 CLIENTS = 12  # devices talking to the service at the same time
+SWEEP_SECONDS = 0.5
+RACE_ROUND = timedelta(seconds=8)  # a round the workers' own sweeps end, while the test waits
 
 
 @dataclass
@@ -72,7 +78,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("scale_out")
     with ThrowawayPostgres() as pg:
         region = ServedRegion(root, pg.new_database("region"))
-        with region.serve(workers=WORKERS, log=root / "serve.log") as service:
+        # Each worker sweeps twice a second: both try to end a round past its deadline.
+        options = ["--sweep-seconds", str(SWEEP_SECONDS)]
+        with region.serve(workers=WORKERS, log=root / "serve.log", options=options) as service:
             yield Cluster(pg, region, service)
 
 
@@ -257,3 +265,59 @@ def test_postgres_restarting_mid_round_costs_retries_not_deltas(cluster: Cluster
         f"PostgreSQL restarted in {start - stop:.2f} s; requests in flight then: "
         f"{dict(during)}; all requests: {dict(tally.outcomes)}"
     )
+
+
+def test_the_workers_own_sweeps_end_a_round_once(cluster: Cluster) -> None:
+    """Both workers sweep twice a second; when the round's deadline passes, both try to end
+    it, and it is published once (its central noise is the service's own, from the OS)."""
+    region, url = cluster.region, cluster.service.url
+    with region.operator() as agg:
+        period = agg.enrollable_periods()[1]
+    devices = [Device.seeded(f"race/{i}") for i in range(10)]
+    # The service's clock, from the time it stamps on a decision (SOTTOVOCE_NOW, then real time).
+    asked = time.monotonic()
+    with httpx.Client(timeout=20) as client:
+        enroll(client, base_url=url, token=TOKEN, device_public_key=devices[0].key.public_key(),
+               period=period, retry=RETRY)  # fmt: skip
+    with region.reading() as conn:
+        stamped = list(DecisionLog(conn).query(action="enroll_device"))[-1][1].at
+    region.clock.now = stamped + timedelta(seconds=time.monotonic() - asked)  # never behind it
+    spec = region.open_round(RACE_ROUND)
+    assert period == period_label(spec)
+    decisions_before = region.decisions()
+    enroll_all(cluster, spec, devices[1:])
+    hpke = region.keys.hpke.public_key()
+    values = [delta(5000 + i, region.dim) for i in range(len(devices))]
+    sealed = [d.seal(spec, v, hpke) for d, v in zip(devices, values, strict=True)]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = list(pool.map(lambda s: post(url, s), sealed))
+    assert answers == [(200, "within_policy")] * len(devices)
+    before = region.state(spec.round_id)
+    assert (before.state, before.count) == ("open", len(devices)), "uploads outlasted the round"
+    total = np.sum(np.array(values, dtype=np.float64), axis=0)
+    assert before.partial is not None
+    np.testing.assert_allclose(before.partial.total, total, rtol=0, atol=1e-9)
+
+    deadline = time.monotonic() + RACE_ROUND.total_seconds() + 30
+    while (after := region.state(spec.round_id)).state == "open":
+        assert time.monotonic() < deadline, "no worker ended the round"
+        time.sleep(0.1)
+    time.sleep(3 * SWEEP_SECONDS)  # every worker swept again after the round ended
+    after = region.state(spec.round_id)
+    version = spec.model_version + 1
+    assert (after.state, after.count, after.partial) == ("published", len(devices), None)
+    assert after.releases.count(version) == 1 and after.ledger == [spec.round_id]
+    new = region.decisions() - decisions_before
+    assert new[("publish_release", "deadline_reached")] == 1
+    report, size, indexes = region.verify_log()
+    assert report.ok, report.problems
+    assert indexes == list(range(size))
+    # The release is the previous weights + (the exact sum + noise of scale z C) / 5: what is
+    # left once the sum is taken out is noise of the policy's scale, centred on zero.
+    previous = region.base
+    if spec.model_version > 0:
+        previous = region.release_weights(spec.model_version).astype(np.float64)
+    noise = (region.release_weights(version) - previous) * spec.expected_cohort - total
+    scale = spec.noise_multiplier * spec.clipping_norm
+    assert 0.95 * scale < float(np.std(noise)) < 1.05 * scale
+    assert abs(float(np.mean(noise))) < 0.05 * scale
