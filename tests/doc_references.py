@@ -7,7 +7,8 @@ A page cites code in backticks, in these forms (the ones ``docs/architecture.md`
   ``*`` is a glob, which must match): it must exist;
 - a path followed by names, ``device/_store.py`` ``EventStore.open``, ``Other``: each name is
   defined in that file (a function, class or assignment at its top level, or ``Class.member``: a
-  method, a class attribute, or an attribute its methods set on ``self``);
+  method, a class attribute, or an attribute its methods set on ``self``, of the class or of a
+  base class in the packages);
 - ``Class.member`` or a ``CamelCase`` name alone: some class of the packages has that member,
   some module of the packages defines that name;
 - an import path, ``sottovoce.policy.REASON_CODES`` or ``sync.transport.api_url``: it imports.
@@ -69,7 +70,7 @@ def broken(text: str) -> list[str]:
                 out.append(f"{token}: does not import")
         elif _MEMBER.match(token):
             cls, member = token.split(".")
-            if member not in _members().get(cls, set()):
+            if member not in _inherited(cls):
                 out.append(f"{token}: no class of the packages has this member")
         elif _CLASS.match(token) and token not in _top_level_names():
             out.append(f"{token}: no module of the packages defines it")
@@ -91,7 +92,7 @@ def defines(path: Path, name: str) -> bool:
             continue
         if not member:
             return True
-        if isinstance(node, ast.ClassDef) and member in _class_members(node):
+        if isinstance(node, ast.ClassDef) and member in _inherited(node.name):
             return True
     return False
 
@@ -133,13 +134,25 @@ def _modules() -> list[Path]:
 
 
 @cache
-def _members() -> dict[str, set[str]]:
-    """Every class of the packages by name, with the members of every class of that name."""
-    out: dict[str, set[str]] = {}
+def _classes() -> dict[str, tuple[set[str], set[str]]]:
+    """Every class of the packages by name: the members and the base classes' names of every
+    class of that name."""
+    out: dict[str, tuple[set[str], set[str]]] = {}
     for path in _modules():
         for node in ast.walk(_parse(path)):
             if isinstance(node, ast.ClassDef):
-                out.setdefault(node.name, set()).update(_class_members(node))
+                members, bases = out.setdefault(node.name, (set(), set()))
+                members.update(_class_members(node))
+                bases.update(b.id for b in node.bases if isinstance(b, ast.Name))
+    return out
+
+
+def _inherited(cls: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The members of the packages' classes named ``cls``, with those of their bases."""
+    members, bases = _classes().get(cls, (set(), set()))
+    out = set(members)
+    for base in bases - seen - {cls}:
+        out |= _inherited(base, seen | {cls})
     return out
 
 
