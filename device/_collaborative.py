@@ -18,6 +18,12 @@ vector in the layout :class:`Layout` fixes for the catalog:
   norm; from the release anyone solves the next table, ``V = B (G + lambda I)^-1``. The first
   factor round starts from a public random table (seeded by the layout).
 
+Every region's aggregator releases its own devices' statistics; a device derives its model from
+the same round's releases of **every** region, pooled (:func:`pool`: each region's mean weighed
+by the inverse of its noise's variance), so that a region learns from the whole population while
+its devices upload to it alone. A region's release is a DP statistic of that region's devices
+only; to a device of another region it is public data (its privacy accounting is unchanged).
+
 Scoring on the device: ``V u`` for table items, and every other item after them by its DP
 count. The ridge terms are set from the data and the published noise, never tuned per dataset:
 the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the larger of
@@ -40,7 +46,7 @@ import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
 
-__all__ = ["CollaborativeModel", "Layout", "collaborative_upload"]
+__all__ = ["CollaborativeModel", "Layout", "Statistic", "collaborative_upload", "pool"]
 
 Array = npt.NDArray[np.float64]
 RIDGE = 0.1  # both ridge terms, relative to the scale of what they regularise
@@ -186,6 +192,36 @@ class CollaborativeModel:
         else:
             out[self.table] = counts[self.table] / spread / 2  # by count alone
         return out
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One region's release of a round: the noised mean of its devices' uploads, the standard
+    deviation of the noise on each of its numbers, and the cohort the mean is over (all
+    public: the release and its round's spec)."""
+
+    mean: Array
+    noise_std: float
+    cohort: float
+
+
+def pool(statistics: Iterable[Statistic]) -> Statistic:
+    """The regions' releases of one round as one: their means weighed by the inverse of their
+    noise's variance (the least noise any weighting of them reaches), or by their cohorts when
+    one of them has no noise (exact sums: the pooled mean over every device)."""
+    parts = list(statistics)
+    if not parts:
+        raise DeviceError("no release to pool")
+    if len(parts) == 1:
+        return parts[0]
+    if min(p.noise_std for p in parts) > 0:
+        weights = np.array([p.noise_std**-2 for p in parts])
+    else:
+        weights = np.array([p.cohort for p in parts], np.float64)
+    weights /= weights.sum()
+    mean = sum(w * np.asarray(p.mean, np.float64) for w, p in zip(weights, parts, strict=True))
+    std = float(np.sqrt(sum((w * p.noise_std) ** 2 for w, p in zip(weights, parts, strict=True))))
+    return Statistic(np.asarray(mean, np.float64), std, sum(p.cohort for p in parts))
 
 
 def collaborative_upload(

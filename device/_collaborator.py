@@ -1,6 +1,10 @@
 """A device's part in its region's collaborative model (:mod:`._collaborative`): install the
 signed releases, join the rounds, score the catalog.
 
+A round's model is derived from its releases in every region (:func:`~._collaborative.pool`):
+the device verifies each against that region's key in its policy. It uploads to its own
+region's aggregator alone.
+
 Joining a round takes the same steps, checks and records as training the ranker: both go
 through :mod:`._join` (the spec against the device's own policy, model and ledger, the charge,
 the coin, consent, then sealing and the outbox in one transaction). What the device uploads
@@ -14,12 +18,18 @@ derived from signed releases).
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
+from sottovoce.device._collaborative import (
+    CollaborativeModel,
+    Layout,
+    Statistic,
+    collaborative_upload,
+    pool,
+)
 from sottovoce.device._errors import DeviceError
 from sottovoce.device._join import Ticket, enter_round, seal_and_record
 from sottovoce.device._store import EventStore, ModelWeights
@@ -30,6 +40,7 @@ from sottovoce.sync._noise import sensitivity_factor
 __all__ = ["Collaborator", "listened_items"]
 
 SLOT = "collaborative"
+Published = tuple[ModelRelease, RoundSpec]  # a region's release and the spec of its round
 MIN_PLAY_MS = 30_000
 
 
@@ -62,20 +73,34 @@ class Collaborator:
         if stored is not None and stored.model_id == layout.model_id:
             self.version, self.model = stored.version, _unpack(layout, stored.weights)
 
-    def install(self, release: ModelRelease, spec: RoundSpec) -> CollaborativeModel:
-        """Verify the release of ``spec``'s round against the region's pinned key and derive
-        the model from it (the spec gives the noise's scale, which sets the table's ridge)."""
-        pinned = base64.b64decode(self.store.region.key("signing").key)
-        weights = verify_release(release, pinned)
-        if release.model_id != self.layout.model_id or spec.model_id != self.layout.model_id:
-            raise DeviceError("the release is not for this device's collaborative layout")
+    def install(
+        self, release: ModelRelease, spec: RoundSpec, *, others: Sequence[Published] = ()
+    ) -> CollaborativeModel:
+        """Verify the release of ``spec``'s round against the region's pinned key, and the same
+        round's releases of other regions (``others``, each against its region's key in the
+        policy), and derive the model from them pooled (the specs give each noise's scale,
+        which weighs the regions and sets the table's ridge)."""
         if release.version != spec.model_version + 1 or release.version <= self.version:
             raise DeviceError(f"release {release.version} is not the release of round "
                               f"{spec.round_id!r} after version {self.version}")  # fmt: skip
-        std = noise_std(spec, self.layout.dim)
-        vector = np.asarray(weights, np.float64)
-        model = (CollaborativeModel.from_counts(self.layout, vector, noise_std=std)
-                 if self.model is None else self.model.refit(vector, noise_std=std))  # fmt: skip
+        if spec.region != self.store.region.id:
+            raise DeviceError(f"the round of {spec.region!r} is not this device's region's")
+        regions = [spec.region, *(s.region for _, s in others)]
+        if len(set(regions)) != len(regions):
+            raise DeviceError("a round's releases name one region twice")
+        statistics = []
+        for r, s in ((release, spec), *others):
+            pinned = base64.b64decode(self.store.policy.region(s.region).key("signing").key)
+            weights = verify_release(r, pinned)
+            if r.model_id != self.layout.model_id or s.model_id != self.layout.model_id:
+                raise DeviceError("the release is not for this device's collaborative layout")
+            if r.version != release.version or s.model_version != spec.model_version:
+                raise DeviceError(f"{s.region}'s release {r.version} is not of this round")
+            std = noise_std(s, self.layout.dim)
+            statistics.append(Statistic(weights.astype(np.float64), std, s.expected_cohort))
+        mean, std = (pooled := pool(statistics)).mean, pooled.noise_std
+        model = (CollaborativeModel.from_counts(self.layout, mean, noise_std=std)
+                 if self.model is None else self.model.refit(mean, noise_std=std))  # fmt: skip
         self.store.save_model(SLOT, model_id=self.layout.model_id, version=release.version,
                               weights=_pack(model))  # fmt: skip
         self.version, self.model = release.version, model

@@ -6,14 +6,15 @@
   real device code (:class:`~sottovoce.device._collaborator.Collaborator`) on its own store,
   in a worker process: it checks the spec against its own policy and ledger, flips the coin,
   computes its upload from its own history, seals it and queues it; the coordinator runs its
-  uploader over HTTP (:mod:`._regions`). Devices install every signed release before their
-  next round.
+  uploader over HTTP (:mod:`._regions`). The regions' rounds run together; before its next
+  round a device installs each round's signed releases of every region, pooled into one model
+  (:func:`~sottovoce.device._collaborative.pool`).
 - ``federated``: the same uploads and the same model, summed exactly (no clipping beyond the
-  uploads' own scaling, no noise) here: what the design reaches without DP.
+  uploads' own scaling, no noise) here, over every region: what the design reaches without DP.
 
 Evaluation scores every catalog item for every evaluated user with the device's own scoring
-(:meth:`CollaborativeModel.scores`) on the model its region released, from the user's training
-items (exactly what the device's store holds: its listened-to items).
+(:meth:`CollaborativeModel.scores`) on the pooled model, from the user's training items (exactly
+what the device's store holds: its listened-to items).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from sottovoce.device._collaborative import (
     RANK,
     CollaborativeModel,
     Layout,
+    Statistic,
     collaborative_upload,
 )
+from sottovoce.device._collaborative import pool as pool_releases
 from sottovoce.device._collaborator import Collaborator, noise_std
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim._config import (
@@ -74,24 +77,29 @@ def layout_for(items: Sequence[str], seed: int, *, private: bool) -> Layout:
 
 def federated_collaborative(config: SimulationConfig, data: Interactions, layout: Layout, *,
                             region_of: Mapping[str, str], rounds: int) -> Scorer:  # fmt: skip
-    """Per region, the rounds' uploads summed exactly over the devices the coin picks."""
+    """Each round's uploads summed exactly over the devices the coin picks in every region, and
+    pooled as the devices pool the regions' releases."""
     items_of = _items_of(data)
-    models: dict[str, CollaborativeModel] = {}
-    for region in config.regions:
-        members = [n for n, u in enumerate(data.users) if region_of[u] == region]
-        model: CollaborativeModel | None = None
-        for number in range(1, rounds + 1):
+    members = {r: [n for n, u in enumerate(data.users) if region_of[u] == r]
+               for r in config.regions}  # fmt: skip
+    model: CollaborativeModel | None = None
+    for number in range(1, rounds + 1):
+        statistics = []
+        for region, people in members.items():
+            if not people:
+                continue
             rng = random.Random(f"{config.seed}:collaborative:{region}:{number}")
             q = config.collaborative_sampling_rate
-            cohort = [n for n in members if rng.random() < q] or members
+            cohort = [n for n in people if rng.random() < q] or people
             total = sum(collaborative_upload(model, layout, items_of[n], clipping_norm=1.0)
                         for n in cohort)  # fmt: skip
             mean = np.asarray(total, np.float64) / len(cohort)
-            model = (CollaborativeModel.from_counts(layout, mean, noise_std=0.0)
-                     if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
-        assert model is not None
-        models[region] = model
-    return scorer(data, models, region_of, items_of)
+            statistics.append(Statistic(mean, 0.0, len(cohort)))
+        mean = pool_releases(statistics).mean
+        model = (CollaborativeModel.from_counts(layout, mean, noise_std=0.0)
+                 if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
+    assert model is not None
+    return scorer(data, dict.fromkeys(config.regions, model), region_of, items_of)
 
 
 def scorer(
@@ -124,7 +132,7 @@ def private_collaborative(
     policy = pipeline_policy(config, plans, mode, pipeline=PIPELINE)
     folder = config.workdir / "releases" / PIPELINE
     folder.mkdir(parents=True, exist_ok=True)
-    model = Model(
+    shape = Model(
         layout.model_id,
         layout.dim,
         np.zeros(layout.dim, np.float32),
@@ -132,52 +140,60 @@ def private_collaborative(
         catalog=layout.catalog,
         rank=layout.rank,
     )
-    models: dict[str, CollaborativeModel] = {}
+    model: CollaborativeModel | None = None
     history: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        services = {r: Region(config, mode, r, policy=policy, model=model, stack=stack,
+        services = {r: Region(config, mode, r, policy=policy, model=shape, stack=stack,
                               pipeline=PIPELINE) for r in config.regions}  # fmt: skip
         members = {r: sorted(u for u, g in region_of.items() if g == r) for r in config.regions}
-        published: dict[str, list[tuple[Path, Path]]] = {r: [] for r in config.regions}
+        published: list[dict[str, tuple[Path, Path]]] = []  # per round: region -> spec, release
+        q = config.collaborative_sampling_rate
         bar.start(f"collaborative, federated DP ({rounds} rounds)",
-                  round(rounds * config.collaborative_sampling_rate * len(data.users)))  # fmt: skip
+                  round(rounds * q * len(data.users)))  # fmt: skip
         for number in range(1, rounds + 1):
             record: dict[str, Any] = {"round": number}
             parts = [RegionRound(service, plans[PIPELINE][region], members[region],
-                                 partial(_join, pool, tuple(published[region]), layout))
+                                 partial(_join, pool, tuple(published), layout))
                      for region, service in services.items()]  # fmt: skip
             outcomes = run_rounds(parts, bar=bar)
+            releases: dict[str, tuple[Path, Path]] = {}
+            statistics = []
             for region, outcome in zip(services, outcomes, strict=True):
                 spec: RoundSpec = outcome.pop("spec")
                 release = outcome.pop("release", None)
                 outcome.pop("weights", None)
-                if release is not None:
-                    paths = (folder / f"{region}-{number}.spec", folder / f"{region}-{number}.json")
-                    paths[0].write_bytes(spec.to_wire())
-                    paths[1].write_bytes(release)
-                    published[region].append(paths)
-                    parsed = ModelRelease.from_wire(release)
-                    vector = parsed.weights_array().astype(np.float64)
-                    std = noise_std(spec, layout.dim)
-                    current = models.get(region)
-                    models[region] = (CollaborativeModel.from_counts(layout, vector, noise_std=std)
-                                      if current is None
-                                      else current.refit(vector, noise_std=std))  # fmt: skip
-                    outcome["table"] = len(models[region].table)
                 record[region] = outcome
+                if release is None:
+                    continue
+                paths = (folder / f"{region}-{number}.spec", folder / f"{region}-{number}.json")
+                paths[0].write_bytes(spec.to_wire())
+                paths[1].write_bytes(release)
+                releases[region] = paths
+                vector = ModelRelease.from_wire(release).weights_array().astype(np.float64)
+                statistics.append(Statistic(vector, noise_std(spec, layout.dim),
+                                            spec.expected_cohort))  # fmt: skip
+            if statistics:
+                pooled = pool_releases(statistics)
+                model = (CollaborativeModel.from_counts(layout, pooled.mean,
+                                                        noise_std=pooled.noise_std)
+                         if model is None
+                         else model.refit(pooled.mean, noise_std=pooled.noise_std))  # fmt: skip
+                for region in releases:
+                    record[region]["table"] = len(model.table)
+            published.append(releases)
             history.append(record)
         audit: dict[str, Any] = {r: audit_log(s) for r, s in services.items()}
         privacy = [dict(privacy_entry(services[r], plans[PIPELINE][r], rounds), pipeline=PIPELINE)
                    for r in config.regions]  # fmt: skip
     audit["devices"] = audit_devices(config, PIPELINE, list(region_of), dict(region_of))
-    missing = [r for r in config.regions if r not in models]
-    if missing:
-        raise RuntimeError(f"no collaborative release in {', '.join(missing)}")
+    if model is None:
+        raise RuntimeError("no collaborative release in any region")
+    models = dict.fromkeys(config.regions, model)
     return scorer(data, models, region_of), {"rounds": history, "audit": audit,
                                              "privacy": privacy}  # fmt: skip
 
 
-def _join(pool: Executor, published: tuple[tuple[Path, Path], ...], layout: Layout,
+def _join(pool: Executor, published: tuple[dict[str, tuple[Path, Path]], ...], layout: Layout,
           task: DeviceTask, spec: RoundSpec) -> Future[Contribution]:  # fmt: skip
     return pool.submit(collaborate, task, spec, published, END, table=layout.table,
                        rank=layout.rank, seed=layout.seed)  # fmt: skip
@@ -186,9 +202,11 @@ def _join(pool: Executor, published: tuple[tuple[Path, Path], ...], layout: Layo
 # -- on the device (worker processes) ---------------------------------------------------------
 
 
-def collaborate(task: DeviceTask, spec: RoundSpec, published: tuple[tuple[Path, Path], ...],
-                now: datetime, *, table: int, rank: int, seed: int) -> Contribution:  # fmt: skip
-    """Install the region's releases the device lacks, then join the round."""
+def collaborate(task: DeviceTask, spec: RoundSpec,
+                published: tuple[dict[str, tuple[Path, Path]], ...], now: datetime, *,
+                table: int, rank: int, seed: int) -> Contribution:  # fmt: skip
+    """Install the rounds the device lacks (each round's releases of every region), then join
+    the round."""
     from sottovoce._errors import SottovoceError
     from sottovoce.sim._devices import _CATALOG, ELIGIBLE
 
@@ -197,10 +215,13 @@ def collaborate(task: DeviceTask, spec: RoundSpec, published: tuple[tuple[Path, 
     try:
         rng = np.random.default_rng([task.seed, int.from_bytes(task.secret()[:4])])
         device = Collaborator(store, layout, noise_rng=rng)
-        for spec_path, release_path in published:
-            release = _read_release(release_path)
-            if release.version > device.version:
-                device.install(release, _read_spec(spec_path))
+        for releases in published:
+            if task.region not in releases:
+                continue  # its region published nothing that round: nothing to install
+            own = _published(*releases[task.region])
+            others = [_published(*paths) for r, paths in releases.items() if r != task.region]
+            if own[0].version > device.version:
+                device.install(*own, others=others)
         try:
             key = device.contribute(task.user, spec=spec, eligible=not ELIGIBLE.missing())
         except SottovoceError as error:
@@ -208,6 +229,10 @@ def collaborate(task: DeviceTask, spec: RoundSpec, published: tuple[tuple[Path, 
         return Contribution(task.user, key, device.version)
     finally:
         store.close()
+
+
+def _published(spec_path: Path, release_path: Path) -> tuple[ModelRelease, RoundSpec]:
+    return _read_release(release_path), _read_spec(spec_path)
 
 
 @cache

@@ -8,13 +8,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NOW, consenting, policy_where_all_take_part, round_spec
+from conftest import NOW, consenting, policy_publishing, policy_where_all_take_part, round_spec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sottovoce.device import DeviceError, EventStore
-from sottovoce.device._collaborative import CollaborativeModel, Layout, collaborative_upload
-from sottovoce.device._collaborator import Collaborator, listened_items
+from sottovoce.device._collaborative import (
+    CollaborativeModel,
+    Layout,
+    Statistic,
+    collaborative_upload,
+    pool,
+)
+from sottovoce.device._collaborator import SLOT, Collaborator, listened_items, noise_std
 from sottovoce.policy import Purpose
-from sottovoce.sync import SpecRefused
+from sottovoce.sync import BadSignature, SpecRefused, sign_release
 
 CATALOG = tuple(f"t{n}" for n in range(60))
 
@@ -84,6 +91,27 @@ def test_a_layout_is_checked() -> None:
     assert Layout(CATALOG).model_id != Layout(CATALOG, rank=8).model_id
 
 
+def test_pooling_exact_means_gives_the_mean_over_everyone() -> None:
+    rng = np.random.default_rng(0)
+    eu, us = rng.random((30, 5)), rng.random((10, 5))
+    pooled = pool([Statistic(eu.mean(0), 0.0, 30), Statistic(us.mean(0), 0.0, 10)])
+    assert np.allclose(pooled.mean, np.vstack([eu, us]).mean(0))
+    assert pooled.noise_std == 0.0 and pooled.cohort == 40
+
+
+def test_pooling_noisy_releases_weighs_each_by_its_noise() -> None:
+    """Inverse-variance weights: the pooled noise is below the quieter region's, and a region
+    with nine times the variance counts a ninth as much."""
+    quiet, loud = Statistic(np.ones(3), 0.1, 50), Statistic(np.zeros(3), 0.3, 50)
+    pooled = pool([quiet, loud])
+    assert np.allclose(pooled.mean, 0.9)
+    assert pooled.noise_std == pytest.approx((0.1**-2 + 0.3**-2) ** -0.5)
+    assert pooled.noise_std < quiet.noise_std
+    assert pool([quiet]) is quiet
+    with pytest.raises(DeviceError, match="no release"):
+        pool([])
+
+
 # -- on a device ---------------------------------------------------------------------------
 
 
@@ -122,3 +150,66 @@ def test_a_device_refuses_a_round_of_another_model(device: Any) -> None:
     spec = round_spec(policy, "us", model_id=Layout(CATALOG, rank=8).model_id)
     with pytest.raises(SpecRefused, match="model"):
         Collaborator(store, layout).contribute("u1", spec=spec)
+
+
+def _signed_counts(layout: Layout) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A policy whose US and EU aggregators have fresh signing keys, and each region's count
+    release of the planted listeners (half of them in each) with the spec of its round."""
+    keys = {"us": Ed25519PrivateKey.generate(), "eu": Ed25519PrivateKey.generate()}
+    policy = policy_where_all_take_part()
+    for region, key in keys.items():
+        policy = policy_publishing(region, signing=key, base=policy)
+    histories = _planted()
+    halves = {"us": histories[::2], "eu": histories[1::2]}
+    releases, specs = {}, {}
+    for region, people in halves.items():
+        mean = np.mean([collaborative_upload(None, layout, h, clipping_norm=1.0) for h in people],
+                       axis=0)  # fmt: skip
+        specs[region] = round_spec(policy, region, model_id=layout.model_id)
+        releases[region] = sign_release(model_id=layout.model_id, version=1, weights=mean,
+                                        created=NOW, signing_key=keys[region],
+                                        kid=policy.region(region).key("signing").kid)  # fmt: skip
+    return policy, releases, specs
+
+
+def test_a_device_pools_every_regions_release_of_a_round(tmp_path: Path) -> None:
+    layout = Layout(CATALOG, table=20, rank=4)
+    policy, releases, specs = _signed_counts(layout)
+    store = EventStore.open(tmp_path / "us.db", policy=policy, region="us", clock=lambda: NOW)
+    try:
+        eu = (releases["eu"], specs["eu"])
+        model = Collaborator(store, layout).install(releases["us"], specs["us"], others=[eu])
+        expected = pool(
+            Statistic(releases[r].weights_array().astype(np.float64),
+                      noise_std(specs[r], layout.dim), specs[r].expected_cohort)
+            for r in ("us", "eu")
+        )  # fmt: skip
+        assert np.allclose(model.counts, expected.mean[: layout.items])
+        again = Collaborator(store, layout)  # read back from the store
+        assert again.version == 1 and again.model is not None
+        assert np.array_equal(again.model.table, model.table)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("wrong", ["signed by another region", "another round", "own region"])
+def test_a_device_refuses_a_release_it_cannot_pool(tmp_path: Path, wrong: str) -> None:
+    """A release must verify against its own region's key, be of the same round, and name a
+    region once; a refusal installs nothing."""
+    layout = Layout(CATALOG, table=20, rank=4)
+    policy, releases, specs = _signed_counts(layout)
+    other = (releases["eu"], specs["eu"])
+    if wrong == "signed by another region":  # the US key cannot sign for the EU
+        other = (releases["us"], specs["eu"])
+    elif wrong == "another round":
+        other = (releases["eu"], specs["eu"].model_copy(update={"model_version": 1}))
+    else:
+        other = (releases["us"], specs["us"])
+    store = EventStore.open(tmp_path / "us.db", policy=policy, region="us", clock=lambda: NOW)
+    try:
+        error = BadSignature if wrong == "signed by another region" else DeviceError
+        with pytest.raises(error):
+            Collaborator(store, layout).install(releases["us"], specs["us"], others=[other])
+        assert store.load_model(SLOT) is None
+    finally:
+        store.close()
