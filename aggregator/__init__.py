@@ -30,6 +30,7 @@ Errors (``code`` in the middle column)::
 error of this package: it is answered and logged with a ``sottovoce.sync`` error's ``code``.
 """
 
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import (
@@ -41,7 +42,7 @@ from sottovoce.aggregator._ledger import (
 from sottovoce.aggregator._partial_sum import AggregationError, PartialSum, central_release
 from sottovoce.aggregator._postgres import DatabaseUnavailable, open_database
 from sottovoce.aggregator._refusals import RefusalLimit
-from sottovoce.aggregator._rounds import RegionAggregator, RoundInfo, RoundStillOpen, Verdict
+from sottovoce.aggregator._round_state import RoundInfo, RoundStillOpen, Verdict
 from sottovoce.aggregator._schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from sottovoce.aggregator._service import (
     RegionKeys,

@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._edge import (
     Gone,
     Metrics,
@@ -47,7 +48,6 @@ from sottovoce.aggregator._edge import (
 from sottovoce.aggregator._openapi import without_validation_422
 from sottovoce.aggregator._postgres import DatabaseUnavailable
 from sottovoce.aggregator._refusals import RefusalLimit
-from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.aggregator._routes import Edge, device_routes, operator_routes, upload_routes
 
 __all__ = ["create_app"]

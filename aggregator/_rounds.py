@@ -54,8 +54,14 @@ from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._ed25519 import is_device_key
 from sottovoce.aggregator._ledger import RoundOverBudget
 from sottovoce.aggregator._partial_sum import PartialSum, central_release
-from sottovoce.aggregator._round_state import RoundInfo, RoundStillOpen, Verdict, _iso
-from sottovoce.aggregator._uploads import UploadsPart
+from sottovoce.aggregator._round_state import (
+    RegionContext,
+    RoundInfo,
+    RoundStillOpen,
+    RoundTables,
+    Verdict,
+    _iso,
+)
 from sottovoce.policy import (
     DataClass,
     PrivacyMode,
@@ -64,22 +70,22 @@ from sottovoce.sync import (
     ModelRelease,
     RoundSpec,
     SignedRoundSpec,
-    sign_release,
-    sign_round_spec,
 )
 from sottovoce.sync._budget import Mechanism, mechanism
 from sottovoce.sync._wire import b64decode, b64encode
 
-__all__ = ["RegionAggregator", "RoundInfo", "RoundStillOpen", "Verdict"]
+__all__ = ["RoundInfo", "RoundStillOpen", "Rounds", "Verdict"]
 
 
-class RegionAggregator(UploadsPart):
-    """Rounds, uploads and releases of one region, stored in ``conn``'s database.
+class Rounds:
+    """Enrollment, and a round's life: opening it under the budget, publishing it, sweeping
+    the rounds whose deadline passed and what retention bounds."""
 
-    ``base_weights`` are the model's weights before any release (version 0); ``rng`` draws the
-    central noise (default: a generator seeded from the OS). The signing and HPKE keys must be
-    the region's keys in ``policy``, since devices check and seal against those.
-    """
+    def __init__(self, ctx: RegionContext, tables: RoundTables) -> None:
+        self._ctx = ctx
+        self._tables = tables
+        self._conn, self._log, self._engine = ctx.conn, ctx.log, ctx.engine
+        self._ledger, self._clock, self._region = ctx.ledger, ctx.clock, ctx.region
 
     # -- enrollment and rounds ---------------------------------------------------------------
 
@@ -180,7 +186,7 @@ class RegionAggregator(UploadsPart):
         with write_transaction(self._conn, name="open_round"):
             # An expired round that no sweep has ended yet must not block the next one.
             self._end_expired(now)
-            if self.current_round() is not None:
+            if self._tables.current_round() is not None:
                 raise RoundStillOpen("a round is already open; wait for it to close or expire")
             start = self._ledger.period_start_for(now)
             # A round belongs to the budget period it opens in and ends with it at the latest
@@ -223,7 +229,7 @@ class RegionAggregator(UploadsPart):
             raise ValueError(f"the noise multiplier {z:g} is below the policy's minimum of "
                              f"{privacy.noise_multiplier:g}")  # fmt: skip
         return mechanism(privacy.mode, noise_multiplier=z,
-                         sampling_rate=privacy.sampling_rate, dim=self._dim)  # fmt: skip
+                         sampling_rate=privacy.sampling_rate, dim=self._ctx.dim)  # fmt: skip
 
     def _new_round(
         self,
@@ -237,11 +243,11 @@ class RegionAggregator(UploadsPart):
         now: datetime,
     ) -> SignedRoundSpec:
         privacy = self._region.privacy
-        latest = self.latest_release()
+        latest = self._tables.latest_release()
         spec = RoundSpec(
             round_id=round_id,
             region=self._region.id,
-            model_id=self._model_id,
+            model_id=self._ctx.model_id,
             model_version=0 if latest is None else latest.version,
             mode=privacy.mode,
             clipping_norm=privacy.clipping_norm,
@@ -255,7 +261,7 @@ class RegionAggregator(UploadsPart):
             delta=privacy.delta,
             period_start=start,
         )
-        signed = sign_round_spec(spec, signing_key=self._signing_key, kid=self._kid)
+        signed = self._ctx.signer.sign_round_spec(spec)
         self._conn.execute(
             "INSERT INTO rounds (round_id, spec, state, count, opened_at)"
             " VALUES (?, ?, 'open', 0, ?)",
@@ -265,7 +271,7 @@ class RegionAggregator(UploadsPart):
 
     # -- closing -----------------------------------------------------------------------------
 
-    def _close(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> ModelRelease | None:
+    def publish(self, spec: RoundSpec, partial: PartialSum, now: datetime) -> ModelRelease | None:
         """Publish the round (inside the caller's write transaction); returns the release, or
         ``None`` when the round was abandoned instead."""
         central = spec.mode is PrivacyMode.CENTRAL
@@ -273,7 +279,7 @@ class RegionAggregator(UploadsPart):
             update = central_release(partial.total, clipping_norm=spec.clipping_norm,
                                      noise_multiplier=spec.noise_multiplier,
                                      expected_cohort=spec.expected_cohort,
-                                     rng=self._rng)  # fmt: skip
+                                     rng=self._ctx.rng)  # fmt: skip
         else:
             update = partial.mean()  # local mode: every device already added all of the noise
         inputs = {"round_id": spec.round_id, "version": spec.model_version + 1}
@@ -285,29 +291,25 @@ class RegionAggregator(UploadsPart):
             )  # fmt: skip
         except RoundOverBudget:
             # The policy changed under an open round: it must not be published.
-            self._end(spec.round_id, "abandoned", now)
+            self._tables.end(spec.round_id, "abandoned", now)
             self._log.append(self._engine.round_abandoned(
                 inputs=inputs, reason="budget_exhausted",
                 epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip
             self._log.checkpoint()
             return None
-        if self._accumulate:
-            latest = self.latest_release()
-            previous = self._base if latest is None else latest.weights_array().astype(np.float64)
+        if self._ctx.accumulate:
+            latest = self._tables.latest_release()
+            base = self._ctx.base
+            previous = base if latest is None else latest.weights_array().astype(np.float64)
             update = previous + update
-        release = sign_release(
-            model_id=self._model_id,
-            version=spec.model_version + 1,
-            weights=update,
-            created=now,
-            signing_key=self._signing_key,
-            kid=self._kid,
+        release = self._ctx.signer.sign_release(
+            model_id=self._ctx.model_id, version=spec.model_version + 1, weights=update, created=now
         )
         self._conn.execute(
             "INSERT INTO releases (version, model_id, body, created) VALUES (?, ?, ?, ?)",
             (release.version, release.model_id, release.to_wire().decode(), _iso(now)),
         )
-        self._end(spec.round_id, "published", now)
+        self._tables.end(spec.round_id, "published", now)
         if central:
             decision = self._engine.publish_release(
                 inputs=inputs, epsilon_spent=epsilon, expected_cohort=spec.expected_cohort
@@ -368,9 +370,9 @@ class RegionAggregator(UploadsPart):
             if now < spec.deadline:
                 continue
             if spec.mode is PrivacyMode.CENTRAL:
-                self._close(spec, self._round_sum(round_id), now)
+                self.publish(spec, self._tables.round_sum(round_id), now)
             else:
-                self._end(round_id, "abandoned", now)
+                self._tables.end(round_id, "abandoned", now)
                 self._log.append(self._engine.round_abandoned(
                     inputs={"round_id": round_id}, reason="cohort_not_met",
                     epsilon_spent=self._ledger.spent(spec.period_start)))  # fmt: skip

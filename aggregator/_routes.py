@@ -14,6 +14,7 @@ from fastapi import FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._edge import (
     JSON,
     PROMETHEUS,
@@ -34,7 +35,6 @@ from sottovoce.aggregator._edge import (
     token_ok,
 )
 from sottovoce.aggregator._openapi import documented_responses
-from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.sync import SealedDelta
 from sottovoce.sync._wire import PROTOCOL_VERSION
 

@@ -40,13 +40,13 @@ from fastapi import FastAPI
 
 from sottovoce._clock import Clock, system_clock
 from sottovoce._errors import SottovoceError
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._app import create_app
 from sottovoce.aggregator._connections import ConnectionLimits, uvicorn_config
 from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._ledger import RoundOverBudget, epsilon_of
 from sottovoce.aggregator._postgres import open_database
 from sottovoce.aggregator._refusals import RefusalLimit
-from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.policy import Policy, format_duration, policy_from_data
 from sottovoce.sync._wire import b64encode
 

@@ -12,9 +12,9 @@ added, the release it completed); the service maps verdicts to HTTP.
 
 Every method that can refuse takes ``record``: ``False`` leaves a refusal out of the log and out
 of the stored answers (the service then counts it into one logged decision per reason, see
-:mod:`._refusals` and :meth:`UploadsPart.log_refusal_counts`); an acceptance is always logged.
+:mod:`._refusals` and :meth:`Uploads.log_refusal_counts`); an acceptance is always logged.
 
-Part of :class:`~sottovoce.aggregator.RegionAggregator` (see :mod:`._round_state`).
+A part of :class:`~sottovoce.aggregator.RegionAggregator` (see :mod:`._aggregator`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import (
     _IDEMPOTENCY_KEY,
-    RoundsBase,
+    RegionContext,
+    RoundTables,
     Verdict,
     _iso,
     _Refusal,
     stored_status,
 )
+from sottovoce.aggregator._rounds import Rounds
 from sottovoce.policy import Action, PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
@@ -47,12 +49,10 @@ from sottovoce.sync import (
     SealedDelta,
     SignedRoundSpec,
     SyncError,
-    open_delta,
     period_label,
 )
-from sottovoce.sync._seal import device_noise_std
 
-__all__ = ["Upload", "UploadsPart"]
+__all__ = ["Upload", "Uploads"]
 
 Upload = tuple[bytes, str, bool]  # (sealed delta as uploaded, idempotency key, record)
 
@@ -90,14 +90,15 @@ class _Group:
     kept in memory while the group's uploads are added, and written once (``store``) before
     the commit. A failed upload leaves it as it was (``update`` comes after its writes)."""
 
-    def __init__(self, part: UploadsPart) -> None:
-        self._part = part
+    def __init__(self, tables: RoundTables, worker: str) -> None:
+        self._tables = tables
+        self._worker = worker
         self._sums: dict[str, PartialSum] = {}
         self._dirty: set[str] = set()
 
     def partial(self, round_id: str) -> PartialSum:
         if round_id not in self._sums:
-            self._sums[round_id] = self._part._partial_of(round_id, self._part._worker)
+            self._sums[round_id] = self._tables.partial_of(round_id, self._worker)
         return self._sums[round_id]
 
     def update(self, round_id: str, partial: PartialSum) -> None:
@@ -110,11 +111,18 @@ class _Group:
 
     def store(self) -> None:
         for round_id in sorted(self._dirty):
-            self._part._store_partial(round_id, self._part._worker, self._sums[round_id])
+            self._tables.store_partial(round_id, self._worker, self._sums[round_id])
 
 
-class UploadsPart(RoundsBase):
+class Uploads:
     """Uploads and erasures of pending deltas."""
+
+    def __init__(self, ctx: RegionContext, tables: RoundTables, rounds: Rounds) -> None:
+        self._ctx = ctx
+        self._tables = tables
+        self._rounds = rounds
+        self._conn, self._log, self._engine = ctx.conn, ctx.log, ctx.engine
+        self._clock, self._region, self._worker = ctx.clock, ctx.region, ctx.worker
 
     def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> Verdict:
         """Decide on one uploaded sealed delta (one write transaction)."""
@@ -139,7 +147,7 @@ class UploadsPart(RoundsBase):
         if all(p.answer is not None for p in pending):  # replays only: nothing to write
             return [p.answer for p in pending if p.answer is not None]
         results: list[Verdict | Exception] = []
-        group = _Group(self)
+        group = _Group(self._tables, self._worker)
         with write_transaction(self._conn, name="accept"):
             for item in pending:
                 try:
@@ -227,9 +235,9 @@ class UploadsPart(RoundsBase):
         release = None
         total = None
         if spec.mode is PrivacyMode.LOCAL:
-            total = self._round_sum(spec.round_id, own=partial)
+            total = self._tables.round_sum(spec.round_id, own=partial)
         if total is not None and total.count >= spec.min_cohort:
-            release = self._close(spec, total, now)
+            release = self._rounds.publish(spec, total, now)
             group.closed(spec.round_id)
         else:
             group.update(spec.round_id, partial)  # only once every write above succeeded
@@ -237,16 +245,7 @@ class UploadsPart(RoundsBase):
 
     def _open(self, sealed: SealedDelta, spec: RoundSpec) -> OpenedDelta:
         """Decrypt and verify ``sealed`` for its round (raises the ``SyncError`` it fails)."""
-        return open_delta(
-            sealed,
-            region=self._region.id,
-            round_id=spec.round_id,
-            model_version=spec.model_version,
-            hpke_private_key=self._hpke_key,
-            clipping_norm=spec.clipping_norm,
-            noise_std=device_noise_std(spec),
-            dim=self._dim,
-        )
+        return self._ctx.signer.open_delta(sealed, spec, dim=self._ctx.dim)
 
     def _prior(self, idempotency_key: str, digest: str) -> Verdict | None:
         """The stored answer to this key and body, a refusal for other content under a key
@@ -287,7 +286,7 @@ class UploadsPart(RoundsBase):
         ).fetchone()
         if enrolled is None:
             raise _Refusal("not_enrolled", **refuse)
-        info = self.round(sealed.round_id)
+        info = self._tables.round(sealed.round_id)
         if info is None or info.state != "open" or self._clock() >= info.spec.deadline:
             raise _Refusal("round_closed", **refuse)
         if sealed.period != period_label(info.spec):
@@ -389,8 +388,8 @@ class UploadsPart(RoundsBase):
             # It opened when it was accepted; the same key and spec open it again. It is taken
             # out of the running sum it went into (another worker's, maybe).
             opened = self._open(sealed, SignedRoundSpec.from_wire(spec_json).spec)
-            partial = self._partial_of(round_id, worker).remove(opened.delta)
-            self._store_partial(round_id, worker, partial)
+            partial = self._tables.partial_of(round_id, worker).remove(opened.delta)
+            self._tables.store_partial(round_id, worker, partial)
             self._conn.execute(
                 "UPDATE rounds SET count = count - 1 WHERE round_id = ?", (round_id,)
             )

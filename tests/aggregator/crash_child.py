@@ -55,8 +55,8 @@ from aggregator_helpers import T0, Keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._edge import status_of
-from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.device import EventStore
 from sottovoce.policy import Policy, load_policy
 from sottovoce.sync.transport import RetryPolicy, Uploader

@@ -40,7 +40,8 @@ from sottovoce.aggregator import (
     ServiceConfig,
     create_app,
 )
-from sottovoce.policy import Decision, DecisionLog, VerifyReport
+from sottovoce.aggregator._signer import RegionSigner
+from sottovoce.policy import Decision, DecisionEngine, DecisionLog, VerifyReport
 from sottovoce.sync import (
     DeltaState,
     ModelRelease,
@@ -113,8 +114,12 @@ class Region:
                 sampling_rate=Q,
                 deadline=self.clock.now + timedelta(hours=6),
             )
-        # The operator's decision engine: what links a logged decision to its inputs.
-        self._engine = operator._engine
+        # A decision engine under the region's digest key (what the operator's uses): what
+        # links a logged decision to its inputs.
+        signer = RegionSigner(self.policy.region("eu"), signing_key=self.keys.signing,
+                              hpke_key=self.keys.hpke)  # fmt: skip
+        self._engine = DecisionEngine(self.policy, "eu", digest_key=signer.digest_key(),
+                                      clock=self.clock)  # fmt: skip
         self.spec: RoundSpec = verify_round_spec(signed, self.keys.signing.public_key())
 
     def aggregator(self, conn: sqlite3.Connection) -> RegionAggregator:

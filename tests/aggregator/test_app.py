@@ -42,8 +42,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("opacus")
 
+from sottovoce.aggregator._aggregator import RegionAggregator  # noqa: E402
 from sottovoce.aggregator._app import create_app  # noqa: E402
-from sottovoce.aggregator._rounds import RegionAggregator  # noqa: E402
 
 MODEL_ID = "cd" * 32
 TOKEN = "app-enrollment-token"

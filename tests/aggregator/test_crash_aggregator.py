@@ -64,8 +64,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sottovoce._sqlite import write_transaction
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._partial_sum import PartialSum
-from sottovoce.aggregator._rounds import RegionAggregator
 from sottovoce.device import EventStore, ModelWeights
 from sottovoce.policy import DecisionLog, Purpose
 from sottovoce.sync import (

@@ -18,9 +18,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sottovoce.aggregator import RoundOverBudget, open_database
+from sottovoce.aggregator import (
+    RegionAggregator,
+    RoundOverBudget,
+    RoundStillOpen,
+    Verdict,
+    open_database,
+)
 from sottovoce.aggregator._edge import status_of
-from sottovoce.aggregator._rounds import RegionAggregator, RoundStillOpen, Verdict
 from sottovoce.policy import Decision, Policy
 from sottovoce.sync import (
     RoundSpec,

@@ -42,7 +42,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("opacus")
 
 from sottovoce._clock import NOW_ENV
-from sottovoce.aggregator._rounds import RegionAggregator
+from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._service import (
     DEV_PRIVACY,
     RegionKeys,
