@@ -40,7 +40,8 @@ from sottovoce.aggregator._round_state import (
 from sottovoce.aggregator._rounds import Rounds
 from sottovoce.aggregator._schema import migrate
 from sottovoce.aggregator._signer import RegionSigner
-from sottovoce.aggregator._uploads import Upload, Uploads
+from sottovoce.aggregator._upload_group import Upload
+from sottovoce.aggregator._uploads import Uploads
 from sottovoce.policy import DecisionEngine, DecisionLog, Policy
 from sottovoce.sync import ModelRelease, SignedRoundSpec
 from sottovoce.sync._budget import Mechanism

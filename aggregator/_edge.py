@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._refusals import RefusalBudget, RefusalLimit, RefusalTally
 from sottovoce.aggregator._round_state import Verdict
-from sottovoce.aggregator._uploads import Upload
+from sottovoce.aggregator._upload_group import Upload
 from sottovoce.policy._reasons import REASON_CODES
 from sottovoce.sync import SealedDelta, SyncError
 

@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._errors import AggregatorError
-from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import (
     _IDEMPOTENCY_KEY,
     RegionContext,
@@ -42,6 +37,7 @@ from sottovoce.aggregator._round_state import (
     stored_status,
 )
 from sottovoce.aggregator._rounds import Rounds
+from sottovoce.aggregator._upload_group import Group, Pending, Upload
 from sottovoce.policy import Action, PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
@@ -53,65 +49,6 @@ from sottovoce.sync import (
 )
 
 __all__ = ["Upload", "Uploads"]
-
-Upload = tuple[bytes, str, bool]  # (sealed delta as uploaded, idempotency key, record)
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """An upload once everything that needs no write is done (see ``accept_many``)."""
-
-    key: str
-    digest: str
-    record: bool
-    answer: Verdict | None = None  # the whole answer: nothing to write
-    refusal: _Refusal | None = None  # a refusal to store and log
-    key_taken: bool = False  # other content under an accepted key: log the refusal
-    sealed: SealedDelta | None = None
-    spec: RoundSpec | None = None
-    delta: npt.NDArray[np.floating[Any]] | None = None
-
-    def answered(self, verdict: Verdict) -> _Pending:
-        return replace(self, answer=verdict)
-
-    def refused(
-        self, code: str, *, refusal: _Refusal | None = None, key_taken: bool = False
-    ) -> _Pending:
-        if not self.record:  # answered, neither stored nor logged one by one
-            return replace(self, answer=Verdict(code, key_taken=key_taken))
-        return replace(self, refusal=refusal, key_taken=key_taken)
-
-    def opened(self, sealed: SealedDelta, spec: RoundSpec, opened: OpenedDelta) -> _Pending:
-        return replace(self, sealed=sealed, spec=spec, delta=opened.delta)
-
-
-class _Group:
-    """This worker's running sums during one group's transaction: each round's is read once,
-    kept in memory while the group's uploads are added, and written once (``store``) before
-    the commit. A failed upload leaves it as it was (``update`` comes after its writes)."""
-
-    def __init__(self, tables: RoundTables, worker: str) -> None:
-        self._tables = tables
-        self._worker = worker
-        self._sums: dict[str, PartialSum] = {}
-        self._dirty: set[str] = set()
-
-    def partial(self, round_id: str) -> PartialSum:
-        if round_id not in self._sums:
-            self._sums[round_id] = self._tables.partial_of(round_id, self._worker)
-        return self._sums[round_id]
-
-    def update(self, round_id: str, partial: PartialSum) -> None:
-        self._sums[round_id] = partial
-        self._dirty.add(round_id)
-
-    def closed(self, round_id: str) -> None:
-        self._sums.pop(round_id, None)
-        self._dirty.discard(round_id)
-
-    def store(self) -> None:
-        for round_id in sorted(self._dirty):
-            self._tables.store_partial(round_id, self._worker, self._sums[round_id])
 
 
 class Uploads:
@@ -147,7 +84,7 @@ class Uploads:
         if all(p.answer is not None for p in pending):  # replays only: nothing to write
             return [p.answer for p in pending if p.answer is not None]
         results: list[Verdict | Exception] = []
-        group = _Group(self._tables, self._worker)
+        group = Group(self._tables, self._worker)
         with write_transaction(self._conn, name="accept"):
             for item in pending:
                 try:
@@ -160,11 +97,11 @@ class Uploads:
             group.store()
         return results
 
-    def _prepare(self, body: bytes, idempotency_key: str, *, record: bool) -> _Pending:
+    def _prepare(self, body: bytes, idempotency_key: str, *, record: bool) -> Pending:
         """Everything about an upload that needs no write: the stored answer to a replay, a
         refusal, or the opened delta (decrypted and verified)."""
         digest = hashlib.sha256(body).hexdigest()
-        pending = _Pending(idempotency_key, digest, record)
+        pending = Pending(idempotency_key, digest, record)
         prior = self._prior(idempotency_key, digest)
         if prior is not None:
             if prior.key_taken and record:
@@ -181,7 +118,7 @@ class Uploads:
             failed = _Refusal(error.code, round_id=sealed.round_id, pseudonym=sealed.pseudonym)
             return pending.refused(error.code, refusal=failed)
 
-    def _apply(self, item: _Pending, group: _Group) -> Verdict:
+    def _apply(self, item: Pending, group: Group) -> Verdict:
         """The writes of one prepared upload (inside the group's transaction)."""
         if item.answer is not None:
             return item.answer

@@ -106,7 +106,7 @@ def test_a_failed_commit_counts_none_of_the_group(
     def store_fails() -> None:
         raise RuntimeError("the disk went away at the commit")
 
-    monkeypatch.setattr("sottovoce.aggregator._uploads._Group.store", lambda self: store_fails())
+    monkeypatch.setattr("sottovoce.aggregator._upload_group.Group.store", lambda self: store_fails())
     with pytest.raises(RuntimeError):
         world.agg.accept_many(group(*sealed[1:]))
     monkeypatch.undo()
