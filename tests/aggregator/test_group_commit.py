@@ -6,11 +6,11 @@ group and nothing of it is counted."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import test_rounds
 from aggregator_helpers import COHORT, DIM, Keys, stored_sum
 from test_rounds import Device, World, small
 
@@ -19,18 +19,9 @@ from sottovoce.sync import SealedDelta
 
 pytest.importorskip("opacus")
 
-
-@pytest.fixture
-def keys() -> Keys:
-    return Keys()
-
-
-@pytest.fixture
-def world(backend: str, keys: Keys) -> Iterator[World]:
-    w = World(backend, keys, keys.policy())
-    yield w
-    w.check_log()
-    w.conn.close()
+# The round tests' fixtures: a world on each backend, and its keys.
+world = test_rounds.world
+keys = test_rounds.keys
 
 
 def sealed_uploads(world: World, n: int, seed: int = 1) -> tuple[Any, list[SealedDelta]]:
@@ -106,7 +97,9 @@ def test_a_failed_commit_counts_none_of_the_group(
     def store_fails() -> None:
         raise RuntimeError("the disk went away at the commit")
 
-    monkeypatch.setattr("sottovoce.aggregator._upload_group.Group.store", lambda self: store_fails())
+    monkeypatch.setattr(
+        "sottovoce.aggregator._upload_group.Group.store", lambda self: store_fails()
+    )
     with pytest.raises(RuntimeError):
         world.agg.accept_many(group(*sealed[1:]))
     monkeypatch.undo()
