@@ -202,6 +202,39 @@ def serve(  # noqa: PLR0917 - typer maps parameters to options
     serve_workers(config, host=host, port=port, workers=workers, log_level=log_level)
 
 
+@aggregator_app.command()
+def migrate(
+    db: Annotated[
+        str,
+        typer.Option(
+            envvar="SOTTOVOCE_DB",
+            help="The region's database: a SQLite file or a postgresql:// URL.",
+        ),
+    ],
+    check: Annotated[
+        bool, typer.Option(help="Only say which version the database is at; change nothing.")
+    ] = False,
+) -> None:
+    """Bring a region's database to this version's schema (serve does it too, at start)."""
+    from sottovoce.aggregator import SCHEMA_VERSION, migrate, open_database
+    from sottovoce.aggregator._schema import schema_version
+
+    conn = open_database(db)
+    try:
+        before = schema_version(conn)
+        if check:
+            state = "up to date" if before == SCHEMA_VERSION else "needs migrating"
+            out.print(f"schema version {before}; this sottovoce: {SCHEMA_VERSION} ({state})")
+            if before != SCHEMA_VERSION:
+                raise typer.Exit(1)
+            return
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    done = ", ".join(applied) if applied else "nothing to apply"
+    out.print(f"schema version {before} -> {SCHEMA_VERSION}: {done}")
+
+
 def _tokens(path: Path | None) -> frozenset[str]:
     if path is not None:
         lines = path.read_text().splitlines()
