@@ -224,7 +224,7 @@ class TimedConnection:
 # The parts of a decision, found in the profile by (path fragment, function name): cumulative
 # time; builtins ("~") by a fragment of their name, own time.
 PROFILE_PARTS: tuple[tuple[str, str, str], ...] = (
-    ("accept_many", "sottovoce/aggregator/", "accept_many"),
+    ("accept_many", "sottovoce/aggregator/_uploads.py", "accept_many"),
     ("prepare (outside the transaction)", "sottovoce/aggregator/_uploads.py", "_prepare"),
     ("apply (inside the transaction)", "sottovoce/aggregator/_uploads.py", "_apply"),
     ("from_wire (sealed delta, stored round spec)", "sottovoce/sync/_wire.py", "from_wire"),
