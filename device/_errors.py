@@ -1,8 +1,8 @@
 """Errors of ``sottovoce.device``; the package docstring draws their tree, with each one's
 ``code`` and meaning.
 
-(``RankerError`` lives in ``_ranker.py`` and ``NotEligible`` in ``_personalize.py``, next to
-the code that raises them.)
+(``RankerError`` lives in ``_ranker_layout.py`` and ``NotEligible`` in ``_personalize.py``,
+next to the code that raises them.)
 """
 
 from __future__ import annotations

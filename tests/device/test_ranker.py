@@ -18,7 +18,6 @@ import pytest
 from sottovoce.device._build_ranker import initial_weights, load_manifest, probe_input
 from sottovoce.device._errors import DeviceError
 from sottovoce.device._ranker import (
-    _FALLBACK_BUILTIN_NAMES,
     ADAM_BETA1,
     ADAM_BETA2,
     ADAM_EPSILON,
@@ -33,6 +32,7 @@ from sottovoce.device._ranker import (
     default_model_path,
     model_ops,
 )
+from sottovoce.device._tflite_ops import _FALLBACK_BUILTIN_NAMES
 
 Array = npt.NDArray[np.float64]
 P = PARAMETER_COUNT
