@@ -6,12 +6,12 @@ associatively and commutatively (sums, maxima, interval unions, exponentially de
 deriving a batch and merging it into stored state gives the same result as deriving all stored
 events at once; ``tests/device/test_rebuild.py`` holds the store to that.
 
-Two implementations of one definition: :func:`derive` goes fact by fact (the reference, and what
-replays for training and ``rebuild_derived`` use); :func:`derive_columns` computes the same rows
-with numpy over a :class:`FactBatch`, which the append path uses for all but small batches
-(:func:`derive_batch`), since a per-fact Python loop was the largest cost of ingest.
-``tests/device/test_store.py`` (one against the other) and ``tests/device/test_rebuild.py``
-(appended state against a rebuild) hold the two equal.
+This module holds the definition: what counts (below), the mergeable values, and :func:`derive`,
+which goes fact by fact (the reference, and what replays for training and ``rebuild_derived``
+use). :mod:`._derive_columns` computes the same rows with numpy over a :class:`FactBatch`, which
+the append path uses for all but small batches, since a per-fact Python loop was the largest
+cost of ingest. ``tests/device/test_store.py`` (one against the other) and
+``tests/device/test_rebuild.py`` (appended state against a rebuild) hold the two equal.
 
 What counts (a 1-second play is not a 30-second play):
 
@@ -30,8 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import is_not
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -64,6 +62,27 @@ class Fact(NamedTuple):
     duration_ms: int = 0
     position_ms: int = 0
     context: tuple[str, str, str] | None = None  # device_type, network, local time
+
+
+class FactBatch(NamedTuple):
+    """Facts as columns (one sequence per :class:`Fact` field, all of one length)."""
+
+    seq: Sequence[int]
+    user: Sequence[int]
+    type: Sequence[str]
+    ts: Sequence[int]
+    track: Sequence[str | None]
+    artist: Sequence[str | None]
+    ms_played: Sequence[int]
+    duration_ms: Sequence[int]
+    position_ms: Sequence[int]
+    context: Sequence[tuple[str, str, str] | None]
+
+    @classmethod
+    def of(cls, facts: Sequence[Fact]) -> FactBatch:
+        if not facts:
+            return cls((), (), (), (), (), (), (), (), (), ())
+        return cls(*zip(*facts, strict=True))
 
 
 def is_play(ms_played: int, duration_ms: int) -> bool:
@@ -291,219 +310,3 @@ def _decay(elapsed_ms: int) -> float:
 
 def _max(a: int | None, b: int) -> int:
     return b if a is None or b > a else a
-
-
-# --- The same definition over a whole batch, with numpy ----------------------------------------
-
-_PLAY_END, _SKIP, _LIKE, _DISLIKE, _OTHER = range(5)
-_CODES = {"play_end": _PLAY_END, "skip": _SKIP, "like": _LIKE, "dislike": _DISLIKE}
-_NONE = np.iinfo(np.int64).min  # "no such time" in integer columns
-
-
-class FactBatch(NamedTuple):
-    """Facts as columns (one sequence per :class:`Fact` field, all of one length)."""
-
-    seq: Sequence[int]
-    user: Sequence[int]
-    type: Sequence[str]
-    ts: Sequence[int]
-    track: Sequence[str | None]
-    artist: Sequence[str | None]
-    ms_played: Sequence[int]
-    duration_ms: Sequence[int]
-    position_ms: Sequence[int]
-    context: Sequence[tuple[str, str, str] | None]
-
-    @classmethod
-    def of(cls, facts: Sequence[Fact]) -> FactBatch:
-        if not facts:
-            return cls((), (), (), (), (), (), (), (), (), ())
-        return cls(*zip(*facts, strict=True))
-
-
-SMALL_BATCH = 48
-"""Below this many facts, numpy's fixed cost per call outweighs what it saves per fact."""
-
-
-def derive_batch(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRows:
-    """What ``derive(facts, vectors).rows()`` gives, for a batch of facts as columns."""
-    if len(batch.seq) < SMALL_BATCH:
-        return derive(list(map(Fact._make, zip(*batch, strict=True))), vectors).rows()
-    return derive_columns(batch, vectors)
-
-
-def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRows:
-    """:func:`derive` computed column-wise with numpy (same definition, same rows).
-
-    Per-fact work stays in C (``map``, ``zip``, numpy); Python loops only over what is rare
-    (groups with feedback, context facts, users)."""
-    out = DerivedRows()
-    n = len(batch.seq)
-    if n == 0:
-        return out
-    code = _ints(map(_CODES.get, batch.type, repeat(_OTHER)), n)
-    ts, seq, user = _ints(batch.ts, n), _ints(batch.seq, n), _ints(batch.user, n)
-    duration = _ints(batch.duration_ms, n)
-    ended = code == _PLAY_END
-    ms = np.where(ended, _ints(batch.ms_played, n), 0)  # only a play_end's time counts
-    played = ended & (ms >= np.minimum(QUALIFIED_PLAY_MS, duration // 2))
-    completed = ended & (ms >= COMPLETION_FRACTION * duration)
-    skipped = code == _SKIP
-    early = skipped & (_ints(batch.position_ms, n) < EARLY_SKIP_MS)
-    cols = _Columns(code, ts, seq, ms, played, completed, skipped, early)
-
-    has_track = _present(batch.track, n)
-    outcome = np.flatnonzero(has_track & (code != _OTHER))
-    tracks = _pick(batch.track, outcome.tolist())
-    users = user[outcome]
-    groups, keys = _groups(users, tracks)
-    naming = _present(_pick(batch.artist, outcome.tolist()), len(outcome))
-    named = outcome[naming]
-    artists = _pick(batch.artist, named.tolist())
-    # A track row keeps the first artist any of its events named (as Counters.add does):
-    # np.unique gives each group's first position among the rows that name one.
-    first_artist: list[str | None] = [None] * len(keys[0])
-    with_artist, first = np.unique(groups[naming], return_index=True)
-    for g, artist in zip(with_artist.tolist(), _pick(artists, first.tolist()), strict=True):
-        first_artist[g] = artist
-    counters = _counters(groups, len(keys[0]), outcome, cols)
-    out.tracks = list(zip(*keys, first_artist, *counters, strict=True))
-    groups, keys = _groups(user[named], artists)
-    counters = _counters(groups, len(keys[0]), named, cols)
-    out.artists = list(zip(*keys, *counters, strict=True))
-
-    out.runs = _batch_runs(user, cols)
-    weight = np.where(code == _LIKE, LIKE_WEIGHT, 0.0)
-    weight[played] = PLAY_WEIGHT + COMPLETION_BONUS * completed[played]
-    liked = np.flatnonzero(has_track & (weight > 0)).tolist()
-    engaged = np.array(list(compress(liked, map(vectors.__contains__, _pick(batch.track, liked)))),
-                       dtype=np.int64)  # fmt: skip
-    for u in np.unique(user[engaged]).tolist():
-        mine = engaged[user[engaged] == u]
-        ref = int(ts[mine].max())
-        w = weight[mine] * np.exp(-(ref - ts[mine]) / _TAU)
-        picked = _pick(vectors, _pick(batch.track, mine.tolist()))
-        stacked = np.concatenate(picked).reshape(len(picked), -1)  # np.stack, but faster
-        out.taste[u] = Taste(ref, float(w.sum()), w @ stacked)
-    for i in compress(range(n), map(is_not, batch.context, repeat(None))):
-        context = batch.context[i]
-        counted = batch.track[i] is not None and batch.type[i] in OUTCOMES
-        if context is not None and not counted:
-            at, who = (batch.ts[i], batch.seq[i]), batch.user[i]
-            prior = out.context.get(who)
-            if prior is None or at > prior[0]:
-                out.context[who] = (at, context)
-    return out
-
-
-def _ints(values: Iterable[int], n: int) -> npt.NDArray[np.int64]:
-    return np.fromiter(values, np.int64, n)
-
-
-def _present(values: Sequence[object], n: int) -> npt.NDArray[np.bool_]:
-    """Which values are not None."""
-    return np.fromiter(map(is_not, values, repeat(None)), bool, n)
-
-
-def _pick(values: Any, rows: Iterable[Any]) -> list[Any]:
-    """``[values[i] for i in rows]``, the loop in C."""
-    return list(map(values.__getitem__, rows))
-
-
-class _Columns(NamedTuple):
-    code: npt.NDArray[np.int64]
-    ts: npt.NDArray[np.int64]
-    seq: npt.NDArray[np.int64]
-    ms: npt.NDArray[np.int64]  # listening time of play_end facts, else 0
-    played: npt.NDArray[np.bool_]
-    completed: npt.NDArray[np.bool_]
-    skipped: npt.NDArray[np.bool_]
-    early: npt.NDArray[np.bool_]
-
-
-def _groups(
-    users: npt.NDArray[np.int64], names: list[str]
-) -> tuple[npt.NDArray[np.int64], tuple[list[int], list[str]]]:
-    """Group rows by (user, name): each row's group, and each group's user and name.
-
-    Keys become integers (a code per distinct name, then one number per pair), so grouping
-    makes no tuple per row."""
-    if not names:
-        return np.zeros(0, dtype=np.int64), ([], [])
-    distinct = dict.fromkeys(names)
-    codes = dict(zip(distinct, range(len(distinct)), strict=True))
-    code = _ints(map(codes.__getitem__, names), len(names))
-    _, first, groups = np.unique(users * len(distinct) + code, return_index=True,
-                                 return_inverse=True)  # fmt: skip
-    return groups.reshape(-1), (users[first].tolist(), _pick(names, first.tolist()))
-
-
-def _counters(
-    group: npt.NDArray[np.int64], size: int, rows: npt.NDArray[np.int64], cols: _Columns
-) -> list[list[Any]]:
-    """Each group's counters, as columns in ``COUNTER_ROW`` order, over the facts ``rows``
-    (``group[j]`` is the group of ``rows[j]``)."""
-
-    def count(mask: npt.NDArray[np.bool_]) -> list[int]:
-        counts: list[int] = np.bincount(group[mask], minlength=size).tolist()
-        return counts
-
-    code, ts, seq, played = cols.code[rows], cols.ts[rows], cols.seq[rows], cols.played[rows]
-    last_played = np.full(size, _NONE)
-    np.maximum.at(last_played, group[played], ts[played])
-    last_event = np.full(size, _NONE)
-    np.maximum.at(last_event, group, ts)
-    feedback = [0] * size
-    feedback_ts: list[int | None] = [None] * size
-    feedback_seq: list[int | None] = [None] * size
-    said = np.flatnonzero((code == _LIKE) | (code == _DISLIKE))
-    if said.size:  # the latest like or dislike, by (ts, seq), of each group
-        order = said[np.lexsort((seq[said], ts[said], group[said]))]
-        latest = order[np.append(group[order][1:] != group[order][:-1], True)]
-        for g, value, at, number in zip(
-            group[latest].tolist(), np.where(code[latest] == _LIKE, 1, -1).tolist(),
-            ts[latest].tolist(), seq[latest].tolist(), strict=True,
-        ):  # fmt: skip
-            feedback[g], feedback_ts[g], feedback_seq[g] = value, at, number
-    return [
-        count(played), count(cols.completed[rows]), count(cols.skipped[rows]),
-        count(cols.early[rows]), _sums(group, cols.ms[rows], size), count(code == _LIKE),
-        count(code == _DISLIKE), feedback, feedback_ts, feedback_seq, _optional(last_played),
-        last_event.tolist(),
-    ]  # fmt: skip
-
-
-def _sums(group: npt.NDArray[np.int64], values: npt.NDArray[Any], size: int) -> list[int]:
-    """Whole-number sums per group (exact: float64 holds integers up to 2**53)."""
-    weights = values.astype(np.float64)
-    sums: list[int] = np.bincount(group, weights=weights, minlength=size).astype(np.int64).tolist()
-    return sums
-
-
-def _optional(values: npt.NDArray[np.int64]) -> list[int | None]:
-    return [None if v == _NONE else v for v in values.tolist()]
-
-
-def _batch_runs(user: npt.NDArray[np.int64], cols: _Columns) -> dict[int, list[Run]]:
-    """Each user's facts, in time order, cut wherever a gap exceeds ``SESSION_GAP_MS``."""
-    order = np.lexsort((cols.ts, user))
-    u, t = user[order], cols.ts[order]
-    starts = np.ones(len(order), dtype=bool)
-    starts[1:] = (u[1:] != u[:-1]) | (t[1:] - t[:-1] > SESSION_GAP_MS)
-    run = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    last = np.append(first[1:], len(order)) - 1
-    size = len(first)
-
-    def total(values: npt.NDArray[Any]) -> list[int]:
-        return _sums(run, values[order], size)
-
-    columns = zip(
-        u[first].tolist(), t[first].tolist(), t[last].tolist(), (last - first + 1).tolist(),
-        total(cols.played), total(cols.completed), total(cols.skipped), total(cols.ms),
-        strict=True,
-    )  # fmt: skip
-    runs: dict[int, list[Run]] = {}
-    for who, *fields in columns:
-        runs.setdefault(who, []).append(Run(*fields))
-    return runs

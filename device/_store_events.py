@@ -4,8 +4,8 @@ one transaction, all or nothing; stored events are read back as derivation facts
 Cost (``bench/ingest.py``): a batch is validated and encoded by pydantic in one call each, its
 rows are inserted without first asking which ids exist (the unique index on ``event_id`` refuses
 a replay; a savepoint then undoes the batch's rows and the slow path sorts replays out), and
-its derived state is computed column-wise (:func:`._derive.derive_batch`), so no Python loop
-runs per event beyond building each stored row.
+its derived state is computed column-wise (:func:`._derive_columns.derive_batch`), so no Python
+loop runs per event beyond building each stored row.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import replace
 from operator import attrgetter
 from typing import Any
 
-from sottovoce.device._derive import Fact, FactBatch, derive_batch
+from sottovoce.device._derive import Fact, FactBatch
+from sottovoce.device._derive_columns import derive_batch
 from sottovoce.device._errors import EventConflict
 from sottovoce.device._events import Event
 from sottovoce.device._rows import (

@@ -14,7 +14,8 @@ from store_peek import own_connection, peek
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import EventConflict, EventStore, StoreError
-from sottovoce.device._derive import SMALL_BATCH, Fact, FactBatch, derive, derive_columns
+from sottovoce.device._derive import Fact, FactBatch, derive
+from sottovoce.device._derive_columns import SMALL_BATCH, derive_columns
 from sottovoce.policy import (
     AgeRestricted,
     ConsentMissing,
