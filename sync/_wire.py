@@ -56,7 +56,9 @@ def b64encode(raw: bytes) -> str:
 def b64decode(text: str) -> bytes:
     """Decode a wire base64 field (standard alphabet, padded); raises ``ValueError``."""
     try:
-        return base64.b64decode(text, validate=True)
+        # Strict mode checks the alphabet and padding in C: base64.b64decode(validate=True)
+        # runs a regular expression over the text first, twice as slow on a 110 KB delta.
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         raise ValueError("not standard base64") from None
 
