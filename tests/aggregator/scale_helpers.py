@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +57,17 @@ def free_port() -> int:
     with closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def without_faketime(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without libfaketime (when the suite runs under ``faketime``): the service's
+    calendar is ``SOTTOVOCE_NOW`` anyway, and under libfaketime a thread's timed wait never
+    ends (the absolute deadline it computes is shifted), which stalls psycopg_pool's reconnection
+    after a PostgreSQL restart."""
+    env = {k: v for k, v in environ.items() if not k.startswith("FAKETIME")}
+    preload = [p for p in env.get("LD_PRELOAD", "").split() if "faketime" not in p]
+    env["LD_PRELOAD"] = " ".join(preload)
+    return env
 
 
 def delta(seed: int, dim: int) -> npt.NDArray[np.float32]:
@@ -162,7 +173,7 @@ class ServedRegion:
                    "--keys", str(self.root / "keys"), "--db", self.database,
                    "--workers", str(workers), "--port", str(port), "--no-schedule",
                    "--log-level", "warning", *options]  # fmt: skip
-        env = {**os.environ, "SOTTOVOCE_NOW": T0.isoformat(),
+        env = {**without_faketime(os.environ), "SOTTOVOCE_NOW": T0.isoformat(),
                "SOTTOVOCE_ENROLLMENT_TOKENS": TOKEN}  # fmt: skip
         with log.open("wb") as out:
             process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -165,6 +165,9 @@ def test_a_full_disk_answers_unavailable_and_keeps_what_was_accepted(
         decisions = region.decisions()
         assert decisions[("accept_delta", "within_policy")] == len(devices)
         assert sum(decisions.values()) == size  # a 503 left no decision behind
+        if backend == "sqlite":
+            with region.reading() as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         print(
             f"{backend}: {len(accepted) - BEFORE} uploads fitted after the disk filled, "
             f"then {len(failed)} were answered 503 and accepted once retried"
