@@ -21,6 +21,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sottovoce._database import Connection, backend_of
+from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
 from sottovoce.aggregator._ledger import PrivacyLedger
 from sottovoce.aggregator._round_state import (
@@ -47,6 +49,8 @@ from sottovoce.sync import ModelRelease, SignedRoundSpec
 from sottovoce.sync._budget import Mechanism
 
 __all__ = ["RegionAggregator"]
+
+T = TypeVar("T")
 
 
 class RegionAggregator:
@@ -184,6 +188,27 @@ class RegionAggregator:
 
     def log_refusal_counts(self, counts: Mapping[tuple[str, str], int]) -> int:
         return self._uploads.log_refusal_counts(counts)
+
+    # -- group commit of other writes --------------------------------------------------------
+
+    def write_many(self, calls: Sequence[Callable[[RegionAggregator], T]]) -> list[T | Exception]:
+        """Run write calls (such as :meth:`enroll`) in ONE durable transaction, each in its own
+        savepoint; returns each one's result, or the exception it raised (its writes rolled
+        back, the others' kept: a call that must keep a refusal's logged decision, as
+        :meth:`enroll`'s caller does, catches the refusal and returns it). If the commit
+        fails, this raises and none of them counts."""
+        results: list[T | Exception] = []
+        conn = self._ctx.conn
+        with write_transaction(conn, name="writes"):
+            for call in calls:
+                try:
+                    with write_transaction(conn, name="write"):
+                        results.append(call(self))
+                except (SottovoceError, ValueError) as error:
+                    if not conn.in_transaction:  # the database ended the whole group
+                        raise
+                    results.append(error)
+        return results
 
 
 def _follow(conn: Connection, policy: Policy, engine: DecisionEngine, log: DecisionLog) -> None:

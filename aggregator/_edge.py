@@ -18,11 +18,11 @@ import hmac
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import MappingProxyType
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -99,13 +99,14 @@ def invalid_body(error: ValidationError) -> str:
 
 class Worker:
     """The one thread that owns the aggregator (made by ``factory`` on that thread), and the
-    group commit of uploads.
+    group commit of writes.
 
     Uploads are decided in groups (:meth:`RegionAggregator.accept_many`: one durable
-    transaction, one fsync, for every upload of a group): an upload that arrives while the
-    thread is busy waits for the next group, so groups are empty-handed when the service is
-    idle (no added delay) and grow with the load, up to ``max_group``. An upload's answer is
-    sent only once its group has committed.
+    transaction, one fsync, for every upload of a group), and so are other writes that come
+    in numbers, such as enrollments (:meth:`write`, :meth:`RegionAggregator.write_many`): a
+    request that arrives while the thread is busy waits for the next group, so groups are a
+    single request when the service is idle (no added delay) and grow with the load, up to
+    ``max_group`` of each kind. A request is answered only once its group has committed.
     """
 
     def __init__(self, factory: Callable[[], RegionAggregator], *, max_group: int = 64) -> None:
@@ -113,7 +114,8 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._aggregator: RegionAggregator | None = None
         self._max_group = max_group
-        self._waiting: list[tuple[Upload, asyncio.Future[Verdict]]] = []
+        self._uploads: list[tuple[Upload, asyncio.Future[Any]]] = []
+        self._writes: list[tuple[Callable[[RegionAggregator], Any], asyncio.Future[Any]]] = []
         self._deciding = False
 
     async def start(self) -> None:
@@ -126,47 +128,75 @@ class Worker:
         self._executor = self._aggregator = None
 
     async def run(self, call: Callable[[RegionAggregator], T]) -> T:
+        """Run ``call`` on the aggregator's thread, alone (reads, and rare writes)."""
         if self._executor is None:
             raise RuntimeError("the aggregator service is not running")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, call)
 
     async def accept(self, body: bytes, key: str, *, record: bool) -> Verdict:
-        """Decide on an upload in the next group (see the class docstring)."""
+        """Decide on an upload in the next group of uploads."""
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._waiting.append(((body, key, record), future))
+        self._uploads.append(((body, key, record), future))
+        self._wake()
+        return await future
+
+    async def write(self, call: Callable[[RegionAggregator], T]) -> T:
+        """Run the write ``call`` in the next group of writes (its own savepoint in the group's
+        transaction: an exception it raises is its alone, and is raised here)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writes.append((call, future))
+        self._wake()
+        return await future
+
+    def _wake(self) -> None:
         if not self._deciding:
             self._deciding = True
             asyncio.get_running_loop().create_task(self._decide_groups())
-        return await future
 
     async def _decide_groups(self) -> None:
         try:
-            while self._waiting:
-                group = self._waiting[: self._max_group]
-                del self._waiting[: self._max_group]
-                uploads = [upload for upload, _ in group]
-                try:
-                    results = await self.run(partial(_accept_many, uploads=uploads))
-                except Exception as error:  # the commit failed: no upload of the group counts
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, future), result in zip(group, results, strict=True):
-                    if future.done():  # the client went away meanwhile
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+            while self._uploads or self._writes:
+                if self._writes:
+                    group = self._writes[: self._max_group]
+                    del self._writes[: self._max_group]
+                    calls = [call for call, _ in group]
+                    await self._settle(group, partial(_write_many, calls=calls))
+                if self._uploads:
+                    uploads = self._uploads[: self._max_group]
+                    del self._uploads[: self._max_group]
+                    batch = [upload for upload, _ in uploads]
+                    await self._settle(uploads, partial(_accept_many, uploads=batch))
         finally:
             self._deciding = False
+
+    async def _settle(
+        self,
+        group: Sequence[tuple[Any, asyncio.Future[Any]]],
+        decide: Callable[[RegionAggregator], list[Any]],
+    ) -> None:
+        try:
+            results = await self.run(decide)
+        except Exception as error:  # the commit failed: nothing of the group counts
+            results = [error] * len(group)
+        for (_, future), result in zip(group, results, strict=True):
+            if future.done():  # the client went away meanwhile
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     def _call(self, call: Callable[[RegionAggregator], T]) -> T:
         if self._aggregator is None:
             self._aggregator = self._factory()
         return call(self._aggregator)
+
+
+def _write_many(
+    agg: RegionAggregator, *, calls: list[Callable[[RegionAggregator], Any]]
+) -> list[Any]:
+    return agg.write_many(calls)
 
 
 def _accept_many(agg: RegionAggregator, *, uploads: list[Upload]) -> list[Verdict | Exception]:

@@ -134,7 +134,7 @@ def device_routes(app: FastAPI, edge: Edge) -> None:
                 return str(error)
             return None
 
-        refused = await worker.run(decide)
+        refused = await worker.write(decide)
         refusals.settle(request, logged, "enroll_device", refused is None, "malformed")
         if refused is not None:
             return problem(400, "malformed", refused[:1].upper() + refused[1:] + ".")

@@ -20,6 +20,7 @@ PUBLIC = {
     "accept", "accept_many", "close", "current_round", "enroll", "enrollable_periods", "erase",
     "latest_release", "latest_version", "ledger", "log", "log_refusal_counts", "open_round",
     "refuse", "refuse_enrollment", "refuse_too_large", "round", "round_mechanism", "sweep",
+    "write_many",
 }  # fmt: skip
 SECRET_TYPES = (Ed25519PrivateKey, X25519PrivateKey, sqlite3.Connection)
 

@@ -6,6 +6,7 @@ group and nothing of it is counted."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import test_rounds
 from aggregator_helpers import COHORT, DIM, Keys, stored_sum
 from test_rounds import Device, World, small
 
-from sottovoce.aggregator import AggregationError
+from sottovoce.aggregator import AggregationError, RegionAggregator
 from sottovoce.sync import SealedDelta
 
 pytest.importorskip("opacus")
@@ -153,3 +154,35 @@ def s_delta(world: World, sealed: SealedDelta) -> Any:
                       model_version=spec.model_version, hpke_private_key=world.keys.hpke,
                       clipping_norm=spec.clipping_norm, noise_std=device_noise_std(spec),
                       dim=DIM).delta  # fmt: skip
+
+
+def test_enrollments_share_a_transaction_and_a_refusal_is_its_own(world: World) -> None:
+    spec = world.open()
+    period = _period(spec)
+    good, other = Device(), Device()
+
+    def enroll(key: str) -> Callable[[RegionAggregator], str | None]:
+        def call(agg: RegionAggregator) -> str | None:  # as the service's enroll route does
+            try:
+                agg.enroll(key, period)
+            except ValueError as refused:  # its refusal decision is kept: not raised here
+                return str(refused)
+            return None
+
+        return call
+
+    def broken(agg: RegionAggregator) -> None:
+        agg.enroll(Device().public, period)
+        raise ValueError("this call fails after writing")  # its writes are rolled back
+
+    results = world.agg.write_many([enroll(good.public), enroll("not-a-key"), broken,
+                                    enroll(other.public)])  # fmt: skip
+    assert results[0] is None and results[3] is None
+    assert "base64" in str(results[1])
+    assert isinstance(results[2], ValueError)
+    enrolled = world.conn.execute("SELECT device_key FROM enrollments ORDER BY device_key")
+    assert sorted(k for (k,) in enrolled.fetchall()) == sorted([good.public, other.public])
+    # Each enrollment is a logged decision, the refusal included (its own savepoint kept it).
+    decisions = world.decisions("enroll_device")[-3:]
+    assert [d.outcome.value for d in decisions] == ["allow", "deny", "allow"]
+    assert decisions[1].reason == "malformed"
