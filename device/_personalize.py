@@ -1,39 +1,46 @@
 """Reranking and local training on the device: the store's state, scored by the TFLite ranker.
 
+:class:`Personalizer` is the façade an app holds, for one device store and one ranker model. It
+decides which weights serve (the user's personal model while it was trained from the global
+version in use, else the global one) and installs verified releases.
+
 Data flow position: the app hands :meth:`Personalizer.rerank` a candidate list (a cached
-playlist, a retrieval pool); the store gives a snapshot of the user's state (a fixed number of
-queries), :mod:`._features` turns it into rows, the ranker scores them, and the post-processing
-here applies guards no model may override: disliked tracks never in the top k, at most
-``max_per_artist`` of one artist there, an artist skipped in this session pushed down, and a
-bounded, seeded share of exploration. Each item comes back with a short reason.
-:meth:`Personalizer.rank_catalog` does the same for the device's whole catalog, scoring it in
-chunks (``CHUNK_SIZE`` rows: the model's activations stay in cache) and returning its top.
+playlist, a retrieval pool); the user's consent decides whether it is personalized; the store
+gives a snapshot of the user's state (a fixed number of queries), and :mod:`._rerank` scores
+the candidates and applies the guards no model may override (disliked tracks never in the top
+k, an artist cap, an artist skipped this session pushed down, bounded seeded exploration), each
+item with a short reason. :meth:`Personalizer.rank_catalog` does the same for the device's
+whole catalog and returns its top.
 
 When the app reports the device eligible and the user consents to federated training,
 :meth:`Personalizer.local_round` trains the ranker on the user's own history (inside the TFLite
-model) and returns ``local weights - global weights``, the delta that sync will seal.
+model, :mod:`._local_training`) and returns ``local weights - global weights``, the delta that
+sync will seal; :meth:`Personalizer.contribute` does so for a round of the region
+(:mod:`._join` admits the device and seals and records the delta).
 """
 
 from __future__ import annotations
 
 import base64
-import itertools
-import math
-import random
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
-from sottovoce.device._features import ARTIST, COSINE, SESSION, TRACK, features
 from sottovoce.device._join import Ticket, enter_round, seal_and_record
+from sottovoce.device._local_training import LocalRound, train_round, trainer_for
 from sottovoce.device._ranker import PARAMETER_COUNT, Ranker
+from sottovoce.device._rerank import (
+    CHUNK_SIZE,
+    RankedItem,
+    Ranking,
+    RerankOptions,
+    rank,
+    unpersonalized,
+)
 from sottovoce.device._store import EventStore, ModelWeights
 from sottovoce.device._training import Examples, build_examples
 from sottovoce.policy import Purpose
@@ -43,9 +50,19 @@ from sottovoce.sync import (
     verify_release,
 )
 
-MAX_EXPLORE_SHARE = 0.3
+__all__ = [  # the package exports these; the rerank and training types are imported from here
+    "CHUNK_SIZE",
+    "Eligibility",
+    "LocalRound",
+    "NotEligible",
+    "Personalizer",
+    "RankedItem",
+    "Ranking",
+    "RerankOptions",
+]
+
 MAX_STEPS = 2_000
-CHUNK_SIZE = 1_024  # feature rows scored at a time: the model's activations stay in cache
+_DEFAULT_OPTIONS = RerankOptions()
 
 
 class NotEligible(DeviceError):
@@ -64,53 +81,6 @@ class Eligibility:
 
     def missing(self) -> list[str]:
         return [name for name in ("charging", "unmetered", "idle") if not getattr(self, name)]
-
-
-@dataclass(frozen=True)
-class RerankOptions:
-    top_k: int = 10
-    max_per_artist: int = 2
-    explore_share: float = 0.1  # of the top k, at most MAX_EXPLORE_SHARE
-    seed: int | None = None  # exploration is reproducible with a seed
-    session_skip_penalty: float = 1.5  # logit points per skip of the artist this session
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.max_per_artist < 1:
-            raise ValueError("top_k and max_per_artist must be at least 1")
-        if not 0 <= self.explore_share <= MAX_EXPLORE_SHARE:
-            raise ValueError(f"explore_share must be between 0 and {MAX_EXPLORE_SHARE}")
-
-
-class RankedItem(NamedTuple):
-    track_id: str
-    score: float
-    reason: str
-    explored: bool = False
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """Items in order; ``personalized`` is False when the app's order came back untouched."""
-
-    items: tuple[RankedItem, ...]
-    personalized: bool
-    note: str = ""
-
-    @property
-    def track_ids(self) -> list[str]:
-        return [item.track_id for item in self.items]
-
-
-@dataclass(frozen=True)
-class LocalRound:
-    """The result of training on one user's history: the delta and how it was made."""
-
-    delta: npt.NDArray[np.float32]
-    base_version: int
-    examples: int
-    steps: int
-    loss_before: float
-    loss_after: float
 
 
 class Personalizer:
@@ -189,12 +159,12 @@ class Personalizer:
         candidates: Sequence[str],
         *,
         now: datetime | None = None,
-        options: RerankOptions = RerankOptions(),
+        options: RerankOptions = _DEFAULT_OPTIONS,
     ) -> Ranking:
         """Order ``candidates`` (track ids) for the user, each with a short reason."""
         decision = self.store.personalization(user_id)
         if not decision.allowed:
-            return _unpersonalized(candidates, decision.sentence)
+            return unpersonalized(candidates, decision.sentence)
         if not candidates:
             return Ranking((), personalized=True)
         return self._rank(user_id, candidates, now=now, options=options, chunk_size=CHUNK_SIZE)
@@ -204,7 +174,7 @@ class Personalizer:
         user_id: str,
         *,
         now: datetime | None = None,
-        options: RerankOptions = RerankOptions(),
+        options: RerankOptions = _DEFAULT_OPTIONS,
         limit: int | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> Ranking:
@@ -220,7 +190,7 @@ class Personalizer:
             raise ValueError("chunk_size must be at least 1 and limit at least 0")
         decision = self.store.personalization(user_id)
         if not decision.allowed:
-            return _unpersonalized(list(self.store.catalog())[:limit], decision.sentence)
+            return unpersonalized(list(self.store.catalog())[:limit], decision.sentence)
         return self._rank(user_id, None, now=now, options=options, chunk_size=chunk_size,
                           limit=limit)  # fmt: skip
 
@@ -234,48 +204,11 @@ class Personalizer:
         chunk_size: int,
         limit: int | None = None,
     ) -> Ranking:
-        """Score in chunks, then apply the guards and exploration to the whole list."""
+        """Serve the user's model, then score and arrange (see :func:`._rerank.rank`)."""
         self._serve(user_id)
         snapshot, inputs = self.store.ranking_inputs(user_id, candidates, now=now)
-        n = len(inputs)
-        if not n:
-            return Ranking((), personalized=True)
-        parts = []
-        for start in range(0, n, chunk_size):
-            chunk = inputs.chunk(start, min(n, start + chunk_size))
-            x = features(snapshot, chunk)
-            parts.append((
-                self.ranker.infer(x),
-                chunk.artist_skips,  # the session's skips of the candidate's artist
-                chunk.tracks[:, 5] > 0,  # disliked
-                # may be explored: never played, and (in a session) its artist not skipped
-                (chunk.tracks[:, 7] > 0) & (chunk.artist_skips == 0) if inputs.in_session
-                else chunk.tracks[:, 7] > 0,
-                _reasons(x),
-            ))  # fmt: skip
-        logits, skips, disliked, fresh, codes = (
-            np.concatenate(column) if len(column) > 1 else column[0]
-            for column in zip(*parts, strict=True)
-        )
-        scores = logits.astype(np.float64)
-        if inputs.in_session:  # outside a session every skip count is 0: nothing to take off
-            scores = scores - options.session_skip_penalty * skips
-        order, explored = _arrange(scores, disliked, fresh, inputs.artist_codes, options)
-        if limit is not None:
-            order = order[:limit]
-        reasons = _REASON_TEXTS[codes[order]]
-        flags = np.zeros(n, dtype=bool)
-        flags[list(explored)] = True
-        flags = flags[order]
-        reasons[flags] = _REASONS[0]
-        ids = inputs.track_ids
-        # Built in C (zip, map, and tuple.__new__ on complete tuples instead of RankedItem's
-        # Python-level __new__): a whole catalog's items would otherwise take longer than
-        # scoring it.
-        rows = zip(map(ids.__getitem__, order.tolist()), scores[order].tolist(), reasons.tolist(),
-                   flags.tolist(), strict=True)  # fmt: skip
-        items = tuple(map(tuple.__new__, itertools.repeat(RankedItem), rows))
-        return Ranking(items, personalized=True)
+        return rank(self.ranker, snapshot, inputs, options=options, chunk_size=chunk_size,
+                    limit=limit)  # fmt: skip
 
     # -- local training ----------------------------------------------------------------------
     def local_round(
@@ -350,20 +283,9 @@ class Personalizer:
         if len(data) == 0:
             raise DeviceError("no training examples in the user's history yet")
         # A second interpreter of the same file: reranks keep serving while this trains.
-        trainer = self._trainer = self._trainer or _trainer_for(self.ranker)
-        trainer.set_weights(self.global_weights)
-        trainer.reset_optimizer()
-        rng = np.random.default_rng(seed)
-        size = min(batch, len(data))
-        picks = np.array([rng.choice(len(data), size=size, replace=False) for _ in range(steps)])
-        losses = trainer.train_batches(data.x, data.y, data.w, picks, lr=lr)
-        local = trainer.get_weights()
-        head = float(np.mean(losses[: max(1, steps // 10)]))
-        tail = float(np.mean(losses[-max(1, steps // 10) :]))
-        result = LocalRound(delta=local - self.global_weights, base_version=self.version,
-                            examples=len(data), steps=steps, loss_before=head,
-                            loss_after=tail)  # fmt: skip
-        return result, trainer.get_state()
+        trainer = self._trainer = self._trainer or trainer_for(self.ranker)
+        return train_round(trainer, data, base=self.global_weights, version=self.version,
+                           steps=steps, batch=batch, lr=lr, seed=seed)  # fmt: skip
 
     def examples(self, user_id: str, *, seed: int = 0, limit: int = 2_000) -> Examples:
         """Training examples from the user's history (the most recent ``limit``)."""
@@ -373,167 +295,3 @@ class Personalizer:
 
 def _local_slot(store: EventStore, user_id: str) -> str:
     return f"local:{store.user_hash(user_id)}"
-
-
-_TRAINERS = threading.local()
-
-
-def _trainer_for(ranker: Ranker) -> Ranker:
-    """This thread's training interpreter for the ranker's model file, loaded once per thread.
-
-    Training sets the trainer's weights and optimizer state before its first step and a
-    thread trains one round at a time, so every personalizer of a thread (a simulation's worker
-    opens one per device and round) can share it; serving rankers never do.
-    """
-    trainers: dict[tuple[str, str], Ranker] = _TRAINERS.__dict__.setdefault("by_model", {})
-    key = (ranker.source, ranker.model_id)
-    trainer = trainers.get(key)
-    if trainer is None:
-        trainer = Ranker.load(Path(ranker.source))
-        if trainer.model_id != ranker.model_id:
-            raise DeviceError(f"{ranker.source} changed on disk since the ranker was loaded")
-        trainers[key] = trainer
-    return trainer
-
-
-def _unpersonalized(candidates: Sequence[str], why: str) -> Ranking:
-    items = tuple(RankedItem(t, 0.0, "in the app's order") for t in candidates)
-    return Ranking(items, personalized=False, note=f"not personalized: {why}")
-
-
-def _arrange(
-    scores: npt.NDArray[np.float64],
-    disliked: npt.NDArray[np.bool_],
-    fresh: npt.NDArray[np.bool_],
-    artists: npt.NDArray[np.int64],
-    options: RerankOptions,
-) -> tuple[npt.NDArray[np.int64], set[int]]:
-    """Final order (candidate indices) and the explored candidates: guards first, then
-    exploration. ``artists`` are artist codes, -1 for none. What is linear in the number of
-    candidates runs in numpy; Python walks only the top of the list."""
-    n = len(scores)
-    ranked = np.argsort(-scores, kind="stable")
-    k = min(options.top_k, n - int(np.count_nonzero(disliked)))
-    top: list[int] = []
-    per_artist: dict[int, int] = {}
-    for i, artist, refused in _walk(ranked, artists, disliked):  # stops once top is full
-        if len(top) == k:
-            break
-        capped = artist >= 0 and per_artist.get(artist, 0) >= options.max_per_artist
-        if refused or capped:
-            continue
-        top.append(i)
-        if artist >= 0:
-            per_artist[artist] = per_artist.get(artist, 0) + 1
-    chosen = disliked.copy()
-    chosen[top] = True
-    rest = ranked[~chosen[ranked]]  # still in score order
-    if len(top) < k:  # too few artists to honour the cap: fill in score order
-        fill = rest[: k - len(top)].tolist()
-        position = np.empty(n, dtype=np.int64)
-        position[ranked] = np.arange(n)
-        top = sorted(top + fill, key=position.__getitem__)
-        chosen[fill] = True
-        rest = ranked[~chosen[ranked]]
-    before = list(top)
-    explored = _explore(top, rest, fresh, artists, options)
-    if explored:  # what exploration displaced leads the rest, in score order
-        kept = set(top)
-        displaced = np.array([i for i in before if i not in kept], dtype=np.int64)
-        chosen[list(explored)] = True
-        rest = np.concatenate([displaced, rest[~chosen[rest]]])
-    tail = ranked[disliked[ranked]]
-    return np.concatenate([np.array(top, dtype=np.int64), rest, tail]), explored
-
-
-def _walk(
-    order: npt.NDArray[np.int64],
-    artists: npt.NDArray[np.int64],
-    disliked: npt.NDArray[np.bool_],
-    step: int = 64,
-) -> Iterator[tuple[int, int, bool]]:
-    """(index, artist, disliked) in ``order``, as Python values, converted a slice at a time
-    (the walk usually stops within the first slice)."""
-    for start in range(0, len(order), step):
-        part = order[start : start + step]
-        yield from zip(part.tolist(), artists[part].tolist(), disliked[part].tolist(), strict=True)
-
-
-def _explore(
-    top: list[int],
-    rest: npt.NDArray[np.int64],
-    fresh: npt.NDArray[np.bool_],
-    artists: npt.NDArray[np.int64],
-    options: RerankOptions,
-) -> set[int]:
-    """Swap a bounded, seeded share of the top k (never the first two places) for tracks the
-    user has never played, from artists not skipped this session, keeping the artist cap.
-    Changes ``top`` in place; returns the explored candidates."""
-    slots = math.floor(options.explore_share * len(top))
-    first = min(2, len(top))
-    if not slots or len(top) <= first:
-        return set()
-    pool = rest[fresh[rest]]  # in score order
-    rng = random.Random(options.seed)
-    counts: dict[int, int] = {}
-
-    def bump(artist: int, by: int) -> None:
-        if artist >= 0:
-            counts[artist] = counts.get(artist, 0) + by
-
-    for artist in artists[top].tolist():
-        bump(artist, 1)
-    explored: set[int] = set()
-    for place in rng.sample(range(first, len(top)), min(slots, len(top) - first)):
-        leaving = int(artists[top[place]])
-        bump(leaving, -1)
-        fits = pool
-        full = [a for a, c in counts.items() if c >= options.max_per_artist]
-        if full:  # usually an artist or two: a comparison each (np.isin costs more)
-            of_pool = artists[pool]
-            capped = of_pool == full[0]
-            for artist in full[1:]:
-                capped |= of_pool == artist
-            fits = pool[~capped]
-        if not len(fits):
-            bump(leaving, 1)
-            continue
-        pick = int(rng.choice(fits))  # the same draw as from a list: fits[randbelow(len)]
-        pool = pool[pool != pick]
-        top[place] = pick
-        explored.add(pick)
-        bump(int(artists[pick]), 1)
-    return explored
-
-
-_REASONS: tuple[str, ...] = (
-    "something new to explore",
-    "you disliked this",
-    "lower: you skipped this artist just now",
-    "you liked this",
-    "you often finish this track",
-    "you often finish this artist",
-    "close to what you've been playing",
-    "new to you",
-    "ranked by your listening",
-)
-
-
-_REASON_TEXTS = np.array(_REASONS, dtype=object)
-
-
-def _reasons(x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
-    """Index into ``_REASONS`` for every row: the first rule that holds (0 is exploration)."""
-    rules = (
-        x[:, TRACK + 5] > 0,  # disliked
-        x[:, SESSION + 2] > 0,  # artist skipped this session
-        x[:, TRACK + 4] > 0,  # liked
-        (x[:, TRACK] > 0) & (x[:, TRACK + 1] >= 0.7),
-        (x[:, ARTIST] >= math.log1p(3)) & (x[:, ARTIST + 1] >= 0.6),
-        x[:, COSINE] >= 0.5,
-        (x[:, TRACK + 7] > 0) & (x[:, ARTIST + 7] > 0),
-    )
-    codes = np.full(len(x), len(rules) + 1, dtype=np.int64)
-    for code in range(len(rules), 0, -1):  # the earliest rule that holds is written last
-        codes[rules[code - 1]] = code
-    return codes

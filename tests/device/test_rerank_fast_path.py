@@ -23,14 +23,8 @@ from store_peek import peek
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device._features import assemble
-from sottovoce.device._personalize import (
-    _REASONS,
-    Personalizer,
-    RankedItem,
-    RerankOptions,
-    _arrange,
-    _reasons,
-)
+from sottovoce.device._personalize import Personalizer
+from sottovoce.device._rerank import _REASONS, RankedItem, RerankOptions, _arrange, _reasons
 from sottovoce.device._store_ranking import _lookup
 
 
