@@ -60,7 +60,7 @@ from sottovoce.device._tflite_ops import (
     operator_codes,
 )
 
-__all__ = [  # what the other device modules and the tests import from here
+__all__ = [  # what other modules (features, training, the simulator, benchmarks) import here
     "ADAM_BETA1",
     "ADAM_BETA2",
     "ADAM_EPSILON",
