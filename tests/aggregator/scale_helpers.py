@@ -13,6 +13,7 @@ transport; :class:`Counting` is the devices' HTTP transport, which counts the fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -281,6 +282,23 @@ class Served:
                 found.append(int(stat.parent.name))
         return sorted(found)
 
+    def connections(self) -> dict[int, int]:
+        """Each worker's open client connections (established TCP sockets on the port)."""
+        port = int(self.url.rsplit(":", 1)[1])
+        established = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                        established.add(f"socket:[{fields[9]}]")
+        counts = {}
+        for pid in self.workers():
+            with contextlib.suppress(OSError):
+                fds = Path(f"/proc/{pid}/fd").iterdir()
+                counts[pid] = sum(1 for fd in fds if _link(fd) in established)
+        return counts
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -292,6 +310,13 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def _link(path: Path) -> str:
+    try:
+        return str(path.readlink())
+    except OSError:  # closed meanwhile
+        return ""
 
 
 class Tally:
