@@ -7,7 +7,8 @@
   the round closes with the exact sum.
 - A database a newer sottovoce migrated (version 99) is refused with ``SchemaTooNew`` and left
   as it was, on both backends.
-- Two processes opening a fresh PostgreSQL database at once apply each migration once.
+- Two processes opening a fresh PostgreSQL database at once apply each migration once, and
+  the region's policy is logged once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sottovoce._database import Connection
 from sottovoce.aggregator import RegionAggregator, SchemaTooNew, open_database
 from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._schema import SCHEMA_VERSION, migrate, schema_version
+from sottovoce.aggregator._service import generate_keys, policy_with_keys
+from sottovoce.policy import DecisionLog, example_policy
 from sottovoce.sync import period_label, verify_round_spec
 
 pytest.importorskip("opacus")
@@ -137,33 +140,42 @@ def test_a_database_of_a_newer_schema_is_refused_untouched(backend: str) -> None
         assert snapshot(conn) == before
 
 
-MIGRATE_CHILD = """
+OPENING_CHILD = """
 import json, pathlib, sys, time
-from sottovoce.aggregator import open_database
+from datetime import UTC, datetime
+from sottovoce.aggregator import RegionAggregator, load_keys, open_database
 from sottovoce.aggregator._schema import migrate
-conn = open_database(sys.argv[1])
+from sottovoce.policy import load_policy
+url, root = sys.argv[1], pathlib.Path(sys.argv[2])
+policy, keys = load_policy(root / "policy.json"), load_keys(root / "keys")
+conn = open_database(url)
 conn.execute("SELECT 1")
 print("ready", flush=True)
-go = pathlib.Path(sys.argv[2])
-while not go.exists():
+while not (root / "go").exists():
     time.sleep(0.001)
-print(json.dumps(migrate(conn)), flush=True)
+applied = migrate(conn)  # what opening does first, then the log and the ledger
+RegionAggregator(conn, policy=policy, region="eu", signing_key=keys.signing,
+                 hpke_key=keys.hpke, model_id="ab" * 32, dim=8,
+                 clock=lambda: datetime(2026, 11, 3, 9, tzinfo=UTC)).close()
+print(json.dumps(applied), flush=True)
 """
 
 
-def test_two_processes_migrating_a_fresh_postgres_database_apply_each_once(
+def test_two_processes_opening_a_fresh_postgres_database_apply_each_migration_once(
     pg_url: str, tmp_path: Path
 ) -> None:
-    go = tmp_path / "go"
-    children = [subprocess.Popen([sys.executable, "-c", MIGRATE_CHILD, pg_url, str(go)],
+    keys = generate_keys(tmp_path / "keys")
+    policy = policy_with_keys(example_policy(), "eu", keys, None)
+    (tmp_path / "policy.json").write_text(json.dumps(policy.model_dump(mode="json")))
+    children = [subprocess.Popen([sys.executable, "-c", OPENING_CHILD, pg_url, str(tmp_path)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)]  # fmt: skip
     for child in children:  # connected, waiting for the word
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
-    go.touch()  # both migrate at once
+    (tmp_path / "go").touch()  # both open the region's database at once
     applied = []
     for child in children:
-        out, err = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
         applied.append(json.loads(out))
     assert sorted(applied) == [[], ["baseline", "worker_partials"]]
@@ -171,3 +183,8 @@ def test_two_processes_migrating_a_fresh_postgres_database_apply_each_once(
         rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
         assert rows.fetchall() == [(1, "baseline"), (2, "worker_partials")]
         assert schema_version(conn) == SCHEMA_VERSION
+        log = DecisionLog(conn)
+        # The policy the region applies is logged once, by whichever process opened first.
+        assert [d.action.value for _, d in log.query()] == ["apply_policy"]
+        report = log.verify(verifier_key=log.verifier_key)
+        assert report.ok, report.problems
