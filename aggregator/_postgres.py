@@ -194,7 +194,8 @@ class PostgresConnection:
                 self._pool.putconn(conn)
                 if attempt == 2 or not conn.broken:
                     raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
-                continue  # a connection the server dropped: once more on a fresh one
+                self._pool.check()  # the server restarted: drop every stale connection
+                continue  # once more, on a fresh one
             self._held = conn
             return
 
@@ -207,7 +208,10 @@ class PostgresConnection:
         except psycopg.OperationalError as error:
             if verb == "ROLLBACK":
                 return  # the server already ended it
-            raise DatabaseUnavailable(f"the commit failed, nothing was kept: {error}") from None
+            # The connection went at the commit: the server may or may not have kept the
+            # write. Either way the answer is "retry": a kept upload answers its retry with
+            # its stored answer and counts once.
+            raise DatabaseUnavailable(f"the commit's outcome is unknown: {error}") from None
         finally:
             self._pool.putconn(conn)
 
@@ -235,8 +239,6 @@ class PostgresConnection:
         return _Rows(rows, cur.rowcount)
 
     def _autocommit(self, sql: str, parameters: Sequence[Any]) -> _Rows:
-        import psycopg
-
         for attempt in (1, 2):
             conn = self._getconn()
             try:
@@ -244,8 +246,7 @@ class PostgresConnection:
             except DatabaseUnavailable:
                 if attempt == 2 or not conn.broken:
                     raise
-            except psycopg.Error:
-                raise
             finally:
                 self._pool.putconn(conn)
+            self._pool.check()  # the server restarted: drop every stale connection, then retry
         raise AssertionError("unreachable")
