@@ -61,42 +61,32 @@ import json
 import math
 import os
 import sqlite3
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
 
 import httpx
 import numpy as np
 from _common import Service, keygen, progress
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from _load_devices import PHASES, TOKEN, Stats, enroll_ahead, make_devices, run_wave
+from _load_measures import CpuSample, Database
 
-from sottovoce._pgserver import ThrowawayPostgres
 from sottovoce.device import Ranker
 from sottovoce.policy import Policy, example_policy, load_policy
 from sottovoce.sync import (
-    PROTOCOL_VERSION,
     RoundSpec,
     SignedRoundSpec,
-    new_device_secret,
-    period_label,
-    seal_delta,
     verify_round_spec,
 )
-from sottovoce.sync._wire import b64decode, b64encode
+from sottovoce.sync._wire import b64decode
 
 REGION = "eu"
-TOKEN = "bench-enrollment-token"
 AIM_P99_MS = 250.0
-PHASES = ("enroll", "spec", "upload")
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -186,224 +176,6 @@ class Server:
         self.service.stop(15)  # SIGTERM: uvicorn shuts down, the aggregator thread ends
 
 
-def _task_cpu(stat: Path) -> float | None:
-    """User + system CPU seconds of a process or thread (Linux ``/proc``), else ``None``."""
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy() -> float | None:
-    """CPU seconds every process on the machine has used since boot (``/proc/stat``)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    # user nice system idle iowait irq softirq steal: all but idle and iowait is busy
-    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    """The processes ``pid`` forked (serve's workers, PostgreSQL's backends)."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _tree_cpu(pid: int | None) -> float | None:
-    """CPU seconds of ``pid`` and the processes it forked that are alive now."""
-    if pid is None:
-        return None
-    own = _task_cpu(Path(f"/proc/{pid}/stat"))
-    if own is None:
-        return None
-    return own + sum(_task_cpu(Path(f"/proc/{c}/stat")) or 0.0 for c in _children(pid))
-
-
-def _loops_cpu(server_pid: int) -> float | None:
-    """CPU seconds of the main threads of the server's worker processes (uvicorn's event
-    loops): the server itself with one worker, its forked workers with more."""
-    workers = _children(server_pid) or [server_pid]
-    times = [_task_cpu(Path(f"/proc/{w}/task/{w}/stat")) for w in workers]
-    return None if None in times else sum(t for t in times if t is not None)
-
-
-@dataclass(frozen=True)
-class CpuSample:
-    """CPU seconds used so far by the server (all its processes), their event loops, the
-    PostgreSQL server (all its processes; ``None`` on SQLite), this process and the machine."""
-
-    NAMES: ClassVar[tuple[str, ...]] = ("server", "server_loop", "database", "client", "machine")
-
-    server: float | None
-    server_loop: float | None  # uvicorn's event loop runs on a worker process's main thread
-    database: float | None
-    client: float | None
-    machine: float | None
-
-    @classmethod
-    def take(cls, server_pid: int, database_pid: int | None) -> CpuSample:
-        return cls(
-            _tree_cpu(server_pid),
-            _loops_cpu(server_pid),
-            _tree_cpu(database_pid),
-            time.process_time(),
-            _machine_busy(),
-        )
-
-
-# -- the devices -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Device:
-    """One simulated device's requests for one round, built before the clock starts."""
-
-    enroll_body: bytes
-    idempotency_key: str
-    upload_body: bytes
-
-
-def make_devices(
-    n: int, *, spec: RoundSpec, hpke_key: bytes, dim: int, rng: np.random.Generator
-) -> tuple[list[Device], float]:
-    """``n`` devices with fresh keys and sealed deltas; returns them and ms per seal."""
-    period = period_label(spec)
-    devices, seal_s = [], 0.0
-    for _ in range(n):
-        key = Ed25519PrivateKey.generate()
-        # A local round's delta: most within the clipping norm, some clipped by the seal.
-        delta = rng.normal(size=dim)
-        delta *= rng.uniform(0.2, 1.5) * spec.clipping_norm / np.linalg.norm(delta)
-        t = time.perf_counter()
-        sealed = seal_delta(
-            delta=delta.astype(np.float32),
-            spec=spec,
-            device_secret=new_device_secret(),
-            signing_key=key,
-            aggregator_hpke_key=hpke_key,
-            rng=rng,
-        )
-        body = sealed.to_wire()
-        seal_s += time.perf_counter() - t
-        raw_key = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        enroll = {"protocol": PROTOCOL_VERSION, "device_key": b64encode(raw_key), "period": period}
-        devices.append(Device(json.dumps(enroll).encode(), sealed.idempotency_key, body))
-    return devices, seal_s / n * 1000
-
-
-@dataclass
-class Stats:
-    """Latencies by phase and failures by phase, status and code, over all waves."""
-
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
-    errors: Counter[str] = field(default_factory=Counter)
-    accepted: int = 0
-
-
-async def call(stats: Stats, phase: str, request: Any) -> httpx.Response | None:
-    """Send one request; ``None`` (and an error counted) unless it is answered 2xx."""
-    t = time.perf_counter()
-    try:
-        response: httpx.Response = await request
-    except httpx.TransportError as error:
-        stats.errors[f"{phase} transport {type(error).__name__}"] += 1
-        return None
-    stats.latencies[phase].append((time.perf_counter() - t) * 1000)
-    if 200 <= response.status_code < 300:
-        return response
-    try:
-        code = json.loads(response.content).get("code", "?")
-    except (ValueError, AttributeError):
-        code = "not_json"
-    stats.errors[f"{phase} {response.status_code} {code}"] += 1
-    return None
-
-
-async def run_device(
-    client: httpx.AsyncClient,
-    base: str,
-    device: Device,
-    round_id: str,
-    stats: Stats,
-    *,
-    enroll: bool = True,
-) -> None:
-    if enroll and not await enroll_device(client, base, device, stats):
-        return
-    answer = await call(stats, "spec", client.get(f"{base}/v1/round"))
-    if answer is None:
-        return
-    if json.loads(answer.content)["spec"]["round_id"] != round_id:
-        stats.errors["spec 200 other_round"] += 1
-        return
-    headers = {"Idempotency-Key": device.idempotency_key, "Content-Type": "application/json"}
-    url = f"{base}/v1/rounds/{round_id}/deltas"
-    if await call(stats, "upload", client.post(url, content=device.upload_body, headers=headers)):
-        stats.accepted += 1
-
-
-async def enroll_device(client: httpx.AsyncClient, base: str, device: Device, stats: Stats) -> bool:
-    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    enrolled = client.post(f"{base}/v1/enroll", content=device.enroll_body, headers=auth)
-    return await call(stats, "enroll", enrolled) is not None
-
-
-async def enroll_ahead(base: str, devices: list[Device]) -> None:
-    """Enroll every device before the wave, 16 at a time (not measured): a device enrolls
-    once per budget period, not once per round."""
-    stats, gate = Stats(), asyncio.Semaphore(16)
-    async with httpx.AsyncClient(timeout=60.0) as client:
-
-        async def one(device: Device) -> None:
-            async with gate:
-                await enroll_device(client, base, device, stats)
-
-        await asyncio.gather(*(one(d) for d in devices))
-    if stats.errors:
-        raise SystemExit(f"enrolling ahead failed: {dict(stats.errors)}")
-
-
-async def run_wave(
-    base: str,
-    devices: list[Device],
-    round_id: str,
-    *,
-    concurrency: int,
-    ramp: float,
-    stats: Stats,
-    enroll: bool = True,
-) -> float:
-    """All devices of one wave, at most ``concurrency`` at a time; returns the wall seconds.
-
-    Device ``i`` of ``n`` starts ``ramp * i / n`` seconds after the first.
-    """
-    # One client per device: a shared httpx pool of hundreds of connections spends more CPU
-    # picking a connection than sending (httpcore scans the pool per request), which would
-    # measure the client. One TLS context for all, or each client loads the CA bundle (~60 ms)
-    # for plain HTTP; both made before the clock starts.
-    tls = ssl.create_default_context()
-    clients = [httpx.AsyncClient(timeout=60.0, verify=tls) for _ in devices]
-    await clients[0].get(f"{base}/v1/health")  # the first request imports anyio's backend
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int, device: Device) -> None:
-        await asyncio.sleep(ramp * i / len(devices))
-        async with gate:
-            await run_device(clients[i], base, device, round_id, stats, enroll=enroll)
-
-    try:
-        t = time.perf_counter()
-        await asyncio.gather(*(one(i, d) for i, d in enumerate(devices)))
-        return time.perf_counter() - t
-    finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -430,34 +202,6 @@ class Totals:
             start, end = getattr(before, name), getattr(after, name)
             if start is not None and end is not None:
                 self.cpu[name] += end - start
-
-
-class Database:
-    """The region's database: a SQLite file in ``workdir``, or a throwaway PostgreSQL server on
-    127.0.0.1 (``sottovoce._pgserver``: fsync and synchronous_commit on) started and stopped
-    here."""
-
-    def __init__(self, backend: str, workdir: Path) -> None:
-        self.backend = backend
-        self.target = str(workdir / "aggregator.db")
-        self._server: ThrowawayPostgres | None = None
-
-    def __enter__(self) -> Database:
-        if self.backend == "postgres":
-            self._server = ThrowawayPostgres(database="region_eu")
-            self._server.start()
-            self.target = self._server.url
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    def pid(self) -> int | None:
-        """The PostgreSQL server's postmaster (``None`` on SQLite)."""
-        if self._server is None:
-            return None
-        return int((self._server.data / "postmaster.pid").read_text().split()[0])
 
 
 def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Totals:

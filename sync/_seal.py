@@ -285,7 +285,7 @@ def open_delta(
 def _decrypt(sealed: SealedDelta, envelope: dict[str, object], key: X25519PrivateKey) -> bytes:
     try:
         return SUITE.decrypt(
-            b64decode(sealed.enc) + b64decode(sealed.ciphertext), key, info=_info(envelope)
+            b64decode(sealed.enc) + sealed.ciphertext_bytes(), key, info=_info(envelope)
         )
     except InvalidTag:
         raise Undecryptable(
