@@ -29,12 +29,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sottovoce.aggregator._aggregator import RegionAggregator
 from sottovoce.aggregator._edge import (
@@ -126,16 +126,8 @@ def create_app(
     without_validation_422(app)
     _error_handlers(app)
 
-    @app.middleware("http")
-    async def declared_size(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        # Every route: a body declared larger than the limit is refused before anything
-        # reads it (the upload routes also stop reading one that grows past it).
-        size = declared_length(request)
-        if size is not None and size > max_body_bytes and "/deltas" not in request.url.path:
-            return problem(413, "too_large")
-        return await call_next(request)
-
-    _request_log(app)  # added last, so outermost: it logs the size refusals too
+    app.add_middleware(_DeclaredSize, max_body_bytes=max_body_bytes)
+    app.add_middleware(_RequestLog)  # added last, so outermost: it logs the size refusals too
 
     edge = Edge(worker, metrics, tokens, refusals, max_body_bytes)
     device_routes(app, edge)
@@ -182,20 +174,50 @@ def _transient(error: sqlite3.OperationalError) -> bool:
     return name.startswith(("SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR"))
 
 
-def _request_log(app: FastAPI) -> None:
-    """One JSON log line per request, with the route's template (never the raw path: a path
-    can hold a pseudonym) and the answer's code."""
+class _DeclaredSize:
+    """Every route: a body declared larger than the limit is refused before anything reads it
+    (the upload routes also stop reading one that grows past it). Plain ASGI, like
+    :class:`_RequestLog`: a middleware in starlette's ``BaseHTTPMiddleware`` costs every
+    request two more tasks and a stream."""
 
-    @app.middleware("http")
-    async def access(request: Request, call_next: Callable[[Request], Any]) -> Any:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self._app = app
+        self._max = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "/deltas" not in scope["path"]:
+            size = declared_length(Request(scope))
+            if size is not None and size > self._max:
+                await problem(413, "too_large")(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+class _RequestLog:
+    """One JSON log line per request, with the route's template (never the raw path: a path
+    can hold a pseudonym) and the answer's status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self._app(scope, receive, sending)
         fields = {
-            "method": request.method,
-            "route": getattr(route, "path", "unmatched"),
-            "status": response.status_code,
+            "method": scope["method"],
+            "route": getattr(scope.get("route"), "path", "unmatched"),
+            "status": status,
             "ms": round((time.perf_counter() - start) * 1000, 2),
         }
         log.info("request", extra={"fields": fields})
-        return response
