@@ -157,7 +157,16 @@ def register(app: typer.Typer) -> None:
         reranker: Annotated[
             bool, typer.Option(help="Also train and measure the session reranker (sampled).")
         ] = True,
-        sampling_rate: Annotated[float, typer.Option(help="Share of devices per round.")] = 0.5,
+        sampling_rate: Annotated[
+            float, typer.Option(help="Share of devices per round of the session reranker.")
+        ] = 0.5,
+        collaborative_sampling_rate: Annotated[
+            float,
+            typer.Option(
+                help="Share of devices per round of the collaborative model (its few "
+                "rounds need every device)."
+            ),
+        ] = 1.0,
         local_steps: Annotated[int, typer.Option(help="Training steps per device round.")] = 50,
         epsilon: Annotated[float, typer.Option(help="Cap on each region's ε.")] = 8.0,
         workers: Annotated[int, typer.Option(help="Worker processes for devices.")] = 2,
@@ -179,7 +188,8 @@ def register(app: typer.Typer) -> None:
         config = SimulationConfig(
             workdir=workdir, lastfm=data, csv=csv, item_features=item_features,
             users=users or None, rounds=rounds, collaborative_rounds=collaborative_rounds,
-            reranker=reranker, sampling_rate=sampling_rate, local_steps=local_steps,
+            reranker=reranker, sampling_rate=sampling_rate,
+            collaborative_sampling_rate=collaborative_sampling_rate, local_steps=local_steps,
             epsilon=epsilon, workers=workers, server=server, seed=seed, split=split.value,
             skip_bad_rows=skip_bad_rows, regions=tuple(region) if region else ("eu", "us"),
             policy=example_policy() if policy is None else load_policy(policy),
