@@ -213,11 +213,13 @@ class _RequestLog:
                 status = message["status"]
             await send(message)
 
-        await self._app(scope, receive, sending)
-        fields = {
-            "method": scope["method"],
-            "route": getattr(scope.get("route"), "path", "unmatched"),
-            "status": status,
-            "ms": round((time.perf_counter() - start) * 1000, 2),
-        }
-        log.info("request", extra={"fields": fields})
+        try:
+            await self._app(scope, receive, sending)
+        finally:  # an unhandled error is answered 500 further out, and logged here as one
+            fields = {
+                "method": scope["method"],
+                "route": getattr(scope.get("route"), "path", "unmatched"),
+                "status": status,
+                "ms": round((time.perf_counter() - start) * 1000, 2),
+            }
+            log.info("request", extra={"fields": fields})

@@ -117,13 +117,21 @@ class Worker:
         self._uploads: list[tuple[Upload, asyncio.Future[Any]]] = []
         self._writes: list[tuple[Callable[[RegionAggregator], Any], asyncio.Future[Any]]] = []
         self._deciding = False
+        self._task: asyncio.Task[None] | None = None  # the running groups' task (kept alive)
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregator")
-        await self.run(lambda _: None)  # a factory that fails stops the start, not a request
+        try:
+            await self.run(lambda _: None)  # a factory that fails stops the start, not a request
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
+        """Close the aggregator (its database connection or pool) on its thread, then end it."""
         if self._executor is not None:
+            if self._aggregator is not None:
+                self._executor.submit(self._aggregator.close).result()
             self._executor.shutdown(wait=True)
         self._executor = self._aggregator = None
 
@@ -152,7 +160,7 @@ class Worker:
     def _wake(self) -> None:
         if not self._deciding:
             self._deciding = True
-            asyncio.get_running_loop().create_task(self._decide_groups())
+            self._task = asyncio.get_running_loop().create_task(self._decide_groups())
 
     async def _decide_groups(self) -> None:
         try:
@@ -179,6 +187,11 @@ class Worker:
             results = await self.run(decide)
         except Exception as error:  # the commit failed: nothing of the group counts
             results = [error] * len(group)
+        except BaseException:  # cancelled (the service stopping): no request waits for ever
+            for _, future in group:
+                if not future.done():
+                    future.cancel()
+            raise
         for (_, future), result in zip(group, results, strict=True):
             if future.done():  # the client went away meanwhile
                 continue

@@ -116,7 +116,17 @@ class PostgresConnection:
             url,
             min_size=1,
             max_size=max_size,
-            kwargs={"autocommit": True, "application_name": application},
+            kwargs={
+                "autocommit": True,
+                "application_name": application,
+                # A connection that went silent is found out in about a minute, and a write
+                # never waits for the region's lock or idles in a transaction for ever.
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s",
+            },
             open=False,
             name=application,
         )
@@ -188,7 +198,9 @@ class PostgresConnection:
         for attempt in (1, 2):
             conn = self._getconn()
             try:
-                conn.execute("BEGIN")
+                # Read committed whatever the server's default: every read after the lock
+                # sees what the writer before committed.
+                conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._region_lock(conn),))
             except psycopg.OperationalError as error:
                 self._pool.putconn(conn)
@@ -196,6 +208,9 @@ class PostgresConnection:
                     raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
                 self._pool.check()  # the server restarted: drop every stale connection
                 continue  # once more, on a fresh one
+            except BaseException:
+                self._pool.putconn(conn)  # the pool rolls it back
+                raise
             self._held = conn
             return
 
@@ -204,7 +219,10 @@ class PostgresConnection:
 
         conn, self._held = self._held, None
         try:
-            conn.execute(verb)
+            done = conn.execute(verb)
+            if verb == "COMMIT" and done.statusmessage != "COMMIT":
+                # PostgreSQL ends a failed transaction with ROLLBACK, not an error.
+                raise DatabaseUnavailable("the transaction had failed: nothing was kept")
         except psycopg.OperationalError as error:
             if verb == "ROLLBACK":
                 return  # the server already ended it

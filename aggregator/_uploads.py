@@ -127,6 +127,10 @@ class Uploads:
             self._log.append(self._engine.accept_delta(inputs=inputs, refusal="malformed"))
             return Verdict("malformed", key_taken=True)
         if item.refusal is not None:
+            # Under the lock: another worker may have just accepted this very upload.
+            prior = self._prior(item.key, item.digest)
+            if prior is not None and not prior.key_taken:
+                return prior
             return self._refuse(item.key, item.digest, item.refusal, record=item.record)
         assert item.sealed is not None and item.spec is not None and item.delta is not None
         sealed, spec, now = item.sealed, item.spec, self._clock()

@@ -37,19 +37,14 @@ from sottovoce.aggregator._service import ServiceConfig, ServiceConfigError, ser
 __all__ = ["serve"]
 
 log = logging.getLogger("sottovoce.aggregator")
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def serve(
     config: ServiceConfig, *, host: str, port: int, workers: int = 1, log_level: str = "info"
 ) -> None:
     """Serve the region on ``host:port`` with ``workers`` processes (see the module docstring)."""
-    if workers < 1:
-        raise ServiceConfigError(f"--workers must be at least 1, not {workers}")
-    if workers > 1 and not is_postgres_url(config.database):
-        raise ServiceConfigError(
-            "more than one worker needs a PostgreSQL database (--db postgresql://...): an "
-            "SQLite file takes one writer process"
-        )
+    _check_workers(config, workers)
     uv = server_config(config, host=host, port=port, log_level=log_level)
     if workers == 1:
         uvicorn.Server(uv).run()
@@ -59,10 +54,14 @@ def serve(
     stopping = False
 
     def start(slot: int) -> None:
+        # Signals wait while a worker is forked and registered: a SIGTERM then reaches every
+        # worker, and never runs the parent's handler inside the new worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             code = 0
             try:
                 uvicorn.Server(uv).run(sockets=[sock])
@@ -71,6 +70,7 @@ def serve(
                 code = 1
             os._exit(code)
         children[pid] = slot
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -97,5 +97,16 @@ def serve(
         log.warning("worker_died", extra={"fields": {"slot": slot, "pid": pid,
                                                      "status": status}})  # fmt: skip
         time.sleep(0.2)  # a worker that dies at once must not spin the parent
-        start(slot)
+        if not stopping:
+            start(slot)
     sock.close()
+
+
+def _check_workers(config: ServiceConfig, workers: int) -> None:
+    if workers < 1:
+        raise ServiceConfigError(f"--workers must be at least 1, not {workers}")
+    if workers > 1 and not is_postgres_url(config.database):
+        raise ServiceConfigError(
+            "more than one worker needs a PostgreSQL database (--db postgresql://...): an "
+            "SQLite file takes one writer process"
+        )

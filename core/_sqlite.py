@@ -37,7 +37,15 @@ def write_transaction(conn: Connection, *, name: str = "sottovoce") -> Iterator[
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.rollback()
+        # Also when the COMMIT itself failed (SQLite keeps the transaction open after a busy
+        # or failed commit): nothing of it may stay pending on the connection.
+        if _still_open(conn):
+            conn.rollback()
         raise
-    conn.execute("COMMIT")
+
+
+def _still_open(conn: Connection) -> bool:
+    """Whether a transaction is open now (read again: the statements since may have ended it)."""
+    return bool(conn.in_transaction)
