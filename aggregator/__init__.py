@@ -2,16 +2,17 @@
 
 Built so far: :class:`PartialSum`, a mergeable running sum (memory O(model size), whatever the
 number of devices) with DP-FedAvg's central noise; :class:`PrivacyLedger`, the per-region
-accountant (opacus RDP or PRV, persisted in SQLite) that refuses rounds beyond the policy's
-budget; and :class:`RegionAggregator`, the round logic over one database (enrollment, signed
-round specs, accepting sealed deltas with a logged decision for every :class:`Verdict` (a
-reason code, not an HTTP status: the service maps it), closing at the minimum cohort into a
-signed release, abandoning at the deadline, erasure of pending deltas, retention);
-``create_app`` puts it behind a thin FastAPI layer (the paths
+accountant (opacus RDP or PRV, persisted in the region's database) that refuses rounds beyond
+the policy's budget; and :class:`RegionAggregator`, the round logic over one database
+(enrollment, signed round specs, accepting sealed deltas with a logged decision for every
+:class:`Verdict` (a reason code, not an HTTP status: the service maps it), closing at the
+minimum cohort into a signed release, abandoning at the deadline, erasure of pending deltas,
+retention); ``create_app`` puts it behind a thin FastAPI layer (the paths
 ``sottovoce.sync.transport`` speaks); :func:`build_app` adds what a deployment needs (keys from
 files, the round schedule and retention sweeps, JSON logs), run by ``sottovoce aggregator
-serve``. Importing this package does not import torch; the ledger loads opacus when it first
-computes an epsilon.
+serve``. :func:`open_database` opens a region's database (an SQLite file or a PostgreSQL
+URL) and :func:`migrate` brings its schema to this version's. Importing this package does not
+import torch; the ledger loads opacus when it first computes an epsilon.
 
 Errors (``code`` in the middle column)::
 

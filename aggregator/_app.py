@@ -6,9 +6,10 @@ round's signed spec, upload sealed deltas and download signed releases over the 
 HTTP. Routes live under ``/v1``; every answer with a body is a JSON object, and a refusal is
 ``{"code": ..., "message": ...}`` with the status the aggregator picked (``STATUS``).
 
-The aggregator and its SQLite connection belong to one worker thread, made when the app starts
+The aggregator and its database connection belong to one worker thread, made when the app starts
 and ended when it stops: the factory runs on that thread, and requests wait their turn for it,
-so the connection is never shared between threads and uploads are decided one at a time.
+so the connection is never shared between threads; uploads and enrollments are decided in
+groups, each in one durable transaction (group commit, see ``_edge.Worker``).
 Metrics are per-process counters in the Prometheus text format (no client library).
 
 A request is refused before any work it has not earned: a declared body above the limit before

@@ -2,10 +2,10 @@
 
 Step 6 of the data flow ends a round by stepping the privacy accountant; this module is that
 accountant's memory. Each aggregated round is one row (its noise multiplier, sampling rate and
-number of steps), kept in SQLite so a restarted aggregator sees the whole history. Epsilon is never
-summed from rows: it is recomputed by replaying the period's rounds into an opacus accountant (RDP,
-or PRV when the policy says so), so the bound stays tight and a change of the policy's delta or
-accountant applies to the rounds already run.
+number of steps), kept in the region's database so a restarted aggregator sees the whole
+history. Epsilon is never summed from rows: it is recomputed by replaying the period's rounds
+into an opacus accountant (RDP, or PRV when the policy says so), so the bound stays tight and a
+change of the policy's delta or accountant applies to the rounds already run.
 
 Periods are fixed windows counted from the Unix epoch (1970-01-01T00:00:00Z) in steps of the
 policy's period, so a period cannot be stretched or restarted by choosing when it begins. A round is
@@ -117,7 +117,8 @@ _Round = tuple[float, float, int, float]  # (noise multiplier, sampling rate, st
 
 
 class PrivacyLedger:
-    """The privacy spent by one region, period by period, in a SQLite table it creates.
+    """The privacy spent by one region, period by period, in a table it creates (SQLite or
+    PostgreSQL).
 
     ``ledger.can_open(z, q, period_start=p)`` before a round opens;
     ``ledger.charge_round(round_id, z, q, period_start=p, at=now)`` when it is aggregated

@@ -1,20 +1,21 @@
-"""One region's federated rounds, with all of their state in one database (no HTTP).
+"""A round's life in one region (:class:`Rounds`, a part of
+:class:`~sottovoce.aggregator.RegionAggregator`, see :mod:`._aggregator`; no HTTP here).
 
-Data flow step 6: :class:`RegionAggregator` opens a round under the privacy ledger's budget and
+Data flow step 6: the aggregator opens a round under the privacy ledger's budget and
 signs its spec, takes sealed deltas (bytes as uploaded, with the upload's idempotency key),
 decides on each by policy, opens and verifies the accepted ones with
 :func:`~sottovoce.sync.open_delta`, adds them to the round's :class:`PartialSum` and drops
 them. How a round ends depends on the privacy mode (docs/privacy.md):
 
-- central: the round stays open until its deadline, then :meth:`RegionAggregator.sweep` closes
+- central: the round stays open until its deadline, then :meth:`Rounds.sweep` closes
   it: every on-time contribution's sum, rounded to a fixed-point grid, plus discrete Gaussian
   noise, divided by the fixed expected cohort, whatever the count (no truncation, so one device
   moves the sum by at most C: the Poisson-sampled Gaussian the ledger charges);
 - local: every upload carries its own noise; the round closes at its minimum cohort with the
   mean, or is abandoned at its deadline (no count logged).
 
-Each publication steps the privacy ledger and signs a :class:`~sottovoce.sync.ModelRelease`.
-The HTTP service is a thin layer over this class.
+Each publication steps the privacy ledger and signs a :class:`~sottovoce.sync.ModelRelease`
+(through the region's signer, :mod:`._signer`).
 
 Restart safety: every acknowledged delta changes the stored running sum, its contribution row
 and its ``accept_delta`` decision in one write transaction (uploads arriving together share one,
