@@ -98,6 +98,10 @@ class _Recorded:
         self.sizes.append(len(uploads))
         return self._agg.accept_many(uploads)
 
+    def close(self) -> None:
+        """Not the aggregator's: the Worker closes what it decided with when it stops, and the
+        bench goes on with the aggregator (it closes the round, then the aggregator, itself)."""
+
 
 def as_service(prepared: Prepared, clients: int) -> tuple[float, list[float], list[int]]:
     """The Worker fed by ``clients`` concurrent device clients (see the module docstring):
