@@ -163,15 +163,20 @@ class PostgresConnection:
         return self._autocommit(translated, parameters)
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> _Rows:
+        import psycopg
+
         translated = self._translated(sql.strip())
         rows = list(seq_of_parameters)
-        if self._held is not None:
-            with self._held.cursor() as cur:
+        try:
+            if self._held is not None:
+                with self._held.cursor() as cur:
+                    cur.executemany(translated, rows)
+                    return _Rows([], cur.rowcount)
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 cur.executemany(translated, rows)
                 return _Rows([], cur.rowcount)
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.executemany(translated, rows)
-            return _Rows([], cur.rowcount)
+        except psycopg.OperationalError as error:
+            raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
 
     def rollback(self) -> None:
         if self._held is not None:

@@ -29,7 +29,6 @@ from sottovoce.policy._reasons import reason
 from sottovoce.sync import ModelRelease, RoundSpec, SignedRoundSpec
 
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-_PERIOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,31}$")
 
 
 class RoundStillOpen(AggregatorError):

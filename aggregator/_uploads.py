@@ -26,7 +26,6 @@ from datetime import datetime
 
 from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
-from sottovoce.aggregator._errors import AggregatorError
 from sottovoce.aggregator._round_state import (
     _IDEMPOTENCY_KEY,
     RegionContext,
@@ -90,7 +89,7 @@ class Uploads:
                 try:
                     with write_transaction(self._conn, name="upload"):
                         results.append(self._apply(item, group))
-                except (AggregatorError, SottovoceError, ValueError) as error:
+                except (SottovoceError, ValueError) as error:
                     if not self._conn.in_transaction:  # the database ended the whole group
                         raise
                     results.append(error)

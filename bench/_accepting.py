@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import percentile
 from _region import (
     Prepared,
     check_published,
@@ -54,8 +55,8 @@ def median_ms(values: list[float]) -> float:
 
 
 def percentile_ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 3)
+    """The ``q`` quantile of durations in seconds, in ms to 0.001."""
+    return round(percentile(values, q) * 1000, 3)
 
 
 # -- the modes -------------------------------------------------------------------------------

@@ -1,17 +1,16 @@
-"""What the benchmarks share: progress lines, percentiles, a loopback port, and the regional
+"""What the benchmarks share: progress lines, percentiles, and the regional
 aggregator run as an operator runs it (``sottovoce aggregator keygen`` and ``serve``, in a
 process of its own).
 
 Each benchmark prints one JSON object on stdout and its progress on stderr. They run as
 ``python bench/NAME.py``, which puts this folder first on ``sys.path``: they import this module
-as ``_common``. It imports only the standard library, so ``bench/flower.py`` can import it in
-Flower's own venv too.
+as ``_common``. At import it needs only the standard library, so ``bench/flower.py`` can import
+it in Flower's own venv too.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Service", "free_port", "keygen", "percentile", "proc_status_kb", "progress"]
+__all__ = ["Service", "keygen", "percentile", "proc_status_kb", "progress"]
 
 CLI = (sys.executable, "-m", "sottovoce", "aggregator")
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
@@ -35,15 +34,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     """The nearest-rank ``q`` quantile (0 <= q <= 1) of ``values``."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    # serve takes a port number; the moment between closing this socket and the server
-    # binding the port is a race no other process here is likely to win.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def proc_status_kb(pid: int | str, field: str) -> int:
@@ -90,6 +80,8 @@ class Service:
     ) -> Service:
         """Start it with the keys and policy :func:`keygen` wrote to ``keys`` and wait until
         ``ready`` answers 200 (``/v1/round``: until a round is open)."""
+        from sottovoce._pgserver import free_port  # here: Flower's venv imports this module
+
         port = free_port()
         command = [*CLI, "serve", "--region", region, "--policy", str(keys / "policy.json"),
                    "--keys", str(keys), "--db", str(db), "--port", str(port), *options]  # fmt: skip

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import Service, keygen, progress
+from _common import Service, keygen, percentile, progress
 from _load_devices import PHASES, TOKEN, Stats, enroll_ahead, make_devices, run_wave
 from _load_measures import CpuSample, Database
 
@@ -179,11 +179,9 @@ class Server:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 2)
+def p_ms(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of latencies in ms, to 0.01 ms (``None`` for none)."""
+    return round(percentile(values, q), 2) if values else None
 
 
 @dataclass
@@ -239,7 +237,7 @@ def run_waves(args: argparse.Namespace, concurrency: int, stats: Stats) -> Total
                 recent = stats.latencies["upload"][-args.devices :]
                 print(f"wave {wave}: {wall:.2f} s, round {round_id} "
                       f"{'published' if published else 'NOT published'}, upload p99 "
-                      f"{percentile(recent, 0.99)} ms, errors so far "
+                      f"{p_ms(recent, 0.99)} ms, errors so far "
                       f"{sum(stats.errors.values())}", file=sys.stderr)  # fmt: skip
         finally:
             server.stop()
@@ -301,7 +299,7 @@ def main() -> None:
     totals = run_waves(args, concurrency, stats)
     enrolls, specs, uploads = (stats.latencies[p] for p in PHASES)
     errors = sum(stats.errors.values())
-    p99 = percentile(uploads, 0.99)
+    p99 = p_ms(uploads, 0.99)
     cpu = totals.cpu
     other_cpu = cpu["machine"] - cpu["server"] - cpu["database"] - cpu["client"]
     print(json.dumps({
@@ -314,16 +312,16 @@ def main() -> None:
         "enrolled_ahead": args.enrolled_ahead,
         "uploads_accepted": stats.accepted,
         "uploads_per_s": round(stats.accepted / sum(totals.walls), 1),
-        "p50_ms": percentile(uploads, 0.5),
+        "p50_ms": p_ms(uploads, 0.5),
         "p99_ms": p99,
         "max_ms": round(max(uploads), 2) if uploads else None,
         "mean_ms": round(statistics.fmean(uploads), 2) if uploads else None,
         "errors": errors,
         "errors_by_code": dict(sorted(stats.errors.items())),
-        "enroll_p50_ms": percentile(enrolls, 0.5),
-        "enroll_p99_ms": percentile(enrolls, 0.99),
-        "spec_p50_ms": percentile(specs, 0.5),
-        "spec_p99_ms": percentile(specs, 0.99),
+        "enroll_p50_ms": p_ms(enrolls, 0.5),
+        "enroll_p99_ms": p_ms(enrolls, 0.99),
+        "spec_p50_ms": p_ms(specs, 0.5),
+        "spec_p99_ms": p_ms(specs, 0.99),
         "round_closed": totals.published == args.waves,
         "rounds_published": totals.published,
         "wave_wall_s": [round(w, 3) for w in totals.walls],

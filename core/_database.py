@@ -13,18 +13,10 @@ exist, which columns has it, a JSON field of a text column) are answered here fo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 __all__ = ["Connection", "backend_of", "columns_of", "json_text", "table_exists"]
-
-
-class Cursor(Protocol):
-    rowcount: int
-
-    def fetchone(self) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-    def __iter__(self) -> Iterator[Any]: ...
 
 
 class Connection(Protocol):

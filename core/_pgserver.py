@@ -62,6 +62,7 @@ __all__ = [
     "PostgresNotFound",
     "ThrowawayPostgres",
     "find_bin_dir",
+    "free_port",
 ]
 
 URL_ENV: Final = "SOTTOVOCE_TEST_PG_URL"
@@ -219,7 +220,7 @@ class ThrowawayPostgres:
             return
         self._initdb()
         for attempt in range(3):  # a free port may be taken between choosing and binding it
-            self.port = _free_port()
+            self.port = free_port()
             self._configure()
             try:
                 self._pg_ctl("start", "-l", str(self.log))
@@ -347,7 +348,8 @@ def _remove(bin_dir: Path, root: Path, as_server: list[str]) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server about to start)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

@@ -17,14 +17,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +37,7 @@ from fastapi import FastAPI
 from service_helpers import Device, MemoryOutbox
 
 from sottovoce._database import Connection
+from sottovoce._pgserver import free_port
 from sottovoce.aggregator import PartialSum, RegionAggregator, create_app, open_database
 from sottovoce.aggregator._service import generate_keys, policy_with_keys
 from sottovoce.device import Ranker
@@ -52,12 +52,6 @@ TOKEN = "scale-enrollment-token"
 PRIVACY = {"min_cohort": 3, **MECHANISM, "epsilon": 12.0}
 ROUND = timedelta(hours=6)
 START_TIMEOUT = 120.0  # seconds: the service imports torch for its accountant before it listens
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def without_faketime(environ: Mapping[str, str]) -> dict[str, str]:
