@@ -4,7 +4,7 @@ The parent builds the app once (so a bad configuration fails before anything lis
 the port, and forks N workers that each serve it on that socket with uvicorn (the kernel spreads
 connections among them). Each worker opens its own aggregator, with its own connection pool
 and its own running sums, on the region's PostgreSQL database: everything they must agree on
-is in the database and decided under its lock (see :mod:`sottovoce._database`):
+is in the database and decided under its lock (see :mod:`._postgres`):
 
 - exactly-once acceptance: the idempotency key and the once-per-round pseudonym and device key
   are unique indexes, checked again under the region's write lock;
