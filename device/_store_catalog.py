@@ -36,6 +36,7 @@ class CatalogCache:
     def clear(self) -> None:
         self.epoch += 1
         self.entries: dict[str, tuple[str | None, Vector]] = {}
+        self.vectors: dict[str, Vector] = {}  # track -> vector, as in entries
         self.rows: dict[str, int] = {}  # track -> row of fitted and artist_of_row
         self.fitted = np.zeros((0, ITEM_DIM), dtype=np.float32)
         self.artist_of_row = np.zeros(0, dtype=np.int64)  # artist code, -1 when none
@@ -50,6 +51,7 @@ class CatalogCache:
         for track, artist, blob in rows:
             vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
             self.entries[track] = (artist, vector)
+            self.vectors[track] = vector
             loaded.append((track, artist, vector))
         if not loaded:
             return
@@ -113,7 +115,7 @@ class Catalog:
     def load(self, track_ids: Iterable[str]) -> None:
         """Bring ``track_ids`` into the cache (those in the catalog and not loaded yet)."""
         items = self.cache
-        wanted = list(dict.fromkeys(t for t in track_ids if t not in items.entries))
+        wanted = sorted(set(track_ids).difference(items.entries))  # sorted: a stable order
         first_use = not items.entries and not items.complete
         if wanted and first_use and self._size() <= WHOLE_CATALOG:
             self.whole()  # one scan now instead of a query for every batch of new tracks
@@ -123,12 +125,11 @@ class Catalog:
             sql = f"SELECT track_id, artist_id, vector FROM catalog WHERE track_id IN ({marks})"
             items.add(self._file.conn.execute(sql, chunk))
 
-    def vectors(self, track_ids: Iterable[str | None]) -> dict[str, Vector]:
-        """The catalog vector of each track that has one."""
-        tracks = {t for t in track_ids if t is not None}
-        self.load(tracks)
-        entries = self.cache.entries
-        return {t: entries[t][1] for t in tracks if t in entries}
+    def vectors(self, track_ids: Iterable[str | None]) -> Mapping[str, Vector]:
+        """Track id -> catalog vector, for every one of ``track_ids`` that has one (and maybe
+        other tracks: what is cached, handed out without a copy, so read it only)."""
+        self.load(set(filter(None, track_ids)))  # ids are never empty: only None is dropped
+        return self.cache.vectors
 
     def _size(self) -> int:
         return int(self._file.conn.execute("SELECT count(*) FROM catalog").fetchone()[0])

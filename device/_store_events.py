@@ -10,9 +10,11 @@ loop runs per event beyond building each stored row.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from operator import attrgetter
 from typing import Any
@@ -70,6 +72,10 @@ class Events:
     def append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         """Store a batch of events in one transaction, all or nothing (see
         :meth:`sottovoce.device.EventStore.append_many`)."""
+        with _collector_paused():
+            return self._append_many(events)
+
+    def _append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         parsed = _validate(list(events))
         if not parsed:
             return AppendResult(0)
@@ -175,10 +181,12 @@ class Events:
 
     def _resolve_artists(self, batch: FactBatch) -> FactBatch:
         """Fill in, from the local catalog, the artists the app left out."""
+        # An event without a track has no artist either: as many artists as tracks missing
+        # means none left out (counted in C, before any loop over the batch).
+        if batch.artist.count(None) == batch.track.count(None):
+            return batch
         missing = {k: track for k, (track, artist) in enumerate(zip(batch.track, batch.artist,
                    strict=True)) if artist is None and track is not None}  # fmt: skip
-        if not missing:
-            return batch
         self._catalog.load(missing.values())
         catalog, artists = self._catalog.cache.entries, list(batch.artist)
         for k, track in missing.items():
@@ -219,6 +227,27 @@ class Events:
             "WHERE user_ref = ? ORDER BY seq", (ref,)
         )  # fmt: skip
         return [_fact(row, _revive(row[7])) for row in rows]
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector held off for the length of one append.
+
+    A batch makes several objects per event (models, their dicts, rows), all freed by
+    reference counting when the append returns. Collections in between find nothing to free,
+    but they promote the batch's live objects to older generations, which then bring on full
+    collections over the whole process's heap: in ``bench/ingest.py`` those cost about as much
+    as validating the events. An append nested in a paused one, or one in a process that turned
+    the collector off, leaves the setting as it found it.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _event_rows(batch: FactBatch, ids: list[str], bodies: list[str]) -> Iterator[tuple[Any, ...]]:
