@@ -45,7 +45,7 @@ from sottovoce.aggregator._signer import RegionSigner
 from sottovoce.aggregator._upload_group import Upload
 from sottovoce.aggregator._uploads import Uploads
 from sottovoce.policy import DecisionEngine, DecisionLog, Policy
-from sottovoce.sync import ModelRelease, SignedRoundSpec
+from sottovoce.sync import ModelRelease, SealedDelta, SignedRoundSpec
 from sottovoce.sync._budget import Mechanism
 
 __all__ = ["RegionAggregator"]
@@ -170,8 +170,10 @@ class RegionAggregator:
     def accept(self, body: bytes, idempotency_key: str, *, record: bool = True) -> Verdict:
         return self._uploads.accept(body, idempotency_key, record=record)
 
-    def accept_many(self, uploads: Sequence[Upload]) -> list[Verdict | Exception]:
-        return self._uploads.accept_many(uploads)
+    def accept_many(
+        self, uploads: Sequence[Upload], *, parsed: Sequence[SealedDelta | None] = ()
+    ) -> list[Verdict | Exception]:
+        return self._uploads.accept_many(uploads, parsed=parsed)
 
     def erase(self, body: bytes, *, record: bool = True) -> Verdict:
         return self._uploads.erase(body, record=record)

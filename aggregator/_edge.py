@@ -114,7 +114,7 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._aggregator: RegionAggregator | None = None
         self._max_group = max_group
-        self._uploads: list[tuple[Upload, asyncio.Future[Any]]] = []
+        self._uploads: list[tuple[tuple[Upload, SealedDelta | None], asyncio.Future[Any]]] = []
         self._writes: list[tuple[Callable[[RegionAggregator], Any], asyncio.Future[Any]]] = []
         self._deciding = False
         self._task: asyncio.Task[None] | None = None  # the running groups' task (kept alive)
@@ -142,10 +142,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, call)
 
-    async def accept(self, body: bytes, key: str, *, record: bool) -> Verdict:
-        """Decide on an upload in the next group of uploads."""
+    async def accept(
+        self, body: bytes, key: str, *, record: bool, sealed: SealedDelta | None = None
+    ) -> Verdict:
+        """Decide on an upload in the next group of uploads (``sealed``: the body, if it was
+        parsed already, so that it is not parsed twice)."""
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
-        self._uploads.append(((body, key, record), future))
+        self._uploads.append((((body, key, record), sealed), future))
         self._wake()
         return await future
 
@@ -173,8 +176,10 @@ class Worker:
                 if self._uploads:
                     uploads = self._uploads[: self._max_group]
                     del self._uploads[: self._max_group]
-                    batch = [upload for upload, _ in uploads]
-                    await self._settle(uploads, partial(_accept_many, uploads=batch))
+                    batch = [upload for (upload, _), _ in uploads]
+                    parsed = [sealed for (_, sealed), _ in uploads]
+                    await self._settle(uploads, partial(_accept_many, uploads=batch,
+                                                        parsed=parsed))  # fmt: skip
         finally:
             self._deciding = False
 
@@ -212,8 +217,10 @@ def _write_many(
     return agg.write_many(calls)
 
 
-def _accept_many(agg: RegionAggregator, *, uploads: list[Upload]) -> list[Verdict | Exception]:
-    return agg.accept_many(uploads)
+def _accept_many(
+    agg: RegionAggregator, *, uploads: list[Upload], parsed: list[SealedDelta | None]
+) -> list[Verdict | Exception]:
+    return agg.accept_many(uploads, parsed=parsed)
 
 
 class Metrics:
@@ -355,19 +362,15 @@ def declared_length(request: Request) -> int | None:
         return None
 
 
-def pseudonym_of(body: bytes) -> str | None:
+def parsed_delta(body: bytes) -> SealedDelta | None:
+    """``body`` parsed as a sealed delta, or ``None`` (the aggregator then decides how it is
+    malformed)."""
     try:
-        return SealedDelta.from_wire(body).pseudonym
+        return SealedDelta.from_wire(body)
     except (SyncError, ValueError, RecursionError):
         return None
 
 
-def other_round(body: bytes, round_id: str) -> bool:
-    """Whether ``body`` is a sealed delta for another round than the path names.
-
-    Anything else (including an unparsable body) is left to the aggregator to decide.
-    """
-    try:
-        return SealedDelta.from_wire(body).round_id != round_id
-    except (SyncError, ValueError, RecursionError):
-        return False
+def pseudonym_of(body: bytes) -> str | None:
+    sealed = parsed_delta(body)
+    return None if sealed is None else sealed.pseudonym

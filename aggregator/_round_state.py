@@ -11,6 +11,7 @@ and :class:`~._uploads.Uploads` (deciding on uploads and erasures).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,14 @@ class Verdict:
     def accepted(self) -> bool:
         """Whether the answer is an allow (a delta counted, or taken back on request)."""
         return reason(self.code).outcome == "allow"
+
+
+@functools.lru_cache(maxsize=64)
+def stored_spec(text: str) -> SignedRoundSpec:
+    """A round's stored signed spec, parsed once per process: a round's row is written once,
+    with the spec it was opened with, and a parsed spec is frozen, so every upload and spec
+    fetch of a round shares one parse (the text is the key: another text is parsed anew)."""
+    return SignedRoundSpec.from_wire(text)
 
 
 def stored_status(code: str) -> int:
@@ -137,7 +146,7 @@ class RoundTables:
     def current_round(self) -> SignedRoundSpec | None:
         """The open round's signed spec, if a round is open."""
         row = self._conn.execute("SELECT spec FROM rounds WHERE state = 'open'").fetchone()
-        return None if row is None else SignedRoundSpec.from_wire(row[0])
+        return None if row is None else stored_spec(row[0])
 
     def round(self, round_id: str) -> RoundInfo | None:
         row = self._conn.execute(
@@ -150,7 +159,7 @@ class RoundTables:
         rid, spec, state, count, opened, closed = row
         return RoundInfo(
             round_id=rid,
-            signed_spec=SignedRoundSpec.from_wire(spec),
+            signed_spec=stored_spec(spec),
             state=state,
             count=int(count),
             opened_at=datetime.fromisoformat(opened),

@@ -7,6 +7,7 @@ token (enrollment), the declared content type (415), then the body within the li
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
@@ -28,14 +29,14 @@ from sottovoce.aggregator._edge import (
     invalid_body,
     is_json,
     matches,
-    other_round,
+    parsed_delta,
     problem,
     pseudonym_of,
     read_limited,
     token_ok,
 )
 from sottovoce.aggregator._openapi import documented_responses
-from sottovoce.sync import SealedDelta
+from sottovoce.sync import SealedDelta, SignedRoundSpec
 from sottovoce.sync._wire import PROTOCOL_VERSION
 
 __all__ = ["Edge", "device_routes", "operator_routes", "upload_routes"]
@@ -66,6 +67,13 @@ DELTA_BODY: Final = {
 }
 
 
+@functools.lru_cache(maxsize=8)
+def spec_wire(signed: SignedRoundSpec) -> bytes:
+    """A signed spec as sent, serialised once per round (a parsed spec is frozen and hashable;
+    every device of a round fetches the same one)."""
+    return signed.to_wire()
+
+
 def device_routes(app: FastAPI, edge: Edge) -> None:
     worker, metrics, refusals = edge.worker, edge.metrics, edge.refusals
 
@@ -81,7 +89,7 @@ def device_routes(app: FastAPI, edge: Edge) -> None:
         signed = await worker.run(lambda agg: agg.current_round())
         if signed is None:
             return problem(404, "no_open_round")
-        return Response(signed.to_wire(), media_type=JSON)
+        return Response(spec_wire(signed), media_type=JSON)
 
     @app.post(
         "/v1/enroll",
@@ -196,14 +204,14 @@ def upload_routes(app: FastAPI, edge: Edge) -> None:
         if body is None:
             size = declared_length(request)
             verdict = await worker.run(lambda agg: agg.refuse_too_large(key, size, record=logged))
-        elif other_round(body, round_id):
+        elif (sealed := parsed_delta(body)) is not None and sealed.round_id != round_id:
             verdict = await worker.run(
                 lambda agg: agg.refuse(body, key, "malformed", record=logged)
             )
             message = "The delta is for another round than the path's."
         else:
             # A missing key is still the aggregator's decision (logged, refused as malformed).
-            verdict = await worker.accept(body, key, record=logged)
+            verdict = await worker.accept(body, key, record=logged, sealed=sealed)
             if idempotency_key is None:
                 message = "The Idempotency-Key header is required."
         refusals.settle(request, logged, "accept_delta", verdict.accepted, verdict.code)

@@ -67,7 +67,9 @@ class Uploads:
             raise result
         return result
 
-    def accept_many(self, uploads: Sequence[Upload]) -> list[Verdict | Exception]:
+    def accept_many(
+        self, uploads: Sequence[Upload], *, parsed: Sequence[SealedDelta | None] = ()
+    ) -> list[Verdict | Exception]:
         """Decide on uploads that arrived together, in ONE durable write transaction (group
         commit: one fsync for all of them); returns each one's verdict, in order, or the
         exception its decision raised (that upload's writes are rolled back, the others'
@@ -78,8 +80,15 @@ class Uploads:
         verification happen first, outside the transaction (on PostgreSQL other workers write
         meanwhile); everything they read is checked again under the write lock. The running
         sum this worker keeps for a round is read once and written once per group.
+
+        ``parsed``, if given, holds each body already parsed by the caller (``None`` where it
+        did not parse): each must be ``SealedDelta.from_wire`` of exactly that body.
         """
-        pending = [self._prepare(body, key, record=record) for body, key, record in uploads]
+        known = list(parsed) or [None] * len(uploads)
+        if len(known) != len(uploads):
+            raise ValueError(f"{len(known)} parsed bodies for {len(uploads)} uploads")
+        pending = [self._prepare(body, key, record=record, sealed=sealed)
+                   for (body, key, record), sealed in zip(uploads, known, strict=True)]  # fmt: skip
         if all(p.answer is not None for p in pending):  # replays only: nothing to write
             return [p.answer for p in pending if p.answer is not None]
         results: list[Verdict | Exception] = []
@@ -96,7 +105,9 @@ class Uploads:
             group.store()
         return results
 
-    def _prepare(self, body: bytes, idempotency_key: str, *, record: bool) -> Pending:
+    def _prepare(
+        self, body: bytes, idempotency_key: str, *, record: bool, sealed: SealedDelta | None
+    ) -> Pending:
         """Everything about an upload that needs no write: the stored answer to a replay, a
         refusal, or the opened delta (decrypted and verified)."""
         digest = hashlib.sha256(body).hexdigest()
@@ -106,9 +117,8 @@ class Uploads:
             if prior.key_taken and record:
                 return pending.refused(prior.code, key_taken=True)
             return pending.answered(prior)
-        sealed: SealedDelta | None = None
         try:
-            sealed, spec = self._precheck(body, idempotency_key)
+            sealed, spec = self._precheck(body, idempotency_key, sealed)
             return pending.opened(sealed, spec, self._open(sealed, spec))
         except _Refusal as refusal:
             return pending.refused(refusal.code, refusal=refusal)
@@ -205,14 +215,18 @@ class Uploads:
         # Not stored: the key stays bound to the content it accepted.
         return Verdict("malformed", key_taken=True)
 
-    def _precheck(self, body: bytes, idempotency_key: str) -> tuple[SealedDelta, RoundSpec]:
-        """The envelope checks before decryption; raises ``_Refusal``."""
+    def _precheck(
+        self, body: bytes, idempotency_key: str, sealed: SealedDelta | None
+    ) -> tuple[SealedDelta, RoundSpec]:
+        """The envelope checks before decryption (``sealed``: the body, if already parsed);
+        raises ``_Refusal``."""
         if not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise _Refusal("malformed")
-        try:
-            sealed = SealedDelta.from_wire(body)
-        except SyncError as error:
-            raise _Refusal(error.code) from None
+        if sealed is None:
+            try:
+                sealed = SealedDelta.from_wire(body)
+            except SyncError as error:
+                raise _Refusal(error.code) from None
         refuse = {"round_id": sealed.round_id, "pseudonym": sealed.pseudonym}
         if sealed.idempotency_key != idempotency_key:
             raise _Refusal("malformed", **refuse)

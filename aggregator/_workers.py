@@ -23,6 +23,7 @@ stops every worker gracefully. SQLite has one writer process: more than one work
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -46,6 +47,11 @@ def serve(
     """Serve the region on ``host:port`` with ``workers`` processes (see the module docstring)."""
     _check_workers(config, workers)
     uv = server_config(config, host=host, port=port, log_level=log_level)
+    # What start-up made (modules, the app, pydantic's validators: ~100k objects) is moved out
+    # of the collector's way: a full collection, every few hundred requests, then walks only
+    # what requests made instead of pausing the service ~20 ms. Forked workers inherit it.
+    gc.collect()
+    gc.freeze()
     if workers == 1:
         uvicorn.Server(uv).run()
         return

@@ -1,19 +1,20 @@
 """The simulated devices of ``bench/load.py``: each one's requests for a round, built and
-sealed before the clock starts, and the asyncio code that plays them against the service,
-recording every answer's latency and status by phase."""
+sealed before the clock starts, and the asyncio code that plays them against the service
+(each device on its own HTTP/1.1 connection, :mod:`_load_http`), recording every answer's
+latency and status by phase."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
+from _load_http import Answer, DeviceConnection, TransportError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -76,51 +77,46 @@ class Stats:
     accepted: int = 0
 
 
-async def call(stats: Stats, phase: str, request: Any) -> httpx.Response | None:
+async def call(stats: Stats, phase: str, request: Awaitable[Answer]) -> Answer | None:
     """Send one request; ``None`` (and an error counted) unless it is answered 2xx."""
     t = time.perf_counter()
     try:
-        response: httpx.Response = await request
-    except httpx.TransportError as error:
-        stats.errors[f"{phase} transport {type(error).__name__}"] += 1
+        response = await request
+    except TransportError as error:
+        stats.errors[f"{phase} transport {error.kind}"] += 1
         return None
     stats.latencies[phase].append((time.perf_counter() - t) * 1000)
-    if 200 <= response.status_code < 300:
+    if 200 <= response.status < 300:
         return response
     try:
-        code = json.loads(response.content).get("code", "?")
+        code = json.loads(response.body).get("code", "?")
     except (ValueError, AttributeError):
         code = "not_json"
-    stats.errors[f"{phase} {response.status_code} {code}"] += 1
+    stats.errors[f"{phase} {response.status} {code}"] += 1
     return None
 
 
 async def run_device(
-    client: httpx.AsyncClient,
-    base: str,
-    device: Device,
-    round_id: str,
-    stats: Stats,
-    *,
-    enroll: bool = True,
+    conn: DeviceConnection, device: Device, round_id: str, stats: Stats, *, enroll: bool = True
 ) -> None:
-    if enroll and not await enroll_device(client, base, device, stats):
+    if enroll and not await enroll_device(conn, device, stats):
         return
-    answer = await call(stats, "spec", client.get(f"{base}/v1/round"))
+    answer = await call(stats, "spec", conn.request("GET", "/v1/round"))
     if answer is None:
         return
-    if json.loads(answer.content)["spec"]["round_id"] != round_id:
+    if json.loads(answer.body)["spec"]["round_id"] != round_id:
         stats.errors["spec 200 other_round"] += 1
         return
     headers = {"Idempotency-Key": device.idempotency_key, "Content-Type": "application/json"}
-    url = f"{base}/v1/rounds/{round_id}/deltas"
-    if await call(stats, "upload", client.post(url, content=device.upload_body, headers=headers)):
+    path = f"/v1/rounds/{round_id}/deltas"
+    if await call(stats, "upload", conn.request("POST", path, body=device.upload_body,
+                                                headers=headers)):  # fmt: skip
         stats.accepted += 1
 
 
-async def enroll_device(client: httpx.AsyncClient, base: str, device: Device, stats: Stats) -> bool:
+async def enroll_device(conn: DeviceConnection, device: Device, stats: Stats) -> bool:
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    enrolled = client.post(f"{base}/v1/enroll", content=device.enroll_body, headers=auth)
+    enrolled = conn.request("POST", "/v1/enroll", body=device.enroll_body, headers=auth)
     return await call(stats, "enroll", enrolled) is not None
 
 
@@ -128,15 +124,26 @@ async def enroll_ahead(base: str, devices: list[Device]) -> None:
     """Enroll every device before the wave, 16 at a time (not measured): a device enrolls
     once per budget period, not once per round."""
     stats, gate = Stats(), asyncio.Semaphore(16)
-    async with httpx.AsyncClient(timeout=60.0) as client:
 
-        async def one(device: Device) -> None:
-            async with gate:
-                await enroll_device(client, base, device, stats)
+    async def one(device: Device) -> None:
+        async with gate:
+            conn = connection_to(base)
+            try:
+                await enroll_device(conn, device, stats)
+            finally:
+                await conn.close()
 
-        await asyncio.gather(*(one(d) for d in devices))
+    await asyncio.gather(*(one(d) for d in devices))
     if stats.errors:
         raise SystemExit(f"enrolling ahead failed: {dict(stats.errors)}")
+
+
+def connection_to(base: str) -> DeviceConnection:
+    """A device's connection to the service at ``base`` (``http://host:port``)."""
+    url = urlsplit(base)
+    if url.scheme != "http" or url.hostname is None or url.port is None:
+        raise ValueError(f"the bench talks plain HTTP to host:port, not {base!r}")
+    return DeviceConnection(url.hostname, url.port)
 
 
 async def run_wave(
@@ -153,23 +160,20 @@ async def run_wave(
 
     Device ``i`` of ``n`` starts ``ramp * i / n`` seconds after the first.
     """
-    # One client per device: a shared httpx pool of hundreds of connections spends more CPU
-    # picking a connection than sending (httpcore scans the pool per request), which would
-    # measure the client. One TLS context for all, or each client loads the CA bundle (~60 ms)
-    # for plain HTTP; both made before the clock starts.
-    tls = ssl.create_default_context()
-    clients = [httpx.AsyncClient(timeout=60.0, verify=tls) for _ in devices]
-    await clients[0].get(f"{base}/v1/health")  # the first request imports anyio's backend
+    # One connection per device, as phones have; a light client (see _load_http) so that
+    # the devices' CPU, on the same cores, takes as little from the service as it can.
+    conns = [connection_to(base) for _ in devices]
+    await conns[0].request("GET", "/v1/health")  # the service answers (not measured)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, device: Device) -> None:
         await asyncio.sleep(ramp * i / len(devices))
         async with gate:
-            await run_device(clients[i], base, device, round_id, stats, enroll=enroll)
+            await run_device(conns[i], device, round_id, stats, enroll=enroll)
 
     try:
         t = time.perf_counter()
         await asyncio.gather(*(one(i, d) for i, d in enumerate(devices)))
         return time.perf_counter() - t
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.close() for c in conns))
