@@ -194,5 +194,8 @@ Event = Annotated[
     | Context,
     Field(discriminator="type"),
 ]
+EVENT_MODELS: tuple[type[_Event], ...] = (PlayStart, PlayEnd, Pause, Resume, Skip, Seek, Like,
+                                          Dislike, Search, Navigate, Context)  # fmt: skip
+"""The members of :data:`Event`, one per ``type``."""
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])

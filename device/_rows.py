@@ -5,19 +5,22 @@ validation errors mapped to fields. Used by the store; nothing here touches a co
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import SchemaSerializer
+from pydantic_core import core_schema as cs
 
 from sottovoce.device._derive import Fact, FactBatch
 from sottovoce.device._errors import InvalidEvent, InvalidEventBatch
 from sottovoce.device._events import (
     EVENT_ADAPTER,
     EVENT_LIST_ADAPTER,
+    EVENT_MODELS,
     INSTANCE,
     MESSAGES,
     PATTERN_RULES,
@@ -47,17 +50,48 @@ _INSERT_EVENT = (
 _NOT_STORED: set[str] = {"user_id"}  # stored as a salted hash in its own column
 
 
-def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> str:
+# CPython's sqlite3 binds None through its adapter lookup, at several times the cost of an int
+# or a text (``need_adapt`` in its cursor.c), and a batch's counter rows hold a few NULLs each
+# (no like yet, no qualifying play). Their nullable columns are bound as a mark no real value
+# takes (ids are never empty; times and sequence numbers are never negative), which the
+# statement turns back into NULL before anything reads it.
+_NULL_MARKS: dict[str, str | int] = {"artist_id": "", "feedback_ts": -1, "feedback_seq": -1,
+                                     "last_played_ts": -1}  # fmt: skip
+
+
+class CounterUpsert(NamedTuple):
+    """The upsert of a counter table's rows (:class:`._derive.DerivedRows`), and the mark each
+    nullable column is bound as (by its place in the row)."""
+
+    sql: str
+    marks: dict[int, str | int]
+
+    def bindable(self, rows: list[tuple[Any, ...]]) -> Iterable[tuple[Any, ...]]:
+        """``rows`` with each NULL replaced by its column's mark; column by column, so only
+        the columns that hold a NULL are looped over."""
+        if not rows:
+            return rows
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+        for place, mark in self.marks.items():
+            if None in columns[place]:
+                columns[place] = [mark if v is None else v for v in columns[place]]
+        return zip(*columns, strict=True)
+
+
+def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> CounterUpsert:
     columns = ("user_ref", key, *extra, *COUNTER_COLUMNS, "feedback", "feedback_ts",
                "feedback_seq", "last_played_ts", "last_event_ts")  # fmt: skip
+    marks = {i: _NULL_MARKS[c] for i, c in enumerate(columns) if c in _NULL_MARKS and c != key}
+    values = ", ".join(f"nullif(?, {marks[i]!r})" if i in marks else "?"
+                       for i in range(len(columns)))  # fmt: skip
     sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTER_COLUMNS)
     newer = (
         "excluded.feedback_ts IS NOT NULL AND (feedback_ts IS NULL OR "
         "(excluded.feedback_ts, excluded.feedback_seq) > (feedback_ts, feedback_seq))"
     )
     keep = ", ".join(f"{c} = coalesce({c}, excluded.{c})" for c in extra)
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values}) "
         f"ON CONFLICT (user_ref, {key}) DO UPDATE SET {sums}, "
         + (f"{keep}, " if keep else "")
         + f"feedback = CASE WHEN {newer} THEN excluded.feedback ELSE feedback END, "
@@ -67,10 +101,11 @@ def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> str:
         "last_played_ts, excluded.last_played_ts), "
         "last_event_ts = max(last_event_ts, excluded.last_event_ts)"
     )
+    return CounterUpsert(sql, marks)
 
 
-_UPSERT_TRACK = _upsert_counters("track_stats", "track_id", ("artist_id",))
-_UPSERT_ARTIST = _upsert_counters("artist_stats", "artist_id", ())
+UPSERT_TRACK = _upsert_counters("track_stats", "track_id", ("artist_id",))
+UPSERT_ARTIST = _upsert_counters("artist_stats", "artist_id", ())
 
 
 def to_ms(ts: datetime) -> int:
@@ -145,11 +180,35 @@ def _item_id(items: list[Any], index: int | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _body_serializer(model: type[BaseModel]) -> SchemaSerializer:
+    """What ``model.model_dump_json(exclude=_NOT_STORED)`` writes, written from the instance's
+    field dict: the model's own field schemas in the model's order, the user id left out by
+    the schema instead of by an ``exclude`` argument, which pydantic reads on every call."""
+    schema = model.__pydantic_core_schema__
+    if schema["type"] != "model" or schema["schema"]["type"] != "model-fields":
+        raise TypeError(f"{model.__name__}: not a plain model schema")  # a pydantic change
+    fields = {
+        name: cs.typed_dict_field(field["schema"], serialization_exclude=name in _NOT_STORED)
+        for name, field in schema["schema"]["fields"].items()
+    }
+    return SchemaSerializer(cs.typed_dict_schema(fields, config=schema.get("config")))
+
+
+_BODIES = {model: _body_serializer(model) for model in EVENT_MODELS}
+
+
+def _body(event: Event) -> str:
+    """The canonical JSON of an event of another class (a subclass an app made)."""
+    return event.__pydantic_serializer__.to_json(event, exclude=_NOT_STORED).decode()
+
+
 def encode(events: Sequence[Event]) -> tuple[list[int], list[str]]:
     """Each event's time (epoch ms) and body: the canonical JSON kept in the store
     (pydantic's, without the user id), which replays are compared against byte for byte."""
-    # The serializer is called directly: model_dump_json's wrapper costs a fifth of the call.
-    bodies = [e.__pydantic_serializer__.to_json(e, exclude=_NOT_STORED).decode() for e in events]
+    bodies = [
+        _body(e) if serializer is None else serializer.to_json(e.__dict__).decode()
+        for e, serializer in zip(events, map(_BODIES.get, map(type, events)), strict=True)
+    ]
     return epoch_ms(list(map(_TS, events))), bodies
 
 

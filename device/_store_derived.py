@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sottovoce.device._derive import SESSION_GAP_MS, DerivedRows, Run, Taste, derive
-from sottovoce.device._rows import _UPSERT_ARTIST, _UPSERT_TRACK, _fact, _revive, _row_order
+from sottovoce.device._rows import UPSERT_ARTIST, UPSERT_TRACK, _fact, _revive, _row_order
 from sottovoce.device._schema import EVENT_DERIVED
 from sottovoce.device._store_catalog import Catalog
 from sottovoce.device._store_file import StoreFile
@@ -28,8 +28,8 @@ class DerivedState:
     def merge(self, derived: DerivedRows) -> None:
         """Add a batch's derived rows to what is stored (inside the batch's write)."""
         conn = self._file.conn
-        conn.executemany(_UPSERT_TRACK, derived.tracks)
-        conn.executemany(_UPSERT_ARTIST, derived.artists)
+        conn.executemany(UPSERT_TRACK.sql, UPSERT_TRACK.bindable(derived.tracks))
+        conn.executemany(UPSERT_ARTIST.sql, UPSERT_ARTIST.bindable(derived.artists))
         for user, runs in derived.runs.items():
             self._merge_runs(user, runs)
         for user, new in derived.taste.items():

@@ -1,5 +1,6 @@
-"""The batched append path's shortcuts give what the plain code gives: event times in epoch
-milliseconds, the collector held off for one append and left as it was found."""
+"""The batched append path's shortcuts give what the plain code gives: event bodies byte for
+byte, event times in epoch milliseconds, the collector held off for one append and left as it
+was found."""
 
 from __future__ import annotations
 
@@ -13,15 +14,67 @@ import pytest
 from conftest import NOW, Events, StoreFactory
 from hypothesis import given
 from hypothesis import strategies as st
+from store_peek import peek
 
-from sottovoce.device import InvalidEventBatch
+from sottovoce.device import InvalidEventBatch, PlayEnd
+from sottovoce.device._derive_columns import SMALL_BATCH
 from sottovoce.device._events import EVENT_LIST_ADAPTER
-from sottovoce.device._rows import epoch_ms, to_ms
+from sottovoce.device._rows import encode, epoch_ms, to_ms
 
 # Times an event may hold (2000 to 2100), a day inside at each end for the offsets.
 instants = st.datetimes(min_value=datetime(2000, 1, 2), max_value=datetime(2099, 12, 30))
 offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
 zones = st.one_of(offsets, st.just(UTC), st.just(ZoneInfo("Europe/Paris")))
+
+
+TYPES = ("play_start", "play_end", "pause", "resume", "skip", "seek", "like", "dislike",
+         "search", "navigate", "context")  # fmt: skip
+ids = st.text(st.characters(exclude_categories=("Cc", "Zs", "Zl", "Zp", "Cs")), min_size=1,
+              max_size=12).filter(lambda t: not any(c.isspace() for c in t))  # fmt: skip
+texts = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                min_size=1, max_size=40)  # fmt: skip
+OPTIONAL = {
+    "device_id": ids, "artist_id": st.one_of(st.none(), ids), "context_id": ids,
+    "context_type": st.sampled_from(["playlist", "album", "radio"]), "results": st.integers(0, 99),
+    "duration_ms": st.integers(1, 10**6), "position_ms": st.integers(0, 10**6),
+}  # fmt: skip
+
+
+@st.composite
+def valid_events(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid event of any type, with optional fields set or not and ids and text of any
+    characters the schema allows (quotes, backslashes, other scripts)."""
+    kind = draw(st.sampled_from(TYPES))
+    event = Events(draw(ids))(kind, event_id=draw(ids))
+    moment = draw(instants).replace(tzinfo=draw(offsets))
+    event["ts"] = draw(st.sampled_from([moment, moment.isoformat()]))
+    if kind in {"search", "navigate"}:
+        event["query" if kind == "search" else "screen"] = draw(texts)
+    if kind == "context":
+        event["local_time"] = draw(st.sampled_from(["08:30", "23:59:59", "00:00:00.250"]))
+    model = EVENT_LIST_ADAPTER.validate_python([event])[0]
+    for name, values in OPTIONAL.items():
+        if name in type(model).model_fields and draw(st.booleans()):
+            event[name] = draw(values)
+    return event
+
+
+@given(batch=st.lists(valid_events(), min_size=1, max_size=12))
+def test_bodies_are_pydantics_json_without_the_user_id(batch: list[dict[str, Any]]) -> None:
+    parsed = EVENT_LIST_ADAPTER.validate_python(batch)
+    times, bodies = encode(parsed)
+    assert bodies == [e.model_dump_json(exclude={"user_id"}) for e in parsed]
+    assert times == [to_ms(e.ts) for e in parsed]
+
+
+def test_an_event_of_an_apps_own_class_has_its_classs_body(events: Events) -> None:
+    class Finished(PlayEnd):
+        """An app's subclass (its own methods, no other fields)."""
+
+    fields = events("play_end", device_id='d"1')
+    mine, plain = Finished.model_validate(fields), PlayEnd.model_validate(fields)
+    bodies = encode(EVENT_LIST_ADAPTER.validate_python([mine, plain]))[1]
+    assert bodies == [plain.model_dump_json(exclude={"user_id"})] * 2
 
 
 def _parsed(times: list[str]) -> list[datetime]:
@@ -58,6 +111,37 @@ def test_utc_text_shares_one_zone_object() -> None:
     stamps = _parsed(["2026-11-01T09:00:00Z", "2026-11-01T10:00:00+00:00", "2026-11-02T00:00Z"])
     assert len({id(ts.tzinfo) for ts in stamps}) == 1
     assert epoch_ms(stamps) == [to_ms(ts) for ts in stamps]
+
+
+@pytest.mark.parametrize("size", [8, 2 * SMALL_BATCH])  # fact by fact, and column-wise
+def test_counter_rows_keep_their_nulls(open_store: StoreFactory, events: Events, size: int) -> None:
+    """Nullable counter columns are bound as marks: what is stored is NULL all the same, on a
+    new row and on one merged into (an upsert's ``excluded`` row)."""
+    store = open_store()
+    store.upsert_catalog([{"track_id": "t9", "artist_id": "a9", "vector": [1.0, 0.0]}])
+    short = [events("play_end", track_id=f"t{i % 4}", ms_played=1_000) for i in range(size)]
+    short[0] = events("play_end", track_id="unknown", artist_id=None, ms_played=1_000)
+    short[1] = events("play_end", track_id="t9", artist_id=None, ms_played=1_000)
+    for _ in range(2):  # the second batch merges into the rows the first made
+        store.append_many(short)
+        short = [dict(e, event_id=f"{e['event_id']}+") for e in short]
+    marks = peek(store, "SELECT count(*) FROM track_stats WHERE artist_id = '' OR "
+                 "feedback_ts = -1 OR feedback_seq = -1 OR last_played_ts = -1")  # fmt: skip
+    assert marks == [(0,)]
+    assert peek(store, "SELECT count(*) FROM artist_stats WHERE feedback_ts = -1 OR "
+                "feedback_seq = -1 OR last_played_ts = -1") == [(0,)]  # fmt: skip
+    rows = {r["track_id"]: r for r in store.derived_state()["track_stats"]}
+    assert rows["unknown"]["artist_id"] is None and rows["t9"]["artist_id"] == "a9"
+    assert {(r["feedback_ts"], r["feedback_seq"], r["last_played_ts"]) for r in rows.values()} == {
+        (None, None, None)
+    }
+    store.append(events("like", track_id="t1"))
+    store.append_many([dict(e, event_id=f"{e['event_id']}+") for e in short])
+    liked = {r["track_id"]: r for r in store.derived_state()["track_stats"]}["t1"]
+    assert liked["feedback"] == 1 and liked["feedback_ts"] is not None, "kept through a merge"
+    appended = store.derived_state()
+    store.rebuild_derived()  # one merge into empty tables, where appends merged into rows
+    assert store.derived_state() == appended
 
 
 class Probe:
