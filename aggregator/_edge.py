@@ -106,14 +106,28 @@ class Worker:
     in numbers, such as enrollments (:meth:`write`, :meth:`RegionAggregator.write_many`): a
     request that arrives while the thread is busy waits for the next group, so groups are a
     single request when the service is idle (no added delay) and grow with the load, up to
-    ``max_group`` of each kind. A request is answered only once its group has committed.
+    ``max_group`` uploads or ``max_writes`` other writes. A request is answered only once its
+    group has committed.
+
+    While both wait, each pass decides a group of uploads first, then a group of other writes:
+    an upload has its round's deadline, an enrollment its whole period, and neither starves.
+    Other writes go in smaller groups, because an upload that arrives meanwhile waits for the
+    group under way (enrolling 200 devices at once in groups of 64, the uploads that followed
+    waited for whole groups: p99 250-340 ms on two cores, against 60 ms in groups of 16).
     """
 
-    def __init__(self, factory: Callable[[], RegionAggregator], *, max_group: int = 64) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], RegionAggregator],
+        *,
+        max_group: int = 64,
+        max_writes: int = 16,
+    ) -> None:
         self._factory = factory
         self._executor: ThreadPoolExecutor | None = None
         self._aggregator: RegionAggregator | None = None
         self._max_group = max_group
+        self._max_writes = max_writes
         self._uploads: list[tuple[tuple[Upload, SealedDelta | None], asyncio.Future[Any]]] = []
         self._writes: list[tuple[Callable[[RegionAggregator], Any], asyncio.Future[Any]]] = []
         self._deciding = False
@@ -168,11 +182,6 @@ class Worker:
     async def _decide_groups(self) -> None:
         try:
             while self._uploads or self._writes:
-                if self._writes:
-                    group = self._writes[: self._max_group]
-                    del self._writes[: self._max_group]
-                    calls = [call for call, _ in group]
-                    await self._settle(group, partial(_write_many, calls=calls))
                 if self._uploads:
                     uploads = self._uploads[: self._max_group]
                     del self._uploads[: self._max_group]
@@ -180,6 +189,11 @@ class Worker:
                     parsed = [sealed for (_, sealed), _ in uploads]
                     await self._settle(uploads, partial(_accept_many, uploads=batch,
                                                         parsed=parsed))  # fmt: skip
+                if self._writes:
+                    group = self._writes[: self._max_writes]
+                    del self._writes[: self._max_writes]
+                    calls = [call for call, _ in group]
+                    await self._settle(group, partial(_write_many, calls=calls))
         finally:
             self._deciding = False
 
