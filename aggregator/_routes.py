@@ -36,6 +36,7 @@ from sottovoce.aggregator._edge import (
     token_ok,
 )
 from sottovoce.aggregator._openapi import documented_responses
+from sottovoce.aggregator._rounds import device_key_problem
 from sottovoce.sync import SealedDelta, SignedRoundSpec
 from sottovoce.sync._wire import PROTOCOL_VERSION
 
@@ -134,6 +135,9 @@ def device_routes(app: FastAPI, edge: Edge) -> None:
             await refuse("unsupported_protocol")
             return problem(400, "unsupported_protocol")
         logged = refusals.take(request)
+        # The key's check (half a millisecond) here, not under the region's write lock, where
+        # enroll finds its verdict remembered.
+        device_key_problem(asked.device_key)
 
         def decide(agg: RegionAggregator) -> str | None:
             try:
