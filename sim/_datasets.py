@@ -69,6 +69,7 @@ __all__ = [
     "build_item_vectors",
     "cooccurrence_vectors",
     "id_key",
+    "item_vector_source",
     "load_interactions_csv",
     "load_lastfm",
     "positive_items",
@@ -78,6 +79,16 @@ __all__ = [
 
 
 # --- Item vectors ------------------------------------------------------------------------
+
+
+def item_vector_source(dataset: Dataset) -> str:
+    """Where :func:`build_item_vectors` takes the dataset's item vectors from: ``features``
+    (shipped with the data), ``tags`` (Last.fm's public tag profiles) or ``cooccurrence``
+    (every user's training interactions, pooled: central data, which a device would not have;
+    the ``local_only`` row is then not the device alone)."""
+    if dataset.item_vectors:
+        return "features"
+    return "tags" if dataset.tags else "cooccurrence"
 
 
 def build_item_vectors(

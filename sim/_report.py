@@ -84,7 +84,8 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence
 def _comparison(metrics: dict[str, dict[str, Any]]) -> str:
     rows, classes = [], []
     for name, values in metrics.items():
-        label = f"<b>{html.escape(name)}</b><br><small>{html.escape(_LABELS.get(name, ''))}</small>"
+        text = values.get("note") or _LABELS.get(name, "")  # a note corrects the usual label
+        label = f"<b>{html.escape(name)}</b><br><small>{html.escape(text)}</small>"
         low, high = values["ci"].get("ndcg@10", (values["ndcg@10"],) * 2)
         others = (f"{values[m]:.4f}" for m in ("recall@10", "hr@10", "mrr", "coverage"))
         rows.append([label, f"{values['ndcg@10']:.4f} <small>[{low:.4f}, {high:.4f}]</small>",

@@ -74,6 +74,7 @@ from sottovoce.sim._config import (
 from sottovoce.sim._datasets import (
     Dataset,
     build_item_vectors,
+    item_vector_source,
     load_interactions_csv,
     load_lastfm,
     sample_users,
@@ -104,6 +105,12 @@ NOISE_NOTE = (
     "seeded: the simulated aggregators and devices draw their noise from seeded generators "
     "(a rounded Gaussian on the fixed-point grid) so that a run repeats; deployments draw the "
     "exact discrete Gaussian from the OS CSPRNG. The accounting is the same."
+)
+
+COOCCURRENCE_NOTE = (
+    "not the device alone: this dataset has no item features or public tags, so every item's "
+    "vector comes from the co-occurrence of all users' training interactions (central data a "
+    "device would not have); read it as an upper bound on what a device does with content"
 )
 
 
@@ -187,6 +194,7 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         "noise": NOISE_NOTE,
         "protocol": "full",
         "split": config.split,
+        "item_vectors": item_vector_source(data),
         "metrics": {row: full[row] for row in ROWS},
         "protocol_sampled": f"each held-out item among {config.negatives} sampled items the user "
         "never touched (the session reranker's table; sampled metrics can "
@@ -235,6 +243,8 @@ def _reference_rows(
     content = np.stack([vectors[i] for i in data.items])
     rows["local_only"] = evaluate_full(references.content_profile(matrix, content), matrix,
                                        seed=seed)  # fmt: skip
+    if item_vector_source(data) == "cooccurrence":
+        rows["local_only"]["note"] = COOCCURRENCE_NOTE
     return rows
 
 

@@ -201,6 +201,7 @@ def test_a_small_lastfm_run_writes_its_results(lastfm_run: tuple[dict[str, Any],
     assert json.loads((workdir / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["dataset"].startswith("lastfm") and results["items"] > LASTFM_USERS
     check_results(results, users=LASTFM_USERS, rounds=SMALL["rounds"])
+    assert results["item_vectors"] == "tags" and "note" not in results["metrics"]["local_only"]
     # every device took part in every round (sampling rate 1), and each round published
     for pipeline in PIPELINES:
         for record in results["rounds"][pipeline]:
@@ -366,6 +367,10 @@ def test_a_generic_csv_dataset_runs_end_to_end(tmp_path: Path, with_features: bo
     assert results["dataset"] == "interactions" and results["items"] == len(items)
     check_results(results, users=12, rounds=1)
     assert (tmp_path / "sim" / "results.json").is_file()
+    # Without features the item vectors are pooled co-occurrence: local_only says it is not
+    # the device alone; with them it is.
+    assert results["item_vectors"] == ("features" if with_features else "cooccurrence")
+    assert ("note" in results["metrics"]["local_only"]) is (not with_features)
 
 
 # -- errors ------------------------------------------------------------------------------------
