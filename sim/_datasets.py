@@ -56,6 +56,7 @@ from sottovoce.sim._data import (
 from sottovoce.sim._lastfm import load_lastfm
 
 __all__ = [
+    "COOCCURRENCE_NOTE",
     "EVENT_TYPES",
     "MAX_ID_LENGTH",
     "POSITIVE_TYPES",
@@ -79,6 +80,13 @@ __all__ = [
 
 
 # --- Item vectors ------------------------------------------------------------------------
+
+
+COOCCURRENCE_NOTE = (
+    "not the device alone: this dataset has no item features or public tags, so every item's "
+    "vector comes from the co-occurrence of all users' training interactions (central data a "
+    "device would not have); read it as an upper bound on what a device does with content"
+)
 
 
 def item_vector_source(dataset: Dataset) -> str:

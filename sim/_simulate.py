@@ -72,6 +72,7 @@ from sottovoce.sim._config import (
     pipeline_policy,
 )
 from sottovoce.sim._datasets import (
+    COOCCURRENCE_NOTE,
     Dataset,
     build_item_vectors,
     item_vector_source,
@@ -105,12 +106,6 @@ NOISE_NOTE = (
     "seeded: the simulated aggregators and devices draw their noise from seeded generators "
     "(a rounded Gaussian on the fixed-point grid) so that a run repeats; deployments draw the "
     "exact discrete Gaussian from the OS CSPRNG. The accounting is the same."
-)
-
-COOCCURRENCE_NOTE = (
-    "not the device alone: this dataset has no item features or public tags, so every item's "
-    "vector comes from the co-occurrence of all users' training interactions (central data a "
-    "device would not have); read it as an upper bound on what a device does with content"
 )
 
 
