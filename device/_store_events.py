@@ -1,11 +1,16 @@
 """Events in the store: a batch is checked, consented, written and its derived state merged in
 one transaction, all or nothing; stored events are read back as derivation facts.
 
-Cost (``bench/ingest.py``): a batch is validated and encoded by pydantic in one call each, its
-rows are inserted without first asking which ids exist (the unique index on ``event_id`` refuses
-a replay; a savepoint then undoes the batch's rows and the slow path sorts replays out), and
-its derived state is computed column-wise (:func:`._derive_columns.derive_batch`), so no Python
-loop runs per event beyond building each stored row.
+Cost (``bench/ingest.py``): a batch is validated by pydantic in one call and each body written
+by a serializer made for its type (:func:`._rows.encode`); its rows are inserted without first
+asking which ids exist (the unique index on ``event_id`` refuses a replay; a savepoint then
+undoes the batch's rows and the slow path sorts replays out); its derived state is computed
+column-wise (:func:`._derive_columns.derive_batch`) and merged with one upsert per (user, track)
+and (user, artist) it touched, NULLs bound as marks (:class:`._rows.CounterUpsert`); the cyclic
+collector is held off for the length of the append (:func:`_collector_paused`). Python loops
+per event only to make each stored row (its body and time). Of what remains, SQLite's writes
+(the event's row in three B-trees, the counters' upserts, the commit) are about 45%, pydantic's
+validation and bodies about 30%, derivation about 15%.
 """
 
 from __future__ import annotations
