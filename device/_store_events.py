@@ -243,7 +243,9 @@ def _collector_paused() -> Iterator[None]:
     but they promote the batch's live objects to older generations, which then bring on full
     collections over the whole process's heap: in ``bench/ingest.py`` those cost about as much
     as validating the events. An append nested in a paused one, or one in a process that turned
-    the collector off, leaves the setting as it found it.
+    the collector off, leaves the setting as it found it. The setting is the process's: other
+    threads run without collections while an append lasts, and one that turns the collector
+    off meanwhile finds it on again when the append ends.
     """
     if not gc.isenabled():
         yield
