@@ -18,9 +18,10 @@ on) and stops, given to serve as ``--db postgresql://...``.
 This process plays ``--devices`` devices per wave (one wave = one round), at most
 ``--concurrency`` at a time, on asyncio, each device on its own kept-alive HTTP/1.1
 connection, as phones have (``_load_http``: a light client, so that the devices, on the same
-cores, take as little CPU from the service as they can; ``httpx`` took as much as the service). Each device does what a phone does in a round: ``POST
-/v1/enroll`` (bearer token) its fresh per-period key, ``GET /v1/round``, and ``POST
-/v1/rounds/{id}/deltas`` its sealed delta with its ``Idempotency-Key``. The deltas are real:
+cores, take as little CPU from the service as they can; ``httpx`` took as much as the
+service). Each device does what a phone does in a round: ``POST /v1/enroll`` (bearer token)
+its fresh per-period key, ``GET /v1/round``, and ``POST /v1/rounds/{id}/deltas`` its sealed
+delta with its ``Idempotency-Key``. The deltas are real:
 the shipped ranker's parameter count, clipped, signed and HPKE-encrypted to the key in the
 policy by ``sottovoce.sync.seal_delta`` before the clock starts (sealing is the device's work,
 not load on the aggregator; ``seal_ms`` is its cost), for the spec the bench fetched first.
