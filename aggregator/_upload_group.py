@@ -1,5 +1,9 @@
 """An upload on its way to a verdict, and a group of them sharing one transaction.
 
+The statements an upload's checks read (:data:`UNDER_LOCK`: everything an accepted upload
+checks again under the write lock, in one round trip) and :func:`prior_verdict`, what a key's
+stored row answers, are here too.
+
 :class:`Pending` is an upload once everything that needs no write is done (parsed, checked,
 opened, or answered from what is stored); :class:`Group` is this worker's running sums while a
 group of uploads is decided in one durable transaction (group commit, see
@@ -9,7 +13,7 @@ group of uploads is decided in one durable transaction (group commit, see
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +22,15 @@ from sottovoce.aggregator._partial_sum import PartialSum
 from sottovoce.aggregator._round_state import RoundTables, Verdict, _Refusal
 from sottovoce.sync import OpenedDelta, RoundSpec, SealedDelta
 
-__all__ = ["Group", "Pending", "Upload"]
+__all__ = [
+    "TAKEN_BY_KEY",
+    "TAKEN_BY_PSEUDONYM",
+    "UNDER_LOCK",
+    "Group",
+    "Pending",
+    "Upload",
+    "prior_verdict",
+]
 
 Upload = tuple[bytes, str, bool]  # (sealed delta as uploaded, idempotency key, record)
 
@@ -78,3 +90,36 @@ class Group:
     def store(self) -> None:
         for round_id in sorted(self._dirty):
             self._tables.store_partial(round_id, self._worker, self._sums[round_id])
+
+
+# Once per round by pseudonym and by enrolled key: a device that changed its secret still has
+# one enrolled key, so it still contributes once. Two lookups, each on its own partial unique
+# index (an OR would scan the round).
+TAKEN_BY_PSEUDONYM: Final = (
+    "EXISTS (SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200)"
+)
+TAKEN_BY_KEY: Final = (
+    "EXISTS (SELECT 1 FROM contributions WHERE round_id = ? AND device_key = ?"
+    " AND status = 200 AND device_key IS NOT NULL)"
+)
+# What an accepted upload checks again under the write lock: what its idempotency key has
+# stored, whether its round is still open, and whether the device already contributed.
+UNDER_LOCK: Final = (
+    "SELECT (SELECT body_sha256 FROM contributions WHERE idempotency_key = ?),"
+    " (SELECT code FROM contributions WHERE idempotency_key = ?),"
+    f" (SELECT state FROM rounds WHERE round_id = ?), {TAKEN_BY_PSEUDONYM}, {TAKEN_BY_KEY}"
+)
+
+
+def prior_verdict(stored_sha256: str | None, code: str | None, digest: str) -> Verdict | None:
+    """What a key's stored row (its body's digest and code, ``None`` for no row) answers an
+    upload of ``digest``: the stored answer to the same body, a refusal for other content under
+    a key that was accepted (``key_taken``), or ``None``: decide (see the module docstring)."""
+    if stored_sha256 is None or code is None:
+        return None
+    if str(stored_sha256) == digest:
+        return Verdict(str(code))
+    if code not in ("within_policy", "erased"):
+        return None  # only refused so far: this other body is decided on its merits
+    # Not stored: the key stays bound to the content it accepted.
+    return Verdict("malformed", key_taken=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
 
 from sottovoce._errors import SottovoceError
 from sottovoce._sqlite import write_transaction
@@ -36,7 +35,15 @@ from sottovoce.aggregator._round_state import (
     stored_status,
 )
 from sottovoce.aggregator._rounds import Rounds
-from sottovoce.aggregator._upload_group import Group, Pending, Upload
+from sottovoce.aggregator._upload_group import (
+    TAKEN_BY_KEY,
+    TAKEN_BY_PSEUDONYM,
+    UNDER_LOCK,
+    Group,
+    Pending,
+    Upload,
+    prior_verdict,
+)
 from sottovoce.policy import Action, PrivacyMode
 from sottovoce.sync import (
     OpenedDelta,
@@ -143,23 +150,33 @@ class Uploads:
             return self._refuse(item.key, item.digest, item.refusal, record=item.record)
         assert item.sealed is not None and item.spec is not None and item.delta is not None
         sealed, spec, now = item.sealed, item.spec, self._clock()
-        # Checked again under the write lock: a concurrent upload, worker or sweep may have won.
-        prior = self._prior(item.key, item.digest)
+        # Checked again under the write lock, in one statement (a round trip each is what
+        # the lock is held for on PostgreSQL): a concurrent upload, worker or sweep may have won.
+        stored, code, state, taken_by_pseudonym, taken_by_key = self._conn.execute(
+            UNDER_LOCK,
+            (item.key, item.key, spec.round_id, spec.round_id, sealed.pseudonym, spec.round_id,
+             sealed.device_key),
+        ).fetchone()  # fmt: skip
+        prior = prior_verdict(stored, code, item.digest)
         if prior is not None:
             if prior.key_taken and item.record:
                 return self._apply(replace(item, key_taken=True), group)
             return prior
-        try:
-            self._check_open(spec, sealed, now)
-        except _Refusal as refusal:
-            return self._refuse(item.key, item.digest, refusal, record=item.record)
+        refused = None
+        if state != "open" or now >= spec.deadline:
+            refused = _Refusal("round_closed", round_id=spec.round_id, pseudonym=sealed.pseudonym)
+        elif taken_by_pseudonym or taken_by_key:
+            refused = _Refusal("duplicate_contribution", round_id=spec.round_id,
+                               pseudonym=sealed.pseudonym)  # fmt: skip
+        if refused is not None:
+            return self._refuse(item.key, item.digest, refused, record=item.record)
         partial = group.partial(spec.round_id).add(item.delta)
-        # A refused earlier attempt under this key gives way to the accepted one.
-        self._conn.execute(
-            "DELETE FROM contributions WHERE idempotency_key = ? AND status != 200"
-            " AND code != 'erased'",
-            (item.key,),
-        )
+        if stored is not None:  # a refused earlier attempt under this key gives way
+            self._conn.execute(
+                "DELETE FROM contributions WHERE idempotency_key = ? AND status != 200"
+                " AND code != 'erased'",
+                (item.key,),
+            )
         self._conn.execute(
             "INSERT INTO contributions (idempotency_key, round_id, pseudonym, device_key,"
             " body_sha256, status, code, at, partial_key)"
@@ -205,15 +222,7 @@ class Uploads:
             "SELECT body_sha256, code FROM contributions WHERE idempotency_key = ?",
             (idempotency_key,),
         ).fetchone()
-        if row is None:
-            return None
-        body_sha256, code = str(row[0]), str(row[1])
-        if body_sha256 == digest:
-            return Verdict(code)
-        if code not in ("within_policy", "erased"):
-            return None  # only refused so far: this other body is decided on its merits
-        # Not stored: the key stays bound to the content it accepted.
-        return Verdict("malformed", key_taken=True)
+        return None if row is None else prior_verdict(row[0], row[1], digest)
 
     def _precheck(
         self, body: bytes, idempotency_key: str, sealed: SealedDelta | None
@@ -250,31 +259,12 @@ class Uploads:
         return sealed, info.spec
 
     def _check_duplicate(self, round_id: str, pseudonym: str, device_key: str) -> None:
-        # Once per round by pseudonym and by enrolled key: a device that changed its secret
-        # still has one enrolled key, so it still contributes once.
-        # Two lookups, each on its own partial unique index (an OR would scan the round).
-        taken = (
-            self._conn.execute(
-                "SELECT 1 FROM contributions WHERE round_id = ? AND pseudonym = ? AND status = 200",
-                (round_id, pseudonym),
-            ).fetchone()
-            or self._conn.execute(
-                "SELECT 1 FROM contributions WHERE round_id = ? AND device_key = ? AND status = 200"
-                " AND device_key IS NOT NULL",
-                (round_id, device_key),
-            ).fetchone()
-        )
-        if taken is not None:
-            raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
-
-    def _check_open(self, spec: RoundSpec, sealed: SealedDelta, now: datetime) -> None:
-        """Whether the round still takes this device (inside the write)."""
-        row = self._conn.execute(
-            "SELECT state FROM rounds WHERE round_id = ?", (spec.round_id,)
+        by_pseudonym, by_key = self._conn.execute(
+            f"SELECT {TAKEN_BY_PSEUDONYM}, {TAKEN_BY_KEY}",
+            (round_id, pseudonym, round_id, device_key),
         ).fetchone()
-        if row is None or row[0] != "open" or now >= spec.deadline:
-            raise _Refusal("round_closed", round_id=spec.round_id, pseudonym=sealed.pseudonym)
-        self._check_duplicate(spec.round_id, sealed.pseudonym, sealed.device_key)
+        if by_pseudonym or by_key:
+            raise _Refusal("duplicate_contribution", round_id=round_id, pseudonym=pseudonym)
 
     def _refuse(
         self, idempotency_key: str, digest: str, refusal: _Refusal, *, record: bool
