@@ -95,9 +95,9 @@ class _Recorded:
         self._agg = prepared.agg
         self.sizes: list[int] = []
 
-    def accept_many(self, uploads: Any) -> Any:
+    def accept_many(self, uploads: Any, *, parsed: Any = ()) -> Any:
         self.sizes.append(len(uploads))
-        return self._agg.accept_many(uploads)
+        return self._agg.accept_many(uploads, parsed=parsed)
 
     def close(self) -> None:
         """Not the aggregator's: the Worker closes what it decided with when it stops, and the
