@@ -148,8 +148,12 @@ def register(app: typer.Typer) -> None:
             Split, typer.Option(help="Held-out items: a seeded random 20 % or each user's latest.")
         ] = Split.RANDOM,
         users: Annotated[
-            int, typer.Option(help="Users (devices) to simulate; 0: every user of the data.")
-        ] = 200,
+            int,
+            typer.Option(
+                help="Users (devices) to simulate, a seeded sample; 0 (the default): "
+                "every user of the data."
+            ),
+        ] = 0,
         rounds: Annotated[int, typer.Option(help="The session reranker's rounds.")] = 5,
         collaborative_rounds: Annotated[
             int, typer.Option(help="The collaborative model's rounds (one count round first).")
