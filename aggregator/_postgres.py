@@ -10,7 +10,9 @@ on both backends. What differs is translated here, in one place:
 - ``BEGIN IMMEDIATE`` (SQLite: take the write lock up front) is ``BEGIN`` followed by
   ``pg_advisory_xact_lock`` on one key per region database: writers are serialized by the
   database, across every worker process of the region, exactly as on SQLite, and the lock is
-  released by the commit or rollback. Reads outside a write see committed data only.
+  released by the commit or rollback. Reads outside a write see committed data only;
+- ``SAVEPOINT`` and ``RELEASE`` (a nested write) are sent with the transaction's next statement,
+  in the same round trip, instead of in one each: the lock is held for a group's round trips.
 
 A statement outside a transaction (a read) runs on a pooled connection in autocommit mode. A
 transaction holds one pooled connection from ``BEGIN`` to ``COMMIT``/``ROLLBACK``. A connection
@@ -64,6 +66,8 @@ _TYPES = ((re.compile(r"\bBLOB\b"), "BYTEA"), (re.compile(r"\bREAL\b"), "DOUBLE 
           (re.compile(r"\bINTEGER\b"), "BIGINT"))  # fmt: skip
 _DDL = re.compile(r"^\s*(CREATE|ALTER)\s+TABLE\b", re.IGNORECASE)
 _SAVEPOINT = re.compile(r"^\s*(SAVEPOINT|RELEASE|ROLLBACK TO)\b", re.IGNORECASE)
+# Sent with the next statement instead of in a round trip of their own (see PostgresConnection).
+_DEFERRABLE = re.compile(r"^(SAVEPOINT|RELEASE)\s+\w+$", re.IGNORECASE)
 
 
 def to_postgres(sql: str) -> str:
@@ -136,6 +140,11 @@ class PostgresConnection:
             self._pool.close()
             raise DatabaseUnavailable(f"cannot reach the PostgreSQL database: {error}") from None
         self._held: Any = None  # the pooled connection of the open transaction
+        # SAVEPOINT and RELEASE statements not yet sent: they go, in order, in one round trip
+        # before the transaction's next other statement (a group's upload or enrollment holds
+        # the region's lock for its round trips, and a savepoint alone changes nothing until a
+        # statement follows it); COMMIT and ROLLBACK drop them (they end every savepoint).
+        self._deferred: list[str] = []
         self._lock_key: int | None = None
         self._cache: dict[str, str] = {}
 
@@ -157,6 +166,9 @@ class PostgresConnection:
             return _Rows([], -1)
         translated = self._translated(statement)
         if self._held is not None:
+            if _DEFERRABLE.match(statement) and not parameters:
+                self._deferred.append(statement)
+                return _Rows([], -1)
             return self._run(self._held, translated, parameters)
         if _SAVEPOINT.match(statement):
             raise RuntimeError("a savepoint outside a transaction")
@@ -169,6 +181,7 @@ class PostgresConnection:
         rows = list(seq_of_parameters)
         try:
             if self._held is not None:
+                self._send_deferred(self._held)
                 with self._held.cursor() as cur:
                     cur.executemany(translated, rows)
                     return _Rows([], cur.rowcount)
@@ -223,6 +236,7 @@ class PostgresConnection:
         import psycopg
 
         conn, self._held = self._held, None
+        self._deferred = []  # the commit or rollback ends every savepoint
         try:
             done = conn.execute(verb)
             if verb == "COMMIT" and done.statusmessage != "COMMIT":
@@ -255,11 +269,17 @@ class PostgresConnection:
         import psycopg
 
         try:
+            self._send_deferred(conn)
             cur = conn.execute(sql, tuple(parameters))
         except psycopg.OperationalError as error:
             raise DatabaseUnavailable(f"the database is unavailable: {error}") from None
         rows = cur.fetchall() if cur.description is not None else []
         return _Rows(rows, cur.rowcount)
+
+    def _send_deferred(self, conn: Any) -> None:
+        if self._deferred and conn is self._held:
+            statements, self._deferred = self._deferred, []
+            conn.execute("; ".join(statements))
 
     def _autocommit(self, sql: str, parameters: Sequence[Any]) -> _Rows:
         for attempt in (1, 2):
