@@ -89,7 +89,8 @@ class Uploads:
         sum this worker keeps for a round is read once and written once per group.
 
         ``parsed``, if given, holds each body already parsed by the caller (``None`` where it
-        did not parse): each must be ``SealedDelta.from_wire`` of exactly that body.
+        did not parse): each must be ``SealedDelta.from_wire`` of exactly that body, which is
+        not checked again (the service's Worker passes the parse its route made of the body).
         """
         known = list(parsed) or [None] * len(uploads)
         if len(known) != len(uploads):

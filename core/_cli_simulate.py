@@ -114,6 +114,8 @@ def _summary(results: dict[str, Any]) -> None:
                   f"q {p['sampling_rate']:g}, sensitivity {p['sensitivity_factor']:.4f} C, "
                   f"{p['rounds']} rounds)")  # fmt: skip
     out.print(f"  noise: {results['noise'].split(':')[0]} (simulation only)")
+    if results.get("item_vectors_note"):
+        out.print(f"  item vectors: {results['item_vectors_note']}")
     audits = [(p, who, r) for p, logs in results["audit"].items() for who, r in logs.items()]
     failed = [f"{p}/{who}" for p, who, r in audits if not r["ok"]]
     entries = sum(r["entries"] for _, _, r in audits)

@@ -59,7 +59,7 @@ class SimulationConfig:
     lastfm: Path | None = None  # default: default_lastfm_path()
     csv: Path | None = None  # a generic interactions CSV instead of Last.fm
     item_features: Path | None = None
-    users: int | None = 200  # None: every user of the dataset
+    users: int | None = 200  # None: every user of the dataset (`simulate`'s CLI default)
     rounds: int = 5  # the reranker's rounds
     collaborative_rounds: int = 3  # the collaborative model's: one count round, then factor rounds
     reranker: bool = True  # also train and measure the session reranker (metrics_sampled)

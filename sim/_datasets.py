@@ -56,6 +56,7 @@ from sottovoce.sim._data import (
 from sottovoce.sim._lastfm import load_lastfm
 
 __all__ = [
+    "CATALOG_NOTE",
     "COOCCURRENCE_NOTE",
     "EVENT_TYPES",
     "MAX_ID_LENGTH",
@@ -86,6 +87,14 @@ COOCCURRENCE_NOTE = (
     "not the device alone: this dataset has no item features or public tags, so every item's "
     "vector comes from the co-occurrence of all users' training interactions (central data a "
     "device would not have); read it as an upper bound on what a device does with content"
+)
+# The same for the whole run: the devices' catalog (the session reranker's item features) is
+# built from those vectors too.
+CATALOG_NOTE = (
+    "item vectors from the co-occurrence of all users' training interactions (this dataset has "
+    "no item features or public tags): central data a device would not have. The local_only "
+    "row and the session reranker's rows (its item features) rest on them; the collaborative "
+    "rows (federated, federated_dp) do not"
 )
 
 

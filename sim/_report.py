@@ -55,6 +55,7 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
         f"ε ≤ {results['epsilon']:.3g} at δ = {results['delta']:.2g}. Policy "
         f"sha256:{e(results['config']['policy'][:16])}…; seed {results['config']['seed']}.</p>",
         "<h2>Comparison (full ranking; 95 % bootstrap intervals over users)</h2>",
+        *([f"<p class=note>{e(note)}</p>"] if (note := results.get("item_vectors_note")) else []),
         _comparison(results["metrics"]),
         *_reranker(results),
         "<h2>Privacy spent per round (ε, collaborative model)</h2>",

@@ -72,6 +72,7 @@ from sottovoce.sim._config import (
     pipeline_policy,
 )
 from sottovoce.sim._datasets import (
+    CATALOG_NOTE,
     COOCCURRENCE_NOTE,
     Dataset,
     build_item_vectors,
@@ -190,6 +191,7 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         "protocol": "full",
         "split": config.split,
         "item_vectors": item_vector_source(data),
+        "item_vectors_note": CATALOG_NOTE if item_vector_source(data) == "cooccurrence" else None,
         "metrics": {row: full[row] for row in ROWS},
         "protocol_sampled": f"each held-out item among {config.negatives} sampled items the user "
         "never touched (the session reranker's table; sampled metrics can "
