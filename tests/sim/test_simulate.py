@@ -371,6 +371,7 @@ def test_a_generic_csv_dataset_runs_end_to_end(tmp_path: Path, with_features: bo
     # the device alone; with them it is.
     assert results["item_vectors"] == ("features" if with_features else "cooccurrence")
     assert ("note" in results["metrics"]["local_only"]) is (not with_features)
+    assert (results["item_vectors_note"] is None) is with_features
 
 
 # -- errors ------------------------------------------------------------------------------------
