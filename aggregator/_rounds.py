@@ -63,6 +63,7 @@ from sottovoce.aggregator._round_state import (
     RoundTables,
     Verdict,
     _iso,
+    stored_spec,
 )
 from sottovoce.policy import (
     DataClass,
@@ -358,7 +359,7 @@ class Rounds:
         ended: list[str] = []
         rows = self._conn.execute("SELECT round_id, spec FROM rounds WHERE state = 'open'")
         for round_id, spec_json in rows.fetchall():
-            spec = SignedRoundSpec.from_wire(spec_json).spec
+            spec = stored_spec(spec_json).spec
             if now < spec.deadline:
                 continue
             if spec.mode is PrivacyMode.CENTRAL:

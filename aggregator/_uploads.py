@@ -32,6 +32,7 @@ from sottovoce.aggregator._round_state import (
     Verdict,
     _iso,
     _Refusal,
+    stored_spec,
     stored_status,
 )
 from sottovoce.aggregator._rounds import Rounds
@@ -49,7 +50,6 @@ from sottovoce.sync import (
     OpenedDelta,
     RoundSpec,
     SealedDelta,
-    SignedRoundSpec,
     SyncError,
     period_label,
 )
@@ -332,7 +332,7 @@ class Uploads:
             round_id, spec_json, worker = row
             # It opened when it was accepted; the same key and spec open it again. It is taken
             # out of the running sum it went into (another worker's, maybe).
-            opened = self._open(sealed, SignedRoundSpec.from_wire(spec_json).spec)
+            opened = self._open(sealed, stored_spec(spec_json).spec)
             partial = self._tables.partial_of(round_id, worker).remove(opened.delta)
             self._tables.store_partial(round_id, worker, partial)
             self._conn.execute(

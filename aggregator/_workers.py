@@ -47,9 +47,9 @@ def serve(
     """Serve the region on ``host:port`` with ``workers`` processes (see the module docstring)."""
     _check_workers(config, workers)
     uv = server_config(config, host=host, port=port, log_level=log_level)
-    # What start-up made (modules, the app, pydantic's validators: ~100k objects) is moved out
-    # of the collector's way: a full collection, every few hundred requests, then walks only
-    # what requests made instead of pausing the service ~20 ms. Forked workers inherit it.
+    # What start-up made (modules, the app, pydantic's validators: about 78,000 objects) is
+    # moved out of the collector's way: a full collection, every few hundred requests, then
+    # walks only what requests made instead of pausing the service 20 ms. Workers inherit it.
     gc.collect()
     gc.freeze()
     if workers == 1:

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from store_peek import peek
 
-from sottovoce.device import InvalidEventBatch, PlayEnd
+from sottovoce.device import EventStore, InvalidEventBatch, PlayEnd
 from sottovoce.device._derive_columns import SMALL_BATCH
 from sottovoce.device._events import EVENT_LIST_ADAPTER
 from sottovoce.device._rows import encode, epoch_ms, to_ms
@@ -165,14 +165,20 @@ def collector() -> Iterator[None]:
         (gc.enable if enabled else gc.disable)()
 
 
-@pytest.mark.usefixtures("collector")
-def test_an_append_holds_the_collector_off_and_turns_it_back_on(
-    open_store: StoreFactory, events: Events
-) -> None:
+def probed(open_store: StoreFactory) -> tuple[EventStore, Probe]:
+    """A store whose clock notes the collector's setting, the collector on, nothing noted."""
     probe = Probe()
     store = open_store(clock=probe)
     gc.enable()
     del probe.collector_on[:]
+    return store, probe
+
+
+@pytest.mark.usefixtures("collector")
+def test_an_append_holds_the_collector_off_and_turns_it_back_on(
+    open_store: StoreFactory, events: Events
+) -> None:
+    store, probe = probed(open_store)
     assert store.append_many([events("play_end") for _ in range(200)]).accepted == 200
     assert probe.collector_on and not any(probe.collector_on), "off while appending"
     assert gc.isenabled()
@@ -182,10 +188,7 @@ def test_an_append_holds_the_collector_off_and_turns_it_back_on(
 def test_a_refused_append_turns_the_collector_back_on(
     open_store: StoreFactory, events: Events
 ) -> None:
-    probe = Probe()
-    store = open_store(clock=probe)
-    gc.enable()
-    del probe.collector_on[:]
+    store, probe = probed(open_store)
     ahead = {**events("like"), "ts": (NOW + timedelta(days=1)).isoformat()}
     with pytest.raises(InvalidEventBatch):  # refused after the clock was read
         store.append_many([events("like"), ahead])
