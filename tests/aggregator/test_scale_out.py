@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -231,14 +232,21 @@ def test_a_killed_worker_is_replaced_and_no_delta_is_lost_or_doubled(cluster: Cl
     held: list[int] = []  # the device connections the killed worker held
 
     def kill_a_busy_worker() -> None:
-        # The worker holding the most device connections at the moment: uploads are cut.
-        deadline = time.monotonic() + 10
-        while not any((busy := service.connections()).values()):
-            assert time.monotonic() < deadline, "no worker holds a device's connection"
-            time.sleep(0.001)
-        killed.append(max(busy, key=lambda pid: busy[pid]))
-        held.append(busy[killed[0]])
-        os.kill(killed[0], signal.SIGKILL)
+        # The worker holding the most device connections at the moment: uploads are cut. One
+        # device is on a slow network, its upload's body still arriving, so that some worker
+        # holds a device's connection however fast the others' uploads are decided.
+        host, port = service.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(f"POST /v1/rounds/{spec.round_id}/deltas HTTP/1.1\r\nHost: {host}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100000\r\n"
+                         "Idempotency-Key: slow-device-upload-0001\r\n\r\n{".encode())  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not any((busy := service.connections()).values()):
+                assert time.monotonic() < deadline, "no worker holds a device's connection"
+                time.sleep(0.001)
+            killed.append(max(busy, key=lambda pid: busy[pid]))
+            held.append(busy[killed[0]])
+            os.kill(killed[0], signal.SIGKILL)
 
     # Early in a long enough run that uploads are in flight when the kill comes, however fast
     # the machine decides them.
