@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[int, typer.Option(help="The session reranker's rounds.")] = 5,
         collaborative_rounds: Annotated[
             int, typer.Option(help="The collaborative model's rounds (one count round first).")
-        ] = 3,
+        ] = 5,
         reranker: Annotated[
             bool, typer.Option(help="Also train and measure the session reranker (sampled).")
         ] = True,

@@ -5,7 +5,7 @@ The region's collaborative model is a sequence of released statistics, each one 
 mean of the devices' uploads (the aggregator's ``statistic`` releases). Every upload is one
 vector in the layout :class:`Layout` fixes for the catalog:
 
-    [ counts (one per catalog item) | B (table x rank) | G (rank x rank) ]
+    [ counts (one per catalog item) | B (table x rank) ]
 
 - the **count round** (the first): a device uploads ``C * c / |c|``, its own items' indicator
   ``c`` scaled to the clipping norm; the release is a DP count of how many devices have each
@@ -14,9 +14,20 @@ vector in the layout :class:`Layout` fixes for the catalog:
   have is left out rather than learned from noise);
 - every **factor round** after it (alternating least squares): the device solves its own user
   vector ``u`` in closed form against the current item table ``V`` (it never leaves the device)
-  and uploads ``B = c u'`` (its table items) and ``G = u u'``, together scaled to the clipping
-  norm; from the release anyone solves the next table, ``V = B (G + lambda I)^-1``. The first
-  factor round starts from a public random table (seeded by the layout).
+  and uploads ``B = c u'`` (its table items), scaled to the clipping norm. The first factor
+  round starts from a public random table (seeded by the layout). From the release anyone
+  solves the next table, ``V = B (G + lambda_v I)^-1``, where ``G``, the sum of the devices'
+  ``u u'``, is not uploaded: every device solved ``u = A V' c`` with the same public
+  ``A = (V'V + lambda_u I)^-1``, so ``V' B = (V'V + lambda_u I) G`` and ``G = A V' B`` follows
+  from the release (each device's scaling included). The whole clipping norm goes to ``B``.
+
+Scoring reads every factor round's release at once. Each is ``S W + noise`` for the table's
+item co-occurrence ``S`` (the sum of the devices' scaled ``c c'``) and that round's public
+``W = V A``: together they are a block Krylov sketch of ``S`` (Musco and Musco, NeurIPS 2015).
+The device scores by the sketch's leading left singular vectors ``U``, each weighed by how far
+its singular value ``s`` stands above the noise's spectral edge ``e = sigma (sqrt(k) +
+sqrt(p))`` (``1 - e^2 / s^2``, a Wiener-style shrinkage; at most ``rank`` of them), as
+``U diag(f) U' c``: a denoised projection of the user's row onto what listeners share.
 
 Every region's aggregator releases its own devices' statistics; a device derives its model from
 the same round's releases of **every** region, pooled (:func:`pool`: each region's mean weighed
@@ -24,10 +35,10 @@ by the inverse of its noise's variance), so that a region learns from the whole 
 its devices upload to it alone. A region's release is a DP statistic of that region's devices
 only; to a device of another region it is public data (its privacy accounting is unchanged).
 
-Scoring on the device: ``V u`` for table items, and every other item after them by its DP
-count. The ridge terms are set from the data and the published noise, never tuned per dataset:
-the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the larger of
-``0.1 trace(G) / rank`` and twice the spectral norm the noise on ``G`` can reach.
+Scoring on the device: the projection above for table items, and every other item after them by
+its DP count. The ridge terms are set from the data and the published noise, never tuned per
+dataset: the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the
+larger of ``0.1 trace(G) / rank`` and twice the spectral norm the noise on ``G`` can reach.
 
 What a release reveals (see docs/privacy.md): DP counts of items and DP sums of user-vector
 statistics per table item, under the region's mechanism; no user vector and no history.
@@ -46,7 +57,14 @@ import numpy.typing as npt
 
 from sottovoce.device._errors import DeviceError
 
-__all__ = ["CollaborativeModel", "Layout", "Statistic", "collaborative_upload", "pool"]
+__all__ = [
+    "CollaborativeModel",
+    "Layout",
+    "Statistic",
+    "collaborative_upload",
+    "devices_gram",
+    "pool",
+]
 
 Array = npt.NDArray[np.float64]
 RIDGE = 0.1  # both ridge terms, relative to the scale of what they regularise
@@ -84,13 +102,13 @@ class Layout:
 
     @property
     def dim(self) -> int:
-        return self.items + self.table_size * self.rank + self.rank * self.rank
+        return self.items + self.table_size * self.rank
 
     @cached_property
     def model_id(self) -> str:
         """SHA-256 of the layout: what the aggregator's rounds and releases name."""
         digest = hashlib.sha256("\n".join(self.catalog).encode()).hexdigest()
-        text = json.dumps({"kind": "sottovoce.collaborative/1", "catalog": digest,
+        text = json.dumps({"kind": "sottovoce.collaborative/2", "catalog": digest,
                            "table": self.table_size, "rank": self.rank, "seed": self.seed},
                           sort_keys=True)  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()
@@ -106,26 +124,27 @@ class Layout:
         out[picked] = 1.0
         return out
 
-    def split(self, vector: Array) -> tuple[Array, Array, Array]:
-        """A release or upload's (counts, B, G)."""
+    def split(self, vector: Array) -> tuple[Array, Array]:
+        """A release or upload's (counts, B)."""
         v = np.asarray(vector, np.float64)
         if v.shape != (self.dim,):
             raise DeviceError(f"expected {self.dim} numbers for this layout, got {v.shape}")
-        k, d = self.table_size, self.rank
-        counts, rest = v[: self.items], v[self.items :]
-        return counts, rest[: k * d].reshape(k, d), rest[k * d :].reshape(d, d)
+        return v[: self.items], v[self.items :].reshape(self.table_size, self.rank)
 
 
 @dataclass(frozen=True)
 class CollaborativeModel:
     """What a device knows of its region's collaborative model: the DP counts, the item table's
-    items (catalog positions) and, after a factor round, their vectors."""
+    items (catalog positions), the table's vectors for the next round, and after factor rounds
+    their releases side by side (the sketch it scores with)."""
 
     layout: Layout
     counts: Array  # DP count per catalog item (the popularity prior)
     table: npt.NDArray[np.int64]  # catalog positions of the table's items, by count
     vectors: Array  # table x rank
     fitted: bool = False  # False after the count round: scores by count alone
+    sketch: Array | None = None  # table x (rank * factor rounds): every factor release's B
+    noise: float = 0.0  # the largest noise deviation on one number of the sketch
 
     @classmethod
     def from_counts(cls, layout: Layout, release: Array, *, noise_std: float) -> CollaborativeModel:
@@ -133,7 +152,7 @@ class CollaborativeModel:
 
         ``noise_std`` is the noise's standard deviation on one released count (clipping norm x
         noise multiplier x sensitivity factor / expected cohort: all public)."""
-        counts, _, _ = layout.split(release)
+        counts, _ = layout.split(release)
         order = np.argsort(-counts, kind="stable")[: layout.table_size]
         clear = counts[order] > NOISE_DEVIATIONS * noise_std
         table = order[clear] if clear.any() else order[:1]
@@ -142,14 +161,38 @@ class CollaborativeModel:
         return cls(layout, counts.copy(), table.astype(np.int64), start[: len(table)], False)
 
     def refit(self, release: Array, *, noise_std: float) -> CollaborativeModel:
-        """After a factor round: the next item table, ``V = B (G + lambda_v I)^-1``."""
-        _, b, g = self.layout.split(release)
-        g = (g + g.T) / 2
-        d = self.layout.rank
-        floor = 2.0 * noise_std * 2.0 * np.sqrt(d)  # twice the noise's spectral reach
-        ridge = max(RIDGE * max(np.trace(g), 0.0) / d, floor, 1e-12)
-        vectors = np.linalg.solve(g + ridge * np.eye(d), b[: len(self.table)].T).T
-        return CollaborativeModel(self.layout, self.counts, self.table, vectors, True)
+        """After a factor round: the next item table, ``V = B (G + lambda_v I)^-1`` with
+        ``G = A V' B`` (see the module docstring), and the release added to the sketch."""
+        _, b = self.layout.split(release)
+        b = b[: len(self.table)]
+        d, v = self.layout.rank, self.vectors
+        g = devices_gram(v, b)
+        # The noise on G is A V' N for the noise N on B (iid, noise_std): its spectral norm is
+        # at most noise_std * 2 sqrt(d) * max s / (s^2 + lambda_u) over V's singular values s.
+        s = np.linalg.svd(v, compute_uv=False)
+        lambda_u = _user_ridge(v.T @ v, d)
+        reach = noise_std * 2.0 * np.sqrt(d) * float(np.max(s / (s**2 + lambda_u)))
+        ridge = max(RIDGE * max(np.trace(g), 0.0) / d, 2.0 * reach, 1e-12)
+        vectors = np.linalg.solve(g + ridge * np.eye(d), b.T).T
+        sketch = b if self.sketch is None else np.hstack([self.sketch, b])
+        return CollaborativeModel(self.layout, self.counts, self.table, vectors, True, sketch,
+                                  max(self.noise, noise_std))  # fmt: skip
+
+    @cached_property
+    def basis(self) -> Array:
+        """The sketch's leading left singular vectors, each scaled by the square root of its
+        shrinkage ``1 - e^2 / s^2`` (those at or below the noise's edge ``e`` dropped; at most
+        ``rank``): scores are ``basis basis' c``."""
+        if self.sketch is None:
+            return np.zeros((len(self.table), 0))
+        k, p = self.sketch.shape
+        u, s, _ = np.linalg.svd(self.sketch, full_matrices=False)
+        edge = self.noise * (np.sqrt(k) + np.sqrt(p))  # the noise's largest singular value
+        keep = (s > max(edge, 1e-12 * float(s.max(initial=0.0)))) & (
+            np.arange(len(s)) < self.layout.rank
+        )  # fmt: skip
+        shrink = 1.0 - (edge / s[keep]) ** 2
+        return np.asarray(u[:, keep] * np.sqrt(shrink), np.float64)
 
     @cached_property
     def item_weights(self) -> Array:
@@ -177,19 +220,21 @@ class CollaborativeModel:
             return np.zeros(self.layout.rank)
         v = self.vectors
         gram = v.T @ v
-        ridge = max(RIDGE * np.trace(gram) / self.layout.rank, 1e-12)
-        return np.linalg.solve(gram + ridge * np.eye(self.layout.rank), v.T @ c)
+        ridge = _user_ridge(gram, self.layout.rank)
+        return np.asarray(np.linalg.solve(gram + ridge * np.eye(self.layout.rank), v.T @ c))
 
     def scores(self, items: Iterable[str]) -> Array:
-        """A score per catalog item for a user with ``items``: table items by ``V u``, above
-        every other item, which follow by DP count."""
+        """A score per catalog item for a user with ``items``: table items by the sketch's
+        denoised projection of the user's row, above every other item, which follow by DP
+        count."""
         counts = self.counts
         spread = max(float(np.abs(counts).max()), 1e-12)
         out = counts / spread / 2 - 2.0  # in [-2.5, -1.5]: below every table item
-        if self.fitted:
-            inside = self.vectors @ self.user_vector(items)
+        basis = self.basis
+        if basis.shape[1]:
+            inside = basis @ (basis.T @ self.row(items))
             out[self.table] = inside - inside.min()  # >= 0
-        else:
+        else:  # no factor round yet, or none of its directions clears the noise
             out[self.table] = counts[self.table] / spread / 2  # by count alone
         return out
 
@@ -241,10 +286,21 @@ def collaborative_upload(
     u = model.solve(c)
     if not np.any(c) or not np.any(u):
         return out
-    k, d = layout.table_size, layout.rank
-    b = np.zeros((k, d))
+    b = np.zeros((layout.table_size, layout.rank))
     b[: len(model.table)] = np.outer(c, u)
-    g = np.outer(u, u)
-    stats = np.concatenate([b.ravel(), g.ravel()])
-    out[layout.items :] = clipping_norm * stats / np.linalg.norm(stats)
+    out[layout.items :] = clipping_norm * b.ravel() / np.linalg.norm(b)
     return out
+
+
+def devices_gram(vectors: Array, b: Array) -> Array:
+    """``G``, the sum of the devices' (scaled) ``u u'``, from the sum of their ``c u'`` (``b``)
+    and the table ``vectors`` they solved against: ``G = (V'V + lambda_u I)^-1 V' B``."""
+    gram = vectors.T @ vectors
+    d = gram.shape[0]
+    g = np.linalg.solve(gram + _user_ridge(gram, d) * np.eye(d), vectors.T @ b)
+    return np.asarray((g + g.T) / 2, np.float64)
+
+
+def _user_ridge(gram: Array, rank: int) -> float:
+    """``lambda_u``: a tenth of the table's mean squared singular value."""
+    return max(RIDGE * float(np.trace(gram)) / rank, 1e-12)

@@ -11,8 +11,8 @@ the coin, consent, then sealing and the outbox in one transaction). What the dev
 is :func:`~._collaborative.collaborative_upload` of the items the user listened to (a play of
 at least half the track or 30 s) or liked, minus disliked ones.
 
-The model lives in the store's ``collaborative`` slot (DP counts, table, vectors: all public,
-derived from signed releases).
+The model lives in the store's ``collaborative`` slot (DP counts, table, vectors and the factor
+rounds' releases side by side: all public, derived from signed releases).
 """
 
 from __future__ import annotations
@@ -145,15 +145,21 @@ def noise_std(spec: RoundSpec, dim: int) -> float:
 
 
 def _pack(model: CollaborativeModel) -> npt.NDArray[np.float32]:
-    parts = [np.array([float(model.fitted), len(model.table)]), model.counts,
-             model.table.astype(np.float64), model.vectors.ravel()]  # fmt: skip
+    """``[fitted, k, p, noise | counts | table | vectors (k x rank) | sketch (k x p)]``."""
+    sketch = np.zeros((len(model.table), 0)) if model.sketch is None else model.sketch
+    head = np.array([float(model.fitted), len(model.table), sketch.shape[1], model.noise])
+    parts = [head, model.counts, model.table.astype(np.float64), model.vectors.ravel(),
+             sketch.ravel()]  # fmt: skip
     return np.concatenate(parts).astype(np.float32)
 
 
 def _unpack(layout: Layout, packed: Iterable[float]) -> CollaborativeModel:
     flat = np.asarray(packed, np.float64)
-    fitted, k = bool(flat[0]), int(flat[1])
-    counts = flat[2 : 2 + layout.items]
-    table = flat[2 + layout.items : 2 + layout.items + k].astype(np.int64)
-    vectors = flat[2 + layout.items + k :].reshape(k, layout.rank)
-    return CollaborativeModel(layout, counts, table, vectors, fitted)
+    fitted, k, p, noise = bool(flat[0]), int(flat[1]), int(flat[2]), float(flat[3])
+    at = 4 + layout.items
+    counts, table = flat[4:at], flat[at : at + k].astype(np.int64)
+    at += k
+    vectors = flat[at : at + k * layout.rank].reshape(k, layout.rank)
+    at += k * layout.rank
+    sketch = flat[at : at + k * p].reshape(k, p) if p else None
+    return CollaborativeModel(layout, counts, table, vectors, fitted, sketch, noise)

@@ -61,7 +61,7 @@ class SimulationConfig:
     item_features: Path | None = None
     users: int | None = 200  # None: every user of the dataset (`simulate`'s CLI default)
     rounds: int = 5  # the reranker's rounds
-    collaborative_rounds: int = 3  # the collaborative model's: one count round, then factor rounds
+    collaborative_rounds: int = 5  # the collaborative model's: one count round, then factor rounds
     reranker: bool = True  # also train and measure the session reranker (metrics_sampled)
     sampling_rate: float = 0.5  # the session reranker's rounds
     # The collaborative model's own rounds: few, each needing every device it can get (its

@@ -17,9 +17,17 @@ from sottovoce.device._collaborative import (
     Layout,
     Statistic,
     collaborative_upload,
+    devices_gram,
     pool,
 )
-from sottovoce.device._collaborator import SLOT, Collaborator, listened_items, noise_std
+from sottovoce.device._collaborator import (
+    SLOT,
+    Collaborator,
+    _pack,
+    _unpack,
+    listened_items,
+    noise_std,
+)
 from sottovoce.policy import Purpose
 from sottovoce.sync import BadSignature, SpecRefused, sign_release
 
@@ -74,6 +82,53 @@ def test_the_table_learns_which_items_go_together() -> None:
     cluster = scores[4:15].min()
     others = scores[15:].max()
     assert cluster > others
+
+
+def test_the_devices_gram_follows_from_their_uploads() -> None:
+    """ALS needs the sum of the devices' u u' beside their c u': each device solved u against
+    the same public table, so it follows from the sum of c u' alone, each device's scaling to
+    the clipping norm included."""
+    layout = Layout(CATALOG, table=30, rank=4)
+    histories = _planted()
+    model = _fit(histories, layout, rounds=2)
+    k = len(model.table)
+    expected = np.zeros((4, 4))
+    total = np.zeros((k, 4))
+    for history in histories:
+        upload = collaborative_upload(model, layout, history, clipping_norm=1.0)
+        b = layout.split(upload)[1][:k]
+        u = model.user_vector(history)
+        scale = 1.0 / np.linalg.norm(np.outer(model.row(history), u))  # to the clipping norm
+        expected += scale * np.outer(u, u)
+        total += b
+    assert np.allclose(devices_gram(model.vectors, total), expected)
+    assert not np.allclose(devices_gram(model.vectors * 2, total), expected)
+
+
+def test_scores_keep_only_what_stands_above_the_noise() -> None:
+    """The sketch of every factor round scores; its directions at or below the noise's edge
+    are dropped (at most the rank are kept), and with none left the table ranks by count."""
+    layout = Layout(CATALOG, table=60, rank=4)
+    clean = _fit(_planted(), layout, rounds=4)
+    assert clean.sketch is not None and clean.sketch.shape == (60, 12)  # 3 factor rounds x 4
+    assert clean.basis.shape == (60, 4)
+    drowned = CollaborativeModel(layout, clean.counts, clean.table, clean.vectors, True,
+                                 clean.sketch, noise=1e3)  # fmt: skip
+    assert drowned.basis.shape == (60, 0)
+    by_count = drowned.scores(["t0"])
+    order = np.argsort(-clean.counts[clean.table], kind="stable")
+    assert np.all(np.diff(by_count[clean.table][order]) <= 0)
+
+
+def test_a_fitted_model_reads_back_from_its_packed_form() -> None:
+    layout = Layout(CATALOG, table=60, rank=4)
+    model = _fit(_planted(), layout, rounds=3, noise=0.5)
+    again = _unpack(layout, _pack(model))
+    assert again.fitted and again.noise == pytest.approx(model.noise, rel=1e-6)
+    assert model.sketch is not None and again.sketch is not None
+    assert np.allclose(again.sketch, model.sketch, rtol=1e-5, atol=1e-7)
+    probe = ["t0", "t1", "t2"]
+    assert np.allclose(again.scores(probe), model.scores(probe), atol=1e-4)
 
 
 def test_noise_shrinks_the_table_to_items_that_clear_it() -> None:
@@ -188,6 +243,7 @@ def test_a_device_pools_every_regions_release_of_a_round(tmp_path: Path) -> None
         again = Collaborator(store, layout)  # read back from the store
         assert again.version == 1 and again.model is not None
         assert np.array_equal(again.model.table, model.table)
+        assert again.model.sketch is None and not again.model.fitted
     finally:
         store.close()
 
