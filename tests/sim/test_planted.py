@@ -68,5 +68,6 @@ def test_content_alone_cannot_explain_the_structure(planted: dict[str, Any]) -> 
 
 def test_the_private_row_spent_what_it_reports(planted: dict[str, Any]) -> None:
     (entry,) = planted["privacy"]
-    assert entry["pipeline"] == "collaborative" and entry["rounds"] == 3
+    assert entry["pipeline"] == "collaborative"
+    assert entry["rounds"] == SimulationConfig().collaborative_rounds
     assert 0 < entry["epsilon"] <= 40.0
