@@ -118,6 +118,8 @@ def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRo
 
 
 def _ints(values: Iterable[int], n: int) -> npt.NDArray[np.int64]:
+    if isinstance(values, range):  # sequence numbers
+        return np.arange(values.start, values.stop, values.step, dtype=np.int64)
     return np.fromiter(values, np.int64, n)
 
 

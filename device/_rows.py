@@ -1,14 +1,15 @@
-"""Events as stored rows, and back: SQL for the derived-state upserts, time in milliseconds,
-validation errors mapped to fields. Used by the store; nothing here touches a connection.
+"""Events as stored rows, and back: a valid batch as columns (:class:`EventRows`), SQL for the
+derived-state upserts, time in milliseconds, validation errors mapped to fields. Used by the
+store; nothing here touches a connection.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
-from itertools import repeat
-from operator import attrgetter, itemgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq, itemgetter
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -153,15 +154,15 @@ def _event_errors(error: ValidationError, items: list[Any]) -> list[InvalidEvent
     return out
 
 
-def refuse_ahead(
-    events: Sequence[Event], times: Sequence[int], *, now: datetime, skew: timedelta
-) -> None:
+def refuse_ahead(items: list[Any], times: Sequence[int], *, now: datetime, skew: timedelta) -> None:
     """Refuse, as one ``InvalidEventBatch``, events timed more than ``skew`` after ``now``
-    (``times`` in epoch ms): such an event would count as the latest listening, steering the
-    session and taste until its time came, and outlive retention as long."""
+    (``times`` in epoch ms, of the valid events ``items``): such an event would count as the
+    latest listening, steering the session and taste until its time came, and outlive
+    retention as long."""
     limit = to_ms(now + skew)
     if not times or max(times) <= limit:  # the common case: one pass in C
         return
+    events = _validate(items)  # valid, parsed again only to be named as parsed
     clock, allowed = now.isoformat(timespec="seconds"), format_duration(skew)
     errors = [
         InvalidEvent(field="ts", rule="ts_ahead_of_clock", index=i, event_id=events[i].event_id,
@@ -230,26 +231,74 @@ def epoch_ms(stamps: Sequence[datetime]) -> list[int]:
     return [delta // _MS for delta in map(epoch.__rsub__, stamps)]
 
 
-def fact_batch(
-    events: Sequence[Event], *, first_seq: int, refs: Mapping[str, int], times: Sequence[int]
-) -> FactBatch:
-    """The facts of events about to be stored (with sequence numbers from ``first_seq``, the
-    users' references and the events' times in ms), as columns: what :func:`_fact` makes of
-    each, all at once. Built column by column, so no tuple is made per event."""
+class EventRows(NamedTuple):
+    """A valid batch as columns (lists or tuples), in batch order: what is stored of each
+    event (id, user, time in epoch ms, body) and what derivation reads of it. Made from parsed
+    events (:func:`event_rows`) or, from plain dicts, by :func:`._plain_events.plain_rows`."""
+
+    event_id: Sequence[str]
+    user_id: Sequence[str]
+    type: Sequence[str]
+    ts: Sequence[int]
+    track: Sequence[str | None]
+    artist: Sequence[str | None]
+    ms_played: Sequence[int]
+    duration_ms: Sequence[int]
+    position_ms: Sequence[int]
+    context: Sequence[tuple[str, str, str] | None]
+    body: Sequence[str]
+
+    def pick(self, indices: Sequence[int]) -> EventRows:
+        """The rows ``indices``, in that order."""
+        picked: list[Any] = [list(map(column.__getitem__, indices)) for column in self]
+        return EventRows(*picked)
+
+    def facts(self, *, first_seq: int, refs: Mapping[str, int]) -> FactBatch:
+        """The rows' facts, numbered from ``first_seq``, users by their references."""
+        return FactBatch(
+            range(first_seq, first_seq + len(self.ts)),
+            list(map(refs.__getitem__, self.user_id)),
+            self.type, self.ts, self.track, self.artist, self.ms_played, self.duration_ms,
+            self.position_ms, self.context,
+        )  # fmt: skip
+
+
+def event_rows(events: Sequence[Event]) -> EventRows:
+    """The rows of parsed events."""
+    times, bodies = encode(events)
     fields = [e.__dict__ for e in events]  # pydantic's __getattr__ is slow for absent fields
-    kind = list(map(itemgetter("type"), fields))
-    return FactBatch(
-        range(first_seq, first_seq + len(events)),
-        list(map(refs.__getitem__, map(itemgetter("user_id"), fields))),
-        kind,
-        times,
-        list(map(dict.get, fields, repeat("track_id"))),
-        list(map(dict.get, fields, repeat("artist_id"))),
-        list(map(dict.get, fields, repeat("ms_played"), repeat(0))),
-        [f.get("duration_ms") or 0 for f in fields],
-        list(map(dict.get, fields, repeat("position_ms"), repeat(0))),
-        [_context(f) if k == "context" else None for f, k in zip(fields, kind, strict=True)],
-    )
+    kinds = list(map(itemgetter("type"), fields))
+    return columns(fields, kinds=kinds, times=times, bodies=bodies, clock=time.isoformat)
+
+
+FACT_FIELDS: tuple[tuple[str, int | None], ...] = (
+    ("track_id", None), ("artist_id", None), ("ms_played", 0), ("duration_ms", 0),
+    ("position_ms", 0),
+)  # fmt: skip
+"""The fields of an event derivation reads (besides its type, time and context), in
+:class:`EventRows` order, and what it takes when the event's type has no such field or it is
+null (a skip's duration)."""
+CONTEXT_FIELDS = ("device_type", "network", "local_time")
+"""What derivation reads of a ``context`` event: its context."""
+
+
+def columns(
+    fields: list[dict[str, Any]], *, kinds: list[str], times: list[int], bodies: list[str],
+    clock: Callable[[Any], str],
+) -> EventRows:  # fmt: skip
+    """The rows of parsed events, given as their field dicts, column by column (no tuple is
+    made per event); ``clock`` writes a ``local_time`` as text."""
+    context: list[tuple[str, str, str] | None] = [None] * len(fields)
+    for i in compress(range(len(fields)), map(eq, kinds, repeat("context"))):
+        device, network, local = map(fields[i].__getitem__, CONTEXT_FIELDS)
+        context[i] = (device, network, clock(local))
+    facts = [list(map(dict.get, fields, repeat(name), repeat(default)))
+             for name, default in FACT_FIELDS]  # fmt: skip
+    for column, (_, default) in zip(facts, FACT_FIELDS, strict=True):
+        if default is not None and None in column:
+            column[:] = [default if v is None else v for v in column]
+    ids, users = map(itemgetter("event_id"), fields), map(itemgetter("user_id"), fields)
+    return EventRows._make([list(ids), list(users), kinds, times, *facts, context, bodies])
 
 
 def _context(fields: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -1,16 +1,18 @@
 """Events in the store: a batch is checked, consented, written and its derived state merged in
 one transaction, all or nothing; stored events are read back as derivation facts.
 
-Cost (``bench/ingest.py``): a batch is validated by pydantic in one call and each body written
-by a serializer made for its type (:func:`._rows.encode`); its rows are inserted without first
-asking which ids exist (the unique index on ``event_id`` refuses a replay; a savepoint then
-undoes the batch's rows and the slow path sorts replays out); its derived state is computed
-column-wise (:func:`._derive_columns.derive_batch`) and merged with one upsert per (user, track)
-and (user, artist) it touched, NULLs bound as marks (:class:`._rows.CounterUpsert`); the cyclic
-collector is held off for the length of the append (:func:`_collector_paused`). Python loops
-per event only to make each stored row (its body and time). Of what remains, SQLite's writes
-(the event's row in three B-trees, the counters' upserts, the commit) are about 45%, pydantic's
-validation and bodies about 30%, derivation about 15%.
+Cost (``bench/ingest.py``): a batch of plain dicts (``_plain_events.SMALL_BATCH`` or more)
+is read into its rows by a hand-written reader that gives what pydantic's path gives or
+declines (:func:`._plain_events.plain_rows`); any other batch is validated by pydantic in one
+call and each body written by a serializer made for its type (:func:`._rows.encode`). Its
+rows are inserted without first asking which ids exist (the unique index on ``event_id``
+refuses a replay; a savepoint then undoes the batch's rows and the slow path sorts replays
+out); its derived state is computed column-wise (:func:`._derive_columns.derive_batch`) and
+merged with one upsert per (user, track) and (user, artist) it touched, NULLs bound as marks
+(:class:`._rows.CounterUpsert`); the cyclic collector is held off for the length of the append
+(:func:`_collector_paused`). Of what remains, SQLite's writes (the event's row in three
+B-trees, the counters' upserts, the commit) are about 55%, reading the batch about 20%,
+derivation about 15%.
 """
 
 from __future__ import annotations
@@ -21,21 +23,21 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from operator import attrgetter
 from typing import Any
 
 from sottovoce.device._derive import Fact, FactBatch
 from sottovoce.device._derive_columns import derive_batch
 from sottovoce.device._errors import EventConflict
 from sottovoce.device._events import Event
+from sottovoce.device._plain_events import plain_rows
 from sottovoce.device._rows import (
     _INSERT_EVENT,
+    EventRows,
     _chunks,
     _fact,
     _revive,
     _validate,
-    encode,
-    fact_batch,
+    event_rows,
     refuse_ahead,
     to_ms,
 )
@@ -59,7 +61,6 @@ from sottovoce.policy import (
 __all__ = ["Events"]
 
 log = logging.getLogger("sottovoce.device")
-_USER_ID, _EVENT_ID = attrgetter("user_id"), attrgetter("event_id")
 
 
 class Events:
@@ -81,19 +82,22 @@ class Events:
             return self._append_many(events)
 
     def _append_many(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
-        parsed = _validate(list(events))
-        if not parsed:
+        items = list(events)
+        parsed = plain_rows(items)
+        if parsed is None:  # not plain dicts it is sure of: pydantic reads (and refuses) them
+            parsed = event_rows(_validate(items))
+        if not parsed.ts:
             return AppendResult(0)
-        times, bodies = encode(parsed)
+        times = parsed.ts
         region = self._region
-        refuse_ahead(parsed, times, now=self._file.clock(), skew=region.clock_skew)
+        refuse_ahead(items, times, now=self._file.clock(), skew=region.clock_skew)
         refusal: PolicyViolation | None = None
         result = AppendResult(0)
         noted: Noted = {}
-        with self._file.write(f"storing a batch of {len(parsed)} events"):
+        with self._file.write(f"storing a batch of {len(times)} events"):
             refs: dict[str, int] = {}
             verdicts: list[tuple[str, int | None, ConsentState]] = []
-            for user_id in sorted(set(map(_USER_ID, parsed))):
+            for user_id in sorted(set(parsed.user_id)):
                 ref = self._users.ref(user_id, create=False)
                 state = self._consent.state(ref, self._users.hash(user_id))
                 refusal = consent_refusal(region, Purpose.PERSONALIZATION, state)
@@ -110,19 +114,18 @@ class Events:
                 cutoff = to_ms(horizon)
                 # Events already past raw-event retention are not kept: storing them would
                 # break retention, and a replay of a purged event would count twice.
-                live: Sequence[int] = range(len(parsed))
+                live: Sequence[int] = range(len(times))
                 expired: tuple[str, ...] = ()
                 if min(times) < cutoff:
                     live = [i for i, ts in enumerate(times) if ts >= cutoff]
-                    expired = tuple(parsed[i].event_id for i, ts in enumerate(times) if ts < cutoff)
-                result = self._store(parsed, times=times, bodies=bodies, live=live, refs=refs,
-                                     expired=expired)  # fmt: skip
+                    expired = tuple(parsed.event_id[i] for i, ts in enumerate(times) if ts < cutoff)
+                result = self._store(parsed, live=live, refs=refs, expired=expired)
                 if expired:
                     result = replace(result, retention_cutoff=horizon)
         self._trail.noted.update(noted)  # committed: these are in the log now
         if refusal is not None:
             raise refusal
-        if result.expired and result.expired == len(parsed):
+        if result.expired and result.expired == len(times):
             log.warning("append: every event of the batch was dropped: %s (check the events' "
                         "timestamps and the store's clock)", result)  # fmt: skip
         return result
@@ -144,10 +147,8 @@ class Events:
 
     def _store(
         self,
-        parsed: list[Event],
+        parsed: EventRows,
         *,
-        times: list[int],
-        bodies: list[str],
         live: Sequence[int],
         refs: Mapping[str, int],
         expired: tuple[str, ...],
@@ -159,14 +160,13 @@ class Events:
         conn = self._file.conn
         first = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()[0]
 
-        def rows(indices: Sequence[int]) -> tuple[FactBatch, list[str], list[str]]:
+        def rows(indices: Sequence[int]) -> tuple[FactBatch, Sequence[str], Sequence[str]]:
             """The facts, ids and bodies of ``parsed[indices]``, numbered from ``first``."""
-            events, at, texts = parsed, times, bodies
-            if len(indices) < len(parsed):  # else all of them, in order: nothing to pick
-                events = [parsed[i] for i in indices]
-                at, texts = [times[i] for i in indices], [bodies[i] for i in indices]
-            batch = fact_batch(events, first_seq=first, refs=refs, times=at)
-            return self._resolve_artists(batch), list(map(_EVENT_ID, events)), texts
+            picked = parsed
+            if len(indices) < len(parsed.ts):  # else all of them, in order: nothing to pick
+                picked = parsed.pick(indices)
+            batch = picked.facts(first_seq=first, refs=refs)
+            return self._resolve_artists(batch), picked.event_id, picked.body
 
         batch, ids, texts = rows(live)
         duplicates: list[str] = []
@@ -181,7 +181,7 @@ class Events:
                 return AppendResult(0, tuple(duplicates), expired)
             batch, ids, texts = rows([live[k] for k in fresh])
             conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
-        self._derived.merge(derive_batch(batch, self._catalog.vectors(set(batch.track))))
+        self._derived.merge(derive_batch(batch, self._catalog.vectors(batch.track)))
         return AppendResult(len(ids), tuple(duplicates), expired)
 
     def _resolve_artists(self, batch: FactBatch) -> FactBatch:
@@ -201,7 +201,7 @@ class Events:
         return batch._replace(artist=artists)
 
     def _dedupe(
-        self, ids: list[str], users: Sequence[int], bodies: list[str], live: Sequence[int]
+        self, ids: Sequence[str], users: Sequence[int], bodies: Sequence[str], live: Sequence[int]
     ) -> tuple[list[int], list[str]]:
         """Which of the rows ``ids`` (users, bodies) are new (positions), and the ids of
         replays; an id stored (or repeated in the batch) with other content is an
@@ -257,7 +257,9 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _event_rows(batch: FactBatch, ids: list[str], bodies: list[str]) -> Iterator[tuple[Any, ...]]:
+def _event_rows(
+    batch: FactBatch, ids: Sequence[str], bodies: Sequence[str]
+) -> Iterator[tuple[Any, ...]]:
     """The stored rows (seq, id, user, type, ts, track, artist, body), made one at a time as
     SQLite takes them."""
     return zip(batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist,
