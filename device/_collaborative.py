@@ -218,10 +218,7 @@ class CollaborativeModel:
         """The user vector of a row from :meth:`row`."""
         if not np.any(c):
             return np.zeros(self.layout.rank)
-        v = self.vectors
-        gram = v.T @ v
-        ridge = _user_ridge(gram, self.layout.rank)
-        return np.asarray(np.linalg.solve(gram + ridge * np.eye(self.layout.rank), v.T @ c))
+        return _user_solve(self.vectors, c)
 
     def scores(self, items: Iterable[str]) -> Array:
         """A score per catalog item for a user with ``items``: table items by the sketch's
@@ -295,10 +292,15 @@ def collaborative_upload(
 def devices_gram(vectors: Array, b: Array) -> Array:
     """``G``, the sum of the devices' (scaled) ``u u'``, from the sum of their ``c u'`` (``b``)
     and the table ``vectors`` they solved against: ``G = (V'V + lambda_u I)^-1 V' B``."""
+    g = _user_solve(vectors, b)  # each column of B solved as a device solves its row
+    return np.asarray((g + g.T) / 2, np.float64)
+
+
+def _user_solve(vectors: Array, c: Array) -> Array:
+    """``(V'V + lambda_u I)^-1 V' c``: a user vector from a row (or each column of ``c``)."""
     gram = vectors.T @ vectors
     d = gram.shape[0]
-    g = np.linalg.solve(gram + _user_ridge(gram, d) * np.eye(d), vectors.T @ b)
-    return np.asarray((g + g.T) / 2, np.float64)
+    return np.asarray(np.linalg.solve(gram + _user_ridge(gram, d) * np.eye(d), vectors.T @ c))
 
 
 def _user_ridge(gram: Array, rank: int) -> float:

@@ -6,7 +6,7 @@ store; nothing here touches a connection.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
 from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
@@ -263,14 +263,6 @@ class EventRows(NamedTuple):
         )  # fmt: skip
 
 
-def event_rows(events: Sequence[Event]) -> EventRows:
-    """The rows of parsed events."""
-    times, bodies = encode(events)
-    fields = [e.__dict__ for e in events]  # pydantic's __getattr__ is slow for absent fields
-    kinds = list(map(itemgetter("type"), fields))
-    return columns(fields, kinds=kinds, times=times, bodies=bodies, clock=time.isoformat)
-
-
 FACT_FIELDS: tuple[tuple[str, int | None], ...] = (
     ("track_id", None), ("artist_id", None), ("ms_played", 0), ("duration_ms", 0),
     ("position_ms", 0),
@@ -282,16 +274,14 @@ CONTEXT_FIELDS = ("device_type", "network", "local_time")
 """What derivation reads of a ``context`` event: its context."""
 
 
-def columns(
-    fields: list[dict[str, Any]], *, kinds: list[str], times: list[int], bodies: list[str],
-    clock: Callable[[Any], str],
-) -> EventRows:  # fmt: skip
-    """The rows of parsed events, given as their field dicts, column by column (no tuple is
-    made per event); ``clock`` writes a ``local_time`` as text."""
+def event_rows(events: Sequence[Event]) -> EventRows:
+    """The rows of parsed events, column by column (no tuple is made per event)."""
+    times, bodies = encode(events)
+    fields = [e.__dict__ for e in events]  # pydantic's __getattr__ is slow for absent fields
+    kinds = list(map(itemgetter("type"), fields))
     context: list[tuple[str, str, str] | None] = [None] * len(fields)
     for i in compress(range(len(fields)), map(eq, kinds, repeat("context"))):
-        device, network, local = map(fields[i].__getitem__, CONTEXT_FIELDS)
-        context[i] = (device, network, clock(local))
+        context[i] = _context(fields[i])
     facts = [list(map(dict.get, fields, repeat(name), repeat(default)))
              for name, default in FACT_FIELDS]  # fmt: skip
     for column, (_, default) in zip(facts, FACT_FIELDS, strict=True):
