@@ -31,9 +31,12 @@ TRACKS = 40  # t0..t39; only the first CATALOG_TRACKS have catalog vectors and k
 CATALOG_TRACKS = 30
 ARTISTS = 10
 DIM = 8
-MAX_EVENTS = 1_000_000  # the cap: a writer nobody kills stops here
+MAX_EVENTS = 200_000  # the cap: a writer nobody kills stops here
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
-NOW = BASE + timedelta(days=2)  # the store's clock: the stream stays within retention
+# The store's clock. Event i lies about 21.75 s * i after BASE (see ``event``), so the whole
+# capped stream (about 50.4 days) stays behind the clock, and within the US raw-event retention
+# (180 days): a fast writer never runs into the store's clock-skew refusal.
+NOW = BASE + timedelta(days=60)
 EVENT_ID = re.compile(r"e(\d+)-(\d+)")
 # Relative frequencies; play_end, skip, like and dislike feed statistics and taste.
 TYPES = {

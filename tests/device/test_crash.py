@@ -28,11 +28,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from crash_writer import NOW
+from crash_writer import MAX_EVENTS, NOW, event
 from store_peek import peek
 
 from sottovoce.device import EventStore
@@ -50,6 +51,14 @@ START_TIMEOUT_S = 30.0
 
 def test_sigkill_loses_no_acknowledged_event(tmp_path: Path) -> None:
     run_trials(tmp_path, seed=1, trials=DEFAULT_TRIALS)
+
+
+def test_the_whole_stream_stays_behind_the_store_clock() -> None:
+    # A writer that is never killed (or a fast one) must not reach events the store refuses as
+    # ahead of its clock: the stream's last events, of every time offset, are behind NOW.
+    for seed in range(6):
+        last = datetime.fromisoformat(event(seed, MAX_EVENTS - 1)["ts"])
+        assert last + timedelta(minutes=10) <= NOW, (seed, last)
 
 
 @pytest.mark.slow
