@@ -10,7 +10,7 @@ other); the rules of what counts live in :mod:`._derive` alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import compress, repeat
 from operator import is_not
 from typing import Any, NamedTuple
@@ -46,11 +46,18 @@ SMALL_BATCH = 48
 """Below this many facts, numpy's fixed cost per call outweighs what it saves per fact."""
 
 
-def derive_batch(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRows:
-    """What ``derive(facts, vectors).rows()`` gives, for a batch of facts as columns."""
+VectorSource = Callable[[Sequence[str | None]], Mapping[str, Vector]]
+"""Track ids -> catalog vectors of those of them the catalog has (and maybe others): how the
+store hands derivation its catalog, so that only the tracks derivation looks up are loaded."""
+
+
+def derive_batch(batch: FactBatch, vectors: VectorSource) -> DerivedRows:
+    """What ``derive(facts, vectors(batch.track)).rows()`` gives, for a batch of facts as
+    columns."""
     if len(batch.seq) < SMALL_BATCH:
-        return derive(list(map(Fact._make, zip(*batch, strict=True))), vectors).rows()
-    return derive_columns(batch, vectors)
+        facts = list(map(Fact._make, zip(*batch, strict=True)))
+        return derive(facts, vectors(batch.track)).rows()
+    return _derive_columns(batch, vectors)
 
 
 def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRows:
@@ -58,6 +65,12 @@ def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRo
 
     Per-fact work stays in C (``map``, ``zip``, numpy); Python loops only over what is rare
     (groups with feedback, context facts, users)."""
+    return _derive_columns(batch, lambda _: vectors)
+
+
+def _derive_columns(batch: FactBatch, vectors_of: VectorSource) -> DerivedRows:
+    """:func:`derive_columns`, asking ``vectors_of`` only for the vectors of the tracks that
+    weigh in the taste (a catalog lookup per batch track was a tenth of derivation's cost)."""
     out = DerivedRows()
     n = len(batch.seq)
     if n == 0:
@@ -97,9 +110,13 @@ def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRo
     weight = np.where(code == _LIKE, LIKE_WEIGHT, 0.0)
     weight[played] = PLAY_WEIGHT + COMPLETION_BONUS * completed[played]
     liked = np.flatnonzero(has_track & (weight > 0)).tolist()
-    engaged = np.array(list(compress(liked, map(vectors.__contains__, _pick(batch.track, liked)))),
+    liked_tracks = _pick(batch.track, liked)
+    vectors = vectors_of(liked_tracks)
+    engaged = np.array(list(compress(liked, map(vectors.__contains__, liked_tracks))),
                        dtype=np.int64)  # fmt: skip
-    for u in np.unique(user[engaged]).tolist():
+    # sorted(set()), not np.unique: without return_index np.unique imports numpy.ma (some
+    # 20 ms) on its first call, which lands in a device's first append.
+    for u in sorted(set(user[engaged].tolist())):
         mine = engaged[user[engaged] == u]
         ref = int(ts[mine].max())
         w = weight[mine] * np.exp(-(ref - ts[mine]) / _TAU)

@@ -27,6 +27,7 @@ from sottovoce.device._events import (
     PATTERN_RULES,
     Event,
 )
+from sottovoce.device._many_rows import ManyRows
 from sottovoce.device._schema import COUNTER_COLUMNS
 from sottovoce.policy import format_duration
 
@@ -44,9 +45,13 @@ _TS, _TZINFO = attrgetter("ts"), attrgetter("tzinfo")
 _FIXED_ZONES = (type(TypeAdapter(datetime).validate_python("2026-01-01T00:00:00Z").tzinfo),
                 timezone)  # fmt: skip
 
-_INSERT_EVENT = (
-    "INSERT INTO events (seq, event_id, user_ref, type, ts, track_id, artist_id, body) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# Many rows a statement (._many_rows). OR FAIL: a refused row ends its statement without
+# undoing the statement's earlier rows, so SQLite keeps no statement journal; the batch's
+# savepoint undoes them, as it undid the rows executemany had inserted before a refusal.
+INSERT_EVENTS = ManyRows(
+    "INSERT OR FAIL INTO events (seq, event_id, user_ref, type, ts, track_id, artist_id, body) "
+    "VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
 )
 _NOT_STORED: set[str] = {"user_id"}  # stored as a salted hash in its own column
 

@@ -5,14 +5,15 @@ Cost (``bench/ingest.py``): a batch of plain dicts (``_plain_events.SMALL_BATCH`
 is read into its rows by a hand-written reader that gives what pydantic's path gives or
 declines (:func:`._plain_events.plain_rows`); any other batch is validated by pydantic in one
 call and each body written by a serializer made for its type (:func:`._rows.encode`). Its
-rows are inserted without first asking which ids exist (the unique index on ``event_id``
-refuses a replay; a savepoint then undoes the batch's rows and the slow path sorts replays
-out); its derived state is computed column-wise (:func:`._derive_columns.derive_batch`) and
-merged with one upsert per (user, track) and (user, artist) it touched, NULLs bound as marks
-(:class:`._rows.CounterUpsert`); the cyclic collector is held off for the length of the append
-(:func:`_collector_paused`). Of what remains, SQLite's writes (the event's row in three
-B-trees, the counters' upserts, the commit) are about 55%, reading the batch about 20%,
-derivation about 15%.
+rows are inserted 64 to a statement (:mod:`._many_rows`) without first asking which ids exist
+(the unique index on ``event_id`` refuses a replay; a savepoint then undoes the batch's rows
+and the slow path sorts replays out); its derived state is computed column-wise
+(:func:`._derive_columns.derive_batch`, which asks the catalog only for the vectors of the
+tracks that weigh in the taste) and merged with one upsert per (user, track) and (user,
+artist) it touched, NULLs bound as marks (:class:`._rows.CounterUpsert`); the cyclic
+collector is held off for the length of the append (:func:`_collector_paused`). Of what
+remains, SQLite's writes (the event's row in three B-trees, the counters' upserts, the
+commit) are about half, reading the batch about 20%, derivation about 15%.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sottovoce.device._errors import EventConflict
 from sottovoce.device._events import Event
 from sottovoce.device._plain_events import plain_rows
 from sottovoce.device._rows import (
-    _INSERT_EVENT,
+    INSERT_EVENTS,
     EventRows,
     _chunks,
     _fact,
@@ -174,14 +175,14 @@ class Events:
             # Most batches are all new: insert first, and sort out replays only when the
             # unique index on event_id refuses one (the savepoint undoes the partial insert).
             with _immediate(conn, name="new_events"):
-                conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
+                INSERT_EVENTS.run(conn, _event_rows(batch, ids, texts))
         except sqlite3.IntegrityError:
             fresh, duplicates = self._dedupe(ids, batch.user, texts, live)
             if not fresh:
                 return AppendResult(0, tuple(duplicates), expired)
             batch, ids, texts = rows([live[k] for k in fresh])
-            conn.executemany(_INSERT_EVENT, _event_rows(batch, ids, texts))
-        self._derived.merge(derive_batch(batch, self._catalog.vectors(batch.track)))
+            INSERT_EVENTS.run(conn, _event_rows(batch, ids, texts))
+        self._derived.merge(derive_batch(batch, self._catalog.vectors))
         return AppendResult(len(ids), tuple(duplicates), expired)
 
     def _resolve_artists(self, batch: FactBatch) -> FactBatch:
@@ -257,10 +258,6 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _event_rows(
-    batch: FactBatch, ids: Sequence[str], bodies: Sequence[str]
-) -> Iterator[tuple[Any, ...]]:
-    """The stored rows (seq, id, user, type, ts, track, artist, body), made one at a time as
-    SQLite takes them."""
-    return zip(batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist,
-               bodies, strict=True)  # fmt: skip
+def _event_rows(batch: FactBatch, ids: Sequence[str], bodies: Sequence[str]) -> list[Sequence[Any]]:
+    """The stored rows (seq, id, user, type, ts, track, artist, body), as columns."""
+    return [batch.seq, ids, batch.user, batch.type, batch.ts, batch.track, batch.artist, bodies]
