@@ -294,12 +294,23 @@ def epsilon_of(
     # setting it at once replays a long period without one step() call per round.
     history = [(sigma, q, steps) for (sigma, q), steps in grouped.items()]
     if accountant is Accountant.PRV:
-        from opacus.accountants import PRVAccountant
-
-        prv = PRVAccountant()
-        prv.history = history
-        return float(prv.get_epsilon(delta=delta))
+        return _prv_epsilon(tuple(history), delta)
     return _rdp_epsilon(history, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """opacus' PRV accountant's epsilon for ``history``. Cached like the RDP curves: a period's
+    epsilon is asked for when a round opens, closes and is reported, and at a small sampling
+    rate one answer takes a second or two."""
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = list(history)
+    # Its privacy random variable takes log(0) where a subsampled round's loss is bounded;
+    # numpy warns, and the value it yields there is the one the analysis means.
+    with np.errstate(divide="ignore"):
+        return float(prv.get_epsilon(delta=delta))
 
 
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:

@@ -10,8 +10,8 @@ from typing import Any
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim._config import Plans, RegionPlan, SimulationConfig
 from sottovoce.sim._errors import SimulationError
+from sottovoce.sync._budget import device_accountant, mechanism
 from sottovoce.sync._budget import epsilon as budget_epsilon
-from sottovoce.sync._budget import mechanism
 
 __all__ = ["Pipeline", "region_plans"]
 
@@ -55,7 +55,11 @@ def region_plans(config: SimulationConfig, region_of: dict[str, str],
             def spent(z: float, *, mode: PrivacyMode = mode, q: float = q, privacy: Any = privacy,
                       dim: int = dim, rounds: int = rounds) -> float:  # fmt: skip
                 used = mechanism(mode, noise_multiplier=z, sampling_rate=q, dim=dim)
-                device = budget_epsilon([used] * rounds, delta=privacy.delta)
+                device = budget_epsilon(
+                    [used] * rounds,
+                    delta=privacy.delta,
+                    accountant=device_accountant(privacy.accountant),
+                )
                 return max(server(z), device)
 
             low, high = privacy.noise_multiplier, 256.0
@@ -65,7 +69,8 @@ def region_plans(config: SimulationConfig, region_of: dict[str, str],
                                       "lower sampling rate")  # fmt: skip
             if server(low) > budget * 0.999:
                 # Bisect (geometrically, to 0.01 %) on the aggregator's ledger, then make sure
-                # the devices' own ledger agrees (they are within 0.1 % of each other). Each
+                # the devices' own ledger agrees (RDP: within 0.1 % of each other; PRV on the
+                # aggregator and PLD on the device: within about 1 %). Each
                 # step is a fresh RDP curve, which at a sampling rate below 1 takes a fraction
                 # of a second: the step count is what a run's set-up costs.
                 while high > low * (1 + 1e-4):

@@ -2,7 +2,10 @@
 
 One definition of the mechanism serves both sides, so the aggregator's ledger (opacus) and the
 device's (Google's ``dp-accounting``, pure Python, no torch) analyse the same thing
-(docs/privacy.md has the derivation):
+(docs/privacy.md has the derivation), with the kind of accountant the policy names: RDP on both
+sides, or, for the policy's ``prv``, opacus' PRV accountant on the aggregator and dp-accounting's
+PLD accountant on the device (both numerical accountants of the privacy loss distribution, and
+tighter than RDP; :func:`device_accountant`):
 
 - **central** mode: every device samples itself into a round with probability ``q``; the
   aggregator sums every on-time clipped delta (norm <= C), rounds the sum to a fixed-point grid,
@@ -34,7 +37,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from sottovoce.policy import PrivacyMode, Region
+from sottovoce.policy import Accountant, PrivacyMode, Region
 from sottovoce.sync._errors import SpecRefused
 from sottovoce.sync._noise import sensitivity_factor
 from sottovoce.sync._wire import RoundSpec
@@ -46,6 +49,7 @@ __all__ = [
     "Mechanism",
     "charge_for",
     "check_budget",
+    "device_accountant",
     "epsilon",
     "mechanism",
     "period_start_for",
@@ -105,6 +109,12 @@ def period_start_for(at: datetime, region: Region) -> datetime:
     """The start of the policy's fixed budget period that contains ``at``."""
     period = region.privacy.period
     return EPOCH + ((at.astimezone(UTC) - EPOCH) // period) * period
+
+
+def device_accountant(accountant: Accountant) -> str:
+    """The device's accountant (for :func:`epsilon`) for the policy's ``accountant``: ``rdp``
+    for RDP, ``pld`` (dp-accounting's privacy loss distributions) for opacus' PRV."""
+    return "pld" if accountant is Accountant.PRV else "rdp"
 
 
 def epsilon(mechanisms: Sequence[Mechanism], *, delta: float, accountant: str = "rdp") -> float:
@@ -226,9 +236,10 @@ def check_budget(
     if any(c.round_id == spec.round_id and c.region == spec.region for c in history):
         return charge  # already charged (a retry after a crash): nothing more to spend
     in_period = [c.mechanism for c in history if c.period_start == start]
-    after = epsilon([*in_period, charge.mechanism], delta=privacy.delta)
+    kind = device_accountant(privacy.accountant)
+    after = epsilon([*in_period, charge.mechanism], delta=privacy.delta, accountant=kind)
     if not after <= privacy.epsilon:  # NaN counts as over
-        spent = epsilon(in_period, delta=privacy.delta)
+        spent = epsilon(in_period, delta=privacy.delta, accountant=kind)
         raise refuse("epsilon", f"by this device's own ledger it would bring the period's "
                      f"epsilon from {spent:.4g} to {after:.4g}, above the policy's budget of "
                      f"{privacy.epsilon:g} (the spec claims {spec.epsilon_after:.4g})",
@@ -236,7 +247,7 @@ def check_budget(
     cap = privacy.device_cap
     if cap is not None:
         window = [c.mechanism for c in history if c.at > now - cap.window]
-        total = epsilon([*window, charge.mechanism], delta=privacy.delta)
+        total = epsilon([*window, charge.mechanism], delta=privacy.delta, accountant=kind)
         if not total <= cap.epsilon:
             raise refuse("device_cap", f"it would bring this device's epsilon over the last "
                          f"{cap.window.days} days to {total:.4g}, above the policy's cap of "

@@ -50,8 +50,8 @@ def test_every_policy_the_aggregator_opens_with_is_logged_once(
     applied = [json.loads(line) for line in out.splitlines()]
     assert [(a["policy_hash"], a["metrics"]["previous_policy_hash"]) for a in applied] == [
         (first.hash, "none"), (second.hash, first.hash), (first.hash, second.hash)]  # fmt: skip
-    assert [a["metrics"]["policy_version"] for a in applied] == ["2026.11.1", "2026.12.1",
-                                                                 "2026.11.1"]  # fmt: skip
+    assert [a["metrics"]["policy_version"] for a in applied] == ["2026.12.0", "2026.12.1",
+                                                                 "2026.12.0"]  # fmt: skip
     assert {a["metrics"]["policy_name"] for a in applied} == {first.name}
     assert applied[1]["sentence"] == (f"Policy {second.hash[:16]} now applies "
                                       f"(before: {first.hash[:16]}).")  # fmt: skip
@@ -74,7 +74,7 @@ def test_the_report_names_the_policies_that_governed_the_period(
     html = report.read_text()
     section = html.split('<section id="policies">', 1)[1].split("</section>", 1)[0]
     assert "unknown" not in section
-    assert f"{first.name} 2026.11.1" in section and f"{first.name} 2026.12.1" in section
+    assert f"{first.name} 2026.12.0" in section and f"{first.name} 2026.12.1" in section
     assert first.hash in section and second.hash in section
     # In the order they applied, each until the next one.
     assert section.index(first.hash) < section.index(second.hash)

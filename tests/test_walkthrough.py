@@ -94,8 +94,8 @@ def _keygen_dev(directory: Path) -> Path:
 
 
 def test_the_walkthroughs_privacy_figures_are_the_accountants(tmp_path: Path) -> None:
-    """What the page says ("one round costs ε ≈ 1.1", "the EU budget of 4 pays for seven rounds
-    (ε 3.97)") is what the accountant says for the dev policy and the shipped model."""
+    """What the page says ("one round costs ε ≈ 0.9", "the EU budget of 4 pays for eight rounds
+    (ε 3.72)") is what the accountant says for the dev policy and the shipped model."""
     from sottovoce.aggregator import epsilon_of
     from sottovoce.device import PARAMETER_COUNT
     from sottovoce.policy import load_policy
@@ -123,18 +123,18 @@ def test_the_walkthroughs_privacy_figures_are_the_accountants(tmp_path: Path) ->
 def test_a_budget_that_cannot_pay_for_one_round_stops_serve_with_the_arithmetic(
     tmp_path: Path,
 ) -> None:
-    """The dev policy with an EU budget of 1: one round costs ε 1.13, so ``serve`` refuses to
+    """The dev policy with an EU budget of 0.5: one round costs ε 0.93, so ``serve`` refuses to
     start (status 2) and says why, with the figures, instead of refusing every round later."""
     path = _keygen_dev(tmp_path)
     data = json.loads(path.read_text())
-    data["regions"][0]["privacy"]["epsilon"] = 1.0
+    data["regions"][0]["privacy"]["epsilon"] = 0.5
     path.write_text(json.dumps(data))
     ((env, run_server),) = _shell(_blocks("sh")[1], 8000)
     done = subprocess.run(run_server, cwd=tmp_path, env={**os.environ, **env, "COLUMNS": "300"},
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     said = " ".join(done.stderr.split())
-    for part in ("[config_invalid] one round costs epsilon 1.13", "noise multiplier 2",
-                 "sampling rate 1", "delta 0.01", "above region eu's budget of 1 per 30d",
+    for part in ("[config_invalid] one round costs epsilon 0.93", "noise multiplier 2",
+                 "sampling rate 1", "delta 0.01", "above region eu's budget of 0.5 per 30d",
                  "no round could ever open"):  # fmt: skip
         assert part in said, said

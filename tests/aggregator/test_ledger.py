@@ -42,10 +42,12 @@ SETTINGS = [
 
 def region_with(policy: Policy, **privacy: Any) -> Region:
     """The first region with its privacy budget changed, validated as a policy's would be (a
-    delta of 1e-5 needs a population of at most 10,000)."""
+    delta of 1e-5 needs a population of at most 10,000), on the RDP accountant unless
+    ``accountant`` says otherwise (the example policy's is PRV)."""
     region = policy.regions[0]
     data = region.privacy.model_dump() | {"delta": DELTA, "population": 10_000,
-                                          "sampling_rate": 0.01, **privacy}  # fmt: skip
+                                          "sampling_rate": 0.01, "accountant": Accountant.RDP,
+                                          **privacy}  # fmt: skip
     return region.model_copy(update={"privacy": PrivacyBudget.model_validate(data)})
 
 

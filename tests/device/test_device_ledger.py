@@ -15,7 +15,7 @@ from typing import Any
 import dp_accounting
 import pytest
 from conftest import NOW, consenting, policy_where_all_take_part, round_spec
-from dp_accounting import rdp
+from dp_accounting import pld, rdp
 
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import Eligibility, EventStore, Personalizer
@@ -27,14 +27,22 @@ from sottovoce.sync._noise import sensitivity_factor
 READY = Eligibility(charging=True, unmetered=True, idle=True)
 
 
-def independent_epsilon(z: float, q: float, rounds: int, delta: float, dim: int) -> float:
-    """RDP epsilon of ``rounds`` Poisson-sampled Gaussian rounds, written out here."""
+def independent_epsilon(
+    z: float, q: float, rounds: int, delta: float, dim: int, *, accountant: str = "rdp"
+) -> float:
+    """The epsilon of ``rounds`` Poisson-sampled Gaussian rounds, written out here: by RDP for a
+    policy's ``rdp``, by privacy loss distributions (dp-accounting's PLD, at the device's
+    discretization of 1e-3) for its ``prv``."""
     event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z / sensitivity_factor(dim))
     if q < 1:
         event = dp_accounting.PoissonSampledDpEvent(q, event)
-    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return float(accountant.get_epsilon(delta))
+    if accountant == "prv":
+        loss = pld.PLDAccountant(value_discretization_interval=1e-3)
+        loss.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+        return float(loss.get_epsilon(delta))
+    moments = rdp.RdpAccountant(list(RDP_ORDERS))
+    moments.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(moments.get_epsilon(delta))
 
 
 class Device:
@@ -95,22 +103,28 @@ def test_the_four_hostile_specs_are_all_refused(tmp_path: Path, dim: int) -> Non
             device.join(spec)
         assert refused.value.rule == rule
     # What those would really have cost, recomputed independently: far beyond the budget.
+    # (By RDP: a loss distribution at a noise multiplier of 0.001 is too wide to compute.)
     assert independent_epsilon(0.001, privacy.sampling_rate, 1, privacy.delta, dim) > 1e3
-    assert independent_epsilon(privacy.noise_multiplier, 1.0, 1, privacy.delta, dim) > (
-        privacy.epsilon
-    )
+    kind = privacy.accountant
+    unsampled = independent_epsilon(privacy.noise_multiplier, 1.0, 1, privacy.delta, dim,
+                                    accountant=kind)  # fmt: skip
+    assert unsampled > privacy.epsilon
     assert device.refusals() == ["spec_outside_policy"] * 3
     assert device.store.outbox_states() == {}
     assert device.store.privacy_history("eu") == []
 
 
-def test_a_falsely_low_claimed_epsilon_does_not_buy_a_round(tmp_path: Path, dim: int) -> None:
-    # Every device in every round (q = 1) and a budget of 6: one round of z = 1 costs about 4.7,
-    # two about 7.1. Each spec claims 0.5; the device's own ledger refuses the second.
-    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0)
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_falsely_low_claimed_epsilon_does_not_buy_a_round(
+    tmp_path: Path, dim: int, accountant: str
+) -> None:
+    # Every device in every round (q = 1) and a budget of 6: one round of z = 1 costs about 4.7
+    # (PLD: 4.4), two about 7.1 (PLD: 6.6). Each spec claims 0.5; the device's own ledger
+    # refuses the second.
+    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0, accountant=accountant)
     device = Device(tmp_path / "d.db", policy)
-    one = independent_epsilon(1.0, 1.0, 1, 1e-5, dim)
-    two = independent_epsilon(1.0, 1.0, 2, 1e-5, dim)
+    one = independent_epsilon(1.0, 1.0, 1, 1e-5, dim, accountant=accountant)
+    two = independent_epsilon(1.0, 1.0, 2, 1e-5, dim, accountant=accountant)
     assert one <= 6.0 < two
     assert device.join(device.spec("r1", noise_multiplier=1.0, epsilon_after=0.5)) is not None
     with pytest.raises(SpecRefused) as refused:
@@ -125,10 +139,11 @@ def test_a_falsely_low_claimed_epsilon_does_not_buy_a_round(tmp_path: Path, dim:
     assert len(device.store.privacy_history("eu")) == 1
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_more_noise_buys_more_rounds_and_a_new_period_a_fresh_budget(
-    tmp_path: Path, dim: int
+    tmp_path: Path, dim: int, accountant: str
 ) -> None:
-    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0)
+    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0, accountant=accountant)
     device = Device(tmp_path / "d.db", policy)
     joined = 0
     while True:
@@ -137,23 +152,26 @@ def test_more_noise_buys_more_rounds_and_a_new_period_a_fresh_budget(
         except SpecRefused:
             break
         joined += 1
-    assert independent_epsilon(3.0, 1.0, joined, 1e-5, dim) <= 6.0
-    assert independent_epsilon(3.0, 1.0, joined + 1, 1e-5, dim) > 6.0
+    assert independent_epsilon(3.0, 1.0, joined, 1e-5, dim, accountant=accountant) <= 6.0
+    assert independent_epsilon(3.0, 1.0, joined + 1, 1e-5, dim, accountant=accountant) > 6.0
     # The next budget period (the policy's, at the device's clock) starts afresh.
     period = policy.region("eu").privacy.period
     device.now = period_start_for(device.now, policy.region("eu")) + period + timedelta(hours=1)
     assert device.join(device.spec("next", noise_multiplier=3.0)) is not None
 
 
-def test_the_device_cap_bounds_spending_across_periods(tmp_path: Path, dim: int) -> None:
-    policy = policy_where_all_take_part(epsilon=40.0, noise_multiplier=1.0,
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_device_cap_bounds_spending_across_periods(
+    tmp_path: Path, dim: int, accountant: str
+) -> None:
+    policy = policy_where_all_take_part(epsilon=40.0, noise_multiplier=1.0, accountant=accountant,
                                         device_cap={"epsilon": 8.0, "window": "365d"})  # fmt: skip
     device = Device(tmp_path / "d.db", policy)
     period = policy.region("eu").privacy.period
     assert (
-        independent_epsilon(1.0, 1.0, 2, 1e-5, dim)
+        independent_epsilon(1.0, 1.0, 2, 1e-5, dim, accountant=accountant)
         <= 8.0
-        < (independent_epsilon(1.0, 1.0, 3, 1e-5, dim))
+        < (independent_epsilon(1.0, 1.0, 3, 1e-5, dim, accountant=accountant))
     )
     for n in range(2):  # one round in each of two periods
         assert device.join(device.spec(f"p{n}", noise_multiplier=1.0)) is not None

@@ -108,7 +108,7 @@ def test_retention_durations_are_not_compared_as_text(policy: Policy) -> None:
     ("edit", "path", "before", "after"),
     [
         (lambda d: d.update(name="renamed"), "name", "sottovoce-example", "renamed"),
-        (lambda d: d.update(version="2027.1.0"), "version", "2026.11.1", "2027.1.0"),
+        (lambda d: d.update(version="2027.1.0"), "version", "2026.12.0", "2027.1.0"),
         (lambda d: _eu(d).update(name="EEA"), "regions[eu].name", "European Economic Area", "EEA"),
         (
             lambda d: _eu(d)["aggregator"].update(endpoint="https://eu2.example.org"),
@@ -117,10 +117,10 @@ def test_retention_durations_are_not_compared_as_text(policy: Policy) -> None:
             "https://eu2.example.org",
         ),
         (
-            lambda d: _eu(d)["privacy"].update(accountant="prv"),
+            lambda d: _eu(d)["privacy"].update(accountant="rdp"),
             "regions[eu].privacy.accountant",
-            "rdp",
             "prv",
+            "rdp",
         ),
         # The period's guarantee is epsilon and delta (each with a direction above); how many
         # devices a region expects, and how often each joins a round, only shape its spending.
@@ -258,10 +258,10 @@ def test_format_diff_has_header_lines_and_tally(policy: Policy) -> None:
 
     new = _edited(policy, edit)
     lines = format_diff(diff_policies(policy, new), policy, new).splitlines()
-    assert lines[0] == f"--- sottovoce-example 2026.11.1 (sha256 {policy.hash})"
+    assert lines[0] == f"--- sottovoce-example 2026.12.0 (sha256 {policy.hash})"
     assert lines[1] == f"+++ sottovoce-example 2027.1.0 (sha256 {new.hash})"
     assert [line.strip() for line in lines[2:-1]] == [
-        "version: 2026.11.1 -> 2027.1.0 (neutral)",
+        "version: 2026.12.0 -> 2027.1.0 (neutral)",
         "regions[eu].retention.raw_events: 30d -> 14d (stricter)",
         "regions[us].privacy.epsilon: 8.0 -> 10.0 (looser)",
     ]

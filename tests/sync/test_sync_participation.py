@@ -259,8 +259,8 @@ def test_the_period_is_the_devices_not_the_specs(eu: Region) -> None:
 def all_in() -> Region:
     """Every device in every round (q = 1), z = 1: one round costs about 4.73 at delta 1e-5, two
     about 7.08 and three about 9.01 (RDP; tests/device/test_device_ledger.py recomputes them
-    independently). Budget 6 a period; cap 8 over 365 days."""
-    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0,
+    independently, by RDP and by PLD). Budget 6 a period; cap 8 over 365 days."""
+    policy = policy_where_all_take_part(epsilon=6.0, noise_multiplier=1.0, accountant="rdp",
                                         device_cap={"epsilon": 8.0, "window": "365d"})  # fmt: skip
     return policy.region("eu")
 
