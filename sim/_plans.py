@@ -70,9 +70,9 @@ def region_plans(config: SimulationConfig, region_of: dict[str, str],
             if server(low) > budget * 0.999:
                 # Bisect (geometrically, to 0.01 %) on the aggregator's ledger, then make sure
                 # the devices' own ledger agrees (RDP: within 0.1 % of each other; PRV on the
-                # aggregator and PLD on the device: within about 1 %). Each
-                # step is a fresh RDP curve, which at a sampling rate below 1 takes a fraction
-                # of a second: the step count is what a run's set-up costs.
+                # aggregator and PLD on the device: within about 1 %, PRV the larger). Each
+                # step is a fresh accountant's answer, which at a sampling rate below 1 takes a
+                # fraction of a second: the step count is what a run's set-up costs.
                 while high > low * (1 + 1e-4):
                     middle = math.sqrt(low * high)
                     fits = server(middle) <= budget * 0.999
