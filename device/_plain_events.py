@@ -36,7 +36,13 @@ import numpy as np
 import numpy.typing as npt
 
 from sottovoce.device._plain_rules import MODELS, TIMES, Model, Read, Rule
-from sottovoce.device._rows import _NOT_STORED, CONTEXT_FIELDS, FACT_FIELDS, EventRows
+from sottovoce.device._rows import (
+    _NOT_STORED,
+    CONTEXT_FIELDS,
+    FACT_FIELDS,
+    EventRows,
+    fact_values,
+)
 
 __all__ = ["SMALL_BATCH", "plain_rows"]
 
@@ -174,13 +180,9 @@ def _read(model: Model, group: Events, stamp: str) -> _Group | None:
 
 
 def _fact(values: Sequence[Any] | None, default: int | None) -> Iterable[Any]:
-    """A fact's values for a group: its field's, a null as ``default``; ``default`` for each
-    event when the group lacks the field."""
-    if values is None:
-        return repeat(default)
-    if default is not None and None in values:
-        return [default if v is None else v for v in values]
-    return values
+    """A fact's values for a group: its field's (:func:`._rows.fact_values`); ``default`` for
+    each event when the group lacks the field."""
+    return repeat(default) if values is None else fact_values(values, default)
 
 
 def _nullable(rule: Rule, column: Sequence[Any]) -> Read | None:

@@ -279,6 +279,14 @@ CONTEXT_FIELDS = ("device_type", "network", "local_time")
 """What derivation reads of a ``context`` event: its context."""
 
 
+def fact_values(values: Sequence[Any], default: int | None) -> Sequence[Any]:
+    """A field's values as a fact's column: each null as the fact's ``default`` (from
+    :data:`FACT_FIELDS`; ``None``: nulls stay), the same sequence when there is none."""
+    if default is not None and None in values:
+        return [default if v is None else v for v in values]
+    return values
+
+
 def event_rows(events: Sequence[Event]) -> EventRows:
     """The rows of parsed events, column by column (no tuple is made per event)."""
     times, bodies = encode(events)
@@ -287,11 +295,8 @@ def event_rows(events: Sequence[Event]) -> EventRows:
     context: list[tuple[str, str, str] | None] = [None] * len(fields)
     for i in compress(range(len(fields)), map(eq, kinds, repeat("context"))):
         context[i] = _context(fields[i])
-    facts = [list(map(dict.get, fields, repeat(name), repeat(default)))
+    facts = [fact_values(list(map(dict.get, fields, repeat(name), repeat(default))), default)
              for name, default in FACT_FIELDS]  # fmt: skip
-    for column, (_, default) in zip(facts, FACT_FIELDS, strict=True):
-        if default is not None and None in column:
-            column[:] = [default if v is None else v for v in column]
     ids, users = map(itemgetter("event_id"), fields), map(itemgetter("user_id"), fields)
     return EventRows._make([list(ids), list(users), kinds, times, *facts, context, bodies])
 
