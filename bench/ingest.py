@@ -13,17 +13,17 @@ does not depend on today's date; with the wall clock, events older than the raw-
 retention were dropped instead of stored (``events_stored`` says how many were stored).
 
 The ratio has a ceiling well below 1: besides the very rows the raw side inserts, each stored
-event upserts its track's and artist's counters and commits them. The store inserts its rows
-64 to a statement (``device/_many_rows.py``), which SQLite takes faster than ``executemany``
-takes them one at a time (about 1.9 µs an event against 2.8), but the counters' upserts (about
-1.9 µs, one row a statement: see that module for why) and the larger commit (about 1) leave
-SQLite's own work at about 5 µs an event against the raw side's 2.8: about 0.55 with no
-Python at all. Python takes the rest, about 4 µs: reading the batch (checking every field,
-writing each canonical JSON body; ``device/_plain_events.py`` does for plain dicts what
-pydantic's validation and serializers did, in about 1.9 µs where they took about 4) and
-derivation (about 1.4) most of it. Measured on a 2-core machine beside another job, seven runs
-alternated with the previous version: 105,000-116,000 events/s, 0.29-0.33 of raw inserts in
-the same runs, 0.32 in most (95,000-104,000 and 0.27-0.29 before).
+event upserts its track's and artist's counters and commits them. The store inserts its rows 64
+to a statement (``device/_many_rows.py``), which SQLite takes faster than ``executemany`` takes
+them one at a time (about 1.9 µs an event against 2.8), but the counters' upserts (about 1.3 µs,
+also many rows a statement, with the statement journal they need kept in memory: see that
+module) and the larger commit (about 1) leave SQLite's own work at about 4.5 µs an event against
+the raw side's 2.8: about 0.6 with no Python at all. Python takes the rest, about 4 µs: reading
+the batch (checking every field, writing each canonical JSON body; ``device/_plain_events.py``
+does for plain dicts what pydantic's validation and serializers did, in about 1.9 µs where they
+took about 4) and derivation (about 1.4) most of it. Measured on a quiet 2-core machine, three
+runs alternated with counter upserts of one row a statement: 111,000-121,000 events/s, 0.31-0.38
+of raw inserts in the same runs (107,000-110,000 and 0.30-0.32 with one row a statement).
 
 ``--profile N`` also prints, to stderr, the N functions the batched appends spent most time in
 (cProfile, which slows what it watches: compare stages with each other, not with the figures).

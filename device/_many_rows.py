@@ -9,9 +9,11 @@ row is refused, the statement ends there, and the caller undoes the whole batch 
 a transaction) as it did when a row of ``executemany`` was refused.
 
 Statements that may be undone midway (SQLite's ABORT, the default; an upsert's ``DO UPDATE``
-always) make SQLite copy every page a statement is about to change into a statement journal
-first, which on a large table costs more than the rows save: the counter upserts stay one
-row a statement. The events' INSERT says ``OR FAIL`` and needs no statement journal.
+always) make SQLite keep a statement journal: the pages a statement is about to change,
+copied first. The events' INSERT says ``OR FAIL`` and needs none. The counters' upserts need
+one; the store keeps SQLite's temporary files in memory (``PRAGMA temp_store=MEMORY``,
+``_store_file.py``), where that copy is cheap enough for them to go many rows a statement too
+(in a temporary file on disk it cost more than the rows saved).
 
 Statements hold at most :data:`ROWS_PER_STATEMENT` rows and 999 bound values (the oldest
 limit SQLite has had); a batch is cut into full statements and then powers of two, so only a

@@ -6,10 +6,11 @@ store; nothing here touches a connection.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
 from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
+from sqlite3 import Connection
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -66,22 +67,22 @@ _NULL_MARKS: dict[str, str | int] = {"artist_id": "", "feedback_ts": -1, "feedba
 
 
 class CounterUpsert(NamedTuple):
-    """The upsert of a counter table's rows (:class:`._derive.DerivedRows`), and the mark each
-    nullable column is bound as (by its place in the row)."""
+    """The upsert of a counter table's rows (:class:`._derive.DerivedRows`), many rows a
+    statement, and the mark each nullable column is bound as (by its place in the row)."""
 
-    sql: str
+    insert: ManyRows
     marks: dict[int, str | int]
 
-    def bindable(self, rows: list[tuple[Any, ...]]) -> Iterable[tuple[Any, ...]]:
-        """``rows`` with each NULL replaced by its column's mark; column by column, so only
-        the columns that hold a NULL are looped over."""
+    def run(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Upsert ``rows`` on ``conn``, in order, each NULL bound as its column's mark (column
+        by column, so only the columns that hold a NULL are looped over)."""
         if not rows:
-            return rows
+            return
         columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
         for place, mark in self.marks.items():
             if None in columns[place]:
                 columns[place] = [mark if v is None else v for v in columns[place]]
-        return zip(*columns, strict=True)
+        self.insert.run(conn, columns)
 
 
 def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> CounterUpsert:
@@ -96,9 +97,8 @@ def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> CounterUps
         "(excluded.feedback_ts, excluded.feedback_seq) > (feedback_ts, feedback_seq))"
     )
     keep = ", ".join(f"{c} = coalesce({c}, excluded.{c})" for c in extra)
-    sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values}) "
-        f"ON CONFLICT (user_ref, {key}) DO UPDATE SET {sums}, "
+    tail = (
+        f" ON CONFLICT (user_ref, {key}) DO UPDATE SET {sums}, "
         + (f"{keep}, " if keep else "")
         + f"feedback = CASE WHEN {newer} THEN excluded.feedback ELSE feedback END, "
         f"feedback_seq = CASE WHEN {newer} THEN excluded.feedback_seq ELSE feedback_seq END, "
@@ -107,7 +107,8 @@ def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> CounterUps
         "last_played_ts, excluded.last_played_ts), "
         "last_event_ts = max(last_event_ts, excluded.last_event_ts)"
     )
-    return CounterUpsert(sql, marks)
+    head = f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+    return CounterUpsert(ManyRows(head, f"({values})", tail), marks)
 
 
 UPSERT_TRACK = _upsert_counters("track_stats", "track_id", ("artist_id",))

@@ -28,8 +28,8 @@ class DerivedState:
     def merge(self, derived: DerivedRows) -> None:
         """Add a batch's derived rows to what is stored (inside the batch's write)."""
         conn = self._file.conn
-        conn.executemany(UPSERT_TRACK.sql, UPSERT_TRACK.bindable(derived.tracks))
-        conn.executemany(UPSERT_ARTIST.sql, UPSERT_ARTIST.bindable(derived.artists))
+        UPSERT_TRACK.run(conn, derived.tracks)
+        UPSERT_ARTIST.run(conn, derived.artists)
         for user, runs in derived.runs.items():
             self._merge_runs(user, runs)
         for user, new in derived.taste.items():

@@ -1,19 +1,20 @@
 """Events in the store: a batch is checked, consented, written and its derived state merged in
 one transaction, all or nothing; stored events are read back as derivation facts.
 
-Cost (``bench/ingest.py``): a batch of plain dicts (``_plain_events.SMALL_BATCH`` or more)
-is read into its rows by a hand-written reader that gives what pydantic's path gives or
-declines (:func:`._plain_events.plain_rows`); any other batch is validated by pydantic in one
-call and each body written by a serializer made for its type (:func:`._rows.encode`). Its
-rows are inserted 64 to a statement (:mod:`._many_rows`) without first asking which ids exist
-(the unique index on ``event_id`` refuses a replay; a savepoint then undoes the batch's rows
-and the slow path sorts replays out); its derived state is computed column-wise
+Cost (``bench/ingest.py``): a batch of plain dicts (``_plain_events.SMALL_BATCH`` or more) is
+read into its rows by a hand-written reader that gives what pydantic's path gives or declines
+(:func:`._plain_events.plain_rows`); any other batch is validated by pydantic in one call and
+each body written by a serializer made for its type (:func:`._rows.encode`). Its rows are
+inserted 64 to a statement (:mod:`._many_rows`) without first asking which ids exist (the unique
+index on ``event_id`` refuses a replay; a savepoint then undoes the batch's rows and the slow
+path sorts replays out); its derived state is computed column-wise
 (:func:`._derive_columns.derive_batch`, which asks the catalog only for the vectors of the
-tracks that weigh in the taste) and merged with one upsert per (user, track) and (user,
-artist) it touched, NULLs bound as marks (:class:`._rows.CounterUpsert`); the cyclic
-collector is held off for the length of the append (:func:`_collector_paused`). Of what
-remains, SQLite's writes (the event's row in three B-trees, the counters' upserts, the
-commit) are about half, reading the batch about 20%, derivation about 15%.
+tracks that weigh in the taste) and merged by upserts, one row per (user, track) and (user,
+artist) it touched and 64 rows a statement, NULLs bound as marks
+(:class:`._rows.CounterUpsert`); the cyclic collector is held off for the length of the append
+(:func:`_collector_paused`). Of what remains, SQLite's writes (the event's row in three B-trees,
+the counters' upserts, the commit) are about half, reading the batch about 20%, derivation about
+15%.
 """
 
 from __future__ import annotations

@@ -139,6 +139,8 @@ def _configure(db: Database, path: Path, durability: Durability) -> None:
     # WAL checkpoints (copying the log back into the file, with fsyncs) run on a background
     # thread instead of inside whichever append crosses the threshold.
     db.execute("PRAGMA wal_autocheckpoint=0")
+    # Statement journals (the counters' many-row upserts keep one) in memory, not in a file.
+    db.execute("PRAGMA temp_store=MEMORY")
     db.execute("PRAGMA secure_delete=ON")  # erased rows do not linger in free pages
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlite_utils import Database
 
 from sottovoce.device._many_rows import ROWS_PER_STATEMENT, ManyRows
-from sottovoce.device._rows import INSERT_EVENTS
+from sottovoce.device._rows import INSERT_EVENTS, UPSERT_ARTIST, UPSERT_TRACK, CounterUpsert
 from sottovoce.device._schema import MIGRATIONS
 
 texts = st.text(st.characters(codec="utf-8"), max_size=20)
@@ -127,3 +127,50 @@ def test_a_replayed_id_is_refused_and_undone(rows: list[tuple[Any, ...]], data: 
         conn.execute("COMMIT")
         assert conn.execute("SELECT event_id FROM events").fetchall() == [("kept",)]
     assert errors[0] == errors[1] == "UNIQUE constraint failed: events.event_id"
+
+
+@cache
+def counters_schema() -> list[str]:
+    db = Database(memory=True)
+    MIGRATIONS.apply(db)
+    return [row[0] for row in db.execute(
+        "SELECT sql FROM sqlite_master WHERE tbl_name IN ('track_stats', 'artist_stats') "
+        "AND sql IS NOT NULL")]  # fmt: skip
+
+
+def counters_db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for sql in counters_schema():
+        conn.execute(sql)
+    return conn
+
+
+small = st.integers(0, 5)
+stamps = st.none() | st.integers(0, 50)
+# Few users and tracks, so one call upserts the same key many times (as batches after the
+# first do), with the NULLs a counter row holds before its first like or qualifying play.
+counter_rows = st.lists(
+    st.tuples(st.integers(1, 2), st.sampled_from("abcd"), st.none() | st.sampled_from("xy"),
+              *[small] * 7, st.integers(-1, 1), stamps, stamps, stamps, st.integers(0, 50)),
+    max_size=200,
+)  # fmt: skip
+
+
+def marked(upsert: CounterUpsert, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with its NULLs bound as marks, as ``upsert.run`` binds them."""
+    return tuple(upsert.marks.get(k, v) if v is None else v for k, v in enumerate(row))
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches=st.lists(counter_rows, min_size=1, max_size=3))
+def test_counter_upserts_as_single_rows(batches: list[list[tuple[Any, ...]]]) -> None:
+    """The counters' upserts, many rows a statement, keep the counters that one upsert a
+    statement kept: sums, the newest feedback, the first artist, the latest times."""
+    one, many = counters_db(), counters_db()
+    for upsert, table in ((UPSERT_TRACK, "track_stats"), (UPSERT_ARTIST, "artist_stats")):
+        for batch in batches:
+            rows = batch if upsert is UPSERT_TRACK else [(r[0], r[1], *r[3:]) for r in batch]
+            one.executemany(upsert.insert.sql(1), [marked(upsert, row) for row in rows])
+            upsert.run(many, rows)
+        query = f"SELECT * FROM {table} ORDER BY 1, 2"
+        assert many.execute(query).fetchall() == one.execute(query).fetchall()
