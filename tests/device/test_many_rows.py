@@ -26,19 +26,26 @@ values = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), texts)
 
 
 @cache
-def events_schema() -> list[str]:
-    """The store's own DDL of the events table and its indexes."""
+def schema(*tables: str) -> list[str]:
+    """The store's own DDL of ``tables`` and their indexes."""
     db = Database(memory=True)
     MIGRATIONS.apply(db)
+    marks = ", ".join("?" * len(tables))
     return [row[0] for row in db.execute(
-        "SELECT sql FROM sqlite_master WHERE tbl_name = 'events' AND sql IS NOT NULL")]  # fmt: skip
+        f"SELECT sql FROM sqlite_master WHERE tbl_name IN ({marks}) AND sql IS NOT NULL",
+        tables)]  # fmt: skip
+
+
+def store_db(*tables: str) -> sqlite3.Connection:
+    """An in-memory database with the store's ``tables``."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for sql in schema(*tables):
+        conn.execute(sql)
+    return conn
 
 
 def events_db() -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    for sql in events_schema():
-        conn.execute(sql)
-    return conn
+    return store_db("events")
 
 
 def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -129,22 +136,6 @@ def test_a_replayed_id_is_refused_and_undone(rows: list[tuple[Any, ...]], data: 
     assert errors[0] == errors[1] == "UNIQUE constraint failed: events.event_id"
 
 
-@cache
-def counters_schema() -> list[str]:
-    db = Database(memory=True)
-    MIGRATIONS.apply(db)
-    return [row[0] for row in db.execute(
-        "SELECT sql FROM sqlite_master WHERE tbl_name IN ('track_stats', 'artist_stats') "
-        "AND sql IS NOT NULL")]  # fmt: skip
-
-
-def counters_db() -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    for sql in counters_schema():
-        conn.execute(sql)
-    return conn
-
-
 small = st.integers(0, 5)
 stamps = st.none() | st.integers(0, 50)
 # Few users and tracks, so one call upserts the same key many times (as batches after the
@@ -166,7 +157,7 @@ def marked(upsert: CounterUpsert, row: tuple[Any, ...]) -> tuple[Any, ...]:
 def test_counter_upserts_as_single_rows(batches: list[list[tuple[Any, ...]]]) -> None:
     """The counters' upserts, many rows a statement, keep the counters that one upsert a
     statement kept: sums, the newest feedback, the first artist, the latest times."""
-    one, many = counters_db(), counters_db()
+    one, many = (store_db("track_stats", "artist_stats") for _ in range(2))
     for upsert, table in ((UPSERT_TRACK, "track_stats"), (UPSERT_ARTIST, "artist_stats")):
         for batch in batches:
             rows = batch if upsert is UPSERT_TRACK else [(r[0], r[1], *r[3:]) for r in batch]
