@@ -223,15 +223,17 @@ class CollaborativeModel:
     def scores(self, items: Iterable[str]) -> Array:
         """A score per catalog item for a user with ``items``: table items by the sketch's
         denoised projection of the user's row, above every other item, which follow by DP
-        count."""
+        count. With nothing to project (no factor round yet, no direction above the noise, or
+        none of the user's items in the table), table items too go by DP count."""
         counts = self.counts
         spread = max(float(np.abs(counts).max()), 1e-12)
         out = counts / spread / 2 - 2.0  # in [-2.5, -1.5]: below every table item
         basis = self.basis
-        if basis.shape[1]:
-            inside = basis @ (basis.T @ self.row(items))
+        row = self.row(items)
+        if basis.shape[1] and row.any():
+            inside = basis @ (basis.T @ row)
             out[self.table] = inside - inside.min()  # >= 0
-        else:  # no factor round yet, or none of its directions clears the noise
+        else:  # every table item would score the same
             out[self.table] = counts[self.table] / spread / 2  # by count alone
         return out
 

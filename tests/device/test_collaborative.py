@@ -121,6 +121,20 @@ def test_scores_keep_only_what_stands_above_the_noise() -> None:
     assert np.ptp(by_count[clean.table]) > 0  # by count, not one score for all
 
 
+def test_a_user_with_none_of_the_tables_items_gets_it_by_count() -> None:
+    """Nothing to project: the table ranks by DP count, not one score for every item."""
+    layout = Layout(CATALOG, table=30, rank=4)
+    model = _fit(_planted(), layout, rounds=3)
+    outside = [CATALOG[j] for j in range(len(CATALOG)) if j not in set(model.table.tolist())]
+    assert outside and model.basis.shape[1]  # items beyond the table; directions to project on
+    for items in (outside[:3], ["not-in-the-catalog"], []):
+        scores = model.scores(items)
+        table = scores[model.table]
+        order = np.argsort(-model.counts[model.table], kind="stable")
+        assert np.all(np.diff(table[order]) <= 0) and np.ptp(table) > 0
+        assert table.min() > np.delete(scores, model.table).max()  # still above the rest
+
+
 def test_a_fitted_model_reads_back_from_its_packed_form() -> None:
     layout = Layout(CATALOG, table=60, rank=4)
     model = _fit(_planted(), layout, rounds=3, noise=0.5)
