@@ -10,7 +10,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, time, timedelta, timezone
 from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
-from sqlite3 import Connection
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -68,21 +67,22 @@ _NULL_MARKS: dict[str, str | int] = {"artist_id": "", "feedback_ts": -1, "feedba
 
 class CounterUpsert(NamedTuple):
     """The upsert of a counter table's rows (:class:`._derive.DerivedRows`), many rows a
-    statement, and the mark each nullable column is bound as (by its place in the row)."""
+    statement (``insert``), and the mark each nullable column is bound as (by its place in the
+    row)."""
 
     insert: ManyRows
     marks: dict[int, str | int]
 
-    def run(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Upsert ``rows`` on ``conn``, in order, each NULL bound as its column's mark (column
-        by column, so only the columns that hold a NULL are looped over)."""
+    def columns(self, rows: list[tuple[Any, ...]]) -> list[Sequence[Any]]:
+        """``rows`` as columns for ``insert.run``, each NULL replaced by its column's mark;
+        column by column, so only the columns that hold a NULL are looped over."""
         if not rows:
-            return
+            return [()] * self.insert.width
         columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
         for place, mark in self.marks.items():
             if None in columns[place]:
                 columns[place] = [mark if v is None else v for v in columns[place]]
-        self.insert.run(conn, columns)
+        return columns
 
 
 def _upsert_counters(table: str, key: str, extra: tuple[str, ...]) -> CounterUpsert:

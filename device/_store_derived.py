@@ -28,8 +28,8 @@ class DerivedState:
     def merge(self, derived: DerivedRows) -> None:
         """Add a batch's derived rows to what is stored (inside the batch's write)."""
         conn = self._file.conn
-        UPSERT_TRACK.run(conn, derived.tracks)
-        UPSERT_ARTIST.run(conn, derived.artists)
+        UPSERT_TRACK.insert.run(conn, UPSERT_TRACK.columns(derived.tracks))
+        UPSERT_ARTIST.insert.run(conn, UPSERT_ARTIST.columns(derived.artists))
         for user, runs in derived.runs.items():
             self._merge_runs(user, runs)
         for user, new in derived.taste.items():

@@ -148,7 +148,7 @@ counter_rows = st.lists(
 
 
 def marked(upsert: CounterUpsert, row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``row`` with its NULLs bound as marks, as ``upsert.run`` binds them."""
+    """``row`` with its NULLs bound as marks, as ``upsert.columns`` binds them."""
     return tuple(upsert.marks.get(k, v) if v is None else v for k, v in enumerate(row))
 
 
@@ -162,6 +162,6 @@ def test_counter_upserts_as_single_rows(batches: list[list[tuple[Any, ...]]]) ->
         for batch in batches:
             rows = batch if upsert is UPSERT_TRACK else [(r[0], r[1], *r[3:]) for r in batch]
             one.executemany(upsert.insert.sql(1), [marked(upsert, row) for row in rows])
-            upsert.run(many, rows)
+            upsert.insert.run(many, upsert.columns(rows))
         query = f"SELECT * FROM {table} ORDER BY 1, 2"
         assert many.execute(query).fetchall() == one.execute(query).fetchall()
