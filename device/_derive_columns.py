@@ -57,20 +57,16 @@ def derive_batch(batch: FactBatch, vectors: VectorSource) -> DerivedRows:
     if len(batch.seq) < SMALL_BATCH:
         facts = list(map(Fact._make, zip(*batch, strict=True)))
         return derive(facts, vectors(batch.track)).rows()
-    return _derive_columns(batch, vectors)
+    return derive_columns(batch, vectors)
 
 
-def derive_columns(batch: FactBatch, vectors: Mapping[str, Vector]) -> DerivedRows:
-    """:func:`derive` computed column-wise with numpy (same definition, same rows).
+def derive_columns(batch: FactBatch, vectors_of: VectorSource) -> DerivedRows:
+    """:func:`derive` computed column-wise with numpy (same definition, same rows), asking
+    ``vectors_of`` only for the vectors of the tracks that weigh in the taste (a catalog lookup
+    per batch track was a tenth of derivation's cost).
 
     Per-fact work stays in C (``map``, ``zip``, numpy); Python loops only over what is rare
     (groups with feedback, context facts, users)."""
-    return _derive_columns(batch, lambda _: vectors)
-
-
-def _derive_columns(batch: FactBatch, vectors_of: VectorSource) -> DerivedRows:
-    """:func:`derive_columns`, asking ``vectors_of`` only for the vectors of the tracks that
-    weigh in the taste (a catalog lookup per batch track was a tenth of derivation's cost)."""
     out = DerivedRows()
     n = len(batch.seq)
     if n == 0:

@@ -357,7 +357,7 @@ def _facts(draw: st.DrawFn) -> list[Fact]:
 def test_the_batch_derivation_equals_the_fact_by_fact_one(facts: list[Fact]) -> None:
     vectors = {f"t{i}": np.array([i, 1.0 - i, 0.5]) for i in range(3)}
     expected = derive(facts, vectors).rows()
-    got = derive_columns(FactBatch.of(facts), vectors)
+    got = derive_columns(FactBatch.of(facts), lambda _: vectors)
     assert sorted(got.tracks, key=repr) == sorted(expected.tracks, key=repr)
     assert sorted(got.artists, key=repr) == sorted(expected.artists, key=repr)
     assert {u: sorted(r, key=repr) for u, r in got.runs.items()} == {
