@@ -14,7 +14,9 @@ vector in the layout :class:`Layout` fixes for the catalog:
   have is left out rather than learned from noise);
 - every **factor round** after it (alternating least squares): the device solves its own user
   vector ``u`` in closed form against the current item table ``V`` (it never leaves the device)
-  and uploads ``B = c u'`` (its table items), scaled to the clipping norm. The first factor
+  and uploads ``B = c u'`` (``c``: its row over the table's items, each weighed by how much
+  the user listened to it, :func:`listening_weights`, and by its count, :attr:`item_weights`),
+  scaled to the clipping norm. The first factor
   round starts from a public random table (seeded by the layout). From the release anyone
   solves the next table, ``V = B (G + lambda_v I)^-1``, where ``G``, the sum of the devices'
   ``u u'``, is not uploaded: every device solved ``u = A V' c`` with the same public
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -63,10 +65,14 @@ __all__ = [
     "Statistic",
     "collaborative_upload",
     "devices_gram",
+    "listening_weights",
     "pool",
 ]
 
 Array = npt.NDArray[np.float64]
+Listening = Mapping[str, float] | Iterable[str]
+"""A user's items: how much they listened to each (a count of plays), or just the items (each
+counted once)."""
 RIDGE = 0.1  # both ridge terms, relative to the scale of what they regularise
 TABLE = 2_000  # at most this many items in the table (the DP count may admit fewer)
 RANK, PRIVATE_RANK = 32, 16  # under DP noise a lower rank keeps more signal per number
@@ -119,9 +125,15 @@ class Layout:
 
     def indicator(self, items: Iterable[str]) -> Array:
         """The catalog-order 0/1 vector of ``items`` (items not in the catalog are ignored)."""
+        return self.weighted(dict.fromkeys(items, 1.0))
+
+    def weighted(self, weights: Mapping[str, float]) -> Array:
+        """The catalog-order vector of each item's weight (items not in the catalog ignored)."""
         out = np.zeros(self.items)
-        picked = [self.index[i] for i in items if i in self.index]
-        out[picked] = 1.0
+        picked = [(self.index[i], w) for i, w in weights.items() if i in self.index]
+        if picked:
+            at, values = zip(*picked, strict=True)
+            out[list(at)] = values
         return out
 
     def split(self, vector: Array) -> tuple[Array, Array]:
@@ -204,13 +216,15 @@ class CollaborativeModel:
         weights: Array = np.maximum(counts, floor) ** -ITEM_EXPONENT
         return weights / float(weights.max())
 
-    def row(self, items: Iterable[str]) -> Array:
-        """The user's weighted, unit-length row over the table (zeros if none of its items)."""
-        c = self.layout.indicator(items)[self.table] * self.item_weights
+    def row(self, items: Listening) -> Array:
+        """The user's weighted, unit-length row over the table (zeros if none of its items):
+        each item by how much the user listened to it (:func:`listening_weights`) and by its
+        count (:attr:`item_weights`)."""
+        c = self.layout.weighted(listening_weights(items))[self.table] * self.item_weights
         norm = np.linalg.norm(c)
         return c / norm if norm else c
 
-    def user_vector(self, items: Iterable[str]) -> Array:
+    def user_vector(self, items: Listening) -> Array:
         """The user's vector against the table, solved on the device (it never leaves it)."""
         return self.solve(self.row(items))
 
@@ -220,7 +234,7 @@ class CollaborativeModel:
             return np.zeros(self.layout.rank)
         return _user_solve(self.vectors, c)
 
-    def scores(self, items: Iterable[str]) -> Array:
+    def scores(self, items: Listening) -> Array:
         """A score per catalog item for a user with ``items``: table items by the sketch's
         denoised projection of the user's row, above every other item, which follow by DP
         count. With nothing to project (no factor round yet, no direction above the noise, or
@@ -268,12 +282,29 @@ def pool(statistics: Iterable[Statistic]) -> Statistic:
     return Statistic(np.asarray(mean, np.float64), std, sum(p.cohort for p in parts))
 
 
+def listening_weights(items: Listening) -> dict[str, float]:
+    """Each of a user's items' weight in their row: ``(1 + s) / 2`` for the share ``s`` of the
+    user's items that they listened to at most as much, from just above 1/2 (the least played)
+    to 1 (the most). Only the order of the amounts counts, so plays, ratings or any other
+    measure of how much give the same weights for the same order, and items without amounts
+    all weigh 1 (confidence from how often a user returns to an item: Hu, Koren and Volinsky,
+    ICDM 2008; here by rank, so no scale is assumed)."""
+    amounts = dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, 1.0)
+    if not amounts:
+        return {}
+    ordered = np.sort(np.fromiter(amounts.values(), np.float64, len(amounts)))
+    at_most = np.searchsorted(ordered, ordered, side="right")  # per sorted amount: how many <=
+    share = dict(zip(ordered.tolist(), (at_most / len(ordered)).tolist(), strict=True))
+    return {item: (1.0 + share[float(a)]) / 2.0 for item, a in amounts.items()}
+
+
 def collaborative_upload(
-    model: CollaborativeModel | None, layout: Layout, items: Iterable[str], *, clipping_norm: float
+    model: CollaborativeModel | None, layout: Layout, items: Listening, *, clipping_norm: float
 ) -> Array:
-    """The vector a device uploads in the next round: its count (no model yet) or its factor
-    statistics (a model with a table), scaled to exactly ``clipping_norm``."""
-    items = list(items)
+    """The vector a device uploads in the next round: its count (no model yet: which items it
+    has, each once) or its factor statistics (a model with a table: its row, weighed by how much
+    it listened), scaled to exactly ``clipping_norm``."""
+    items = dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, 1.0)
     out = np.zeros(layout.dim)
     if model is None:
         c = layout.indicator(items)

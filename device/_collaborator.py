@@ -9,7 +9,8 @@ Joining a round takes the same steps, checks and records as training the ranker:
 through :mod:`._join` (the spec against the device's own policy, model and ledger, the charge,
 the coin, consent, then sealing and the outbox in one transaction). What the device uploads
 is :func:`~._collaborative.collaborative_upload` of the items the user listened to (a play of
-at least half the track or 30 s) or liked, minus disliked ones.
+at least half the track or 30 s) or liked, minus disliked ones, each with how many times
+(:func:`listening`: its plays, a like counting as one), which weighs it in the user's row.
 
 The model lives in the store's ``collaborative`` slot (DP counts, table, vectors and the factor
 rounds' releases side by side: all public, derived from signed releases).
@@ -37,29 +38,28 @@ from sottovoce.policy import PrivacyMode
 from sottovoce.sync import ModelRelease, RoundSpec, verify_release
 from sottovoce.sync._noise import sensitivity_factor
 
-__all__ = ["Collaborator", "listened_items"]
+__all__ = ["Collaborator", "listening"]
 
 SLOT = "collaborative"
 Published = tuple[ModelRelease, RoundSpec]  # a region's release and the spec of its round
 MIN_PLAY_MS = 30_000
 
 
-def listened_items(store: EventStore, user_id: str) -> list[str]:
-    """The tracks the user listened to (at least half of them, or 30 s) or liked, not disliked."""
-    liked: set[str] = set()
+def listening(store: EventStore, user_id: str) -> dict[str, int]:
+    """How many times the user listened to each track (plays of at least half of it, or 30 s)
+    or liked it (once per like); a track the user disliked is left out, whatever came before."""
+    times: dict[str, int] = {}
     disliked: set[str] = set()
     for fact in store.facts(user_id):
         if fact.track is None:
             continue
-        if fact.type == "like":
-            liked.add(fact.track)
-        elif fact.type == "dislike":
+        if fact.type == "dislike":
             disliked.add(fact.track)
-        elif fact.type == "play_end" and (
+        elif fact.type == "like" or (fact.type == "play_end" and (
             fact.ms_played >= MIN_PLAY_MS or 2 * fact.ms_played >= max(fact.duration_ms, 1)
-        ):
-            liked.add(fact.track)
-    return sorted(liked - disliked)
+        )):  # fmt: skip
+            times[fact.track] = times.get(fact.track, 0) + 1
+    return {track: n for track, n in sorted(times.items()) if track not in disliked}
 
 
 class Collaborator:
@@ -110,7 +110,7 @@ class Collaborator:
         """A score per catalog item for the user (the layout's order)."""
         if self.model is None:
             raise DeviceError("no collaborative model installed yet")
-        return self.model.scores(listened_items(self.store, user_id))
+        return self.model.scores(listening(self.store, user_id))
 
     def contribute(self, user_id: str, *, spec: RoundSpec, eligible: bool = True) -> str | None:
         """Join the round of ``spec``; returns the queued upload's idempotency key, or ``None``
@@ -122,8 +122,7 @@ class Collaborator:
             return ticket  # the coin said no (None), or this round's upload is queued already
         if not eligible:
             raise DeviceError("the device is not eligible for training now")
-        items = listened_items(self.store, user_id)
-        upload = collaborative_upload(self.model, self.layout, items,
+        upload = collaborative_upload(self.model, self.layout, listening(self.store, user_id),
                                       clipping_norm=spec.clipping_norm)  # fmt: skip
         current = ModelWeights(
             self.layout.model_id,

@@ -13,8 +13,9 @@
   uploads' own scaling, no noise) here, over every region: what the design reaches without DP.
 
 Evaluation scores every catalog item for every evaluated user with the device's own scoring
-(:meth:`CollaborativeModel.scores`) on the pooled model, from the user's training items (exactly
-what the device's store holds: its listened-to items).
+(:meth:`CollaborativeModel.scores`) on the pooled model, from what the device's store holds of
+the user's training items: how many times it listened to each
+(:func:`~sottovoce.sim._device_feed.listening`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from sottovoce.sync import ModelRelease, RoundSpec
 __all__ = ["PIPELINE", "federated_collaborative", "layout_for", "private_collaborative"]
 
 PIPELINE = "collaborative"
+Listened = Sequence[Mapping[str, int]]  # per user: how many times they listened to each item
 
 
 def layout_for(items: Sequence[str], seed: int, *, private: bool) -> Layout:
@@ -76,10 +78,12 @@ def layout_for(items: Sequence[str], seed: int, *, private: bool) -> Layout:
 
 
 def federated_collaborative(config: SimulationConfig, data: Interactions, layout: Layout, *,
-                            region_of: Mapping[str, str], rounds: int) -> Scorer:  # fmt: skip
+                            region_of: Mapping[str, str], rounds: int,
+                            listened: Listened) -> Scorer:  # fmt: skip
     """Each round's uploads summed exactly over the devices the coin picks in every region, and
-    pooled as the devices pool the regions' releases."""
-    items_of = _items_of(data)
+    pooled as the devices pool the regions' releases. ``listened``: per user (the rows of
+    ``data``), what their device counts of each item."""
+    items_of = listened
     members = {r: [n for n, u in enumerate(data.users) if region_of[u] == r]
                for r in config.regions}  # fmt: skip
     model: CollaborativeModel | None = None
@@ -104,19 +108,15 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
 
 def scorer(
     data: Interactions, models: Mapping[str, CollaborativeModel], region_of: Mapping[str, str],
-    items_of: list[list[str]] | None = None,
+    listened: Listened,
 ) -> Scorer:  # fmt: skip
-    """Each user's scores from their region's model and their training items."""
-    items_of = _items_of(data) if items_of is None else items_of
+    """Each user's scores from their region's model and what their device counts of each of
+    their training items."""
 
     def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        return np.stack([models[region_of[data.users[n]]].scores(items_of[n]) for n in users])
+        return np.stack([models[region_of[data.users[n]]].scores(listened[n]) for n in users])
 
     return score
-
-
-def _items_of(data: Interactions) -> list[list[str]]:
-    return [[data.items[j] for j in data.train[n].indices] for n in range(len(data.users))]
 
 
 # -- with DP, through the aggregators ---------------------------------------------------------
@@ -124,7 +124,7 @@ def _items_of(data: Interactions) -> list[list[str]]:
 
 def private_collaborative(
     config: SimulationConfig, data: Interactions, layout: Layout, *, region_of: Mapping[str, str],
-    plans: Plans, rounds: int, pool: Executor, bar: Progress,
+    plans: Plans, rounds: int, pool: Executor, bar: Progress, listened: Listened,
 ) -> tuple[Scorer, dict[str, Any]]:  # fmt: skip
     """Run the rounds through the regions' aggregators; returns the scorer on the last
     releases, and the per-round outcomes, audit and privacy entries."""
@@ -189,7 +189,7 @@ def private_collaborative(
     if model is None:
         raise RuntimeError("no collaborative release in any region")
     models = dict.fromkeys(config.regions, model)
-    return scorer(data, models, region_of), {"rounds": history, "audit": audit,
+    return scorer(data, models, region_of, listened), {"rounds": history, "audit": audit,
                                              "privacy": privacy}  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from sottovoce.sim._datasets import (
 )
 
 SESSION_PLAYS = (5, 15)  # plays per session when the data has no times
+MAX_PLAYS = 16
+"""The most completed plays one interaction becomes (a count of 4**15 listens or more)."""
 MAX_INTERACTIONS = 2_000
 """The most a device replays of a user's interactions: the most recent ones (a device trains
 on its recent history, ``SimulationConfig.examples`` examples)."""
@@ -37,14 +39,16 @@ def device_events(
     end: datetime,
     days: float = 28.0,
     seed: int = 0,
-    max_plays: int = 4,
+    max_plays: int = MAX_PLAYS,
     device_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The user's training interactions as device events for ``EventStore.append_many``.
 
-    A ``play`` worth ``value`` listens becomes min(``max_plays``, 1 + floor(log2(value)))
+    A ``play`` worth ``value`` listens becomes min(``max_plays``, 1 + floor(log4(value)))
     completed plays (``play_start`` then ``play_end`` with the whole track played), so heavy
-    listeners stay cheap; ``complete`` is one completed play, ``skip`` a play skipped within
+    listeners stay cheap and the order of how much the user listened to each item is kept
+    (what weighs it in the collaborative model: :func:`listening` is what the device counts);
+    ``complete`` is one completed play, ``skip`` a play skipped within
     seconds, ``like``/``dislike`` the event itself. Everything lands in the ``days`` before
     ``end`` (the store's clock; keep ``days`` inside the region's raw-event retention): when
     every interaction has a time, in that order and with proportional gaps; otherwise in
@@ -62,11 +66,7 @@ def device_events(
     if end.tzinfo is None:
         raise ValueError("end must be timezone-aware")
     rng = random.Random(f"{seed}:events:{user}")
-    rows = list(interactions)
-    timed = all(row.timestamp is not None for row in rows)
-    if timed:
-        rows.sort(key=lambda row: (row.timestamp or 0, id_key(row.item)))
-    plays, rows = _fit(rows[-MAX_INTERACTIONS:], window_ms=days * 86_400_000, max_plays=max_plays)
+    timed, plays, rows = _replayed(interactions, days=days, max_plays=max_plays)
     actions = [(row.timestamp, row) for row in rows for _ in range(_plays(row, plays))]
     if not actions:
         return []
@@ -104,12 +104,40 @@ def device_events(
     return out
 
 
+def listening(
+    interactions: Sequence[Interaction], *, days: float = 28.0, max_plays: int = MAX_PLAYS
+) -> dict[str, int]:
+    """What a device fed :func:`device_events` of ``interactions`` (with the same ``days`` and
+    ``max_plays``) counts per item (``sottovoce.device._collaborator.listening``): its completed
+    plays, one per ``complete`` and per ``like``; an item with a ``dislike`` is left out."""
+    _, most, rows = _replayed(interactions, days=days, max_plays=max_plays)
+    times: dict[str, int] = {}
+    for row in rows:
+        if row.event_type in POSITIVE_TYPES:
+            times[row.item] = times.get(row.item, 0) + _plays(row, most)
+    disliked = {row.item for row in rows if row.event_type == "dislike"}
+    return {item: n for item, n in sorted(times.items()) if item not in disliked}
+
+
+def _replayed(
+    interactions: Sequence[Interaction], *, days: float, max_plays: int
+) -> tuple[bool, int, list[Interaction]]:
+    """Whether every interaction has a time, the most plays per interaction, and the rows that
+    are replayed (in time order when timed)."""
+    rows = list(interactions)
+    timed = all(row.timestamp is not None for row in rows)
+    if timed:
+        rows.sort(key=lambda row: (row.timestamp or 0, id_key(row.item)))
+    plays, rows = _fit(rows[-MAX_INTERACTIONS:], window_ms=days * 86_400_000, max_plays=max_plays)
+    return timed, plays, rows
+
+
 def _plays(row: Interaction, most: int) -> int:
     """How many actions an interaction becomes: a play's count, capped at ``most``; one for
     anything else."""
     if row.event_type != "play":
         return 1
-    return min(most, 1 + int(math.log2(max(row.value, 1.0))))
+    return min(most, 1 + int(math.log2(max(row.value, 1.0))) // 2)  # 1 + floor(log4(value))
 
 
 def _action_ms(row: Interaction) -> int:

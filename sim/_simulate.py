@@ -81,6 +81,7 @@ from sottovoce.sim._datasets import (
     load_lastfm,
     sample_users,
 )
+from sottovoce.sim._device_feed import listening
 from sottovoce.sim._devices import (
     DeviceSetup,
     init_worker,
@@ -135,6 +136,7 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         pools = candidate_pools(split, universe=data.items, negatives=config.negatives,
                                 seed=config.seed)  # fmt: skip
         matrix = Interactions.of(data, split.train, split.heldout)
+        listened = [listening(split.train[user]) for user in matrix.users]
     bar.note(f"{data.name}: {len(data.users)} users, {len(data.items)} items, "
              f"{data.size} interactions; {len(pools)} users evaluated")  # fmt: skip
     region_of = _assign_regions(data.users, config)
@@ -154,7 +156,8 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         exact = federated_collaborative(config, matrix,
                                         layout_for(data.items, config.seed, private=False),
                                         region_of=region_of,
-                                        rounds=config.collaborative_rounds)  # fmt: skip
+                                        rounds=config.collaborative_rounds,
+                                        listened=listened)  # fmt: skip
         full["federated"] = evaluate_full(exact, matrix, seed=config.seed)
 
     context = multiprocessing.get_context("spawn")  # no fork after torch or threads start
@@ -167,7 +170,8 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         with clock("federated_dp"):
             private, collaborative = private_collaborative(
                 config, matrix, layout, region_of=region_of, plans=regions,
-                rounds=config.collaborative_rounds, pool=pool, bar=bar)  # fmt: skip
+                rounds=config.collaborative_rounds, pool=pool, bar=bar,
+                listened=listened)  # fmt: skip
             full["federated_dp"] = evaluate_full(private, matrix, seed=config.seed)
         privacy: list[dict[str, Any]] = list(collaborative["privacy"])
         history: dict[str, Any] = {PIPELINE: collaborative["rounds"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import NOW, consenting, policy_publishing, policy_where_all_take_part, round_spec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sottovoce.device import DeviceError, EventStore
 from sottovoce.device._collaborative import (
@@ -18,6 +21,7 @@ from sottovoce.device._collaborative import (
     Statistic,
     collaborative_upload,
     devices_gram,
+    listening_weights,
     pool,
 )
 from sottovoce.device._collaborator import (
@@ -25,7 +29,7 @@ from sottovoce.device._collaborator import (
     Collaborator,
     _pack,
     _unpack,
-    listened_items,
+    listening,
     noise_std,
 )
 from sottovoce.policy import Purpose
@@ -82,6 +86,40 @@ def test_the_table_learns_which_items_go_together() -> None:
     cluster = scores[4:15].min()
     others = scores[15:].max()
     assert cluster > others
+
+
+@given(st.dictionaries(st.sampled_from(CATALOG), st.integers(1, 1_000), min_size=1))
+def test_an_items_weight_is_the_rank_of_how_much_the_user_listened(amounts: dict[str, int]) -> None:
+    """From just above 1/2 (the least played) to 1 (the most); equal amounts weigh the same,
+    and only the order counts: a log of the plays, or ten times them, weighs the same."""
+    weights = listening_weights(amounts)
+    assert set(weights) == set(amounts)
+    assert all(0.5 < w <= 1.0 for w in weights.values())
+    assert weights[max(amounts, key=amounts.__getitem__)] == 1.0
+    for a, b in itertools.combinations(amounts, 2):
+        assert (weights[a] < weights[b]) == (amounts[a] < amounts[b])
+        assert (weights[a] == weights[b]) == (amounts[a] == amounts[b])
+    assert listening_weights({i: np.log(n) + 3 for i, n in amounts.items()}) == weights
+    assert listening_weights({i: 10 * n for i, n in amounts.items()}) == weights
+    assert listening_weights(list(amounts)) == dict.fromkeys(amounts, 1.0)  # no amounts
+
+
+def test_a_users_row_weighs_what_they_listen_to_most() -> None:
+    """The row (what the device uploads and scores with) leans to the user's most played items:
+    a user who plays cluster 1's items most gets their cluster ranked higher; the same items
+    played evenly do not tell the clusters apart."""
+    layout = Layout(CATALOG, table=60, rank=4)
+    model = _fit(_planted(), layout)
+    items = [CATALOG[i] for i in (0, 1, 2, 15, 16, 17)]  # three of cluster 0, three of cluster 1
+    even = model.scores(items)
+    assert abs(even[3:15].mean() - even[18:30].mean()) < 0.1 * np.ptp(even)
+    leaning = model.scores({item: (9 if n >= 3 else 1) for n, item in enumerate(items)})
+    gap = leaning[18:30].mean() - leaning[3:15].mean()
+    assert gap > 0.1 * np.ptp(leaning)
+    factors = collaborative_upload(model, layout, {i: 1 for i in items}, clipping_norm=1.0)
+    assert np.array_equal(factors, collaborative_upload(model, layout, items, clipping_norm=1.0))
+    count = collaborative_upload(None, layout, {items[0]: 9, items[1]: 1}, clipping_norm=1.0)
+    assert count[0] == count[1] > 0  # the count round counts devices: each item once
 
 
 def test_the_devices_gram_follows_from_their_uploads() -> None:
@@ -205,13 +243,36 @@ def device(tmp_path: Path) -> Iterator[tuple[EventStore, Any]]:
 
 def test_a_device_joins_a_round_and_queues_a_sealed_upload(device: Any) -> None:
     store, policy = device
-    assert listened_items(store, "u1") == ["t1", "t2"]  # disliked after it was played
+    assert listening(store, "u1") == {"t1": 1, "t2": 1}  # t3 disliked after it was played
     layout = Layout(CATALOG, table=20, rank=4)
     spec = round_spec(policy, "us", model_id=layout.model_id)
     collaborator = Collaborator(store, layout)
     key = collaborator.contribute("u1", spec=spec)
     assert key is not None and store.in_outbox(key)
     assert collaborator.contribute("u1", spec=spec) == key  # once per round
+
+
+def test_a_device_counts_how_many_times_the_user_listened(device: Any) -> None:
+    """Plays long enough to count (half the track or 30 s) and likes, once each; a skip does
+    not count, and a dislike removes the track whatever came before."""
+    store, _ = device
+    ts = NOW.isoformat()
+    for n, (kind, track, ms) in enumerate(
+        [
+            ("play_end", "t1", 100_000),
+            ("play_end", "t1", 40_000),
+            ("play_end", "t1", 5_000),
+            ("like", "t2", 0),
+            ("play_end", "t4", 10_000),
+            ("like", "t3", 0),
+        ]
+    ):
+        event = {"event_id": f"more{n}", "user_id": "u1", "type": kind, "ts": ts,
+                 "track_id": track}  # fmt: skip
+        if kind == "play_end":
+            event |= {"ms_played": ms, "duration_ms": 200_000}
+        store.append(event)
+    assert listening(store, "u1") == {"t1": 3, "t2": 2}
 
 
 def test_a_device_refuses_a_round_of_another_model(device: Any) -> None:

@@ -131,9 +131,9 @@ def test_the_heavy_user_replays_into_a_real_store(
     assert (NOW - timedelta(days=days)).isoformat() <= times[0] and times[-1] <= NOW.isoformat()
     played = [e["track_id"] for e in events if e["type"] == "play_start"]
     newest = sorted(train, key=lambda r: r.timestamp or 0)[-MAX_INTERACTIONS:]
-    # only the most recent interactions, each with its full 1 + log2(stars) plays
+    # only the most recent interactions, each with its full 1 + log4(stars) plays
     assert set(played) == {r.item for r in newest}
-    assert len(played) == sum(int(r.value).bit_length() for r in newest)  # 1 + log2
+    assert len(played) == sum(1 + (int(r.value).bit_length() - 1) // 2 for r in newest)
     store = open_store("us")
     store.set_age(HEAVY, 30)
     store.grant(HEAVY, Purpose.PERSONALIZATION)

@@ -13,8 +13,10 @@ from conftest import NOW, StoreFactory
 from sim_helpers import lastfm, lastfm_slice, tiny
 
 from sottovoce.device import Personalizer, is_completion
+from sottovoce.device._collaborator import listening as device_listening
 from sottovoce.policy import Purpose
 from sottovoce.sim._datasets import Dataset, Interaction, build_item_vectors
+from sottovoce.sim._device_feed import MAX_PLAYS, listening
 from sottovoce.sim._evaluate import (
     Pool,
     PopularityRanker,
@@ -194,7 +196,9 @@ def test_lastfm_user_replays_into_a_real_store(open_store: StoreFactory) -> None
     vectors = build_item_vectors(data, train=split.train)
     events = device_events(user, split.train[user], artists=data.artists, end=NOW, seed=1)
     assert events == device_events(user, split.train[user], artists=data.artists, end=NOW, seed=1)
-    assert 150 < len(events) < 400  # 40 training artists, at most 4 plays each
+    plays = {row.item: min(MAX_PLAYS, 1 + int(math.log(row.value, 4) + 1e-9))
+             for row in split.train[user]}  # fmt: skip
+    assert 2 * sum(plays.values()) < len(events) < 3 * sum(plays.values())  # start, end; context
     store = open_store("eu")
     store.set_age(user, 30)
     store.grant(user, Purpose.PERSONALIZATION)
@@ -202,9 +206,10 @@ def test_lastfm_user_replays_into_a_real_store(open_store: StoreFactory) -> None
     result = store.append_many(events)
     assert result.accepted == len(events) and not result.expired_ids
     artists = {row["artist_id"]: row for row in store.derived_state(user)["artist_stats"]}
-    for row in split.train[user]:
-        expected = min(4, 1 + int(math.log2(row.value)))
-        assert (artists[row.item]["plays"], artists[row.item]["completions"]) == (expected,) * 2
+    for item, expected in plays.items():
+        assert (artists[item]["plays"], artists[item]["completions"]) == (expected,) * 2
+    # what the simulator scores with is what the device counts
+    assert device_listening(store, user) == listening(split.train[user]) == plays
     assert not set(artists) & split.heldout[user]
     examples = Personalizer(store).examples(user)
     assert len(examples) > 100 and 0.1 < float(examples.y.mean()) < 0.5
@@ -239,12 +244,16 @@ def test_timed_interactions_keep_their_order(open_store: StoreFactory) -> None:
     store = open_store("us")
     store.set_age("ann", 30)
     assert store.append_many(events).accepted == len(events)
+    assert device_listening(store, "ann") == listening(rows, days=10) == {"song-1": 1, "song-3": 1}
     # more than fits in the days: fewer plays each, then only the newest, never an error
-    heavy = device_events(
-        "ann", [Interaction("x", None, "play", 8.0)] * 2_000, artists={}, end=NOW, days=2
-    )
+    many = [Interaction(f"x{n % 50}", None, "play", 2.0 ** (n % 9)) for n in range(2_000)]
+    heavy = device_events("bob", many, artists={}, end=NOW, days=2)
     assert heavy and heavy[-1]["ts"] <= NOW.isoformat()
     assert heavy[0]["ts"] >= (NOW - timedelta(days=2)).isoformat()
+    store.set_age("bob", 30)
+    assert store.append_many(heavy).accepted == len(heavy)
+    counted = listening(many, days=2)
+    assert device_listening(store, "bob") == counted and sum(counted.values()) < len(many)
 
 
 def test_catalog_items_fill_missing_vectors() -> None:
