@@ -16,10 +16,10 @@ vector in the layout :class:`Layout` fixes for the catalog:
   vector ``u`` in closed form against the current item table ``V`` (it never leaves the device)
   and uploads ``B = c u'`` (``c``: its row over the table's items, each weighed by how much
   the user listened to it, :func:`listening_weights`, and by its count, :attr:`item_weights`),
-  scaled to the clipping norm. The first factor
-  round starts from a public random table (seeded by the layout). From the release anyone
-  solves the next table, ``V = B (G + lambda_v I)^-1``, where ``G``, the sum of the devices'
-  ``u u'``, is not uploaded: every device solved ``u = A V' c`` with the same public
+  scaled to the clipping norm. The first factor round starts from a public random table
+  (seeded by the layout). From the release anyone solves the next table,
+  ``V = B (G + lambda_v I)^-1``, where ``G``, the sum of the devices' ``u u'``, is not
+  uploaded: every device solved ``u = A V' c`` with the same public
   ``A = (V'V + lambda_u I)^-1``, so ``V' B = (V'V + lambda_u I) G`` and ``G = A V' B`` follows
   from the release (each device's scaling included). The whole clipping norm goes to ``B``.
 
