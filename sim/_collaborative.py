@@ -83,7 +83,6 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
     """Each round's uploads summed exactly over the devices the coin picks in every region, and
     pooled as the devices pool the regions' releases. ``listened``: per user (the rows of
     ``data``), what their device counts of each item."""
-    items_of = listened
     members = {r: [n for n, u in enumerate(data.users) if region_of[u] == r]
                for r in config.regions}  # fmt: skip
     model: CollaborativeModel | None = None
@@ -95,7 +94,7 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
             rng = random.Random(f"{config.seed}:collaborative:{region}:{number}")
             q = config.collaborative_sampling_rate
             cohort = [n for n in people if rng.random() < q] or people
-            total = sum(collaborative_upload(model, layout, items_of[n], clipping_norm=1.0)
+            total = sum(collaborative_upload(model, layout, listened[n], clipping_norm=1.0)
                         for n in cohort)  # fmt: skip
             mean = np.asarray(total, np.float64) / len(cohort)
             statistics.append(Statistic(mean, 0.0, len(cohort)))
@@ -103,7 +102,7 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
         model = (CollaborativeModel.from_counts(layout, mean, noise_std=0.0)
                  if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
     assert model is not None
-    return scorer(data, dict.fromkeys(config.regions, model), region_of, items_of)
+    return scorer(data, dict.fromkeys(config.regions, model), region_of, listened)
 
 
 def scorer(
