@@ -289,13 +289,15 @@ def listening_weights(items: Listening) -> dict[str, float]:
     measure of how much give the same weights for the same order, and items without amounts
     all weigh 1 (confidence from how often a user returns to an item: Hu, Koren and Volinsky,
     ICDM 2008; here by rank, so no scale is assumed)."""
-    amounts = dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, 1.0)
-    if not amounts:
-        return {}
-    ordered = np.sort(np.fromiter(amounts.values(), np.float64, len(amounts)))
-    at_most = np.searchsorted(ordered, ordered, side="right")  # per sorted amount: how many <=
-    share = dict(zip(ordered.tolist(), (at_most / len(ordered)).tolist(), strict=True))
-    return {item: (1.0 + share[float(a)]) / 2.0 for item, a in amounts.items()}
+    amounts = _amounts(items)
+    values = np.fromiter(amounts.values(), np.float64, len(amounts))
+    share = np.searchsorted(np.sort(values), values, side="right") / max(len(values), 1)
+    return dict(zip(amounts, ((1.0 + share) / 2.0).tolist(), strict=True))
+
+
+def _amounts(items: Listening) -> dict[str, float]:
+    """``items`` as item -> amount (each 1 when only the items are given)."""
+    return dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, 1.0)
 
 
 def collaborative_upload(
@@ -304,7 +306,7 @@ def collaborative_upload(
     """The vector a device uploads in the next round: its count (no model yet: which items it
     has, each once) or its factor statistics (a model with a table: its row, weighed by how much
     it listened), scaled to exactly ``clipping_norm``."""
-    items = dict(items) if isinstance(items, Mapping) else dict.fromkeys(items, 1.0)
+    items = _amounts(items)
     out = np.zeros(layout.dim)
     if model is None:
         c = layout.indicator(items)

@@ -189,7 +189,7 @@ def private_collaborative(
         raise RuntimeError("no collaborative release in any region")
     models = dict.fromkeys(config.regions, model)
     return scorer(data, models, region_of, listened), {"rounds": history, "audit": audit,
-                                             "privacy": privacy}  # fmt: skip
+                                                       "privacy": privacy}  # fmt: skip
 
 
 def _join(pool: Executor, published: tuple[dict[str, tuple[Path, Path]], ...], layout: Layout,
