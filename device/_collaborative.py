@@ -26,6 +26,10 @@ vector in the layout :class:`Layout` fixes for the catalog:
 Scoring reads every factor round's release at once. Each is ``S W + noise`` for the table's
 item co-occurrence ``S`` (the sum of the devices' scaled ``c c'``) and that round's public
 ``W = V A``: together they are a block Krylov sketch of ``S`` (Musco and Musco, NeurIPS 2015).
+The count round's release, read over the table's items, is one more column of it: the sum of
+the devices' ``c / |c|``, a vector in the same span (of the devices' rows), released with
+noise of the same kind. It costs nothing (the count round is released anyway) and it is the
+sketch's best-measured direction, what most listeners share.
 The device scores by the sketch's leading left singular vectors ``U``, each weighed by how far
 its singular value ``s`` stands above the noise's spectral edge ``e = sigma (sqrt(k) +
 sqrt(p))`` (``1 - e^2 / s^2``, a Wiener-style shrinkage; at most ``rank`` of them), as
@@ -156,7 +160,7 @@ class CollaborativeModel:
     vectors: Array  # table x rank
     fitted: bool = False  # False after the count round: scores by count alone
     sketch: Array | None = None  # table x (rank * factor rounds): every factor release's B
-    noise: float = 0.0  # the largest noise deviation on one number of the sketch
+    noise: float = 0.0  # the largest noise deviation on one released number (every round's)
 
     @classmethod
     def from_counts(cls, layout: Layout, release: Array, *, noise_std: float) -> CollaborativeModel:
@@ -170,7 +174,8 @@ class CollaborativeModel:
         table = order[clear] if clear.any() else order[:1]
         rng = np.random.default_rng([layout.seed, 5])
         start = rng.standard_normal((layout.table_size, layout.rank)) / np.sqrt(layout.rank)
-        return cls(layout, counts.copy(), table.astype(np.int64), start[: len(table)], False)
+        return cls(layout, counts.copy(), table.astype(np.int64), start[: len(table)], False,
+                   noise=noise_std)  # fmt: skip
 
     def refit(self, release: Array, *, noise_std: float) -> CollaborativeModel:
         """After a factor round: the next item table, ``V = B (G + lambda_v I)^-1`` with
@@ -192,13 +197,15 @@ class CollaborativeModel:
 
     @cached_property
     def basis(self) -> Array:
-        """The sketch's leading left singular vectors, each scaled by the square root of its
-        shrinkage ``1 - e^2 / s^2`` (those at or below the noise's edge ``e`` dropped; at most
-        ``rank``): scores are ``basis basis' c``."""
+        """The leading left singular vectors of the sketch, with the table's DP counts as its
+        first column, each scaled by the square root of its shrinkage ``1 - e^2 / s^2`` (those
+        at or below the noise's edge ``e`` dropped; at most ``rank``): scores are
+        ``basis basis' c``."""
         if self.sketch is None:
             return np.zeros((len(self.table), 0))
-        k, p = self.sketch.shape
-        u, s, _ = np.linalg.svd(self.sketch, full_matrices=False)
+        sketch = np.hstack([self.counts[self.table, None], self.sketch])
+        k, p = sketch.shape
+        u, s, _ = np.linalg.svd(sketch, full_matrices=False)
         edge = self.noise * (np.sqrt(k) + np.sqrt(p))  # the noise's largest singular value
         keep = (s > max(edge, 1e-12 * float(s.max(initial=0.0)))) & (
             np.arange(len(s)) < self.layout.rank

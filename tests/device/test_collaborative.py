@@ -159,6 +159,24 @@ def test_scores_keep_only_what_stands_above_the_noise() -> None:
     assert np.ptp(by_count[clean.table]) > 0  # by count, not one score for all
 
 
+def test_the_count_release_is_a_column_of_the_sketch() -> None:
+    """The count round's release over the table scores too: with factor releases that carry
+    nothing, the one direction left is the counts', and it stands above the count round's
+    noise, which the model keeps."""
+    layout = Layout(CATALOG, table=60, rank=4)
+    model = _fit(_planted(), layout, rounds=3)
+    assert model.sketch is not None
+    blank = CollaborativeModel(layout, model.counts, model.table, model.vectors, True,
+                               np.zeros_like(model.sketch), noise=0.0)  # fmt: skip
+    direction = blank.basis
+    counts = model.counts[model.table]
+    assert direction.shape == (60, 1)
+    assert abs(direction[:, 0] @ counts) == pytest.approx(np.linalg.norm(counts))
+    noisy = _fit(_planted(), layout, rounds=1, noise=3.0)
+    assert noisy.noise == pytest.approx(3.0 / 240)  # the count round's, kept for the sketch
+    assert noisy.refit(np.zeros(layout.dim), noise_std=1e-3).noise == noisy.noise
+
+
 def test_a_user_with_none_of_the_tables_items_gets_it_by_count() -> None:
     """Nothing to project: the table ranks by DP count, not one score for every item."""
     layout = Layout(CATALOG, table=30, rank=4)
