@@ -26,10 +26,10 @@ vector in the layout :class:`Layout` fixes for the catalog:
 Scoring reads every factor round's release at once. Each is ``S W + noise`` for the table's
 item co-occurrence ``S`` (the sum of the devices' scaled ``c c'``) and that round's public
 ``W = V A``: together they are a block Krylov sketch of ``S`` (Musco and Musco, NeurIPS 2015).
-The count round's release, read over the table's items, is one more column of it: the sum of
-the devices' ``c / |c|``, a vector in the same span (of the devices' rows), released with
-noise of the same kind. It costs nothing (the count round is released anyway) and it is the
-sketch's best-measured direction, what most listeners share.
+The count round's release, read over the table's items, is one more column of it: the mean of
+the same devices' count uploads (each device's items, unweighted), released with noise of the
+same kind, and the direction most listeners share, measured with the whole clipping norm in one
+column. Reading it costs no privacy: the count round is released anyway.
 The device scores by the sketch's leading left singular vectors ``U``, each weighed by how far
 its singular value ``s`` stands above the noise's spectral edge ``e = sigma (sqrt(k) +
 sqrt(p))`` (``1 - e^2 / s^2``, a Wiener-style shrinkage; at most ``rank`` of them), as
