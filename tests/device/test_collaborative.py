@@ -161,8 +161,8 @@ def test_scores_keep_only_what_stands_above_the_noise() -> None:
 
 def test_the_count_release_is_a_column_of_the_sketch() -> None:
     """The count round's release over the table scores too: with factor releases that carry
-    nothing, the one direction left is the counts', and it stands above the count round's
-    noise, which the model keeps."""
+    nothing, the one direction left is the counts'. The model keeps the count round's noise
+    deviation, so the spectral edge covers that column too."""
     layout = Layout(CATALOG, table=60, rank=4)
     model = _fit(_planted(), layout, rounds=3)
     assert model.sketch is not None
