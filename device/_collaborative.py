@@ -30,10 +30,14 @@ The count round's release, read over the table's items, is one more column of it
 the same devices' count uploads (each device's items, unweighted), released with noise of the
 same kind, and the direction most listeners share, measured with the whole clipping norm in one
 column. Reading it costs no privacy: the count round is released anyway.
-The device scores by the sketch's leading left singular vectors ``U``, each weighed by how far
-its singular value ``s`` stands above the noise's spectral edge ``e = sigma (sqrt(k) +
-sqrt(p))`` (``1 - e^2 / s^2``, a Wiener-style shrinkage; at most ``rank`` of them), as
-``U diag(f) U' c``: a denoised projection of the user's row onto what listeners share.
+The device scores by the sketch's left singular vectors ``U`` above the noise's spectral edge
+``e = sigma (sqrt(k) + sqrt(p))``, as ``U diag(f) U' c``: a denoised, regularised projection of
+the user's row onto what listeners share. Each direction's weight ``f`` is the smaller of how
+far its singular value ``s`` stands above the edge (``1 - e^2 / s^2``, a Wiener-style
+shrinkage) and a ridge's ``s^2 / (s^2 + lambda)`` (``lambda = 0.1 |sketch|^2 / rank``, the
+squared Frobenius norm: the same relative ridge as the factor rounds'). Under DP the edge
+decides; without noise (``e = 0``) the ridge keeps the sketch's weak directions from fitting
+what few users share.
 
 Every region's aggregator releases its own devices' statistics; a device derives its model from
 the same round's releases of **every** region, pooled (:func:`pool`: each region's mean weighed
@@ -197,21 +201,20 @@ class CollaborativeModel:
 
     @cached_property
     def basis(self) -> Array:
-        """The leading left singular vectors of the sketch, with the table's DP counts as its
-        first column, each scaled by the square root of its shrinkage ``1 - e^2 / s^2`` (those
-        at or below the noise's edge ``e`` dropped; at most ``rank``): scores are
-        ``basis basis' c``."""
+        """The sketch's left singular vectors, with the table's DP counts as its first column,
+        each scaled by the square root of its weight: the smaller of ``1 - e^2 / s^2`` (those at
+        or below the noise's edge ``e`` dropped) and ``s^2 / (s^2 + lambda)`` (see the module
+        docstring). Scores are ``basis basis' c``."""
         if self.sketch is None:
             return np.zeros((len(self.table), 0))
         sketch = np.hstack([self.counts[self.table, None], self.sketch])
         k, p = sketch.shape
         u, s, _ = np.linalg.svd(sketch, full_matrices=False)
         edge = self.noise * (np.sqrt(k) + np.sqrt(p))  # the noise's largest singular value
-        keep = (s > max(edge, 1e-12 * float(s.max(initial=0.0)))) & (
-            np.arange(len(s)) < self.layout.rank
-        )  # fmt: skip
-        shrink = 1.0 - (edge / s[keep]) ** 2
-        return np.asarray(u[:, keep] * np.sqrt(shrink), np.float64)
+        keep = s > max(edge, 1e-12 * float(s.max(initial=0.0)))
+        ridge = RIDGE * float(np.sum(s**2)) / self.layout.rank
+        weight = np.minimum(1.0 - (edge / s[keep]) ** 2, s[keep] ** 2 / (s[keep] ** 2 + ridge))
+        return np.asarray(u[:, keep] * np.sqrt(weight), np.float64)
 
     @cached_property
     def item_weights(self) -> Array:

@@ -145,11 +145,11 @@ def test_the_devices_gram_follows_from_their_uploads() -> None:
 
 def test_scores_keep_only_what_stands_above_the_noise() -> None:
     """The sketch of every factor round scores; its directions at or below the noise's edge
-    are dropped (at most the rank are kept), and with none left the table ranks by count."""
+    are dropped, and with none left the table ranks by count."""
     layout = Layout(CATALOG, table=60, rank=4)
     clean = _fit(_planted(), layout, rounds=4)
     assert clean.sketch is not None and clean.sketch.shape == (60, 12)  # 3 factor rounds x 4
-    assert clean.basis.shape == (60, 4)
+    assert clean.basis.shape == (60, 13)  # without noise every direction, the counts' too
     drowned = CollaborativeModel(layout, clean.counts, clean.table, clean.vectors, True,
                                  clean.sketch, noise=1e3)  # fmt: skip
     assert drowned.basis.shape == (60, 0)
@@ -157,6 +157,30 @@ def test_scores_keep_only_what_stands_above_the_noise() -> None:
     order = np.argsort(-clean.counts[clean.table], kind="stable")
     assert np.all(np.diff(by_count[clean.table][order]) <= 0)
     assert np.ptp(by_count[clean.table]) > 0  # by count, not one score for all
+
+
+def test_each_direction_weighs_the_lesser_of_its_height_above_the_noise_and_a_ridge() -> None:
+    """A direction's weight is min(1 - e^2/s^2, s^2/(s^2 + lambda)), lambda a tenth of the
+    sketch's squared norm over the rank. Without noise the ridge alone weighs: the planted
+    clusters' directions nearly whole, the sketch's weak ones (what few users share) nearly
+    nothing; under noise the edge drops and shrinks them."""
+    layout = Layout(CATALOG, table=60, rank=4)
+    for noise in (0.0, 0.5):
+        model = _fit(_planted(), layout, rounds=4, noise=noise)
+        assert model.sketch is not None
+        sketch = np.column_stack([model.counts[model.table], model.sketch])
+        u, s, _ = np.linalg.svd(sketch, full_matrices=False)
+        edge = model.noise * (np.sqrt(sketch.shape[0]) + np.sqrt(sketch.shape[1]))
+        ridge = 0.1 * np.sum(s**2) / 4
+        kept = s[s > edge]
+        expected = np.minimum(1 - edge**2 / kept**2, kept**2 / (kept**2 + ridge))
+        weights = np.sum(model.basis**2, axis=0)
+        assert weights == pytest.approx(expected)
+        assert np.allclose(np.abs(u[:, : len(kept)].T @ model.basis), np.diag(np.sqrt(expected)))
+        if noise == 0.0:
+            assert len(kept) == 13 and np.all(weights[:4] > 0.75) and np.all(weights[4:] < 0.1)
+        else:
+            assert len(kept) < 13 and np.all(weights < kept**2 / (kept**2 + ridge) + 1e-12)
 
 
 def test_the_count_release_is_a_column_of_the_sketch() -> None:
@@ -171,7 +195,8 @@ def test_the_count_release_is_a_column_of_the_sketch() -> None:
     direction = blank.basis
     counts = model.counts[model.table]
     assert direction.shape == (60, 1)
-    assert abs(direction[:, 0] @ counts) == pytest.approx(np.linalg.norm(counts))
+    unit = direction[:, 0] / np.linalg.norm(direction[:, 0])
+    assert abs(unit @ counts) == pytest.approx(np.linalg.norm(counts))
     noisy = _fit(_planted(), layout, rounds=1, noise=3.0)
     assert noisy.noise == pytest.approx(3.0 / 240)  # the count round's, kept for the sketch
     assert noisy.refit(np.zeros(layout.dim), noise_std=1e-3).noise == noisy.noise
