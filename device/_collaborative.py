@@ -81,7 +81,7 @@ Array = npt.NDArray[np.float64]
 Listening = Mapping[str, float] | Iterable[str]
 """A user's items: how much they listened to each (a count of plays), or just the items (each
 counted once)."""
-RIDGE = 0.1  # both ridge terms, relative to the scale of what they regularise
+RIDGE = 0.1  # every ridge term (:func:`_ridge`), relative to the scale of what it regularises
 TABLE = 2_000  # at most this many items in the table (the DP count may admit fewer)
 RANK, PRIVATE_RANK = 32, 16  # under DP noise a lower rank keeps more signal per number
 ITEM_EXPONENT = 0.25
@@ -191,9 +191,9 @@ class CollaborativeModel:
         # The noise on G is A V' N for the noise N on B (iid, noise_std): its spectral norm is
         # at most noise_std * 2 sqrt(d) * max s / (s^2 + lambda_u) over V's singular values s.
         s = np.linalg.svd(v, compute_uv=False)
-        lambda_u = _user_ridge(v.T @ v, d)
+        lambda_u = _ridge(float(np.trace(v.T @ v)), d)
         reach = noise_std * 2.0 * np.sqrt(d) * float(np.max(s / (s**2 + lambda_u)))
-        ridge = max(RIDGE * max(np.trace(g), 0.0) / d, 2.0 * reach, 1e-12)
+        ridge = max(_ridge(max(float(np.trace(g)), 0.0), d), 2.0 * reach)
         vectors = np.linalg.solve(g + ridge * np.eye(d), b.T).T
         sketch = b if self.sketch is None else np.hstack([self.sketch, b])
         return CollaborativeModel(self.layout, self.counts, self.table, vectors, True, sketch,
@@ -212,7 +212,7 @@ class CollaborativeModel:
         u, s, _ = np.linalg.svd(sketch, full_matrices=False)
         edge = self.noise * (np.sqrt(k) + np.sqrt(p))  # the noise's largest singular value
         keep = s > max(edge, 1e-12 * float(s.max(initial=0.0)))
-        ridge = RIDGE * float(np.sum(s**2)) / self.layout.rank
+        ridge = _ridge(float(np.sum(s**2)), self.layout.rank)  # |sketch|_F^2 = sum s^2
         weight = np.minimum(1.0 - (edge / s[keep]) ** 2, s[keep] ** 2 / (s[keep] ** 2 + ridge))
         return np.asarray(u[:, keep] * np.sqrt(weight), np.float64)
 
@@ -345,9 +345,11 @@ def _user_solve(vectors: Array, c: Array) -> Array:
     """``(V'V + lambda_u I)^-1 V' c``: a user vector from a row (or each column of ``c``)."""
     gram = vectors.T @ vectors
     d = gram.shape[0]
-    return np.asarray(np.linalg.solve(gram + _user_ridge(gram, d) * np.eye(d), vectors.T @ c))
+    ridge = _ridge(float(np.trace(gram)), d)
+    return np.asarray(np.linalg.solve(gram + ridge * np.eye(d), vectors.T @ c))
 
 
-def _user_ridge(gram: Array, rank: int) -> float:
-    """``lambda_u``: a tenth of the table's mean squared singular value."""
-    return max(RIDGE * float(np.trace(gram)) / rank, 1e-12)
+def _ridge(energy: float, rank: int) -> float:
+    """A ridge term: ``RIDGE`` times ``energy`` (a trace, a sum of squared singular values)
+    over ``rank``, i.e. a tenth of the mean squared singular value per direction."""
+    return max(RIDGE * energy / rank, 1e-12)
