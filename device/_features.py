@@ -95,7 +95,7 @@ def fit_vector(vector: npt.NDArray[np.float64] | None) -> npt.NDArray[np.float64
         return out
     width = min(ITEM_DIM, vector.shape[0])
     out[:width] = vector[:width]
-    norm = float(np.linalg.norm(out))
+    norm = math.sqrt(float(out @ out))  # what np.linalg.norm computes, without its checks
     return out / norm if norm > 0 else out
 
 
@@ -146,9 +146,9 @@ def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
     ``candidates`` (the one place that knows the layout)."""
     # What every row shares (the user's state) is written once, into a row copied to all.
     shared = np.zeros(FEATURES, dtype=np.float32)
-    taste: npt.NDArray[np.float64] | None = None
+    taste: npt.NDArray[np.float32] | None = None
     if snapshot.taste is not None:
-        taste = fit_vector(snapshot.taste)
+        taste = fit_vector(snapshot.taste).astype(np.float32)  # the rows' precision
         shared[TASTE : TASTE + ITEM_DIM] = taste
         shared[HAS_TASTE] = 1.0
     shared[SESSION] = math.log1p(snapshot.session_skips)
@@ -169,8 +169,10 @@ def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
         x[:, COSINE] = items @ taste
     x[:, TRACK : TRACK + 8] = candidates.tracks
     x[:, ARTIST : ARTIST + 8] = candidates.artists
-    x[:, SESSION + 2] = np.log1p(candidates.artist_skips)
-    x[:, SESSION + 3] = np.log1p(candidates.artist_plays)
+    for column, counts in ((SESSION + 2, candidates.artist_skips),
+                           (SESSION + 3, candidates.artist_plays)):  # fmt: skip
+        if np.count_nonzero(counts):  # outside a session every count is 0, as the shared row says
+            x[:, column] = np.log1p(counts)
     return x
 
 
@@ -234,6 +236,10 @@ class HistoryTable(NamedTuple):
 
 
 def _recency(last: npt.NDArray[np.float64], now: int) -> npt.NDArray[np.float64]:
-    days = np.maximum(now - last, 0) / 86_400_000
-    recency: npt.NDArray[np.float64] = np.where(last >= 0, np.exp(-days / RECENCY_DAYS), 0.0)
+    """``exp(-days since last played / RECENCY_DAYS)``, 1 for a time after ``now``, 0 for
+    never played (``last`` < 0)."""
+    recency = np.minimum(last - now, 0.0)
+    recency *= 1.0 / (86_400_000 * RECENCY_DAYS)
+    np.exp(recency, out=recency)
+    recency[last < 0] = 0.0
     return recency

@@ -162,12 +162,14 @@ class Personalizer:
         options: RerankOptions = _DEFAULT_OPTIONS,
     ) -> Ranking:
         """Order ``candidates`` (track ids) for the user, each with a short reason."""
-        decision = self.store.personalization(user_id)
-        if not decision.allowed:
-            return unpersonalized(candidates, decision.sentence)
-        if not candidates:
-            return Ranking((), personalized=True)
-        return self._rank(user_id, candidates, now=now, options=options, chunk_size=CHUNK_SIZE)
+        with self.store.one_read():  # the consent, the model and the user's state: one check
+            decision = self.store.personalization(user_id)
+            if not decision.allowed:
+                return unpersonalized(candidates, decision.sentence)
+            if not candidates:
+                return Ranking((), personalized=True)
+            return self._rank(user_id, candidates, now=now, options=options,
+                              chunk_size=CHUNK_SIZE)  # fmt: skip
 
     def rank_catalog(
         self,
@@ -188,11 +190,12 @@ class Personalizer:
         """
         if chunk_size < 1 or (limit is not None and limit < 0):
             raise ValueError("chunk_size must be at least 1 and limit at least 0")
-        decision = self.store.personalization(user_id)
-        if not decision.allowed:
-            return unpersonalized(list(self.store.catalog())[:limit], decision.sentence)
-        return self._rank(user_id, None, now=now, options=options, chunk_size=chunk_size,
-                          limit=limit)  # fmt: skip
+        with self.store.one_read():
+            decision = self.store.personalization(user_id)
+            if not decision.allowed:
+                return unpersonalized(list(self.store.catalog())[:limit], decision.sentence)
+            return self._rank(user_id, None, now=now, options=options, chunk_size=chunk_size,
+                              limit=limit)  # fmt: skip
 
     def _rank(
         self,

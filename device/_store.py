@@ -36,6 +36,7 @@ this class returns them, nor the connection.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
@@ -158,6 +159,11 @@ class EventStore:
         """A number that changes whenever the store's contents may have changed, by this
         connection or another one: what anything cached from the store is checked against."""
         return self._file.generation()
+
+    def one_read(self) -> AbstractContextManager[None]:
+        """One read that checks several caches (a rerank): the store asks SQLite whether the
+        file changed once for all of them (see ``StoreFile.one_read``)."""
+        return self._file.one_read()
 
     @guarded("counting rows")
     def count(self, table: str = "events") -> int:

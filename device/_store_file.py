@@ -38,6 +38,7 @@ class StoreFile:
         self.clock = clock
         self._data_version: int | None = None
         self._generation = 0
+        self._held: int | None = None  # the generation one read holds (see one_read)
         self._checkpointer = _Checkpointer(path)
         self._checkpointer.start()
 
@@ -101,15 +102,34 @@ class StoreFile:
                 yield
         finally:
             self._generation += 1
+            self._held = None  # a read that wrote asks the file again
 
     def generation(self) -> int:
         """A number that changes whenever the file's contents may have changed, by this
-        connection or another one: what anything cached from the store is checked against."""
+        connection or another one: what anything cached from the store is checked against.
+        Within :meth:`one_read`, the number read when it began (until a write)."""
+        if self._held is not None:
+            return self._held
         version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:  # another connection wrote: nothing cached holds
             self._data_version = version
             self._generation += 1
         return self._generation
+
+    @contextmanager
+    def one_read(self) -> Iterator[None]:
+        """One read that several caches check against the file (a rerank: the consent
+        verdict, the model served, the user's state): :meth:`generation` asks SQLite once for
+        all of them instead of once each. Another connection's write during the read shows
+        at the next one; a write through this connection ends the hold at once."""
+        if self._held is not None:  # already inside one
+            yield
+            return
+        self._held = self.generation()
+        try:
+            yield
+        finally:
+            self._held = None
 
     def meta(self, key: str) -> str:
         """A value every store has (``salt``, ``region``, ...)."""

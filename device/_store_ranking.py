@@ -77,7 +77,7 @@ class RankingReads:
 
     def __init__(self, file: StoreFile, *, users: Users, catalog: Catalog) -> None:
         self._file, self._users, self._catalog = file, users, catalog
-        self._states: dict[int, _UserState] = {}  # per user ref, see snapshot()
+        self._states: dict[str, _UserState | None] = {}  # per user id, see snapshot()
         self._states_at = -1  # the file's generation they were read at
 
     def snapshot(
@@ -133,11 +133,10 @@ class RankingReads:
         self, user_id: str, now: datetime | None
     ) -> tuple[Snapshot, _UserState | None]:
         now_ms = to_ms(now or self._file.clock())
-        ref = self._users.ref(user_id, create=False)
         snap = Snapshot(now=now_ms)
-        if ref is None:
+        state = self._user_state(user_id)
+        if state is None:
             return snap, None
-        state = self._user_state(ref)
         snap.tracks, snap.artists, snap.taste = state.tracks, state.artists, state.taste
         if state.session is not None and now_ms - state.session[1] <= SESSION_GAP_MS:
             snap.session_skips, snap.session_plays = state.session_totals
@@ -228,15 +227,19 @@ class RankingReads:
             )
         return state.tables
 
-    def _user_state(self, ref: int) -> _UserState:
+    def _user_state(self, user_id: str) -> _UserState | None:
+        """The user's cached state (None: a user the store does not know), loaded on the
+        first read after a write."""
         generation = self._file.generation()
         if generation != self._states_at:  # written since: nothing cached holds
             self._states.clear()
             self._states_at = generation
-        state = self._states.get(ref)
-        if state is None:
-            state = self._states[ref] = self._load_user_state(ref)
-        return state
+        try:
+            return self._states[user_id]
+        except KeyError:
+            ref = self._users.ref(user_id, create=False)
+            state = self._states[user_id] = None if ref is None else self._load_user_state(ref)
+            return state
 
     def _load_user_state(self, ref: int) -> _UserState:
         state = _UserState(tracks=self._histories("track_stats", "track_id", ref),

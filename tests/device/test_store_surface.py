@@ -35,7 +35,7 @@ PUBLIC = {
     "acknowledge", "allows", "append", "append_many", "attempted", "catalog", "charge", "close",
     "consent_state", "contribution", "count", "decisions", "derived_state", "drop", "due",
     "erase_user", "export_user", "facts", "generation", "grant", "in_outbox", "keys",
-    "load_model", "now", "open", "outbox_states", "path", "personalization", "policy",
+    "load_model", "now", "one_read", "open", "outbox_states", "path", "personalization", "policy",
     "privacy_history", "purge_expired", "queue_local_round", "ranking_inputs", "rebuild_derived",
     "refusal", "region", "save_model", "set_age", "snapshot", "upsert_catalog", "user_hash",
     "withdraw",
