@@ -45,6 +45,12 @@ by the inverse of its noise's variance), so that a region learns from the whole 
 its devices upload to it alone. A region's release is a DP statistic of that region's devices
 only; to a device of another region it is public data (its privacy accounting is unchanged).
 
+The population's row (the table's DP counts, each weighed as a user's item is) is projected the
+same way and added to each user's projected row as one more of their items would be: with the
+length of the user's projection over ``sqrt(n + 1)`` for ``n`` of their items in the table. A
+user with many items keeps their own taste; one with a few, or on data where co-listening says
+little beyond popularity, leans on what everyone listens to.
+
 Scoring on the device: the projection above for table items, and every other item after them by
 its DP count. The ridge terms are set from the data and the published noise, never tuned per
 dataset: the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the
@@ -217,6 +223,25 @@ class CollaborativeModel:
         return np.asarray(u[:, keep] * np.sqrt(weight), np.float64)
 
     @cached_property
+    def population(self) -> Array:
+        """The population's row (the table's DP counts, each weighed as a user's item is, by
+        :attr:`item_weights`) projected like a user's row, at unit length (zeros if nothing of
+        it is above the noise)."""
+        basis = self.basis
+        m = np.maximum(self.counts[self.table], 0.0) * self.item_weights
+        projected = basis @ (basis.T @ m)
+        norm = float(np.linalg.norm(projected))
+        return projected / norm if norm > 0 else projected
+
+    def _prior(self, projected: Array, n: int) -> Array:
+        """What the population adds to a user's projected row: its own projected row, counted
+        as one more item of the user's (a user's unit row of ``n`` items gives each about
+        ``1 / sqrt(n)`` of its length, so one item more is ``|projected| / sqrt(n + 1)``). A
+        user with many items keeps their own taste; one with a few leans on what everyone
+        listens to."""
+        return np.asarray(float(np.linalg.norm(projected)) / np.sqrt(n + 1) * self.population)
+
+    @cached_property
     def item_weights(self) -> Array:
         """Each table item's weight in a user's row, count^-1/4: popular items would otherwise
         fill every user's vector (the scaling of EigenRec, Nikolakopoulos et al. 2019; one fixed
@@ -246,9 +271,10 @@ class CollaborativeModel:
 
     def scores(self, items: Listening) -> Array:
         """A score per catalog item for a user with ``items``: table items by the sketch's
-        denoised projection of the user's row, above every other item, which follow by DP
-        count. With nothing to project (no factor round yet, no direction above the noise, or
-        none of the user's items in the table), table items too go by DP count."""
+        denoised projection of the user's row with the population's added as one more item
+        (:meth:`_prior`), above every other item, which follow by DP count. With nothing to
+        project (no factor round yet, no direction above the noise, or none of the user's items
+        in the table), table items too go by DP count."""
         counts = self.counts
         spread = max(float(np.abs(counts).max()), 1e-12)
         out = counts / spread / 2 - 2.0  # in [-2.5, -1.5]: below every table item
@@ -256,6 +282,7 @@ class CollaborativeModel:
         row = self.row(items)
         if basis.shape[1] and row.any():
             inside = basis @ (basis.T @ row)
+            inside += self._prior(inside, int(np.count_nonzero(row)))
             out[self.table] = inside - inside.min()  # >= 0
         else:  # every table item would score the same
             out[self.table] = counts[self.table] / spread / 2  # by count alone
