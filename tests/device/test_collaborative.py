@@ -19,6 +19,7 @@ from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
     Statistic,
+    _top,
     collaborative_upload,
     devices_gram,
     listening_weights,
@@ -257,6 +258,13 @@ def test_with_nothing_but_popularity_to_learn_a_user_leans_on_the_population() -
     n = np.count_nonzero(model.row(train[0]))
     prior = model._prior(projected, n)
     assert np.linalg.norm(prior) == pytest.approx(np.linalg.norm(projected) / np.sqrt(n + 1))
+
+
+@given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("nan")]) | st.floats(-5, 5),
+                min_size=1, max_size=60), st.integers(1, 70))  # fmt: skip
+def test_the_table_is_the_top_counts_ties_by_position(values: list[float], k: int) -> None:
+    counts = np.array(values)
+    assert np.array_equal(_top(counts, k), np.argsort(-counts, kind="stable")[:k])
 
 
 def test_a_fitted_model_reads_back_from_its_packed_form() -> None:
