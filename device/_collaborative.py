@@ -364,7 +364,7 @@ def collaborative_upload(
 def _top(values: Array, k: int) -> npt.NDArray[np.int64]:
     """The positions of the ``k`` largest ``values``, largest first, ties by position: what
     ``np.argsort(-values, kind="stable")[:k]`` gives, without sorting the whole catalog (every
-    device derives the table from the count release: 3 ms on 31,000 items, 0.3 ms this way)."""
+    device derives the table from the count release: 3 ms on 31,000 items, 0.4 ms this way)."""
     if k >= len(values) or not np.all(np.isfinite(values)):
         return np.argsort(-values, kind="stable")[:k]
     kth = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest
