@@ -301,11 +301,11 @@ def epsilon_of(
 @functools.lru_cache(maxsize=256)
 def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """opacus' PRV accountant's epsilon for ``history``. Cached like the RDP curves: a period's
-    epsilon is asked for when a round opens, closes and is reported, and at a small sampling
-    rate one answer takes a second or two."""
-    from opacus.accountants import PRVAccountant
-
-    prv = PRVAccountant()
+    epsilon is asked for when a round opens, closes and is reported. The RDP bound that sizes
+    the accountant's discretization (:func:`_safe_domain_size`) reads cached curves: at a
+    sampling rate below 1 that bound was most of an answer's 0.4 s, asked again for every new
+    round of the same mechanism."""
+    prv = _prv_accountant()()
     prv.history = list(history)
     # Its privacy random variable takes log(0) where a subsampled round's loss is bounded;
     # numpy warns, and the value it yields there is the one the analysis means.
@@ -313,24 +313,74 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
         return float(prv.get_epsilon(delta=delta))
 
 
+@functools.cache
+def _prv_accountant() -> type[Any]:
+    """opacus' ``PRVAccountant`` with its domain sized by :func:`_safe_domain_size` (the same
+    number as its own ``compute_safe_domain_size``, from cached curves; everything else is
+    opacus'). tests/aggregator/test_ledger_curves.py holds its epsilon equal to opacus'."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import Domain
+
+    class _CachedCurvesPRV(PRVAccountant):  # type: ignore[misc]
+        def _get_domain(self, prvs: Sequence[Any], num_self_compositions: Sequence[int],
+                        eps_error: float, delta_error: float) -> Any:  # fmt: skip
+            # opacus' PRVAccountant._get_domain, with the size from the cached curves.
+            history = [(p.noise_multiplier, p.sample_rate, steps)
+                       for p, steps in zip(prvs, num_self_compositions, strict=True)]  # fmt: skip
+            size = _safe_domain_size(history, eps_error=eps_error, delta_error=delta_error)
+            total = sum(num_self_compositions)
+            mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+            return Domain.create_aligned(-size, size, mesh_size)
+
+    return _CachedCurvesPRV
+
+
+def _safe_domain_size(
+    history: Sequence[tuple[float, float, int]], *, eps_error: float, delta_error: float
+) -> float:
+    """opacus' ``compute_safe_domain_size`` (Gopi et al. 2021, remark 5.6, as opacus adapts
+    it): the RDP epsilon of the whole history at ``delta_error / 4`` and of each mechanism
+    once at ``delta_error / (8 n)`` for ``n`` rounds in all, the largest, at least
+    ``eps_error``, plus 3; at opacus' default orders, as its ``RDPAccountant`` computes it,
+    from cached curves."""
+    total = sum(steps for _, _, steps in history)
+    size = _rdp_spent(history, delta_error / 4, _OPACUS_ORDERS)
+    for sigma, q, _ in history:
+        size = max(size, _rdp_spent([(sigma, q, 1)], delta_error / (8 * total), _OPACUS_ORDERS))
+    return max(size, eps_error) + 3
+
+
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    # What opacus' RDPAccountant computes with this history and our orders: the sum, in
+    return _rdp_spent(history, delta, RDP_ORDERS)
+
+
+def _rdp_spent(
+    history: Sequence[tuple[float, float, int]], delta: float, orders: tuple[float, ...]
+) -> float:
+    # What opacus' RDPAccountant computes with this history and these orders: the sum, in
     # history order, of each entry's RDP curve times its steps, converted at ``delta``. The
     # same operations on the same curves give the same float; only the curves are cached.
     from opacus.accountants.analysis import rdp as analysis
 
-    rdp = sum([_rdp_curve(sigma, q) * steps for sigma, q, steps in history])
+    rdp = sum([_rdp_curve(sigma, q, orders) * steps for sigma, q, steps in history])
     with warnings.catch_warnings():
         # Much noise on few unsampled rounds puts the best order at the grid's end; the bound
         # is still valid (only looser), so opacus' advice is not news for every round.
         warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
-        eps, _ = analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+        eps, _ = analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     return float(eps)
 
 
+# The orders opacus' RDPAccountant searches by default (RDPAccountant.DEFAULT_ALPHAS): what
+# its PRV accountant sizes the discretization with.
+_OPACUS_ORDERS: tuple[float, ...] = (*(1 + x / 10.0 for x in range(1, 100)), *range(12, 64))
+
+
 @functools.lru_cache(maxsize=256)
-def _rdp_curve(sigma: float, q: float) -> npt.NDArray[np.float64]:
-    """One round's RDP at every order of ``RDP_ORDERS`` (opacus' ``compute_rdp``, one step).
+def _rdp_curve(
+    sigma: float, q: float, orders: tuple[float, ...] = RDP_ORDERS
+) -> npt.NDArray[np.float64]:
+    """One round's RDP at every order of ``orders`` (opacus' ``compute_rdp``, one step).
 
     Cached: the ledger recomputes a period's epsilon when a round opens, when it closes and
     when it is reported, each time over every round of the period, and a subsampled curve at
@@ -340,7 +390,7 @@ def _rdp_curve(sigma: float, q: float) -> npt.NDArray[np.float64]:
     from opacus.accountants.analysis import rdp as analysis
 
     curve = np.asarray(
-        analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)),
+        analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)),
         dtype=np.float64,
     )
     curve.setflags(write=False)

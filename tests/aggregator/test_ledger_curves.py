@@ -1,21 +1,31 @@
-"""The aggregator ledger's cached RDP curves give opacus' own figure, bit for bit.
+"""The aggregator ledger's cached RDP curves give opacus' own figures, bit for bit.
 
-The ledger caches one round's RDP curve per (noise multiplier, sampling rate) and composes
-periods from the cache; these tests recompute each epsilon with a fresh opacus
-``RDPAccountant`` (its own history, its own curves) and compare with ``==``.
+The ledger caches one round's RDP curve per (noise multiplier, sampling rate, orders) and
+composes periods from the cache, for its RDP epsilon and for the RDP bound that sizes its PRV
+accountant's discretization; these tests recompute each epsilon with a fresh opacus
+``RDPAccountant`` or ``PRVAccountant`` (its own history, its own curves) and compare with ``==``.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 
 pytest.importorskip("opacus")
 
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
-from sottovoce.aggregator._ledger import RDP_ORDERS, _rdp_curve, epsilon_of
+from sottovoce.aggregator._ledger import (
+    _OPACUS_ORDERS,
+    RDP_ORDERS,
+    _prv_epsilon,
+    _rdp_curve,
+    _safe_domain_size,
+    epsilon_of,
+)
 from sottovoce.policy import Accountant
 
 DELTA = 1e-6
@@ -31,17 +41,30 @@ PERIODS = [
 ]
 
 
-def opacus_epsilon(rounds: list[tuple[float, ...]], delta: float) -> float:
-    """The same period through opacus' public accountant, nothing cached."""
-    grouped: dict[tuple[float, float], int] = {}
+def grouped(rounds: list[tuple[float, ...]]) -> list[tuple[float, float, int]]:
+    """A period's rounds as an accountant's history: steps summed per mechanism."""
+    steps_of: dict[tuple[float, float], int] = {}
     for sigma, q, steps, *rest in rounds:
         key = (sigma / (rest[0] if rest else 1.0), q)
-        grouped[key] = grouped.get(key, 0) + steps
+        steps_of[key] = steps_of.get(key, 0) + int(steps)
+    return [(sigma, q, steps) for (sigma, q), steps in steps_of.items()]
+
+
+def opacus_epsilon(rounds: list[tuple[float, ...]], delta: float) -> float:
+    """The same period through opacus' public accountant, nothing cached."""
     accountant = RDPAccountant()
-    accountant.history = [(sigma, q, steps) for (sigma, q), steps in grouped.items()]
+    accountant.history = grouped(rounds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(accountant.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+
+
+def opacus_prv_epsilon(rounds: list[tuple[float, ...]], delta: float) -> float:
+    accountant = PRVAccountant()
+    accountant.history = grouped(rounds)
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
 
 
 @pytest.mark.parametrize("rounds", PERIODS, ids=[str(len(p)) for p in PERIODS])
@@ -66,3 +89,41 @@ def test_curves_are_read_only() -> None:
     curve = _rdp_curve(1.1065, 0.5)
     with pytest.raises(ValueError):
         curve[0] = 0.0  # a caller cannot change what later periods compose
+
+
+def test_the_prv_domain_orders_are_opacus_defaults() -> None:
+    assert list(_OPACUS_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@pytest.mark.parametrize("rounds", PERIODS, ids=[str(len(p)) for p in PERIODS])
+def test_the_prv_domain_is_opacus_own(rounds: list[tuple[float, ...]]) -> None:
+    history = grouped(rounds)
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    steps = [s for _, _, s in history]
+    for eps_error, delta_error in ((0.01, DELTA / 1000), (0.1, 1e-9)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = compute_safe_domain_size(prvs, steps, eps_error, delta_error)
+        assert _safe_domain_size(history, eps_error=eps_error, delta_error=delta_error) == expected
+
+
+@pytest.mark.parametrize("rounds", PERIODS, ids=[str(len(p)) for p in PERIODS])
+def test_prv_epsilon_on_cached_curves_is_opacus_own(rounds: list[tuple[float, ...]]) -> None:
+    _prv_epsilon.cache_clear()
+    ours = epsilon_of(rounds, delta=DELTA, accountant=Accountant.PRV)
+    assert ours == opacus_prv_epsilon(rounds, DELTA)
+
+
+def test_a_growing_prv_period_reuses_its_curves() -> None:
+    # The rounds of one mechanism, one more each time: after the first answer, the domain's
+    # RDP bound comes from the cache, and every answer is still opacus' own.
+    _prv_epsilon.cache_clear()
+    mechanism = (1.7101, 0.5, 1, 1.0001)
+    epsilon_of([mechanism], delta=DELTA, accountant=Accountant.PRV)
+    misses = _rdp_curve.cache_info().misses
+    for k in (2, 3):
+        rounds: list[tuple[float, ...]] = [mechanism] * k
+        assert epsilon_of(rounds, delta=DELTA, accountant=Accountant.PRV) == opacus_prv_epsilon(
+            rounds, DELTA
+        )
+    assert _rdp_curve.cache_info().misses == misses
