@@ -36,11 +36,10 @@ from sottovoce.device._rows import (
     INSERT_EVENTS,
     EventRows,
     _chunks,
-    _fact,
-    _revive,
     _validate,
     event_rows,
     refuse_ahead,
+    stored_fact,
     to_ms,
 )
 from sottovoce.device._sqlite import _immediate
@@ -233,7 +232,7 @@ class Events:
             "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body FROM events "
             "WHERE user_ref = ? ORDER BY seq", (ref,)
         )  # fmt: skip
-        return [_fact(row, _revive(row[7])) for row in rows]
+        return list(map(stored_fact, rows))
 
 
 @contextmanager

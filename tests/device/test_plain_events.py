@@ -26,7 +26,7 @@ from sottovoce.device import _store_events as store_events
 from sottovoce.device._events import EVENT_MODELS
 from sottovoce.device._plain_events import SMALL_BATCH, plain_rows
 from sottovoce.device._plain_rules import MODELS
-from sottovoce.device._rows import EventRows, _validate, event_rows
+from sottovoce.device._rows import EventRows, _fact, _revive, _validate, event_rows
 from sottovoce.policy import Purpose
 
 TYPES = tuple(model.model_fields["type"].default for model in EVENT_MODELS)
@@ -270,3 +270,31 @@ def test_a_store_fed_either_way_refuses_the_same(
     rules = {rule for _, refusal in said for _, rule, *_ in refusal}
     assert rules == {"ts_ahead_of_clock", "int_type"}
     assert peek(plain, "SELECT count(*) FROM events") == [(0,)]
+
+
+def test_facts_read_stored_bodies_as_the_event_models_do(open_store: StoreFactory) -> None:
+    # ``facts`` reads the numbers of each stored body from its JSON instead of validating it
+    # again: the facts equal those of the models' own reading, for every event type, with the
+    # fields the models default (a skip's duration absent or null, a play start's position).
+    store = open_store(clock=lambda: NOW + timedelta(days=3))
+    for user in ("ann", "bob"):
+        consenting(store, user, Purpose.PERSONALIZATION)
+    batch = bench_like(3 * SMALL_BATCH, seed=5)
+    add = Events("ann")
+    add.clock = T0 - timedelta(days=1)
+    batch += [
+        add("skip", duration_ms=None),
+        add("skip", duration_ms=180_000),
+        add("play_start", position_ms=4_000),
+        add("play_start"),
+        add("play_end", ms_played=0, duration_ms=1),
+        add("context", device_type="car", network="cellular", local_time="23:59:59.5"),
+    ]
+    store.append_many(batch)
+    rows = peek(store, "SELECT seq, event_id, user_ref, type, ts, track_id, artist_id, body "
+                       "FROM events ORDER BY seq")  # fmt: skip
+    expected = [_fact(row, _revive(row[7])) for row in rows]
+    facts = sorted(store.facts("ann") + store.facts("bob"), key=lambda f: f.seq)
+    assert facts == expected
+    assert {f.type for f in facts} == set(TYPES)
+    assert {f.duration_ms for f in facts if f.type == "skip"} >= {0, 180_000}
