@@ -19,22 +19,29 @@ from sottovoce.device._schema import MIGRATIONS, STORE_SCHEMA
 
 
 def _migrate(db: Database, path: Path) -> None:
-    # Every migration this version knows is pending on an empty database.
-    known = {m.name for m in MIGRATIONS.pending(Database(memory=True))}
-    newer = [m.name for m in MIGRATIONS.applied(db) if m.name not in known]
+    known = _known_migrations()
+    applied = [m.name for m in MIGRATIONS.applied(db)]
+    newer = [name for name in applied if name not in known]
     if newer:
         raise StoreError(
             f"{path} was written by a newer sottovoce (schema {newer[-1]}; "
             f"this one knows up to {STORE_SCHEMA})"
         )
-    if MIGRATIONS.pending(db):
+    if not known.issubset(applied):
         db.execute("BEGIN IMMEDIATE")  # one process migrates; others wait, then see it done
         try:
-            MIGRATIONS.apply(db)
+            MIGRATIONS.apply(db)  # what is still pending once the lock is held
             db.execute("COMMIT")
         except BaseException:
             db.conn.rollback()
             raise
+
+
+@functools.cache
+def _known_migrations() -> frozenset[str]:
+    """Every migration this version knows: all of them are pending on an empty database
+    (asked once per process; every store open compares its file's applied ones with it)."""
+    return frozenset(m.name for m in MIGRATIONS.pending(Database(memory=True)))
 
 
 class _Checkpointer(threading.Thread):
