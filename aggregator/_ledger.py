@@ -295,7 +295,7 @@ def epsilon_of(
     history = [(sigma, q, steps) for (sigma, q), steps in grouped.items()]
     if accountant is Accountant.PRV:
         return _prv_epsilon(tuple(history), delta)
-    return _rdp_epsilon(history, delta)
+    return _rdp_spent(history, delta, RDP_ORDERS)
 
 
 @functools.lru_cache(maxsize=256)
@@ -343,15 +343,14 @@ def _safe_domain_size(
     once at ``delta_error / (8 n)`` for ``n`` rounds in all, the largest, at least
     ``eps_error``, plus 3; at opacus' default orders, as its ``RDPAccountant`` computes it,
     from cached curves."""
+    from opacus.accountants import RDPAccountant
+
+    orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
     total = sum(steps for _, _, steps in history)
-    size = _rdp_spent(history, delta_error / 4, _OPACUS_ORDERS)
+    size = _rdp_spent(history, delta_error / 4, orders)
     for sigma, q, _ in history:
-        size = max(size, _rdp_spent([(sigma, q, 1)], delta_error / (8 * total), _OPACUS_ORDERS))
+        size = max(size, _rdp_spent([(sigma, q, 1)], delta_error / (8 * total), orders))
     return max(size, eps_error) + 3
-
-
-def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    return _rdp_spent(history, delta, RDP_ORDERS)
 
 
 def _rdp_spent(
@@ -369,11 +368,6 @@ def _rdp_spent(
         warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
         eps, _ = analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     return float(eps)
-
-
-# The orders opacus' RDPAccountant searches by default (RDPAccountant.DEFAULT_ALPHAS): what
-# its PRV accountant sizes the discretization with.
-_OPACUS_ORDERS: tuple[float, ...] = (*(1 + x / 10.0 for x in range(1, 100)), *range(12, 64))
 
 
 @functools.lru_cache(maxsize=256)
