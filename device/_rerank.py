@@ -20,7 +20,7 @@ import itertools
 import math
 import operator
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,17 +57,97 @@ class RankedItem(NamedTuple):
     explored: bool = False
 
 
-@dataclass(frozen=True)
 class Ranking:
-    """Items in order; ``personalized`` is False when the app's order came back untouched."""
+    """Items in order; ``personalized`` is False when the app's order came back untouched.
 
-    items: tuple[RankedItem, ...]
+    A ranking that :func:`rank` made keeps what it decided as arrays (the candidates' order,
+    scores, reasons and explored flags) and builds ``items`` when they are first read: an app
+    that reorders its list reads ``track_ids`` (one C call), and an item per candidate costs
+    about as much as the guards and reasons that decided them (``bench/rerank.py`` times
+    both). Immutable; equal when items, ``personalized`` and ``note`` are.
+    """
+
+    __slots__ = ("_columns", "_items", "note", "personalized")
+
     personalized: bool
-    note: str = ""
+    note: str
+    _items: tuple[RankedItem, ...] | None
+    _columns: _Columns | None
+
+    def __init__(self, items: Iterable[RankedItem], personalized: bool, note: str = "") -> None:
+        _set(self, _items=tuple(items), _columns=None, personalized=personalized, note=note)
+
+    @classmethod
+    def _of(cls, columns: _Columns) -> Ranking:
+        """A personalized ranking whose items are built from ``columns`` when first read."""
+        ranking = cls.__new__(cls)
+        _set(ranking, _items=None, _columns=columns, personalized=True, note="")
+        return ranking
+
+    @property
+    def items(self) -> tuple[RankedItem, ...]:
+        items = self._items
+        if items is None:  # only a ranking with columns starts without items
+            assert self._columns is not None
+            items = self._columns.items()
+            _set(self, _items=items)
+        return items
 
     @property
     def track_ids(self) -> list[str]:
+        if self._columns is not None:
+            return list(self._columns.track_ids())
         return [item.track_id for item in self.items]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a Ranking is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ranking):
+            return NotImplemented
+        return (self.personalized, self.note, self.items) == (
+            other.personalized, other.note, other.items)  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self.items, self.personalized, self.note))
+
+    def __repr__(self) -> str:
+        return (f"Ranking(items={self.items!r}, personalized={self.personalized!r}, "
+                f"note={self.note!r})")  # fmt: skip
+
+
+def _set(ranking: Ranking, **values: object) -> None:
+    for name, value in values.items():
+        object.__setattr__(ranking, name, value)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """What :func:`rank` decided, before items are built: the candidates, their order (row
+    numbers), and per candidate its score, reason code and whether it was explored."""
+
+    ids: Sequence[str]
+    order: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float64]
+    codes: npt.NDArray[np.int64]
+    explored: set[int]
+
+    def track_ids(self) -> Sequence[str]:
+        return _pick(self.ids, self.order)
+
+    def items(self) -> tuple[RankedItem, ...]:
+        order = self.order
+        reasons = _REASON_TEXTS[self.codes[order]]
+        flags = np.zeros(len(self.scores), dtype=bool)
+        flags[list(self.explored)] = True
+        flags = flags[order]
+        reasons[flags] = _REASONS[0]
+        # Built in C (one itemgetter call, zip, map, and tuple.__new__ on complete tuples
+        # instead of RankedItem's Python-level __new__): a whole catalog's items would
+        # otherwise take longer than scoring it.
+        rows = zip(self.track_ids(), self.scores[order].tolist(), reasons.tolist(),
+                   flags.tolist(), strict=True)  # fmt: skip
+        return tuple(map(tuple.__new__, itertools.repeat(RankedItem), rows))
 
 
 def rank(
@@ -107,18 +187,8 @@ def rank(
     order, explored = _arrange(scores, disliked, fresh, inputs.artist_codes, options)
     if limit is not None:
         order = order[:limit]
-    reasons = _REASON_TEXTS[codes[order]]
-    flags = np.zeros(n, dtype=bool)
-    flags[list(explored)] = True
-    flags = flags[order]
-    reasons[flags] = _REASONS[0]
-    # Built in C (one itemgetter call, zip, map, and tuple.__new__ on complete tuples instead
-    # of RankedItem's Python-level __new__): a whole catalog's items would otherwise take
-    # longer than scoring it.
-    ids = _pick(inputs.track_ids, order)
-    rows = zip(ids, scores[order].tolist(), reasons.tolist(), flags.tolist(), strict=True)
-    items = tuple(map(tuple.__new__, itertools.repeat(RankedItem), rows))
-    return Ranking(items, personalized=True)
+    # The candidates as a tuple: the app may change its list once this returns.
+    return Ranking._of(_Columns(tuple(inputs.track_ids), order, scores, codes, explored))
 
 
 def _pick(ids: Sequence[str], order: npt.NDArray[np.int64]) -> Sequence[str]:

@@ -14,7 +14,7 @@ from store_peek import own_connection, peek
 from sottovoce._demo import listen, make_catalog
 from sottovoce.device import DeviceError, EventStore, _store_catalog
 from sottovoce.device._features import assemble, features
-from sottovoce.device._personalize import Personalizer, Ranking, RerankOptions
+from sottovoce.device._personalize import Personalizer, RankedItem, Ranking, RerankOptions
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,29 @@ def test_skipping_an_artist_pushes_its_tracks_down_in_the_next_rerank(
     # a new session (after the idle gap) forgets the session's skips
     fresh = listened.rerank("ann", candidates, now=later + timedelta(hours=2), options=options)
     assert not any(i.reason.startswith("lower") for i in fresh.items)
+
+
+def test_a_rankings_items_are_built_when_read_and_hold_what_was_decided(
+    listened: Personalizer, catalog: tuple  # type: ignore[type-arg]
+) -> None:
+    candidates = [t.track_id for t in catalog[0][:200]]
+    options = RerankOptions(explore_share=0.2, seed=4)
+    ranking = listened.rerank("ann", candidates, options=options)
+    ids = ranking.track_ids  # read before the items: from the decided order
+    candidates.reverse()  # the app's list changes once the call returned
+    items = ranking.items
+    assert [i.track_id for i in items] == ids and ranking.track_ids == ids
+    assert sorted(ids) == sorted(candidates) and ranking.items is items  # built once
+    assert sum(i.explored for i in items) == 2
+    assert all(isinstance(i, RankedItem) and isinstance(i.score, float) for i in items)
+    eager = Ranking(items, personalized=True)
+    assert eager == ranking and hash(eager) == hash(ranking) and eager.track_ids == ids
+    assert ranking != Ranking(items, personalized=False) and ranking != Ranking(items[1:], True)
+    assert repr(ranking).startswith("Ranking(items=(RankedItem(")
+    with pytest.raises(AttributeError, match="immutable"):
+        ranking.personalized = False  # type: ignore[misc]
+    again = listened.rerank("ann", list(reversed(candidates)), options=options)
+    assert again.items == items  # the same call decides the same ranking
 
 
 def test_reasons_come_from_history(listened: Personalizer, catalog: tuple) -> None:  # type: ignore[type-arg]
