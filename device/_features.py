@@ -176,16 +176,24 @@ def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
     return x
 
 
-def fit_rows(vectors: Sequence[npt.NDArray[np.float64] | None]) -> npt.NDArray[np.float64]:
-    """``fit_vector`` for many vectors at once (one stack, one normalization)."""
+def fit_rows(
+    vectors: Sequence[npt.NDArray[np.float64] | None] | npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """``fit_vector`` for many vectors at once (one stack, one normalization); ``vectors`` may
+    be a matrix (2-D), a row per vector."""
     out = np.zeros((len(vectors), ITEM_DIM))
-    known = [i for i, v in enumerate(vectors) if v is not None]
-    if known:
+    if isinstance(vectors, np.ndarray):
+        known: list[int] | slice = slice(None)
+        stacked = vectors
+    else:
+        known = [i for i, v in enumerate(vectors) if v is not None]
+        if not known:
+            return out
         stacked = np.stack([vectors[i] for i in known])  # type: ignore[misc]
-        width = min(ITEM_DIM, stacked.shape[1])
-        out[known, :width] = stacked[:, :width]
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        np.divide(out, norms, out=out, where=norms > 0)
+    width = min(ITEM_DIM, stacked.shape[1])
+    out[known, :width] = stacked[:, :width]
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
     return out
 
 

@@ -46,19 +46,29 @@ class CatalogCache:
         return self.artist_codes.setdefault(artist, len(self.artist_codes))
 
     def add(self, rows: Iterable[tuple[str, str | None, bytes]]) -> None:
-        """Add catalog rows (track id, artist id, float32 vector bytes) not loaded yet."""
-        loaded: list[tuple[str, str | None, Vector]] = []
+        """Add catalog rows (track id, artist id, float32 vector bytes) not loaded yet.
+
+        The vectors are read as one array (the cache hands out its rows as views, read-only
+        like every cached vector)."""
+        tracks, artists, blobs = [], [], []
         for track, artist, blob in rows:
-            vector = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
-            self.entries[track] = (artist, vector)
-            self.vectors[track] = vector
-            loaded.append((track, artist, vector))
-        if not loaded:
+            tracks.append(track)
+            artists.append(artist)
+            blobs.append(blob)
+        if not tracks:
             return
+        widths = set(map(len, blobs))
+        if len(widths) != 1:  # upsert keeps one dimension: only a file changed outside it
+            raise CatalogError(f"catalog vectors of several sizes: {sorted(widths)} bytes")
+        matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
+        whole = matrix.astype(np.float64)
+        vectors: list[Vector] = list(whole)
+        self.entries.update(zip(tracks, zip(artists, vectors, strict=True), strict=True))
+        self.vectors.update(zip(tracks, vectors, strict=True))
         start = len(self.rows)
-        self.rows.update((t, start + i) for i, (t, _, _) in enumerate(loaded))
-        fitted = fit_rows([v for _, _, v in loaded]).astype(np.float32)
-        codes = [-1 if a is None else self.code(a) for _, a, _ in loaded]
+        self.rows.update(zip(tracks, range(start, start + len(tracks)), strict=True))
+        fitted = fit_rows(whole).astype(np.float32)
+        codes = [-1 if a is None else self.code(a) for a in artists]
         self.fitted = np.concatenate([self.fitted, fitted])
         self.artist_of_row = np.concatenate([self.artist_of_row, codes])
 
