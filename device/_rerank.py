@@ -111,6 +111,9 @@ class Ranking:
     def __hash__(self) -> int:
         return hash((self.items, self.personalized, self.note))
 
+    def __reduce__(self) -> tuple[type[Ranking], tuple[tuple[RankedItem, ...], bool, str]]:
+        return Ranking, (self.items, self.personalized, self.note)  # pickle, copy: items built
+
     def __repr__(self) -> str:
         return (f"Ranking(items={self.items!r}, personalized={self.personalized!r}, "
                 f"note={self.note!r})")  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -130,7 +132,8 @@ def test_skipping_an_artist_pushes_its_tracks_down_in_the_next_rerank(
 
 
 def test_a_rankings_items_are_built_when_read_and_hold_what_was_decided(
-    listened: Personalizer, catalog: tuple  # type: ignore[type-arg]
+    listened: Personalizer,
+    catalog: tuple,  # type: ignore[type-arg]
 ) -> None:
     candidates = [t.track_id for t in catalog[0][:200]]
     options = RerankOptions(explore_share=0.2, seed=4)
@@ -148,6 +151,9 @@ def test_a_rankings_items_are_built_when_read_and_hold_what_was_decided(
     assert repr(ranking).startswith("Ranking(items=(RankedItem(")
     with pytest.raises(AttributeError, match="immutable"):
         ranking.personalized = False  # type: ignore[misc]
+    fresh = listened.rerank("ann", candidates, options=options)  # items not built yet
+    for copied in (pickle.loads(pickle.dumps(fresh)), copy.deepcopy(fresh), copy.copy(fresh)):
+        assert copied == ranking and copied.items == items and copied.track_ids == ids
     again = listened.rerank("ann", list(reversed(candidates)), options=options)
     assert again.items == items  # the same call decides the same ranking
 
