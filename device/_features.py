@@ -145,6 +145,49 @@ def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
     """The feature matrix: the user's state in ``snapshot``, the candidates' columns in
     ``candidates`` (the one place that knows the layout)."""
     # What every row shares (the user's state) is written once, into a row copied to all.
+    shared, taste = _shared(snapshot)
+    items = candidates.items
+    x = np.empty((len(items), FEATURES), dtype=np.float32)
+    x[:] = shared
+    x[:, ITEM : ITEM + ITEM_DIM] = items
+    if taste is not None:
+        x[:, PRODUCT : PRODUCT + ITEM_DIM] = items * taste
+        x[:, COSINE] = items @ taste
+    _candidate_columns(x, candidates)
+    return x
+
+
+def features_of_many(snapshots: Sequence[tuple[Snapshot, int]], candidates: Candidates) -> Matrix:
+    """:func:`features` of several snapshots at once, as training needs them (a snapshot per
+    labelled event): the first ``count`` rows of ``candidates`` belong to the first snapshot,
+    the next to the second, and so on. Equal, bit for bit, to concatenating ``features`` of
+    each (the cosine is each snapshot's own matrix-vector product, as there)."""
+    parts = [_shared(snapshot) for snapshot, _ in snapshots]
+    counts = [count for _, count in snapshots]
+    items = candidates.items
+    if not parts:
+        return np.zeros((0, FEATURES), dtype=np.float32)
+    x = np.repeat(np.stack([shared for shared, _ in parts]), counts, axis=0)
+    x[:, ITEM : ITEM + ITEM_DIM] = items
+    with_taste = np.array([taste is not None for _, taste in parts])
+    if with_taste.any():
+        tastes = np.zeros((len(parts), ITEM_DIM), dtype=np.float32)
+        tastes[with_taste] = [taste for _, taste in parts if taste is not None]
+        rows = np.repeat(with_taste, counts)
+        every_taste = np.repeat(tastes, counts, axis=0)
+        x[rows, PRODUCT : PRODUCT + ITEM_DIM] = items[rows] * every_taste[rows]
+        start = 0
+        for (_, taste), count in zip(parts, counts, strict=True):
+            if taste is not None:
+                x[start : start + count, COSINE] = items[start : start + count] @ taste
+            start += count
+    _candidate_columns(x, candidates)
+    return x
+
+
+def _shared(snapshot: Snapshot) -> tuple[Matrix, npt.NDArray[np.float32] | None]:
+    """The row every candidate of ``snapshot`` shares (the user's state), and the taste in
+    the rows' precision (None without one)."""
     shared = np.zeros(FEATURES, dtype=np.float32)
     taste: npt.NDArray[np.float32] | None = None
     if snapshot.taste is not None:
@@ -160,20 +203,18 @@ def features(snapshot: Snapshot, candidates: Candidates) -> Matrix:
         shared[DEVICE + _DEVICE_INDEX.get(snapshot.device_type, 5)] = 1.0
     shared[CELLULAR] = float(snapshot.network == "cellular")
     shared[OFFLINE] = float(snapshot.network == "offline")
-    items = candidates.items
-    x = np.empty((len(items), FEATURES), dtype=np.float32)
-    x[:] = shared
-    x[:, ITEM : ITEM + ITEM_DIM] = items
-    if taste is not None:
-        x[:, PRODUCT : PRODUCT + ITEM_DIM] = items * taste
-        x[:, COSINE] = items @ taste
+    return shared, taste
+
+
+def _candidate_columns(x: Matrix, candidates: Candidates) -> None:
+    """The candidates' own columns: history with the track and its artist, the artist's
+    session counts."""
     x[:, TRACK : TRACK + 8] = candidates.tracks
     x[:, ARTIST : ARTIST + 8] = candidates.artists
     for column, counts in ((SESSION + 2, candidates.artist_skips),
                            (SESSION + 3, candidates.artist_plays)):  # fmt: skip
         if np.count_nonzero(counts):  # outside a session every count is 0, as the shared row says
             x[:, column] = np.log1p(counts)
-    return x
 
 
 def fit_rows(

@@ -6,13 +6,15 @@ are positives, early skips, short plays and dislikes negatives, and every positi
 catalog tracks sampled uniformly as negatives. (Sampling only tracks the user had never
 touched taught the model "unplayed means bad", a shortcut that hurt held-out ranking.) The
 replay reuses the store's own counters (:class:`._derive.Counters`) and taste weights, and the
-rows come from :func:`._features.features`, so training sees the features serving sees.
+rows come from the layout of :func:`._features.features`, so training sees the features serving
+sees.
 
 Cost: a round trains on the most recent ``limit`` rows only, so a first pass draws every
 event's negatives (the same draws, in the same order, whatever is kept) and finds the first
 event that reaches those rows; the replay then updates counters for every event but collects
 rows only from there on, and the rows' history columns are computed for all of them at once.
-Each kept event still gets its own :func:`._features.features` call (its user-level state).
+Every kept event's rows are then written at once (:func:`._features.features_of_many`: each
+event's user-level state, one matrix), equal bit for bit to a ``features`` call per event.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sottovoce.device._features import (
     HistoryTable,
     Snapshot,
     apply_context,
-    features,
+    features_of_many,
     fit_rows,
 )
 from sottovoce.device._ranker import FEATURES
@@ -140,7 +142,8 @@ def _plan(ordered: Sequence[Fact], pool: list[str], *, negatives: int,
 
 class _Rows:
     """What the kept events' rows need, collected during the replay; turned into feature rows
-    at the end (history columns for all rows at once, then one ``features`` call per event).
+    at the end (history columns for all rows at once, then the rows of every event at once,
+    ``features_of_many``).
 
     Recency is measured from each event's time, but one ``gather`` measures from one time,
     ``now``: a row's last play is stored moved forward by ``now`` minus its event's time.
@@ -174,14 +177,8 @@ class _Rows:
         artists = HistoryTable.of(self.artists).gather(every, self.now)
         skips = np.array(self.artist_skips, dtype=np.float64)
         plays = np.array(self.artist_plays, dtype=np.float64)
-        parts, start = [], 0
-        for snapshot, count in self.snapshots:
-            stop = start + count
-            candidates = Candidates(items[start:stop], tracks[start:stop], artists[start:stop],
-                                    skips[start:stop], plays[start:stop])  # fmt: skip
-            parts.append(features(snapshot, candidates))
-            start = stop
-        return np.concatenate(parts)
+        candidates = Candidates(items, tracks, artists, skips, plays)
+        return features_of_many(self.snapshots, candidates)
 
 
 def _replay(ordered: Sequence[Fact], kept: Sequence[_Labelled],

@@ -30,7 +30,15 @@ from sottovoce.device._derive import (
     derive,
     is_play,
 )
-from sottovoce.device._features import History, Snapshot, apply_context, assemble
+from sottovoce.device._features import (
+    Candidates,
+    History,
+    Snapshot,
+    apply_context,
+    assemble,
+    features,
+    features_of_many,
+)
 from sottovoce.device._ranker import FEATURES, Ranker, RankerError
 from sottovoce.device._training import Catalog, Examples, build_examples, label
 from sottovoce.policy import example_policy
@@ -149,6 +157,31 @@ def test_examples_equal_the_plain_replay(
                                                                       seed=seed)))  # fmt: skip
     for part in ("x", "y", "w"):
         assert np.array_equal(getattr(got, part), getattr(want, part)), part
+
+
+def test_the_rows_of_many_snapshots_equal_a_features_call_each() -> None:
+    rng = np.random.default_rng(8)
+    snapshots, counts = [], [3, 1, 5, 2, 4, 1]
+    for n, count in enumerate(counts):
+        snapshot = Snapshot(now=1_000 * n, taste=None if n in (0, 3) else rng.standard_normal(20),
+                            session_skips=n, session_plays=2 * n)  # fmt: skip
+        apply_context(snapshot, ("car", "cellular", "07:30", 0) if n % 2 else None)
+        snapshots.append((snapshot, count))
+    rows = sum(counts)
+    items = rng.standard_normal((rows, 16))
+    skips = np.zeros(rows)
+    skips[[4, 5]] = [1.0, 3.0]  # one event in a session with skips of its artists, others not
+    candidates = Candidates(items, rng.random((rows, 8)), rng.random((rows, 8)), skips,
+                            np.zeros(rows))  # fmt: skip
+    got = features_of_many(snapshots, candidates)
+    want, start = [], 0
+    for snapshot, count in snapshots:
+        part = Candidates(*(column[start : start + count] for column in candidates))
+        want.append(features(snapshot, part))
+        start += count
+    assert got.dtype == np.float32 and np.array_equal(got, np.concatenate(want))
+    nothing = Candidates(*(column[:0] for column in candidates))
+    assert features_of_many([], nothing).shape == (0, FEATURES)
 
 
 def test_order_of_facts_does_not_matter_and_empty_inputs_give_no_rows(
