@@ -48,8 +48,7 @@ class CatalogCache:
     def add(self, rows: Iterable[tuple[str, str | None, bytes]]) -> None:
         """Add catalog rows (track id, artist id, float32 vector bytes) not loaded yet.
 
-        The vectors are read as one array (the cache hands out its rows as views, read-only
-        like every cached vector)."""
+        The vectors are read as one array; the cache hands out its rows as read-only views."""
         tracks, artists, blobs = [], [], []
         for track, artist, blob in rows:
             tracks.append(track)
@@ -62,6 +61,7 @@ class CatalogCache:
             raise CatalogError(f"catalog vectors of several sizes: {sorted(widths)} bytes")
         matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
         whole = matrix.astype(np.float64)
+        whole.flags.writeable = False  # its rows are handed out: read them only
         vectors: list[Vector] = list(whole)
         self.entries.update(zip(tracks, zip(artists, vectors, strict=True), strict=True))
         self.vectors.update(zip(tracks, vectors, strict=True))

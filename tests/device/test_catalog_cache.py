@@ -40,6 +40,8 @@ def test_a_scan_reads_what_each_row_alone_gives(widths: list[int]) -> None:
         assert np.array_equal(cache.vectors[track], alone)
         fitted = cache.fitted[cache.rows[track]]
         assert np.array_equal(fitted, fit_vector(alone).astype(np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        cache.vectors["t1"][0] = 1.0  # handed out, never changed in place
     codes = cache.artist_of_row.tolist()
     assert codes == [-1 if a is None else cache.artist_codes[a] for _, a, _ in every]
 
