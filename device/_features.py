@@ -169,18 +169,15 @@ def features_of_many(snapshots: Sequence[tuple[Snapshot, int]], candidates: Cand
         return np.zeros((0, FEATURES), dtype=np.float32)
     x = np.repeat(np.stack([shared for shared, _ in parts]), counts, axis=0)
     x[:, ITEM : ITEM + ITEM_DIM] = items
-    with_taste = np.array([taste is not None for _, taste in parts])
-    if with_taste.any():
-        tastes = np.zeros((len(parts), ITEM_DIM), dtype=np.float32)
-        tastes[with_taste] = [taste for _, taste in parts if taste is not None]
-        rows = np.repeat(with_taste, counts)
-        every_taste = np.repeat(tastes, counts, axis=0)
-        x[rows, PRODUCT : PRODUCT + ITEM_DIM] = items[rows] * every_taste[rows]
-        start = 0
-        for (_, taste), count in zip(parts, counts, strict=True):
-            if taste is not None:
-                x[start : start + count, COSINE] = items[start : start + count] @ taste
-            start += count
+    starts = np.cumsum([0, *counts]).tolist()
+    tasted = [(n, taste) for n, (_, taste) in enumerate(parts) if taste is not None]
+    if tasted:
+        rows = np.repeat([taste is not None for _, taste in parts], counts)
+        their_tastes = np.repeat(np.stack([taste for _, taste in tasted]),
+                                 [counts[n] for n, _ in tasted], axis=0)  # fmt: skip
+        x[rows, PRODUCT : PRODUCT + ITEM_DIM] = items[rows] * their_tastes
+        for n, taste in tasted:
+            x[starts[n] : starts[n + 1], COSINE] = items[starts[n] : starts[n + 1]] @ taste
     _candidate_columns(x, candidates)
     return x
 

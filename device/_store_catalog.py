@@ -49,13 +49,10 @@ class CatalogCache:
         """Add catalog rows (track id, artist id, float32 vector bytes) not loaded yet.
 
         The vectors are read as one array; the cache hands out its rows as read-only views."""
-        tracks, artists, blobs = [], [], []
-        for track, artist, blob in rows:
-            tracks.append(track)
-            artists.append(artist)
-            blobs.append(blob)
-        if not tracks:
+        columns = list(zip(*rows, strict=True))
+        if not columns:
             return
+        tracks, artists, blobs = columns
         widths = set(map(len, blobs))
         if len(widths) != 1:  # upsert keeps one dimension: only a file changed outside it
             raise CatalogError(f"catalog vectors of several sizes: {sorted(widths)} bytes")

@@ -108,7 +108,7 @@ class RankingReads:
         snap, state = self._user_snapshot(user_id, now)
         items = self._catalog.cache
         if tracks is None:
-            ids: Sequence[str] = list(self._catalog.whole())
+            ids: Sequence[str] = tuple(self._catalog.whole())  # rank keeps it as it is
             rows, all_known = np.arange(len(ids), dtype=np.int64), True
         else:
             ids, (rows, all_known) = tracks, self._item_rows(tracks)
