@@ -127,6 +127,23 @@ def test_dp_training_spends_at_most_its_epsilon_and_still_learns() -> None:
 
 
 @needs_torch
+def test_ghost_clipping_trains_what_per_example_gradients_train() -> None:
+    # opacus' ghost clipping (the default) never writes out an example's gradient; the weights
+    # must still be those of clipping each written-out gradient (opacus' hooks), with the same
+    # batches and noise: equal to float rounding, and far from a run that clips differently
+    x, y, w = _problem(2_000)
+    common = dict(epsilon=4.0, delta=1e-5, epochs=2, batch=100, lr=1e-2, seed=3)
+    ghost = train_central_dp(x, y, w, max_grad_norm=0.5, **common)
+    written = train_central_dp(x, y, w, max_grad_norm=0.5, clipping="per_sample", **common)
+    looser = train_central_dp(x, y, w, max_grad_norm=5.0, **common)
+    assert (ghost.steps, ghost.noise_multiplier) == (written.steps, written.noise_multiplier)
+    np.testing.assert_allclose(ghost.weights, written.weights, atol=2e-5)
+    assert np.abs(ghost.weights - looser.weights).max() > 1e-2
+    with pytest.raises(ValueError, match="clipping"):
+        train_central_dp(x, y, w, clipping="none", **common)  # type: ignore[arg-type]
+
+
+@needs_torch
 def test_bad_inputs_are_refused() -> None:
     x, y, w = _problem(10)
     with pytest.raises(ValueError, match="shape"):
