@@ -12,6 +12,7 @@ import pytest
 
 from sottovoce.device import FEATURES, PARAMETER_COUNT, Ranker
 from sottovoce.sim._central import (
+    PoissonBatches,
     initial_weights,
     scores,
     train_central,
@@ -141,6 +142,30 @@ def test_ghost_clipping_trains_what_per_example_gradients_train() -> None:
     assert np.abs(ghost.weights - looser.weights).max() > 1e-2
     with pytest.raises(ValueError, match="clipping"):
         train_central_dp(x, y, w, clipping="none", **common)  # type: ignore[arg-type]
+
+
+def test_poisson_batches_take_each_row_independently_at_the_rate() -> None:
+    # the gaps between taken rows are drawn instead of a coin per row: the rows taken must
+    # still be each row's own coin of probability rate (what the DP-SGD accountant assumes)
+    from scipy import stats
+
+    batches = PoissonBatches(1_000, batch=50, seed=7)
+    assert (len(batches), batches.rate) == (20, 1 / 20)
+    draws = 4_000
+    taken = np.zeros((draws, 1_000), dtype=bool)
+    for n in range(draws):
+        rows = batches.draw()
+        assert rows == sorted(set(rows)) and all(0 <= r < 1_000 for r in rows)
+        taken[n, rows] = True
+    per_row = taken.sum(axis=0)  # each row: binomial(draws, rate), mean 200, sd 13.8
+    assert abs(per_row - 200).max() < 6 * 13.8
+    assert stats.chisquare(per_row).pvalue > 1e-3  # no row favoured (the first, the last)
+    sizes = taken.sum(axis=1)  # each batch: binomial(1000, rate)
+    assert abs(sizes.mean() - 50) < 0.5 and abs(sizes.var() / 47.5 - 1) < 0.1
+    pairs = (taken[:, :-1] & taken[:, 1:]).mean()  # neighbours independent: rate squared
+    assert abs(pairs - 1 / 400) < 2.5e-4
+    assert batches.draw() != PoissonBatches(1_000, batch=50, seed=8).draw()
+    assert list(PoissonBatches(30, batch=50, seed=0)) == [list(range(30))]  # rate 1: every row
 
 
 @needs_torch
