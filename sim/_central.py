@@ -162,7 +162,7 @@ def train_central_dp(
     examples, so this is weaker than the user-level DP of federated rounds (DP-FedAvg) at the
     same epsilon; compare accuracy, not epsilons, across the two. Each example's loss is
     ``w * bce`` averaged over the batch (the per-example terms must not depend on each other).
-    Seeded: batches and noise come from generators seeded with ``seed``.
+    Seeded: batches (``PoissonBatches``) and noise come from generators seeded with ``seed``.
 
     ``clipping`` says how opacus finds each example's gradient norm; both clip the same
     gradients to the same norm and add the same noise, so the weights agree to float rounding
@@ -350,9 +350,9 @@ class _MLP:
 
 
 def _rows(*tensors: torch.Tensor) -> Dataset[tuple[torch.Tensor, ...]]:
-    """The pooled examples as a dataset that also hands out a whole batch at once: opacus'
-    Poisson sampler asks for about ``batch`` rows a step, and gathering them with one index per
-    tensor costs a tenth of fetching and stacking them one by one."""
+    """The pooled examples as a dataset that also hands out a whole batch at once: a step asks
+    for about ``batch`` rows (``PoissonBatches``), and gathering them with one index per tensor
+    costs a tenth of fetching and stacking them one by one."""
     import torch
     from torch.utils.data import TensorDataset
 

@@ -169,6 +169,17 @@ def test_poisson_batches_take_each_row_independently_at_the_rate() -> None:
 
 
 @needs_torch
+def test_dp_training_steps_through_empty_batches() -> None:
+    # 20 rows at a rate of 1/10: about one step in eight takes no row, and is still a step of
+    # noise (as opacus' own sampler's empty batches are); the weights stay finite either way
+    x, y, w = _problem(20)
+    for clipping in ("ghost", "per_sample"):
+        run = train_central_dp(x, y, w, epsilon=8.0, delta=1e-5, epochs=3, batch=2,
+                               clipping=clipping)  # fmt: skip
+        assert run.steps == 30 and np.isfinite(run.weights).all()
+
+
+@needs_torch
 def test_bad_inputs_are_refused() -> None:
     x, y, w = _problem(10)
     with pytest.raises(ValueError, match="shape"):
