@@ -208,7 +208,18 @@ def m005_privacy_spend(db: Database) -> None:
     )  # fmt: skip
 
 
-STORE_SCHEMA = "m005_privacy_spend"
+@MIGRATIONS()
+def m006_outbox_sizes(db: Database) -> None:
+    # A finished upload (acknowledged or dropped) keeps its size, not its sealed body: the body
+    # is encrypted to the aggregator, so the device can never read it again, and it is never
+    # sent again. Kept, every round's body stayed until retention (about 265 KB a round for the
+    # collaborative model's uploads, 110 KB for the ranker's).
+    db.execute("ALTER TABLE outbox ADD COLUMN bytes INTEGER")
+    db.execute("UPDATE outbox SET bytes = length(body)")
+    db.execute("UPDATE outbox SET body = X'' WHERE state != 'pending'")
+
+
+STORE_SCHEMA = "m006_outbox_sizes"
 
 # Which tables hold each class of data, and the column that dates a row for retention.
 DATA_TABLES: dict[DataClass, tuple[tuple[str, str], ...]] = {

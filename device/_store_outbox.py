@@ -1,7 +1,8 @@
 """The outbox of sealed deltas (``outbox``): :meth:`DeviceOutbox.queue` records a local round,
 and the rest is what :class:`sottovoce.sync.Outbox` asks of it for the uploader (due items, an
 attempt, an acknowledgement, a drop). Each outcome is a logged decision, so the device's log
-says what became of every update that was to leave it.
+says what became of every update that was to leave it. A finished update's row keeps its round,
+state and size until retention; its sealed body is deleted when it finishes.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ class DeviceOutbox:
             self._models.put(f"local:{self._users.hash(user_id)}", ref, personal, at_ms=now)
             self._file.conn.execute(
                 "INSERT INTO outbox (idempotency_key, user_ref, region, round_id, deadline_ts, "
-                "body, state, attempts, next_attempt_ts, created_ts) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                "body, bytes, state, attempts, next_attempt_ts, created_ts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
                 (sealed.idempotency_key, ref, sealed.region, sealed.round_id, to_ms(deadline),
-                 wire, now, now),
+                 wire, len(wire), now, now),
             )  # fmt: skip
             self._trail.record(decision, ref)
 
@@ -105,16 +106,19 @@ class DeviceOutbox:
 
     def _finish(self, key: str, state: str, reason: str | None, now: datetime) -> None:
         # Only a pending delta moves on: an acknowledgement never turns into a drop or back.
+        # The sealed body goes (it is never sent again, and only the aggregator can open it);
+        # its size stays for the user's access export.
         conn = self._file.conn
         with self._file.write("recording an upload's outcome"):
             row = conn.execute(
-                "SELECT user_ref, round_id, length(body), attempts, created_ts FROM outbox "
+                "SELECT user_ref, round_id, bytes, attempts, created_ts FROM outbox "
                 "WHERE idempotency_key = ? AND state = 'pending'", (key,)
             ).fetchone()  # fmt: skip
             if row is None:
                 return
             conn.execute(
-                "UPDATE outbox SET state = ?, reason = ?, done_ts = ? WHERE idempotency_key = ?",
+                "UPDATE outbox SET state = ?, reason = ?, done_ts = ?, body = X'' "
+                "WHERE idempotency_key = ?",
                 (state, reason, to_ms(now), key),
             )
             ref, round_id, size, attempts, created = row

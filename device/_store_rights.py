@@ -102,7 +102,7 @@ class Rights:
                 _upload(row)
                 for row in rows(
                     "SELECT round_id, region, state, reason, attempts AS retries, "
-                    "length(body) AS bytes, created_ts AS queued_ts, deadline_ts, done_ts "
+                    "bytes, created_ts AS queued_ts, deadline_ts, done_ts "
                     "FROM outbox WHERE user_ref = ? ORDER BY created_ts", [ref])
             ]  # fmt: skip
             inputs = self._trail.inputs("export", ref)

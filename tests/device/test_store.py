@@ -38,6 +38,7 @@ def test_file_is_wal_and_migrated(open_store: StoreFactory, tmp_path: Path) -> N
         "m003_ranker_and_erasure",
         "m004_outbox",
         "m005_privacy_spend",
+        "m006_outbox_sizes",
     ]
     # the device's privacy ledger starts empty: round ids and mechanism parameters, nothing else
     columns = [r[1] for r in conn.execute("PRAGMA table_info(privacy_spend)")]
@@ -67,6 +68,31 @@ def test_an_older_store_is_migrated_in_place(tmp_path: Path, policy: Policy) -> 
     store.append(Events()("like"))
     assert store.decisions.size == 2 and store.decisions.verify().ok
     store.close()
+
+
+def test_migrating_the_outbox_keeps_sizes_and_drops_finished_bodies(tmp_path: Path) -> None:
+    from sqlite_utils import Database
+
+    from sottovoce.device._schema import MIGRATIONS
+
+    db = Database(tmp_path / "old.db")
+    MIGRATIONS.apply(db, stop_before="m006_outbox_sizes")
+    for key, state in (("sent", "acknowledged"), ("refused", "dropped"), ("waiting", "pending")):
+        db.execute(
+            "INSERT INTO outbox (idempotency_key, user_ref, region, round_id, deadline_ts, body,"
+            " state, attempts, next_attempt_ts, created_ts) VALUES (?, 1, 'us', ?, 0, ?, ?, 0,"
+            " 0, 0)",
+            (key, f"r-{key}", b"sealed-" + key.encode(), state),
+        )
+    db.conn.commit()
+    MIGRATIONS.apply(db)
+    rows = db.execute("SELECT idempotency_key, body, bytes FROM outbox ORDER BY created_ts, rowid")
+    assert rows.fetchall() == [
+        ("sent", b"", len(b"sealed-sent")),
+        ("refused", b"", len(b"sealed-refused")),
+        ("waiting", b"sealed-waiting", len(b"sealed-waiting")),  # still to be sent: kept
+    ]
+    db.close()
 
 
 def test_reopening_keeps_data_and_salt(open_store: StoreFactory, events: Events) -> None:

@@ -5,6 +5,7 @@ the device dropped it; never the update, its pseudonym or its idempotency key.""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -89,6 +90,9 @@ def test_uploads_and_their_outcomes_are_in_the_export_the_log_and_the_report(
     log = b"".join(store.decisions.entry(i) for i in range(store.decisions.size))
     assert not [s for s in secrets if s.encode() in log], "no key or pseudonym in the log"
     store.close()
+    with sqlite3.connect(path) as conn:  # a finished update keeps its size, not its body
+        rows = conn.execute("SELECT round_id, length(body), bytes FROM outbox ORDER BY round_id")
+        assert rows.fetchall() == [("us-r1", 0, sizes["us-r1"]), ("us-r2", 0, sizes["us-r2"])]
 
     report = tmp_path / "report.html"
     run = subprocess.run([sys.executable, "-m", "sottovoce", "audit", "report", str(path),
