@@ -40,8 +40,8 @@ HISTORIES = {
 }
 
 
-def independent_epsilon(history: list[Mechanism], delta: float) -> float:
-    """The same charges through dp-accounting's public accountant, nothing cached."""
+def composed_event(history: list[Mechanism]) -> dp_accounting.DpEvent:
+    """The charges as dp-accounting events: each mechanism self-composed its count of times."""
     counts: dict[tuple[float, float], int] = {}
     for m in history:
         key = (m.effective_noise_multiplier, m.sampling_rate)
@@ -52,8 +52,13 @@ def independent_epsilon(history: list[Mechanism], delta: float) -> float:
         if q < 1.0:
             event = dp_accounting.PoissonSampledDpEvent(q, event)
         events.append(dp_accounting.SelfComposedDpEvent(event, count))
+    return dp_accounting.ComposedDpEvent(events)
+
+
+def independent_epsilon(history: list[Mechanism], delta: float) -> float:
+    """The same charges through dp-accounting's public accountant, nothing cached."""
     accountant = rdp.RdpAccountant(list(RDP_ORDERS))
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
+    accountant.compose(composed_event(history))
     return float(accountant.get_epsilon(delta))
 
 
@@ -82,18 +87,8 @@ def test_curves_are_read_only() -> None:
 
 def independent_pld_epsilon(history: list[Mechanism], delta: float) -> float:
     """The same charges through dp-accounting's public PLD accountant, nothing cached."""
-    counts: dict[tuple[float, float], int] = {}
-    for m in history:
-        key = (m.effective_noise_multiplier, m.sampling_rate)
-        counts[key] = counts.get(key, 0) + 1
-    events = []
-    for (z, q), count in sorted(counts.items()):
-        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
-        if q < 1.0:
-            event = dp_accounting.PoissonSampledDpEvent(q, event)
-        events.append(dp_accounting.SelfComposedDpEvent(event, count))
     accountant = pld.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
+    accountant.compose(composed_event(history))
     return float(accountant.get_epsilon(delta))
 
 
