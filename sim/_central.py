@@ -254,6 +254,8 @@ class PoissonBatches:
         self.rows = rows
         self.steps = math.ceil(rows / batch)
         self.rate = 1 / self.steps
+        expected = rows * self.rate  # gaps drawn at a time: almost always one chunk a step
+        self._chunk = int(expected + 4 * math.sqrt(expected)) + 16
         self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -267,8 +269,7 @@ class PoissonBatches:
         """One step's rows, in increasing order."""
         if self.rate >= 1.0:
             return list(range(self.rows))
-        expected = self.rows * self.rate
-        chunk = int(expected + 4 * math.sqrt(expected)) + 16
+        chunk = self._chunk
         taken: list[npt.NDArray[np.int64]] = []
         last = -1  # the row of the latest head
         while True:

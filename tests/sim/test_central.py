@@ -173,6 +173,8 @@ def test_dp_training_steps_through_empty_batches() -> None:
     # 20 rows at a rate of 1/10: about one step in eight takes no row, and is still a step of
     # noise (as opacus' own sampler's empty batches are); the weights stay finite either way
     x, y, w = _problem(20)
+    sampler = PoissonBatches(20, batch=2, seed=0)  # the batches these runs take (seed 0)
+    assert any(not sampler.draw() for _ in range(30)), "no empty batch: the test tests nothing"
     for clipping in ("ghost", "per_sample"):
         run = train_central_dp(x, y, w, epsilon=8.0, delta=1e-5, epochs=3, batch=2,
                                clipping=clipping)  # fmt: skip

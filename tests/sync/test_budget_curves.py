@@ -108,6 +108,20 @@ def test_cached_sampled_plds_give_dp_accounting_figure_exactly(name: str) -> Non
     assert first == again == independent_pld_epsilon(history, DELTA)
 
 
+@pytest.mark.parametrize(
+    "history",
+    [[Mechanism(0.0, 0.5, 1.0), CENTRAL_US], [Mechanism(1.3, 0.0, 1.0), CENTRAL_US]],
+    ids=["no noise", "never sampled"],
+)
+def test_degenerate_charges_count_as_the_pld_accountant_counts_them(
+    history: list[Mechanism],
+) -> None:
+    # no noise is not private (infinite epsilon); a rate of 0 is no event at all
+    assert epsilon(history, delta=DELTA, accountant="pld") == independent_pld_epsilon(
+        history, DELTA
+    )
+
+
 def test_a_pld_ledger_growing_round_by_round_matches_at_every_round() -> None:
     for k in range(1, 7):
         history = [CENTRAL_EU] * k + [CENTRAL_US] * (k // 2)
