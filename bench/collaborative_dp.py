@@ -1,0 +1,160 @@
+"""The collaborative model's private row over many noise draws, in seconds: an offline replica
+of ``sottovoce simulate``'s DP rounds, for judging a change to the model before a whole run.
+
+Prints one JSON object (progress goes to stderr): each draw's table size and NDCG@10 under the
+simulation's full-ranking protocol, their mean and spread, and in the same run the same rounds
+without noise, popularity and (``--ease``) EASE on the same split.
+
+What is the same as a run: the dataset, split, region assignment and layout
+(:func:`sottovoce.sim._collaborative.layout_for`, the private rank), each region's noise
+multiplier (:func:`sottovoce.sim._plans.region_plans`, the same budget search), every device's
+upload (:func:`sottovoce.device._collaborative.collaborative_upload` of what its store counts,
+:func:`sottovoce.sim._device_feed.listening`), each region's mean over its expected cohort,
+the pooling of the regions' releases and the model the devices derive from them
+(``CollaborativeModel.from_counts`` and ``refit``), and the scoring.
+
+What differs: no stores, no sealing, no aggregators. A region's mean gets Gaussian noise of
+standard deviation ``z C s / n`` (the release's, :func:`sottovoce.device._collaborator.noise_std`)
+from a generator seeded by the draw, where a run's aggregator draws a rounded Gaussian on its
+fixed-point grid; so a draw is not a run's draw, but it is one of the same distribution.
+
+Usage: ``python bench/collaborative_dp.py [--csv FILE] [--draws N] [--ease]`` (Last.fm from
+``../shared`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import progress
+
+from sottovoce.device._collaborative import (
+    CollaborativeModel,
+    Layout,
+    Statistic,
+    collaborative_upload,
+    pool,
+)
+from sottovoce.policy import PrivacyMode
+from sottovoce.sim import SimulationConfig
+from sottovoce.sim import _references as references
+from sottovoce.sim._collaborative import PIPELINE, layout_for, scorer
+from sottovoce.sim._config import RegionPlan
+from sottovoce.sim._device_feed import listening
+from sottovoce.sim._evaluate import split_holdout
+from sottovoce.sim._full_ranking import Interactions, evaluate_full
+from sottovoce.sim._plans import Pipeline, region_plans
+from sottovoce.sim._simulate import _assign_regions, _load
+from sottovoce.sync._noise import sensitivity_factor
+
+Listened = Sequence[Mapping[str, int]]
+
+
+def rounds(layout: Layout, listened: Listened, members: Mapping[str, list[int]],
+           plans: Mapping[str, RegionPlan], *, count: int, clipping_norm: float,
+           rng: np.random.Generator | None) -> CollaborativeModel:  # fmt: skip
+    """``count`` rounds (a count round, then factor rounds); no noise when ``rng`` is None."""
+    s = sensitivity_factor(layout.dim)
+    model: CollaborativeModel | None = None
+    for _ in range(count):
+        releases = []
+        for region, people in members.items():
+            plan = plans[region]
+            uploads = (collaborative_upload(model, layout, listened[n], clipping_norm=clipping_norm)
+                       for n in people)  # fmt: skip
+            cohort = plan.expected_cohort
+            mean = np.asarray(sum(uploads), np.float64) / cohort
+            std = 0.0
+            if rng is not None:
+                std = plan.noise_multiplier * clipping_norm * s / cohort
+                mean = mean + rng.standard_normal(layout.dim) * std
+            releases.append(Statistic(mean, std, cohort))
+        pooled = pool(releases)
+        if model is None:
+            model = CollaborativeModel.from_counts(layout, pooled.mean, noise_std=pooled.noise_std)
+        else:
+            model = model.refit(pooled.mean, noise_std=pooled.noise_std)
+    assert model is not None
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, help="an interactions CSV instead of Last.fm")
+    parser.add_argument("--draws", type=int, default=5, help="noise draws (seeds 0, 1, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (split, regions)")
+    parser.add_argument("--ease", action="store_true", help="also EASE (about a minute)")
+    args = parser.parse_args()
+    if args.draws < 1:
+        parser.error("--draws must be at least 1")
+
+    started = time.perf_counter()
+    config = SimulationConfig(csv=args.csv, users=None, seed=args.seed)
+    data = _load(config)
+    split = split_holdout(data, fraction=config.holdout, seed=config.seed, by=config.split)
+    matrix = Interactions.of(data, split.train, split.heldout)
+    listened = [listening(split.train[user]) for user in matrix.users]
+    region_of = _assign_regions(data.users, config)
+    members = {r: [n for n, u in enumerate(matrix.users) if region_of[u] == r]
+               for r in config.regions}  # fmt: skip
+    layout = layout_for(data.items, config.seed, private=True)
+    progress(f"{data.name}: {len(matrix.users)} users; planning each region's noise")
+    shape = Pipeline(PrivacyMode.CENTRAL, layout.dim, config.collaborative_rounds,
+                     config.collaborative_sampling_rate)  # fmt: skip
+    plans = region_plans(config, region_of, {PIPELINE: shape})[PIPELINE]
+    if config.collaborative_sampling_rate != 1.0:
+        raise SystemExit("the replica sums every device: it needs collaborative sampling rate 1")
+    norms = {config.policy.region(r).privacy.clipping_norm for r in config.regions}
+    if len(norms) != 1:
+        raise SystemExit("the replica assumes one clipping norm across regions")
+    clipping_norm = norms.pop()
+
+    def measure(rng: np.random.Generator | None) -> dict[str, Any]:
+        model = rounds(layout, listened, members, plans, count=config.collaborative_rounds,
+                       clipping_norm=clipping_norm, rng=rng)  # fmt: skip
+        models = dict.fromkeys(config.regions, model)
+        found = evaluate_full(scorer(matrix, models, region_of, listened), matrix,
+                              seed=config.seed, bootstrap=10)  # fmt: skip
+        return {"table": len(model.table), "ndcg@10": round(found["ndcg@10"], 4)}
+
+    draws = []
+    for draw in range(args.draws):
+        draws.append({"draw": draw, **measure(np.random.default_rng([draw, 11]))})
+        progress(f"draw {draw}: {draws[-1]}")
+    noiseless = measure(None)
+    seed = config.seed
+    scores = [d["ndcg@10"] for d in draws]
+    regions = {r: {"noise_multiplier": round(p.noise_multiplier, 4),
+                   "expected_cohort": p.expected_cohort, "epsilon": round(p.epsilon, 3),
+                   "budget": p.epsilon_budget} for r, p in plans.items()}  # fmt: skip
+    popular = evaluate_full(references.popularity(matrix), matrix, seed=seed, bootstrap=10)
+    out: dict[str, Any] = {
+        "dataset": data.name,
+        "users": len(matrix.users),
+        "rounds": config.collaborative_rounds,
+        "rank": layout.rank,
+        "regions": regions,
+        "draws": draws,
+        "ndcg@10_mean": round(statistics.fmean(scores), 4),
+        "ndcg@10_sd": round(statistics.stdev(scores), 4) if len(scores) > 1 else None,
+        "noiseless": noiseless,
+        "popularity_ndcg@10": round(popular["ndcg@10"], 4),
+    }
+    if args.ease:
+        scores, lam = references.ease(matrix, seed=seed)
+        found = evaluate_full(scores, matrix, seed=seed, bootstrap=10)
+        out["ease"] = {"ndcg@10": round(found["ndcg@10"], 4), "lambda": lam}
+        out["ratio_mean_vs_ease"] = round(out["ndcg@10_mean"] / found["ndcg@10"], 4)
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
