@@ -50,7 +50,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config = SimulationConfig(workdir=folder / "sim", csv=interactions, item_features=features,
                               users=USERS, regions=("us",), sampling_rate=1.0, epsilon=40.0,
                               policy=policy, reranker=False, workers=2)  # fmt: skip
-    return simulate(config)
+    return simulate(config) | {"_config": config}
 
 
 @pytest.mark.parametrize("row", ["federated", "federated_dp"])
@@ -71,3 +71,45 @@ def test_the_private_row_spent_what_it_reports(planted: dict[str, Any]) -> None:
     assert entry["pipeline"] == "collaborative"
     assert entry["rounds"] == SimulationConfig().collaborative_rounds
     assert 0 < entry["epsilon"] <= 40.0
+
+
+def test_every_release_is_the_devices_exact_mean_plus_the_noise_it_declares(
+    planted: dict[str, Any],
+) -> None:
+    """The whole pipeline, from outside: each round's published release, minus the mean of the
+    uploads every device's data gives (recomputed here from the dataset, not from the run),
+    leaves noise of the scale the round's spec declares and the privacy entry accounts for
+    (within 14 %; a release with a fifth less noise fails). That the devices count what the
+    simulator counts is ``test_evaluate``'s."""
+    from sottovoce.device._collaborative import CollaborativeModel, collaborative_upload
+    from sottovoce.device._collaborator import noise_std
+    from sottovoce.sim._collaborative import layout_for
+    from sottovoce.sim._device_feed import listening
+    from sottovoce.sim._evaluate import split_holdout
+    from sottovoce.sim._full_ranking import Interactions
+    from sottovoce.sim._simulate import _load
+    from sottovoce.sync import ModelRelease, RoundSpec
+
+    config: SimulationConfig = planted["_config"]
+    data = _load(config)
+    split = split_holdout(data, fraction=config.holdout, seed=config.seed, by=config.split)
+    matrix = Interactions.of(data, split.train, split.heldout)
+    listened = [listening(split.train[user]) for user in matrix.users]
+    layout = layout_for(data.items, config.seed, private=True)
+    (entry,) = planted["privacy"]
+    folder = config.workdir / "releases" / "collaborative"
+    model = None
+    for number in range(1, config.collaborative_rounds + 1):
+        spec = RoundSpec.from_wire((folder / f"us-{number}.spec").read_bytes())
+        release = ModelRelease.from_wire((folder / f"us-{number}.json").read_bytes())
+        published = release.weights_array().astype(np.float64)
+        assert spec.noise_multiplier == pytest.approx(entry["noise_multiplier"])
+        uploads = [collaborative_upload(model, layout, items, clipping_norm=spec.clipping_norm)
+                   for items in listened]  # fmt: skip
+        noise = published - np.sum(uploads, axis=0) / spec.expected_cohort
+        declared = noise_std(spec, layout.dim)
+        # 1,360 numbers: the sample deviation is within 2 % of the true one (one sd); 7 sd.
+        assert np.std(noise) == pytest.approx(declared, rel=0.14), number
+        assert abs(np.mean(noise)) < 5 * declared / np.sqrt(layout.dim), number
+        model = (CollaborativeModel.from_counts(layout, published, noise_std=declared)
+                 if model is None else model.refit(published, noise_std=declared))  # fmt: skip
