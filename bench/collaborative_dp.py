@@ -28,24 +28,18 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _common import progress
 
-from sottovoce.device._collaborative import (
-    CollaborativeModel,
-    Layout,
-    Statistic,
-    collaborative_upload,
-    pool,
-)
+from sottovoce.device._collaborative import CollaborativeModel, Layout, Statistic, advance, pool
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim import SimulationConfig
 from sottovoce.sim import _references as references
-from sottovoce.sim._collaborative import PIPELINE, layout_for, scorer
+from sottovoce.sim._collaborative import PIPELINE, Listened, layout_for, mean_upload, scorer
 from sottovoce.sim._config import RegionPlan
 from sottovoce.sim._device_feed import listening
 from sottovoce.sim._evaluate import split_holdout
@@ -53,8 +47,6 @@ from sottovoce.sim._full_ranking import Interactions, evaluate_full
 from sottovoce.sim._plans import Pipeline, region_plans
 from sottovoce.sim._simulate import _assign_regions, _load
 from sottovoce.sync._noise import sensitivity_factor
-
-Listened = Sequence[Mapping[str, int]]
 
 
 def rounds(layout: Layout, listened: Listened, members: Mapping[str, list[int]],
@@ -67,20 +59,16 @@ def rounds(layout: Layout, listened: Listened, members: Mapping[str, list[int]],
         releases = []
         for region, people in members.items():
             plan = plans[region]
-            uploads = (collaborative_upload(model, layout, listened[n], clipping_norm=clipping_norm)
-                       for n in people)  # fmt: skip
             cohort = plan.expected_cohort
-            mean = np.asarray(sum(uploads), np.float64) / cohort
+            mean = mean_upload(model, layout, listened, people, over=cohort,
+                               clipping_norm=clipping_norm)  # fmt: skip
             std = 0.0
             if rng is not None:
                 std = plan.noise_multiplier * clipping_norm * s / cohort
                 mean = mean + rng.standard_normal(layout.dim) * std
             releases.append(Statistic(mean, std, cohort))
         pooled = pool(releases)
-        if model is None:
-            model = CollaborativeModel.from_counts(layout, pooled.mean, noise_std=pooled.noise_std)
-        else:
-            model = model.refit(pooled.mean, noise_std=pooled.noise_std)
+        model = advance(model, layout, pooled.mean, noise_std=pooled.noise_std)
     assert model is not None
     return model
 

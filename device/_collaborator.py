@@ -28,6 +28,7 @@ from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
     Statistic,
+    advance,
     collaborative_upload,
     pool,
 )
@@ -99,8 +100,7 @@ class Collaborator:
             std = noise_std(s, self.layout.dim)
             statistics.append(Statistic(weights.astype(np.float64), std, s.expected_cohort))
         mean, std = (pooled := pool(statistics)).mean, pooled.noise_std
-        model = (CollaborativeModel.from_counts(self.layout, mean, noise_std=std)
-                 if self.model is None else self.model.refit(mean, noise_std=std))  # fmt: skip
+        model = advance(self.model, self.layout, mean, noise_std=std)
         self.store.save_model(SLOT, model_id=self.layout.model_id, version=release.version,
                               weights=_pack(model))  # fmt: skip
         self.version, self.model = release.version, model

@@ -38,6 +38,7 @@ from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
     Statistic,
+    advance,
     collaborative_upload,
 )
 from sottovoce.device._collaborative import pool as pool_releases
@@ -63,7 +64,13 @@ from sottovoce.sim._regions import (
 )
 from sottovoce.sync import ModelRelease, RoundSpec
 
-__all__ = ["PIPELINE", "federated_collaborative", "layout_for", "private_collaborative"]
+__all__ = [
+    "PIPELINE",
+    "federated_collaborative",
+    "layout_for",
+    "mean_upload",
+    "private_collaborative",
+]
 
 PIPELINE = "collaborative"
 Listened = Sequence[Mapping[str, int]]  # per user: how many times they listened to each item
@@ -94,15 +101,21 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
             rng = random.Random(f"{config.seed}:collaborative:{region}:{number}")
             q = config.collaborative_sampling_rate
             cohort = [n for n in people if rng.random() < q] or people
-            total = sum(collaborative_upload(model, layout, listened[n], clipping_norm=1.0)
-                        for n in cohort)  # fmt: skip
-            mean = np.asarray(total, np.float64) / len(cohort)
+            mean = mean_upload(model, layout, listened, cohort, over=len(cohort))
             statistics.append(Statistic(mean, 0.0, len(cohort)))
-        mean = pool_releases(statistics).mean
-        model = (CollaborativeModel.from_counts(layout, mean, noise_std=0.0)
-                 if model is None else model.refit(mean, noise_std=0.0))  # fmt: skip
+        model = advance(model, layout, pool_releases(statistics).mean, noise_std=0.0)
     assert model is not None
     return scorer(data, dict.fromkeys(config.regions, model), region_of, listened)
+
+
+def mean_upload(model: CollaborativeModel | None, layout: Layout, listened: Listened,
+                cohort: Sequence[int], *, over: float,
+                clipping_norm: float = 1.0) -> npt.NDArray[np.float64]:  # fmt: skip
+    """The sum of the ``cohort``'s uploads (rows of ``listened``) over ``over`` devices: a
+    round's exact mean, before any noise."""
+    total = sum(collaborative_upload(model, layout, listened[n], clipping_norm=clipping_norm)
+                for n in cohort)  # fmt: skip
+    return np.asarray(total, np.float64) / over
 
 
 def scorer(
@@ -173,10 +186,7 @@ def private_collaborative(
                                             spec.expected_cohort))  # fmt: skip
             if statistics:
                 pooled = pool_releases(statistics)
-                model = (CollaborativeModel.from_counts(layout, pooled.mean,
-                                                        noise_std=pooled.noise_std)
-                         if model is None
-                         else model.refit(pooled.mean, noise_std=pooled.noise_std))  # fmt: skip
+                model = advance(model, layout, pooled.mean, noise_std=pooled.noise_std)
                 for region in releases:
                     record[region]["table"] = len(model.table)
             published.append(releases)

@@ -20,6 +20,7 @@ from sottovoce.device._collaborative import (
     Layout,
     Statistic,
     _top,
+    advance,
     collaborative_upload,
     devices_gram,
     listening_weights,
@@ -58,8 +59,7 @@ def _fit(histories: list[list[str]], layout: Layout, rounds: int = 3,
         total = sum(collaborative_upload(model, layout, h, clipping_norm=1.0) for h in histories)
         mean = (np.asarray(total) + rng.normal(0, noise, layout.dim)) / len(histories)
         std = noise / len(histories)
-        model = (CollaborativeModel.from_counts(layout, mean, noise_std=std) if model is None
-                 else model.refit(mean, noise_std=std))  # fmt: skip
+        model = advance(model, layout, mean, noise_std=std)
     assert model is not None
     return model
 

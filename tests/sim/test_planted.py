@@ -81,7 +81,7 @@ def test_every_release_is_the_devices_exact_mean_plus_the_noise_it_declares(
     leaves noise of the scale the round's spec declares and the privacy entry accounts for
     (within 14 %; a release with a fifth less noise fails). That the devices count what the
     simulator counts is ``test_evaluate``'s."""
-    from sottovoce.device._collaborative import CollaborativeModel, collaborative_upload
+    from sottovoce.device._collaborative import advance, collaborative_upload
     from sottovoce.device._collaborator import noise_std
     from sottovoce.sim._collaborative import layout_for
     from sottovoce.sim._device_feed import listening
@@ -111,5 +111,4 @@ def test_every_release_is_the_devices_exact_mean_plus_the_noise_it_declares(
         # 1,360 numbers: the sample deviation is within 2 % of the true one (one sd); 7 sd.
         assert np.std(noise) == pytest.approx(declared, rel=0.14), number
         assert abs(np.mean(noise)) < 5 * declared / np.sqrt(layout.dim), number
-        model = (CollaborativeModel.from_counts(layout, published, noise_std=declared)
-                 if model is None else model.refit(published, noise_std=declared))  # fmt: skip
+        model = advance(model, layout, published, noise_std=declared)
