@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from _common import progress
 
-from sottovoce.device._collaborative import CollaborativeModel, Layout, Statistic, advance, pool
+from sottovoce.device._collaborative import CollaborativeModel, Layout, Statistic, pool
+from sottovoce.device._collaborator import advance
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim import SimulationConfig
 from sottovoce.sim import _references as references

@@ -77,7 +77,6 @@ __all__ = [
     "CollaborativeModel",
     "Layout",
     "Statistic",
-    "advance",
     "collaborative_upload",
     "devices_gram",
     "listening_weights",
@@ -318,15 +317,6 @@ def pool(statistics: Iterable[Statistic]) -> Statistic:
     mean = sum(w * np.asarray(p.mean, np.float64) for w, p in zip(weights, parts, strict=True))
     std = float(np.sqrt(sum((w * p.noise_std) ** 2 for w, p in zip(weights, parts, strict=True))))
     return Statistic(np.asarray(mean, np.float64), std, sum(p.cohort for p in parts))
-
-
-def advance(model: CollaborativeModel | None, layout: Layout, release: Array, *,
-            noise_std: float) -> CollaborativeModel:  # fmt: skip
-    """The model after one more round's (pooled) release: the count round's table when there
-    is no model yet, the next factor round's refit after that."""
-    if model is None:
-        return CollaborativeModel.from_counts(layout, release, noise_std=noise_std)
-    return model.refit(release, noise_std=noise_std)
 
 
 def listening_weights(items: Listening) -> dict[str, float]:

@@ -28,7 +28,6 @@ from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
     Statistic,
-    advance,
     collaborative_upload,
     pool,
 )
@@ -39,7 +38,7 @@ from sottovoce.policy import PrivacyMode
 from sottovoce.sync import ModelRelease, RoundSpec, verify_release
 from sottovoce.sync._noise import sensitivity_factor
 
-__all__ = ["Collaborator", "listening"]
+__all__ = ["Collaborator", "advance", "listening"]
 
 SLOT = "collaborative"
 Published = tuple[ModelRelease, RoundSpec]  # a region's release and the spec of its round
@@ -61,6 +60,15 @@ def listening(store: EventStore, user_id: str) -> dict[str, int]:
         )):  # fmt: skip
             times[fact.track] = times.get(fact.track, 0) + 1
     return {track: n for track, n in sorted(times.items()) if track not in disliked}
+
+
+def advance(model: CollaborativeModel | None, layout: Layout, release: npt.NDArray[np.float64], *,
+            noise_std: float) -> CollaborativeModel:  # fmt: skip
+    """The model after one more round's (pooled) release: the count round's table when there
+    is no model yet, the next factor round's refit after that."""
+    if model is None:
+        return CollaborativeModel.from_counts(layout, release, noise_std=noise_std)
+    return model.refit(release, noise_std=noise_std)
 
 
 class Collaborator:

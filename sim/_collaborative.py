@@ -38,11 +38,10 @@ from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
     Statistic,
-    advance,
     collaborative_upload,
 )
 from sottovoce.device._collaborative import pool as pool_releases
-from sottovoce.device._collaborator import Collaborator, noise_std
+from sottovoce.device._collaborator import Collaborator, advance, noise_std
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim._config import (
     END,

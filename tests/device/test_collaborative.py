@@ -20,7 +20,6 @@ from sottovoce.device._collaborative import (
     Layout,
     Statistic,
     _top,
-    advance,
     collaborative_upload,
     devices_gram,
     listening_weights,
@@ -31,6 +30,7 @@ from sottovoce.device._collaborator import (
     Collaborator,
     _pack,
     _unpack,
+    advance,
     listening,
     noise_std,
 )

@@ -81,8 +81,8 @@ def test_every_release_is_the_devices_exact_mean_plus_the_noise_it_declares(
     leaves noise of the scale the round's spec declares and the privacy entry accounts for
     (within 14 %; a release with a fifth less noise fails). That the devices count what the
     simulator counts is ``test_evaluate``'s."""
-    from sottovoce.device._collaborative import advance, collaborative_upload
-    from sottovoce.device._collaborator import noise_std
+    from sottovoce.device._collaborative import collaborative_upload
+    from sottovoce.device._collaborator import advance, noise_std
     from sottovoce.sim._collaborative import layout_for
     from sottovoce.sim._device_feed import listening
     from sottovoce.sim._evaluate import split_holdout
