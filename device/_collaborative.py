@@ -233,13 +233,17 @@ class CollaborativeModel:
         norm = float(np.linalg.norm(projected))
         return projected / norm if norm > 0 else projected
 
-    def _prior(self, projected: Array, n: int) -> Array:
-        """What the population adds to a user's projected row: its own projected row, counted
-        as one more item of the user's (a user's unit row of ``n`` items gives each about
-        ``1 / sqrt(n)`` of its length, so one item more is ``|projected| / sqrt(n + 1)``). A
-        user with many items keeps their own taste; one with a few leans on what everyone
-        listens to."""
-        return np.asarray(float(np.linalg.norm(projected)) / np.sqrt(n + 1) * self.population)
+    def projected(self, rows: Array) -> Array:
+        """Users' rows (from :meth:`row`; one, or one per line) projected on the sketch's denoised
+        directions, each with the population's projected row added as one more of the user's
+        items: ``|projection| / sqrt(n + 1)`` of it for ``n`` items (a unit row of ``n`` items
+        gives each about ``1 / sqrt(n)`` of its length). A user with many items keeps their own
+        taste; one with a few leans on what everyone listens to."""
+        basis = self.basis
+        inside = (rows @ basis) @ basis.T
+        length = np.linalg.norm(inside, axis=-1, keepdims=True)
+        n = np.count_nonzero(rows, axis=-1)[..., None]
+        return np.asarray(inside + length / np.sqrt(n + 1) * self.population, np.float64)
 
     @cached_property
     def item_weights(self) -> Array:
@@ -272,7 +276,7 @@ class CollaborativeModel:
     def scores(self, items: Listening) -> Array:
         """A score per catalog item for a user with ``items``: table items by the sketch's
         denoised projection of the user's row with the population's added as one more item
-        (:meth:`_prior`), above every other item, which follow by DP count. With nothing to
+        (:meth:`projected`), above every other item, which follow by DP count. With nothing to
         project (no factor round yet, no direction above the noise, or none of the user's items
         in the table), table items too go by DP count."""
         counts = self.counts
@@ -281,8 +285,7 @@ class CollaborativeModel:
         basis = self.basis
         row = self.row(items)
         if basis.shape[1] and row.any():
-            inside = basis @ (basis.T @ row)
-            inside += self._prior(inside, int(np.count_nonzero(row)))
+            inside = self.projected(row)
             out[self.table] = inside - inside.min()  # >= 0
         else:  # every table item would score the same
             out[self.table] = counts[self.table] / spread / 2  # by count alone

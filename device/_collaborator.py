@@ -1,5 +1,6 @@
 """A device's part in its region's collaborative model (:mod:`._collaborative`): install the
-signed releases, join the rounds, score the catalog.
+signed releases, join the rounds, score the catalog (the model blended with the catalog's item
+vectors, :mod:`._blend`).
 
 A round's model is derived from its releases in every region (:func:`~._collaborative.pool`):
 the device verifies each against that region's key in its policy. It uploads to its own
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from sottovoce.device._blend import Blend
 from sottovoce.device._collaborative import (
     CollaborativeModel,
     Layout,
@@ -78,6 +80,7 @@ class Collaborator:
                  noise_rng: np.random.Generator | None = None) -> None:  # fmt: skip
         self.store, self.layout, self._noise_rng = store, layout, noise_rng
         self.version, self.model = 0, None
+        self._blended: tuple[object, CollaborativeModel, Blend] | None = None
         stored = store.load_model(SLOT)
         if stored is not None and stored.model_id == layout.model_id:
             self.version, self.model = stored.version, _unpack(layout, stored.weights)
@@ -114,11 +117,33 @@ class Collaborator:
         self.version, self.model = release.version, model
         return model
 
-    def scores(self, user_id: str) -> npt.NDArray[np.float64]:
-        """A score per catalog item for the user (the layout's order)."""
+    def scores(self, user_id: str, *, content: bool = True) -> npt.NDArray[np.float64]:
+        """A score per catalog item for the user (the layout's order): the model blended with
+        the store's catalog vectors (:class:`~._blend.Blend`; an item missing from the catalog
+        has none), or with ``content=False`` the model alone."""
         if self.model is None:
             raise DeviceError("no collaborative model installed yet")
-        return self.model.scores(listening(self.store, user_id))
+        items = listening(self.store, user_id)
+        if not content:
+            return self.model.scores(items)
+        return self._blend(self.model).scores(items)
+
+    def _blend(self, model: CollaborativeModel) -> Blend:
+        """The blend of ``model`` with the catalog as it is now (kept while neither changes:
+        holding the catalog's mapping keeps its identity from being reused)."""
+        catalog = self.store.catalog()
+        if (
+            self._blended is None
+            or self._blended[0] is not catalog
+            or self._blended[1] is not model
+        ):
+            vectors = [v for _, v in catalog.values()]
+            content = np.zeros((self.layout.items, len(vectors[0]) if vectors else 1))
+            for track, (_, vector) in catalog.items():
+                if (at := self.layout.index.get(track)) is not None:
+                    content[at] = vector
+            self._blended = (catalog, model, Blend(model, content))
+        return self._blended[2]
 
     def contribute(self, user_id: str, *, spec: RoundSpec, eligible: bool = True) -> str | None:
         """Join the round of ``spec``; returns the queued upload's idempotency key, or ``None``

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sottovoce.device._blend import Blend
 from sottovoce.device._collaborative import (
     PRIVATE_RANK,
     RANK,
@@ -65,10 +66,12 @@ from sottovoce.sync import ModelRelease, RoundSpec
 
 __all__ = [
     "PIPELINE",
+    "Listened",
     "federated_collaborative",
     "layout_for",
     "mean_upload",
     "private_collaborative",
+    "scorer",
 ]
 
 PIPELINE = "collaborative"
@@ -85,10 +88,10 @@ def layout_for(items: Sequence[str], seed: int, *, private: bool) -> Layout:
 
 def federated_collaborative(config: SimulationConfig, data: Interactions, layout: Layout, *,
                             region_of: Mapping[str, str], rounds: int,
-                            listened: Listened) -> Scorer:  # fmt: skip
+                            listened: Listened) -> CollaborativeModel:  # fmt: skip
     """Each round's uploads summed exactly over the devices the coin picks in every region, and
-    pooled as the devices pool the regions' releases. ``listened``: per user (the rows of
-    ``data``), what their device counts of each item."""
+    pooled as the devices pool the regions' releases; returns the model. ``listened``: per user
+    (the rows of ``data``), what their device counts of each item."""
     members = {r: [n for n, u in enumerate(data.users) if region_of[u] == r]
                for r in config.regions}  # fmt: skip
     model: CollaborativeModel | None = None
@@ -104,7 +107,7 @@ def federated_collaborative(config: SimulationConfig, data: Interactions, layout
             statistics.append(Statistic(mean, 0.0, len(cohort)))
         model = advance(model, layout, pool_releases(statistics).mean, noise_std=0.0)
     assert model is not None
-    return scorer(data, dict.fromkeys(config.regions, model), region_of, listened)
+    return model
 
 
 def mean_upload(model: CollaborativeModel | None, layout: Layout, listened: Listened,
@@ -119,13 +122,21 @@ def mean_upload(model: CollaborativeModel | None, layout: Layout, listened: List
 
 def scorer(
     data: Interactions, models: Mapping[str, CollaborativeModel], region_of: Mapping[str, str],
-    listened: Listened,
+    listened: Listened, *, content: npt.NDArray[np.float64] | None = None,
 ) -> Scorer:  # fmt: skip
     """Each user's scores from their region's model and what their device counts of each of
-    their training items."""
+    their training items, blended on the device with ``content`` (the catalog's public item
+    vectors, in its order; :class:`~sottovoce.device._blend.Blend`) when given."""
+
+    blends = {id(m): Blend(m, content) for m in models.values()} if content is not None else {}
 
     def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        return np.stack([models[region_of[data.users[n]]].scores(listened[n]) for n in users])
+        rows = []
+        for n in users:
+            model = models[region_of[data.users[n]]]
+            blend = blends.get(id(model))
+            rows.append(model.scores(listened[n]) if blend is None else blend.scores(listened[n]))
+        return np.stack(rows)
 
     return score
 
@@ -135,10 +146,10 @@ def scorer(
 
 def private_collaborative(
     config: SimulationConfig, data: Interactions, layout: Layout, *, region_of: Mapping[str, str],
-    plans: Plans, rounds: int, pool: Executor, bar: Progress, listened: Listened,
-) -> tuple[Scorer, dict[str, Any]]:  # fmt: skip
-    """Run the rounds through the regions' aggregators; returns the scorer on the last
-    releases, and the per-round outcomes, audit and privacy entries."""
+    plans: Plans, rounds: int, pool: Executor, bar: Progress,
+) -> tuple[CollaborativeModel, dict[str, Any]]:  # fmt: skip
+    """Run the rounds through the regions' aggregators; returns the model the devices derive
+    from the last releases, and the per-round outcomes, audit and privacy entries."""
     mode = PrivacyMode.CENTRAL
     policy = pipeline_policy(config, plans, mode, pipeline=PIPELINE)
     folder = config.workdir / "releases" / PIPELINE
@@ -196,9 +207,7 @@ def private_collaborative(
     audit["devices"] = audit_devices(config, PIPELINE, list(region_of), dict(region_of))
     if model is None:
         raise RuntimeError("no collaborative release in any region")
-    models = dict.fromkeys(config.regions, model)
-    return scorer(data, models, region_of, listened), {"rounds": history, "audit": audit,
-                                                       "privacy": privacy}  # fmt: skip
+    return model, {"rounds": history, "audit": audit, "privacy": privacy}
 
 
 def _join(pool: Executor, published: tuple[dict[str, tuple[Path, Path]], ...], layout: Layout,

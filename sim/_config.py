@@ -33,7 +33,10 @@ if TYPE_CHECKING:  # the aggregator extra is imported only when a run needs it
 T = TypeVar("T")
 ROWS = ("random", "popularity", "itemknn", "ease", "local_only", "federated", "federated_dp")
 """The full-ranking table (``metrics``): references, what a device does alone, and the
-collaborative model without and with DP."""
+collaborative model without and with DP. When the dataset has public item vectors (features or
+Last.fm's tags), the collaborative rows are the device's blend of the model with them, and each
+is followed by the model alone (its name and :data:`MODEL_ONLY`)."""
+MODEL_ONLY = "_model_only"
 RERANKER_ROWS = ("random", "popularity", "central", "central_dp", "federated",
                  "federated_global_only", "federated_dp", "federated_dp_global_only",
                  "federated_dp_local", "federated_dp_local_global_only")  # fmt: skip

@@ -26,8 +26,11 @@ _LABELS = {
     "ease": "EASE (closed form), central, no privacy",
     "local_only": "the device alone: its own history against public content, nothing shared",
     "federated": "collaborative model, federated, no DP",
+    "federated_model_only": "the same model alone, without the device's blend with content",
     "federated_dp": "collaborative model, federated DP (central mode), user-level ε",
+    "federated_dp_model_only": "the same DP model alone, without the device's blend with content",
 }
+_BLENDED = " (blended on the device with public content: {})"
 _RERANKER_LABELS = {
     "random": "random order",
     "popularity": "most listened in training",
@@ -86,6 +89,8 @@ def _comparison(metrics: dict[str, dict[str, Any]]) -> str:
     rows, classes = [], []
     for name, values in metrics.items():
         text = values.get("note") or _LABELS.get(name, "")  # a note corrects the usual label
+        if values.get("content"):
+            text += _BLENDED.format(values["content"])
         label = f"<b>{html.escape(name)}</b><br><small>{html.escape(text)}</small>"
         low, high = values["ci"].get("ndcg@10", (values["ndcg@10"],) * 2)
         others = (f"{values[m]:.4f}" for m in ("recall@10", "hr@10", "mrr", "coverage"))

@@ -43,23 +43,28 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from sottovoce.device import Ranker
+from sottovoce.device._collaborative import CollaborativeModel
 from sottovoce.policy import PrivacyMode
 from sottovoce.sim import _references as references
 from sottovoce.sim._central import train_central, train_central_dp
 from sottovoce.sim._collaborative import (
     PIPELINE,
+    Listened,
     federated_collaborative,
     layout_for,
     private_collaborative,
+    scorer,
 )
 from sottovoce.sim._config import (
     END,
+    MODEL_ONLY,
     RERANKER_ROWS,
     ROWS,
     Evaluation,
@@ -150,15 +155,25 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         PIPELINE: Pipeline(PrivacyMode.CENTRAL, layout.dim, config.collaborative_rounds,
                            config.collaborative_sampling_rate),
     })  # fmt: skip
+    content = np.stack([vectors[i] for i in data.items])
     with clock("references"):
-        full = _reference_rows(config, data, matrix, vectors, bar)
+        full = _reference_rows(config, data, matrix, content, bar)
+    collaborative = partial(
+        _collaborative_rows,
+        config,
+        matrix,
+        region_of=region_of,
+        listened=listened,
+        content=content,
+        source=item_vector_source(data),
+    )
     with clock("collaborative"):
         exact = federated_collaborative(config, matrix,
                                         layout_for(data.items, config.seed, private=False),
                                         region_of=region_of,
                                         rounds=config.collaborative_rounds,
                                         listened=listened)  # fmt: skip
-        full["federated"] = evaluate_full(exact, matrix, seed=config.seed)
+        full |= collaborative("federated", exact)
 
     context = multiprocessing.get_context("spawn")  # no fork after torch or threads start
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=init_worker,
@@ -168,14 +183,13 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
                                     region_of=region_of, regions=regions, pool=pool,
                                     bar=bar)  # fmt: skip
         with clock("federated_dp"):
-            private, collaborative = private_collaborative(
+            private, run = private_collaborative(
                 config, matrix, layout, region_of=region_of, plans=regions,
-                rounds=config.collaborative_rounds, pool=pool, bar=bar,
-                listened=listened)  # fmt: skip
-            full["federated_dp"] = evaluate_full(private, matrix, seed=config.seed)
-        privacy: list[dict[str, Any]] = list(collaborative["privacy"])
-        history: dict[str, Any] = {PIPELINE: collaborative["rounds"]}
-        audits: dict[str, Any] = {PIPELINE: collaborative["audit"]}
+                rounds=config.collaborative_rounds, pool=pool, bar=bar)  # fmt: skip
+            full |= collaborative("federated_dp", private)
+        privacy: list[dict[str, Any]] = list(run["privacy"])
+        history: dict[str, Any] = {PIPELINE: run["rounds"]}
+        audits: dict[str, Any] = {PIPELINE: run["audit"]}
         reranker: dict[str, Any] = {}
         if config.reranker:
             reranker = _reranker_rows(config, data=data, train=split.train, pools=pools,
@@ -196,7 +210,7 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         "split": config.split,
         "item_vectors": item_vector_source(data),
         "item_vectors_note": CATALOG_NOTE if item_vector_source(data) == "cooccurrence" else None,
-        "metrics": {row: full[row] for row in ROWS},
+        "metrics": _in_order(full),
         "protocol_sampled": f"each held-out item among {config.negatives} sampled items the user "
         "never touched (the session reranker's table; sampled metrics can "
         "reorder models: read the full-ranking table first)",
@@ -227,9 +241,35 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
     return results
 
 
+def _collaborative_rows(config: SimulationConfig, matrix: Interactions, name: str,
+                        model: CollaborativeModel, *, region_of: Mapping[str, str],
+                        listened: Listened, content: npt.NDArray[np.float64] | None,
+                        source: str) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The row ``name`` of the collaborative ``model``: the device's scores, the model blended
+    with the catalog's item vectors (:mod:`sottovoce.device._blend`) when they are public
+    content (``source`` features or tags), and then beside it the model alone
+    (``<name>_model_only``). Vectors from co-occurrence are central data, not a device's: the
+    row is then the model alone."""
+    if source == "cooccurrence":
+        content = None
+    models = dict.fromkeys(config.regions, model)
+    row = evaluate_full(scorer(matrix, models, region_of, listened, content=content), matrix,
+                        seed=config.seed)  # fmt: skip
+    if content is None:
+        return {name: row}
+    alone = evaluate_full(scorer(matrix, models, region_of, listened), matrix, seed=config.seed)
+    return {name: row | {"content": source}, f"{name}{MODEL_ONLY}": alone}
+
+
+def _in_order(full: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The full-ranking rows in the table's order, each model-alone row after its row."""
+    names = (name for row in ROWS for name in (row, f"{row}{MODEL_ONLY}"))
+    return {name: full[name] for name in names if name in full}
+
+
 def _reference_rows(
-    config: SimulationConfig, data: Dataset, matrix: Interactions, vectors: Mapping[str, Any],
-    bar: Progress,
+    config: SimulationConfig, data: Dataset, matrix: Interactions,
+    content: npt.NDArray[np.float64], bar: Progress,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Random, popularity, ItemKNN, EASE and the device alone (content), full ranking."""
     bar.note("references: popularity, ItemKNN, EASE (lambda chosen on a validation slice)")
@@ -241,7 +281,6 @@ def _reference_rows(
     }
     ease, lam = references.ease(matrix, seed=seed)
     rows["ease"] = evaluate_full(ease, matrix, seed=seed) | {"lambda": lam}
-    content = np.stack([vectors[i] for i in data.items])
     rows["local_only"] = evaluate_full(references.content_profile(matrix, content), matrix,
                                        seed=seed)  # fmt: skip
     if item_vector_source(data) == "cooccurrence":

@@ -254,10 +254,13 @@ def test_with_nothing_but_popularity_to_learn_a_user_leans_on_the_population() -
         popularity = _hit_rate(lambda _, c=model.counts: c, train, held, layout)
         assert _hit_rate(model.scores, train, held, layout) >= 0.75 * popularity
     # One more of the user's items: the prior's length is the projected row's over sqrt(n + 1).
-    projected = model.basis @ (model.basis.T @ model.row(train[0]))
-    n = np.count_nonzero(model.row(train[0]))
-    prior = model._prior(projected, n)
+    row = model.row(train[0])
+    projected = model.basis @ (model.basis.T @ row)
+    prior = model.projected(row) - projected
+    n = np.count_nonzero(row)
     assert np.linalg.norm(prior) == pytest.approx(np.linalg.norm(projected) / np.sqrt(n + 1))
+    rows = np.stack([model.row(items) for items in train[:5]])  # one per line, the same
+    assert np.allclose(model.projected(rows), [model.projected(r) for r in rows])
 
 
 @given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("nan")]) | st.floats(-5, 5),

@@ -55,12 +55,14 @@ def test_without_noise_the_replica_derives_the_exact_rows_model(setup: dict[str,
     exact = federated_collaborative(config, matrix, setup["layout"], region_of=region_of,
                                     rounds=4, listened=listened)  # fmt: skip
     users = np.arange(len(matrix.users))
-    replica = scorer(matrix, dict.fromkeys(("eu", "us"), model), region_of, listened)(users)
-    np.testing.assert_allclose(replica, exact(users), rtol=1e-9, atol=1e-12)
+
+    def scores(m: Any) -> Any:
+        return scorer(matrix, dict.fromkeys(("eu", "us"), m), region_of, listened)(users)
+
+    np.testing.assert_allclose(scores(model), scores(exact), rtol=1e-9, atol=1e-12)
     three = collaborative_dp.rounds(setup["layout"], listened, setup["members"], plans, count=3,
                                     clipping_norm=1.0, rng=None)  # fmt: skip
-    other = scorer(matrix, dict.fromkeys(("eu", "us"), three), region_of, listened)(users)
-    assert not np.allclose(other, exact(users))  # the comparison can tell models apart
+    assert not np.allclose(scores(three), scores(exact))  # the comparison can tell them apart
 
 
 def test_each_release_carries_the_noise_its_round_declares(
