@@ -26,7 +26,7 @@ each of the user's table items in turn, scores the table from the rest under eac
 NDCG). So that a few items cannot swing it, ``beta`` is the mean, over :data:`RESAMPLES`
 bootstrap resamples of the hidden items, of the ``beta`` that ranks the resample best (bagging;
 a seeded generator, so the same history always gives the same ``beta``). Where content ranks
-this listener's items no better, ``beta`` is 0 and the scores are the model's own.
+this listener's items no better, most resamples find 0 best, and ``beta`` stays near it.
 
 Nothing of this leaves the device and nothing is uploaded for it: it reads the model (public,
 derived from releases), the catalog (public) and the user's own history. It costs no privacy.
