@@ -15,6 +15,9 @@ device stores (its own deployment, with its own budget):
 
 - the collaborative model (:mod:`._collaborative`): a DP count round, then factor rounds, in
   central mode; ``federated`` is the same model summed exactly, ``federated_dp`` the real thing;
+  both are scored as a device scores, blended with the catalog's item vectors when those are
+  public content (:mod:`sottovoce.device._blend`), and then followed by the model alone
+  (``federated_model_only``, ``federated_dp_model_only``);
 - the session reranker (``reranker=True``, :mod:`._federated`): the TFLite ranker trained by DP
   rounds in ``central`` and ``local`` mode, plus ``central``, ``central_dp`` and plain FedAvg
   baselines; scored on the sampled protocol (``metrics_sampled``).
