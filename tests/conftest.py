@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 
 from sottovoce._pgserver import URL_ENV, PostgresAt, ThrowawayPostgres
@@ -125,6 +126,18 @@ TAKING_PART: dict[str, Any] = {"sampling_rate": 1.0, "population": 1000, "delta"
                                "epsilon": 40.0}  # fmt: skip
 """Privacy overrides for tests where every device must be in every round (q = 1): a population
 and a delta that the policy accepts for it, and a budget that pays for a few such rounds."""
+
+
+def hit_rate(score: Callable[[list[str]], Any], train: list[list[str]], held: list[str],
+             layout: Any, *, k: int = 10) -> float:  # fmt: skip
+    """The share of users whose held-out item is in the top ``k`` of ``score(items)`` (one
+    score per item of ``layout``'s catalog), their own items excluded."""
+    hits = []
+    for items, out in zip(train, held, strict=True):
+        scores = np.array(score(items), np.float64)
+        scores[[layout.index[i] for i in items]] = -np.inf
+        hits.append(layout.index[out] in np.argsort(-scores, kind="stable")[:k])
+    return float(np.mean(hits))
 
 
 def policy_where_all_take_part(base: Policy | None = None, **privacy: Any) -> Policy:

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NOW, consenting, policy_publishing, policy_where_all_take_part, round_spec
+from conftest import (
+    NOW,
+    consenting,
+    hit_rate,
+    policy_publishing,
+    policy_where_all_take_part,
+    round_spec,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
@@ -233,15 +240,6 @@ def _popularity_only(users: int = 800, seed: int = 0) -> tuple[list[list[str]], 
     return train, held
 
 
-def _hit_rate(score: Any, train: list[list[str]], held: list[str], layout: Layout) -> float:
-    hits = []
-    for items, out in zip(train, held, strict=True):
-        scores = np.array(score(items), np.float64)
-        scores[[layout.index[i] for i in items]] = -np.inf
-        hits.append(layout.index[out] in np.argsort(-scores, kind="stable")[:10])
-    return float(np.mean(hits))
-
-
 def test_with_nothing_but_popularity_to_learn_a_user_leans_on_the_population() -> None:
     """Where co-listening says nothing, a user's few items projected alone rank the table by
     what they happen to share (0.14 hits in the top 10 here, popularity 0.41); the
@@ -251,8 +249,8 @@ def test_with_nothing_but_popularity_to_learn_a_user_leans_on_the_population() -
     layout = Layout(tuple(f"t{n}" for n in range(400)), table=200, rank=16)
     for noise in (0.0, 5.0):
         model = _fit(train, layout, rounds=5, noise=noise)
-        popularity = _hit_rate(lambda _, c=model.counts: c, train, held, layout)
-        assert _hit_rate(model.scores, train, held, layout) >= 0.75 * popularity
+        popularity = hit_rate(lambda _, c=model.counts: c, train, held, layout)
+        assert hit_rate(model.scores, train, held, layout) >= 0.75 * popularity
     # One more of the user's items: the prior's length is the projected row's over sqrt(n + 1).
     row = model.row(train[0])
     projected = model.basis @ (model.basis.T @ row)
