@@ -51,7 +51,7 @@ RESAMPLES = 32
 PERMUTATIONS, LEVEL = 99, 0.05  # the test of whether content agrees with the model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds arrays
 class Blend:
     """A region's collaborative ``model`` and the catalog's item vectors (``content``: one row
     per catalog item in the layout's order; a zero row: no vector), blended per user as the
