@@ -52,9 +52,10 @@ user with many items keeps their own taste; one with a few, or on data where co-
 little beyond popularity, leans on what everyone listens to.
 
 Scoring on the device: the projection above for table items, and every other item after them by
-its DP count. The ridge terms are set from the data and the published noise, never tuned per
-dataset: the user's ``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the
-larger of ``0.1 trace(G) / rank`` and twice the spectral norm the noise on ``G`` can reach.
+its DP count (a device blends it with the catalog's item vectors: :mod:`._blend`). The ridge
+terms are set from the data and the published noise, never tuned per dataset: the user's
+``lambda_u = 0.1 trace(V'V) / rank`` and the table's ``lambda_v`` = the larger of
+``0.1 trace(G) / rank`` and twice the spectral norm the noise on ``G`` can reach.
 
 What a release reveals (see docs/privacy.md): DP counts of items and DP sums of user-vector
 statistics per table item, under the region's mechanism; no user vector and no history.
