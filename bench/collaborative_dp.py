@@ -44,7 +44,7 @@ from sottovoce.sim import SimulationConfig
 from sottovoce.sim import _references as references
 from sottovoce.sim._collaborative import PIPELINE, Listened, layout_for, mean_upload, scorer
 from sottovoce.sim._config import RegionPlan
-from sottovoce.sim._datasets import build_item_vectors, item_vector_source
+from sottovoce.sim._datasets import build_item_vectors, device_content, item_vector_source
 from sottovoce.sim._device_feed import listening
 from sottovoce.sim._evaluate import split_holdout
 from sottovoce.sim._full_ranking import Interactions, evaluate_full
@@ -108,10 +108,8 @@ class Replica:
         norms = {config.policy.region(r).privacy.clipping_norm for r in config.regions}
         if len(norms) != 1:
             raise SystemExit("the replica assumes one clipping norm across regions")
-        content = None
-        if item_vector_source(data) != "cooccurrence":  # public: the device blends it in
-            vectors = build_item_vectors(data, train=split.train, seed=config.seed)
-            content = np.stack([vectors[i] for i in data.items])
+        vectors = build_item_vectors(data, train=split.train, seed=config.seed)
+        content = device_content(data, vectors)  # public content only: what a device blends
         listened = [listening(split.train[user]) for user in matrix.users]
         return cls(config, data, matrix, listened, region_of, members, layout, plans,
                    norms.pop(), content)  # fmt: skip

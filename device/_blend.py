@@ -102,10 +102,10 @@ class Blend:
         table items blended with content by the user's :meth:`weight`."""
         model = self.model
         out = model.scores(items)
-        beta = self.weight(items)
+        profile = self._profile(items)
+        beta = self._weight(model.row(items), profile)
         if beta == 0.0:
             return out
-        profile = self._profile(items)
         blended = _unit_range(out[model.table]) + beta * (self._table @ _unit(profile))
         out[model.table] = blended - blended.min()  # >= 0: above every other item, as before
         return out
@@ -114,8 +114,11 @@ class Blend:
         """The user's ``beta`` (see the module docstring): 0 when content does not
         :attr:`agree` with the model, none of the user's items is in the table, or no blend
         ranks their hidden items better than the model alone."""
+        return self._weight(self.model.row(items), self._profile(items))
+
+    def _weight(self, row: Array, profile: Array) -> float:
+        """:meth:`weight` from the user's row over the table and their profile."""
         model = self.model
-        row = model.row(items)
         own = np.flatnonzero(row)
         m = len(own)
         if not m or not self.agrees:
@@ -123,7 +126,7 @@ class Blend:
         rows = np.repeat(row[None, :], m, axis=0)
         rows[np.arange(m), own] = 0.0  # each row hides one of the user's table items
         t = _unit_range(_table_scores(model, _unit_rows(rows)))
-        profiles = self._profile(items)[None, :] - self._table[own]  # each without its item
+        profiles = profile[None, :] - self._table[own]  # each without its item
         cos = _unit_rows(profiles) @ self._table.T
         others = np.ones(len(model.table), bool)
         others[own] = False  # candidates: the items the user does not have, and the hidden one

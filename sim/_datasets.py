@@ -70,6 +70,7 @@ __all__ = [
     "Vector",
     "build_item_vectors",
     "cooccurrence_vectors",
+    "device_content",
     "id_key",
     "item_vector_source",
     "load_interactions_csv",
@@ -106,6 +107,18 @@ def item_vector_source(dataset: Dataset) -> str:
     if dataset.item_vectors:
         return "features"
     return "tags" if dataset.tags else "cooccurrence"
+
+
+def device_content(
+    dataset: Dataset, vectors: Mapping[str, Vector]
+) -> npt.NDArray[np.float64] | None:
+    """``vectors`` in the catalog's order as a device may blend them with the collaborative
+    model (:class:`sottovoce.device._blend.Blend`): only public content (``features`` or
+    ``tags``, :func:`item_vector_source`); None for vectors from co-occurrence, which are
+    central data a device would not have."""
+    if item_vector_source(dataset) == "cooccurrence":
+        return None
+    return np.stack([vectors[i] for i in dataset.items])
 
 
 def build_item_vectors(

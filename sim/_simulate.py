@@ -84,6 +84,7 @@ from sottovoce.sim._datasets import (
     COOCCURRENCE_NOTE,
     Dataset,
     build_item_vectors,
+    device_content,
     item_vector_source,
     load_interactions_csv,
     load_lastfm,
@@ -167,7 +168,7 @@ def simulate(config: SimulationConfig, *, progress: Progress | None = None) -> d
         matrix,
         region_of=region_of,
         listened=listened,
-        content=content,
+        content=device_content(data, vectors),
         source=item_vector_source(data),
     )
     with clock("collaborative"):
@@ -249,12 +250,10 @@ def _collaborative_rows(config: SimulationConfig, matrix: Interactions, name: st
                         listened: Listened, content: npt.NDArray[np.float64] | None,
                         source: str) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The row ``name`` of the collaborative ``model``: the device's scores, the model blended
-    with the catalog's item vectors (:mod:`sottovoce.device._blend`) when they are public
-    content (``source`` features or tags), and then beside it the model alone
-    (``<name>_model_only``). Vectors from co-occurrence are central data, not a device's: the
-    row is then the model alone."""
-    if source == "cooccurrence":
-        content = None
+    with ``content`` (public item vectors from ``source``, :func:`device_content`;
+    :mod:`sottovoce.device._blend`), and then beside it the model alone (``<name>_model_only``).
+    Without content (vectors from co-occurrence are central data, not a device's) the row is
+    the model alone."""
     models = dict.fromkeys(config.regions, model)
     row = evaluate_full(scorer(matrix, models, region_of, listened, content=content), matrix,
                         seed=config.seed)  # fmt: skip

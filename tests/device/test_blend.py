@@ -63,7 +63,7 @@ def test_content_that_says_what_goes_together_ranks_held_out_items_higher(fitted
     alone = hit_rate(model.scores, train, held, model.layout, k=5)
     assert (
         hit_rate(blend.scores, train, held, model.layout, k=5) > alone + 0.25
-    )  # 0.75 against 0.34
+    )  # 0.74 against 0.41
     weights = [blend.weight(items) for items in train]
     assert np.mean(weights) > 0 and max(weights) <= BETAS.max()
 
